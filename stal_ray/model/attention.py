@@ -1,0 +1,61 @@
+"""STAN, the spatial-temporal attention network (§III-C): one T×R score map per clip."""
+
+import math
+
+import torch
+from torch import nn
+
+ATTENTION_MODES = ("stal", "tan", "san", "baseline")
+
+
+class STAN(nn.Module):
+    """7×7 conv, two 3×3 convs, 7×7 max-pool, FC to T×R, sigmoid, L1 normalisation over the T×R map.
+
+    It reads the low-level maps of all T frames of a clip; the FC sees the whole clip, so it can rank frames.
+    `mode` reproduces the paper's ablation: "stal" (both), "tan" (temporal scores only: one score per frame),
+    "san" (spatial scores only: one per part), "baseline" (all scores equal).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        map_size: tuple[int, int],
+        seq_len: int,
+        num_parts: int,
+        mode: str = "stal",
+        widths: tuple[int, int, int] = (128, 64, 32),
+    ):
+        super().__init__()
+        if mode not in ATTENTION_MODES:
+            allowed = ", ".join(ATTENTION_MODES)
+            raise ValueError(f"model.attention = {mode!r} is invalid: use one of {allowed}")
+        self.mode, self.seq_len, self.num_parts = mode, seq_len, num_parts
+        if mode == "baseline":  # no parameters that would never receive a gradient
+            return
+        c1, c2, c3 = widths
+        self.texture = nn.Sequential(
+            nn.Conv2d(channels, c1, 7, padding=3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c3, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(7, stride=7, ceil_mode=True),
+        )
+        pooled = math.ceil(map_size[0] / 7) * math.ceil(map_size[1] / 7)
+        self.scores = nn.Linear(seq_len * c3 * pooled, seq_len * num_parts)
+
+    def forward(self, low_maps: torch.Tensor) -> torch.Tensor:
+        """low_maps (B, T, C, h, w) -> a (B, T, R), positive, summing to 1 over T×R."""
+        b, t = low_maps.shape[:2]
+        if t != self.seq_len:
+            raise ValueError(f"STAN was built for clips of T = {self.seq_len} frames, got {t}")
+        if self.mode == "baseline":
+            return low_maps.new_full((b, t, self.num_parts), 1.0 / (t * self.num_parts))
+        texture = self.texture(low_maps.flatten(0, 1)).view(b, -1)
+        a = torch.sigmoid(self.scores(texture)).view(b, t, self.num_parts)
+        if self.mode == "tan":
+            a = a.mean(2, keepdim=True).expand_as(a)
+        elif self.mode == "san":
+            a = a.mean(1, keepdim=True).expand_as(a)
+        return a / a.sum(dim=(1, 2), keepdim=True)

@@ -1,0 +1,121 @@
+"""The STAL network (§III-A, Fig. 2): global branch with RAN, local part branch, STAN; one typed output."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stal_ray.model.attention import STAN
+from stal_ray.model.backbones import build_backbone, load_pretrained
+from stal_ray.model.parts import NUM_JOINTS, NUM_PARTS, PoseSource, part_boxes, roi_pool
+from stal_ray.model.ran import ResidualAttention
+
+
+@dataclass
+class STALOutput:
+    """What one forward pass of B clips of T frames gives (R = 6 parts)."""
+
+    g: torch.Tensor  # (B, D_g) global feature, frame features g_t average-pooled over time
+    f: torch.Tensor  # (B, T, R, D) local features f^{r,t} (Eq. 1)
+    a: torch.Tensor  # (B, T, R) attention scores a^{r,t}, summing to 1 over T×R
+    joints: torch.Tensor  # (B, T, 14, 3) the joints the part boxes came from, pixels
+    part_boxes: torch.Tensor  # (B, T, R, 4) Eq. 7 boxes, (x_min, y_min, x_max, y_max) pixels
+    global_logits: torch.Tensor | None  # (B, C) identity logits of g (Eq. 5); None without classifiers
+    part_logits: torch.Tensor | None  # (B, T, R, C) identity logits of every f^{r,t} (Eq. 6)
+    image_size: tuple[int, int]  # (H, W) of the frames
+
+
+class STAL(nn.Module):
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        num_classes: int = 0,
+        seq_len: int = 8,
+        image_size: tuple[int, int] = (224, 224),
+        feature_dim: int = 1024,
+        pose_source: str = "learned",
+        attention: str = "stal",
+        part_size: int = 8,
+    ):
+        super().__init__()
+        self.seq_len, self.image_size, self.part_size = seq_len, tuple(image_size), part_size
+        self.backbone = build_backbone(backbone)
+        channels = self.backbone.low_channels
+        self.ran = ResidualAttention(channels)
+        self.pose = PoseSource(pose_source, channels)
+        self.part_networks = self.backbone.part_networks(NUM_PARTS, feature_dim)
+        self.stan = STAN(channels, self._low_map_size(), seq_len, NUM_PARTS, attention)
+        self.global_classifier = self.part_classifiers = None
+        if num_classes > 0:
+            self.global_classifier = nn.Linear(self.backbone.global_dim, num_classes)
+            # one classifier per part, shared over frames (Eq. 6): R stacked weight matrices
+            self.part_classifiers = nn.Parameter(torch.empty(NUM_PARTS, feature_dim, num_classes))
+            self.part_bias = nn.Parameter(torch.zeros(NUM_PARTS, num_classes))
+            nn.init.normal_(self.part_classifiers, std=feature_dim**-0.5)
+
+    @classmethod
+    def from_config(cls, config, num_classes: int) -> "STAL":
+        model, data = config.model, config.data
+        stal = cls(
+            backbone=model.backbone,
+            num_classes=num_classes,
+            seq_len=data.seq_len,
+            image_size=(data.height, data.width),
+            feature_dim=model.feature_dim,
+            pose_source=model.pose_source,
+            attention=model.attention,
+            part_size=model.part_size,
+        )
+        if model.pretrained:
+            stal.load_pretrained(model.pretrained)
+        return stal
+
+    def load_pretrained(self, path_or_url: str):
+        """ImageNet weights into the backbone, and from there into every part-specific network."""
+        report = load_pretrained(self.backbone, path_or_url)
+        self.part_networks.init_from_backbone(self.backbone)
+        return report
+
+    @torch.no_grad()
+    def _low_map_size(self) -> tuple[int, int]:
+        was_training = self.backbone.training
+        self.backbone.eval()  # a dry run must not touch BatchNorm statistics
+        h, w = self.backbone.low(torch.zeros(1, 3, *self.image_size)).shape[-2:]
+        self.backbone.train(was_training)
+        return h, w
+
+    def forward(self, clips: torch.Tensor, keypoints: torch.Tensor | None = None) -> STALOutput:
+        """clips (B, T, 3, H, W) normalised frames; keypoints (B, T, 14, 3) pixels or None."""
+        expected = (self.seq_len, 3, *self.image_size)
+        if clips.dim() != 5 or tuple(clips.shape[1:]) != expected:
+            shape = ", ".join(map(str, expected))
+            raise ValueError(f"STAL expects clips of shape (B, {shape}), got {tuple(clips.shape)}")
+        b, t = clips.shape[:2]
+        low = self.backbone.low(clips.flatten(0, 1))  # (B·T, C, h, w)
+        g = self.backbone.high(self.ran(low)).view(b, t, -1).mean(1)  # (B, D_g)
+
+        if keypoints is not None:
+            if tuple(keypoints.shape) != (b, t, NUM_JOINTS, 3):
+                expected = (b, t, NUM_JOINTS, 3)
+                raise ValueError(f"keypoints must have shape {expected}, got {tuple(keypoints.shape)}")
+            keypoints = keypoints.flatten(0, 1)
+        joints = self.pose(low, self.image_size, keypoints)  # (B·T, 14, 3)
+        boxes = part_boxes(joints, self.image_size)  # (B·T, R, 4)
+        part_maps = roi_pool(low, boxes, self.image_size, self.part_size)  # (B·T, R, C, S, S)
+        f = self.part_networks(part_maps).view(b, t, NUM_PARTS, -1)  # (B, T, R, D)
+        a = self.stan(low.view(b, t, *low.shape[1:]))  # (B, T, R)
+
+        global_logits = part_logits = None
+        if self.global_classifier is not None:
+            global_logits = self.global_classifier(g)
+            part_logits = torch.einsum("btrd,rdc->btrc", f, self.part_classifiers) + self.part_bias
+        return STALOutput(
+            g=g,
+            f=f,
+            a=a,
+            joints=joints.view(b, t, NUM_JOINTS, 3),
+            part_boxes=boxes.view(b, t, NUM_PARTS, 4),
+            global_logits=global_logits,
+            part_logits=part_logits,
+            image_size=self.image_size,
+        )

@@ -1,0 +1,126 @@
+"""The objective: Eq. 8 and 9 against plain references and gradcheck, triplet mining, Eq. 5 and 6."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stal_ray.objective import (
+    aggregate_temporal,
+    consistency_loss,
+    global_distance,
+    local_distance,
+    psi_distance,
+    spatial_scores,
+    triplet_loss,
+)
+
+B, T, R, D = 5, 4, 6, 7
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)
+
+
+def clip_features(generator, dtype=torch.float32):
+    f = torch.randn(B, T, R, D, dtype=dtype, generator=generator)
+    a = torch.rand(B, T, R, dtype=dtype, generator=generator) + 0.1
+    return f, a / a.sum(dim=(1, 2), keepdim=True)
+
+
+def test_aggregation_matches_eq9_written_out(generator):
+    f, a = clip_features(generator)
+    out = aggregate_temporal(f, a)
+    for i, r in itertools.product(range(B), range(R)):
+        expected = sum(a[i, t, r] * f[i, t, r] for t in range(T)) / sum(a[i, t, r] for t in range(T))
+        assert torch.allclose(out[i, r], expected, atol=1e-5)
+
+
+def test_psi_matches_eq8_written_out(generator):
+    f, a = clip_features(generator)
+    d_l = local_distance(f, a, f, a)
+    f_r = aggregate_temporal(f, a)
+    a_bar = a.mean(1)
+    for i, j in itertools.product(range(B), range(B)):
+        norm_i = math.sqrt(sum(a_bar[i, r] ** 2 for r in range(R)))
+        norm = norm_i * math.sqrt(sum(a_bar[j, r] ** 2 for r in range(R)))
+        expected = sum(a_bar[i, r] * a_bar[j, r] / norm * (f_r[i, r] - f_r[j, r]).norm() for r in range(R))
+        assert d_l[i, j].item() == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_average_pooling_is_the_equal_score_special_case(generator):
+    f, _ = clip_features(generator)
+    equal = torch.full((B, T, R), 1.0 / (T * R))
+    assert torch.allclose(aggregate_temporal(f, equal), f.mean(1), atol=1e-6)
+    # with equal scores every part weighs an_i^r an_j^r = 1/R
+    pooled = f.mean(1)
+    expected = sum(torch.cdist(pooled[:, r], pooled[:, r]) for r in range(R)) / R
+    assert torch.allclose(local_distance(f, equal, f, equal), expected, atol=1e-5)
+
+
+def test_eq9_gradcheck(generator):
+    f, a = clip_features(generator, torch.float64)
+    assert torch.autograd.gradcheck(aggregate_temporal, (f.requires_grad_(), a.requires_grad_()))
+
+
+def test_eq8_gradcheck(generator):
+    f, a = clip_features(generator, torch.float64)
+    f_i, f_j = f[:3].clone(), f[3:].clone()
+    a_i, a_j = a[:3].clone(), a[3:].clone()
+
+    def psi(f_i, a_i, f_j, a_j):
+        return psi_distance(f_i.mean(1), spatial_scores(a_i), f_j.mean(1), spatial_scores(a_j))
+
+    inputs = tuple(x.requires_grad_() for x in (f_i, a_i, f_j, a_j))
+    assert torch.autograd.gradcheck(psi, inputs)
+    assert torch.autograd.gradcheck(local_distance, inputs)
+
+
+def test_distance_gradients_are_finite_on_the_diagonal(generator):
+    f, a = clip_features(generator)
+    f.requires_grad_(True)
+    g = torch.randn(B, D, requires_grad=True)
+    (local_distance(f, a, f, a).sum() + global_distance(g, g).sum()).backward()
+    assert torch.isfinite(f.grad).all() and torch.isfinite(g.grad).all()
+
+
+def reference_triplets(distance, labels, margin, mining):
+    losses = []
+    for i in range(len(labels)):
+        positives = [j for j in range(len(labels)) if j != i and labels[j] == labels[i]]
+        negatives = [k for k in range(len(labels)) if labels[k] != labels[i]]
+        if not positives or not negatives:
+            continue
+        if mining == "batch_hard":
+            hardest = max(distance[i, j] for j in positives) - min(distance[i, k] for k in negatives)
+            losses.append(max(0.0, float(hardest) + margin))
+        else:
+            for j, k in itertools.product(positives, negatives):
+                losses.append(max(0.0, float(distance[i, j] - distance[i, k]) + margin))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "all"])
+def test_triplet_loss_matches_a_plain_loop(generator, mining):
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])  # identity 3 has no positive: not an anchor
+    x = torch.randn(len(labels), 3, generator=generator)
+    distance = global_distance(x, x)
+    loss = triplet_loss(distance, labels, margin=0.5, mining=mining)
+    assert loss.item() == pytest.approx(reference_triplets(distance, labels, 0.5, mining), abs=1e-5)
+
+
+def test_triplet_loss_without_positives_says_what_the_batch_needs():
+    with pytest.raises(ValueError, match="clips_per_identity"):
+        triplet_loss(torch.rand(4, 4), torch.tensor([0, 1, 2, 3]), margin=1.0)
+
+
+def test_consistency_averages_every_part_and_frame(generator):
+    logits = torch.randn(B, T, R, 9, generator=generator)
+    labels = torch.randint(0, 9, (B,), generator=generator)
+    expected = torch.stack(
+        [F.cross_entropy(logits[:, t, r], labels) for t in range(T) for r in range(R)]
+    ).mean()
+    assert torch.allclose(consistency_loss(logits, labels), expected, atol=1e-6)
