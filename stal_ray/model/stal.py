@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from stal_ray.model.attention import STAN
-from stal_ray.model.backbones import build_backbone, load_pretrained
+from stal_ray.model.backbones import PartLinear, build_backbone, load_pretrained
 from stal_ray.model.parts import NUM_JOINTS, NUM_PARTS, PoseSource, part_boxes, roi_pool
 from stal_ray.model.ran import ResidualAttention
 
@@ -48,10 +48,8 @@ class STAL(nn.Module):
         self.global_classifier = self.part_classifiers = None
         if num_classes > 0:
             self.global_classifier = nn.Linear(self.backbone.global_dim, num_classes)
-            # one classifier per part, shared over frames (Eq. 6): R stacked weight matrices
-            self.part_classifiers = nn.Parameter(torch.empty(NUM_PARTS, feature_dim, num_classes))
-            self.part_bias = nn.Parameter(torch.zeros(NUM_PARTS, num_classes))
-            nn.init.normal_(self.part_classifiers, std=feature_dim**-0.5)
+            # one classifier per part, shared over frames (Eq. 6)
+            self.part_classifiers = PartLinear(NUM_PARTS, feature_dim, num_classes)
 
     @classmethod
     def from_config(cls, config, num_classes: int) -> "STAL":
@@ -73,6 +71,9 @@ class STAL(nn.Module):
     def load_pretrained(self, path_or_url: str):
         """ImageNet weights into the backbone, and from there into every part-specific network."""
         report = load_pretrained(self.backbone, path_or_url)
+        if report.missing:
+            raise ValueError(f"model.pretrained = {path_or_url} does not fit backbone "
+                             f"{type(self.backbone).__name__}: {report}")
         self.part_networks.init_from_backbone(self.backbone)
         return report
 
@@ -108,7 +109,7 @@ class STAL(nn.Module):
         global_logits = part_logits = None
         if self.global_classifier is not None:
             global_logits = self.global_classifier(g)
-            part_logits = torch.einsum("btrd,rdc->btrc", f, self.part_classifiers) + self.part_bias
+            part_logits = self.part_classifiers(f.flatten(0, 1)).view(b, t, NUM_PARTS, -1)
         return STALOutput(
             g=g,
             f=f,

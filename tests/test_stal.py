@@ -1,0 +1,124 @@
+"""The STAL network end to end: shapes per backbone, gradients to the pose head, overfitting one P×K batch."""
+
+import pytest
+import torch
+
+from stal_ray.model.stal import STAL
+from stal_ray.objective import STALObjective, global_distance, local_distance
+
+
+def shapes_seen(model: STAL, clips: torch.Tensor) -> dict[str, tuple]:
+    seen = {}
+
+    def record(name, tensor):
+        seen[name] = tuple(tensor.shape)  # returns None: the module's output stays as it is
+
+    model.backbone.low.register_forward_hook(lambda m, i, o: record("low", o))
+    model.part_networks.register_forward_hook(lambda m, i, o: record("parts", i[0]))
+    with torch.no_grad():
+        seen["out"] = model(clips)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "backbone, size, low, global_dim",
+    [
+        ("bninception", (224, 224), (576, 14, 14), 1024),
+        ("resnet50", (256, 128), (1024, 16, 8), 2048),
+        ("tiny", (64, 32), (64, 16, 8), 128),
+    ],
+)
+def test_output_shapes_at_the_paper_input_size(backbone, size, low, global_dim):
+    b, t, classes = 1, 2, 5
+    model = STAL(backbone, num_classes=classes, seq_len=t, image_size=size, feature_dim=1024).eval()
+    seen = shapes_seen(model, torch.randn(b, t, 3, *size))
+    out = seen["out"]
+    assert seen["low"] == (b * t, *low)
+    assert seen["parts"] == (b * t, 6, low[0], 8, 8)
+    assert out.g.shape == (b, global_dim)
+    assert out.f.shape == (b, t, 6, 1024)
+    assert out.a.shape == (b, t, 6)
+    assert out.joints.shape == (b, t, 14, 3) and out.part_boxes.shape == (b, t, 6, 4)
+    assert out.global_logits.shape == (b, classes) and out.part_logits.shape == (b, t, 6, classes)
+
+
+def tiny_model(pose_source="learned", **kwargs) -> STAL:
+    torch.manual_seed(0)
+    return STAL("tiny", seq_len=2, image_size=(64, 32), feature_dim=64, pose_source=pose_source, **kwargs)
+
+
+def test_reid_loss_refines_the_learned_pose_head():
+    model = tiny_model(num_classes=3)
+    out = model(torch.randn(4, 2, 3, 64, 32))
+    objective = STALObjective()
+    objective(out, torch.tensor([0, 0, 1, 1])).total.backward()
+    grad = model.pose.head.heatmaps[-1].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_given_keypoints_place_the_part_boxes():
+    model = tiny_model("keypoints")
+    keypoints = torch.zeros(1, 2, 14, 3)
+    keypoints[..., 0], keypoints[..., 1], keypoints[..., 2] = 16.0, 32.0, 1.0
+    keypoints[0, 1, :, :2] = torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        boxes = model(torch.randn(1, 2, 3, 64, 32), keypoints).part_boxes
+    centres = (boxes[..., :2] + boxes[..., 2:]) / 2
+    assert torch.allclose(centres[0, 0], torch.tensor([16.0, 32.0]).expand(6, 2))
+    assert (boxes[0, 1, :, :2] == 0).all()  # pushed inside the crop at its corner
+
+
+def test_wrong_clip_shape_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\(B, 2, 3, 64, 32\)"):
+        tiny_model()(torch.randn(1, 3, 3, 64, 32))
+
+
+def test_without_classes_there_are_no_logits():
+    out = tiny_model()(torch.randn(2, 2, 3, 64, 32))
+    assert out.global_logits is None and out.part_logits is None
+
+
+def test_overfitting_one_pk_batch_zeroes_the_triplets_and_fits_the_identities():
+    p, k = 4, 2
+    generator = torch.Generator().manual_seed(0)
+    looks = torch.randn(p, 1, 3, 64, 32, generator=generator)  # one appearance per identity
+    clips = looks.repeat_interleave(k, 0) + 0.3 * torch.randn(p * k, 2, 3, 64, 32, generator=generator)
+    labels = torch.arange(p).repeat_interleave(k)
+    model = tiny_model(num_classes=p)
+    objective = STALObjective(margin_global=1.2, margin_local=0.8, local_weight=0.3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(150):
+        terms = objective(model(clips), labels)
+        optimizer.zero_grad()
+        terms.total.backward()
+        optimizer.step()
+        if terms.triplet_global == 0 and terms.triplet_local == 0 and terms.consistency < 0.05:
+            break
+    with torch.no_grad():
+        out = model(clips)
+        terms = objective(out, labels)
+    assert terms.triplet_global.item() == 0 and terms.triplet_local.item() == 0
+    assert torch.equal(out.global_logits.argmax(1), labels)
+    assert torch.equal(out.part_logits.argmax(-1), labels[:, None, None].expand(-1, 2, 6))
+    # the margins hold in the distances the terms were computed from
+    same = labels[:, None] == labels[None, :]
+    d_g, d_l = global_distance(out.g, out.g), local_distance(out.f, out.a, out.f, out.a)
+    assert (d_g[same].view(p * k, -1).amax(1) + 1.2 <= d_g.masked_fill(same, 1e9).amin(1)).all()
+    assert (d_l[same].view(p * k, -1).amax(1) + 0.8 <= d_l.masked_fill(same, 1e9).amin(1)).all()
+
+
+def test_pretrained_weights_reach_the_backbone_and_every_part_network(tmp_path):
+    source = tiny_model()
+    torch.save(source.backbone.state_dict(), tmp_path / "imagenet.pth")
+    model = tiny_model()
+    report = model.load_pretrained(str(tmp_path / "imagenet.pth"))
+    assert report.missing == [] and report.loaded > 0
+    assert torch.equal(model.backbone.conv3.conv.weight, source.backbone.conv3.conv.weight)
+    grouped = model.part_networks.blocks[0].conv.weight.view(6, *source.backbone.conv3.conv.weight.shape)
+    assert all(torch.equal(part, source.backbone.conv3.conv.weight) for part in grouped)
+
+
+def test_pretrained_file_of_another_backbone_is_rejected(tmp_path):
+    torch.save(STAL("resnet50", seq_len=2, image_size=(64, 32)).backbone.state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match="does not fit backbone TinyCNN"):
+        tiny_model().load_pretrained(str(tmp_path / "r50.pth"))
