@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: venv
+	@test -f jobs/train_mars.py || { echo "make train: jobs/train_mars.py is not here yet (training issue #4)"; exit 2; }
 	$(PY) jobs/train_mars.py $(ARGS)
 
 test: venv

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MINING = ("batch_hard", "all")
+from stal_ray.config import MINING
 
 
 def aggregate_temporal(f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

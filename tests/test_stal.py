@@ -1,8 +1,12 @@
 """The STAL network end to end: shapes per backbone, gradients to the pose head, overfitting one P×K batch."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from stal_ray.config import load_config
+from stal_ray.model.parts import canonical_joints
 from stal_ray.model.stal import STAL
 from stal_ray.objective import STALObjective, global_distance, local_distance
 
@@ -122,3 +126,11 @@ def test_pretrained_file_of_another_backbone_is_rejected(tmp_path):
     torch.save(STAL("resnet50", seq_len=2, image_size=(64, 32)).backbone.state_dict(), tmp_path / "r50.pth")
     with pytest.raises(ValueError, match="does not fit backbone TinyCNN"):
         tiny_model().load_pretrained(str(tmp_path / "r50.pth"))
+
+
+def test_the_default_configuration_builds_a_working_model():
+    config = load_config(Path(__file__).parents[1] / "configs" / "synthetic_tiny.yaml")
+    model = STAL.from_config(config, num_classes=3)
+    t, h, w = config.data.seq_len, config.data.height, config.data.width
+    out = model(torch.randn(2, t, 3, h, w), canonical_joints((h, w)).expand(2, t, -1, -1))
+    assert out.f.shape == (2, t, 6, config.model.feature_dim) and out.global_logits.shape == (2, 3)

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-ATTENTION_MODES = ("stal", "tan", "san", "baseline")
+from stal_ray.config import ATTENTION_MODES
 
 
 class STAN(nn.Module):
@@ -23,7 +23,7 @@ class STAN(nn.Module):
         seq_len: int,
         num_parts: int,
         mode: str = "stal",
-        widths: tuple[int, int, int] = (128, 64, 32),
+        widths: tuple[int, int, int] = (32, 32, 32),
     ):
         super().__init__()
         if mode not in ATTENTION_MODES:

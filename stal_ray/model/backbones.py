@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stal_ray.config import BACKBONES
+
 log = logging.getLogger(__name__)
 
-BACKBONES = ("bninception", "resnet50", "tiny")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stal_ray.config import POSE_SOURCES
+
 # The 14 joints of the pose estimator the paper uses ([28], MPII-trained), in its order: J1 .. J14.
 JOINT_NAMES = (
     "head_top", "neck",
@@ -26,7 +28,6 @@ PART_JOINTS = (
 )
 PART_NAMES = tuple(name for name, _ in PART_JOINTS)
 NUM_PARTS = len(PART_JOINTS)
-POSE_SOURCES = ("keypoints", "learned", "prior")
 
 # A standing pedestrian facing the camera, as (x, y) fractions of the crop; the `prior` pose source and the
 # starting point of the `learned` one. Person's right is image left.
@@ -124,7 +125,7 @@ class KeypointHead(nn.Module):
     at zero, so training starts from the canonical pose and the ReID loss moves the joints from there.
     """
 
-    def __init__(self, channels: int, hidden: int = 128, prior_sigma: float = 1.0):
+    def __init__(self, channels: int, hidden: int = 64, prior_sigma: float = 1.0):
         super().__init__()
         self.heatmaps = nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1),

@@ -1,0 +1,523 @@
+"""Every setting of stal_ray as typed dataclasses with its default, layered from YAML and --set, validated."""
+
+import argparse
+import difflib
+import functools
+import math
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+# Allowed values of the string settings; other modules import these instead of repeating them.
+BACKBONES = ("bninception", "resnet50", "tiny")
+POSE_SOURCES = ("keypoints", "learned", "prior")
+ATTENTION_MODES = ("stal", "tan", "san", "baseline")
+MINING = ("batch_hard", "all")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2, 3)
+BRANCHES = ("fused", "global", "local")
+PROTOCOLS = ("official", "torchreid")
+SCHEDULERS = ("asha", "fifo")
+TUNE_METRICS = ("mAP", "rank1")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names its source, dotted key, value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # "bninception" (paper, Table I), "resnet50" (paper, Table V), "tiny" (CPU tests)
+    backbone: str = "tiny"
+    # ImageNet state dict for the backbone, local path or fsspec URL; None = random initialisation
+    pretrained: str | None = None
+    # D of the local part features f_{r,t} (paper §III-E: 1024)
+    feature_dim: int = 1024
+    # where the 14 joints of Eq. 7 come from: "keypoints" given in the data, "learned" head, "prior" pose
+    pose_source: str = "learned"
+    # weight of a loss pulling learned joints to given keypoints (0 = pure ReID refinement)
+    keypoint_supervision: float = 0.0
+    # side of the ROI-pooled part map (paper §III-E: 8x8)
+    part_size: int = 8
+    # ablation switch (paper §IV-C): "stal" both, "tan" temporal only, "san" spatial only, "baseline" all 1
+    attention: str = "stal"
+
+
+@dataclass
+class DataConfig:
+    # MARS release or prepared Parquet shards, local path or s3:// URL; None = embedded synthetic data set
+    root: str | None = None
+    # T, frames per clip (paper §III-E: 8)
+    seq_len: int = 8
+    # input height (paper: 224 for BN-Inception, 256 for ResNet-50)
+    height: int = 224
+    # input width (paper: 224 for BN-Inception, 128 for ResNet-50)
+    width: int = 224
+    # P, identities per batch
+    identities_per_batch: int = 8
+    # K, clips per identity in a batch (>= 2 so every anchor has a positive)
+    clips_per_identity: int = 4
+    # Ray Data CPU actors decoding JPEG frames
+    decode_concurrency: int = 2
+    # fraction of training identities held out as the Tune validation split (never the test split)
+    val_identities: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    # SGD learning rate (paper §III-E: 0.001)
+    lr: float = 0.001
+    # SGD momentum (paper §III-E: 0.9)
+    momentum: float = 0.9
+    # L2 weight decay (paper §III-E: 0.0002)
+    weight_decay: float = 2e-4
+    # iterations between learning-rate decays (not given in the paper)
+    lr_step: int = 20000
+    # learning-rate decay factor per step (paper §III-E: 0.5)
+    gamma: float = 0.5
+    # training iterations (paper §III-E: 150000 on MARS)
+    iterations: int = 150000
+    # m_g, global triplet margin (Eq. 4; paper: 1.2)
+    margin_global: float = 1.2
+    # m_l, local triplet margin (Eq. 4; paper: 0.8)
+    margin_local: float = 0.8
+    # λ, weight of the local triplet loss (Eq. 4; paper: 0.3)
+    local_weight: float = 0.3
+    # triplets inside a P×K batch: "batch_hard" (hardest positive and negative per anchor) or "all"
+    mining: str = "batch_hard"
+    # Ray Train workers (one per GPU when use_gpu)
+    num_workers: int = 1
+    # train on GPUs
+    use_gpu: bool = False
+    # DeepSpeed ZeRO stage, 0..3
+    zero_stage: int = 0
+    # "fp32", "bf16" or "fp16" (mixed precision through DeepSpeed)
+    precision: str = "fp32"
+    # iterations between checkpoints reported to Ray Train
+    checkpoint_every: int = 1000
+    # iterations between metric reports
+    log_every: int = 50
+    # seed of sampling and initialisation
+    seed: int = 0
+    # Ray Train storage, local path or fsspec URL; None = ~/ray_results
+    storage_path: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    # α in d = d_l + α·d_g (paper §III-E: 0.3)
+    fusion_rate: float = 0.3
+    # distance to rank by: "fused", "global" (d_g alone) or "local" (d_l alone)
+    branch: str = "fused"
+    # "official" MARS protocol (junk ignored, distractors kept) or "torchreid" (its evaluation of MARS)
+    protocol: str = "official"
+    # tracklets per feature-extraction batch
+    batch_size: int = 32
+    # CMC ranks to report
+    ranks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+
+
+@dataclass
+class TuneConfig:
+    # trials
+    num_samples: int = 16
+    # search range [low, high] of λ
+    local_weight: tuple[float, float] = (0.1, 1.0)
+    # search range [low, high] of m_g (paper §IV-D varies margins 0.4..2)
+    margin_global: tuple[float, float] = (0.3, 2.0)
+    # search range [low, high] of m_l
+    margin_local: tuple[float, float] = (0.3, 2.0)
+    # α grid every trial evaluates on one set of features (paper §IV-D, Fig. 8)
+    fusion_rates: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 1.0])
+    # "asha" stops bad trials early, "fifo" runs every trial to the end
+    scheduler: str = "asha"
+    # iterations every trial runs before ASHA may stop it
+    grace_iterations: int = 1000
+    # validation metric to maximise: "mAP" or "rank1"
+    metric: str = "mAP"
+    # trials running at once
+    max_concurrent: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict of built-in types (tuples as lists), for Ray, JSON and YAML."""
+        return {
+            section.name: {f.name: _plain(getattr(getattr(self, section.name), f.name))
+                           for f in fields(getattr(self, section.name))}
+            for section in fields(self)
+        }
+
+    def validate(self) -> "Config":
+        """Check (and coerce, e.g. int to float) every setting; raise ConfigError on the first bad one."""
+        _validate(self, origin={}, default_source="config")
+        return self
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (its `base:` chain first), then `section.key=value` overrides, checked."""
+    layers: list[tuple[Mapping, str]] = []
+    if path is not None:
+        layers += _read_yaml(os.fspath(path), chain=(), referrer=None)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for override in overrides:
+        layers.append((_parse_override(override), "command line"))
+    return _build(layers)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Inverse of Config.to_dict (e.g. a config shipped to Ray workers); missing keys keep their defaults."""
+    return _build([(d, "dict")])
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config PATH and repeatable --set KEY=VALUE (stored in args.config and args.overrides)."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", metavar="PATH", default=None,
+                       help="YAML file layered over the built-in defaults, e.g. "
+                            "configs/mars_bninception.yaml (default: built-in defaults)")
+    group.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
+                       help="override one setting, e.g. --set train.lr=0.01 --set eval.ranks=[1,5]; "
+                            "values are parsed as YAML; repeatable, applied after --config")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config chosen by the arguments that add_config_arguments added."""
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", None) or ())
+
+
+def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None) -> list[tuple[Mapping, str]]:
+    """Layers of one YAML file, its `base:` chain first."""
+    where = f" (base of {referrer})" if referrer else ""
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"{referrer}: base = {path} is invalid: it inherits from itself")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}{where}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: must hold a mapping of sections ({', '.join(SECTIONS)}), "
+                          f"not {type(data).__name__}")
+    data = dict(data)
+    base = data.pop("base", None)
+    layers = []
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base = {_show(base)} is invalid: must be the path of a YAML file")
+        base_path = os.path.join(os.path.dirname(path), os.path.expanduser(base))
+        layers += _read_yaml(base_path, chain + (real,), referrer=path)
+    layers.append((data, path))
+    return layers
+
+
+def _parse_override(override: str) -> dict[str, dict[str, Any]]:
+    """'train.lr=0.01' -> {'train': {'lr': 0.01}}, the value parsed as YAML."""
+    form = "expected the form section.key=value, e.g. train.lr=0.01"
+    if not isinstance(override, str) or "=" not in override:
+        raise ConfigError(f"command line: override {override!r} is malformed: {form}")
+    key, text = override.split("=", 1)
+    key = key.strip()
+    section, dot, name = key.partition(".")
+    if not dot or not section or not name:
+        hint = _suggest_section(key)
+        hint = f" (did you mean {hint}.{key}={text}?)" if hint else ""
+        raise ConfigError(f"command line: override {override!r} is malformed: {form}{hint}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: {key} = {text!r} is not a valid YAML value: {e}") from None
+    return {section: {name: value}}
+
+
+def _build(layers: Sequence[tuple[Mapping, str]]) -> Config:
+    config, origin = Config(), {}
+    for layer, source in layers:
+        _apply(config, origin, layer, source)
+    _validate(config, origin, default_source="defaults")
+    return config
+
+
+def _apply(config: Config, origin: dict[str, tuple[str, Any]], layer: Mapping, source: str) -> None:
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"{source}: must be a mapping of sections ({', '.join(SECTIONS)}), "
+                          f"not {type(layer).__name__}")
+    for section_name, values in layer.items():
+        if section_name not in SECTIONS:
+            close = difflib.get_close_matches(str(section_name), SECTIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: unknown section {section_name!r}{hint}; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+        if values is None:  # a section left empty in YAML
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: {section_name} = {_show(values)} is invalid: "
+                              f"must be a mapping of keys ({', '.join(_hints(SECTIONS[section_name]))})")
+        section = getattr(config, section_name)
+        hints = _hints(type(section))
+        for key, value in values.items():
+            dotted = f"{section_name}.{key}"
+            if key not in hints:
+                raise ConfigError(_unknown_key(source, section_name, str(key)))
+            try:
+                coerced = _coerce(value, hints[key])
+            except _WrongType:
+                raise ConfigError(f"{source}: {dotted} = {_show(value)} is invalid: "
+                                  f"must be {_describe(hints[key])}") from None
+            origin[dotted] = (source, value)  # the value as written, for messages
+            setattr(section, key, coerced)
+
+
+def _unknown_key(source: str, section: str, key: str) -> str:
+    valid = list(_hints(SECTIONS[section]))
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        hint = f" (did you mean {section}.{close[0]}?)"
+    else:
+        other = _suggest_section(key)
+        hint = f" (did you mean {other}.{key}?)" if other else ""
+    return f"{source}: unknown key {section}.{key}{hint}; valid keys of {section}: {', '.join(valid)}"
+
+
+def _suggest_section(key: str) -> str | None:
+    """The section holding a key of this name, when exactly one does."""
+    owners = [name for name, cls in SECTIONS.items() if key in _hints(cls)]
+    return owners[0] if len(owners) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------- types
+
+
+class _WrongType(Exception):
+    pass
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """value as the annotated type tp, or _WrongType; YAML lists become lists or tuples as declared."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType
+        if origin is list:
+            return [_coerce(v, args[0]) for v in value]
+        if len(value) != len(args):
+            raise _WrongType
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _WrongType
+    if tp is int:
+        if isinstance(value, bool):
+            raise _WrongType
+        if isinstance(value, int):
+            return value
+        number = _number(value)
+        if number is not None and number.is_integer():  # 1.5e+5 from YAML
+            return int(number)
+        raise _WrongType
+    if tp is float:
+        if isinstance(value, bool):
+            raise _WrongType
+        number = _number(value)
+        if number is None:
+            raise _WrongType
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _WrongType
+    raise TypeError(f"no coercion for {tp}")
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a number or a numeric string (PyYAML reads 1e-3 as a string), else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"{_describe(inner)} or null"
+    if origin is list:
+        return {int: "a list of integers", float: "a list of numbers"}.get(args[0], f"a list of {args[0]}")
+    if origin is tuple:
+        return f"a list of {len(args)} numbers [low, high]"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return repr(value)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+_Rule = Callable[[Any], str | None]  # returns why the value is invalid, or None
+
+
+def _one_of(choices: Sequence) -> _Rule:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def _int_at_least(low: int) -> _Rule:
+    return lambda v: None if v >= low else f"must be an integer >= {low}"
+
+
+def _at_least(low: float) -> _Rule:
+    return lambda v: None if v >= low else f"must be a number >= {low}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be a number > 0"
+
+
+def _interval(low: float, high: float, closed_low: bool, closed_high: bool) -> _Rule:
+    shown = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+
+    def rule(v):
+        ok = (v >= low if closed_low else v > low) and (v <= high if closed_high else v < high)
+        return None if ok else f"must be a number in {shown}"
+    return rule
+
+
+def _path_or_null(v: str | None) -> str | None:
+    return None if v is None or v.strip() else "must be a non-empty path or URL, or null"
+
+
+def _search_range(low_exclusive: bool) -> _Rule:
+    def rule(v):
+        low, high = v
+        ok = (low > 0 if low_exclusive else low >= 0) and low < high
+        return None if ok else f"must be [low, high] with {'0 <' if low_exclusive else '0 <='} low < high"
+    return rule
+
+
+def _nonempty_list(item: _Rule, what: str) -> _Rule:
+    return lambda v: None if v and all(item(x) is None for x in v) else f"must be a non-empty list of {what}"
+
+
+_RULES: dict[str, _Rule] = {
+    "model.backbone": _one_of(BACKBONES),
+    "model.pretrained": _path_or_null,
+    "model.feature_dim": _int_at_least(1),
+    "model.pose_source": _one_of(POSE_SOURCES),
+    "model.keypoint_supervision": _at_least(0),
+    "model.part_size": _int_at_least(1),
+    "model.attention": _one_of(ATTENTION_MODES),
+    "data.root": _path_or_null,
+    "data.seq_len": _int_at_least(1),
+    "data.height": _int_at_least(16),
+    "data.width": _int_at_least(16),
+    "data.identities_per_batch": _int_at_least(1),
+    "data.clips_per_identity": _int_at_least(2),
+    "data.decode_concurrency": _int_at_least(1),
+    "data.val_identities": _interval(0, 1, closed_low=True, closed_high=False),
+    "train.lr": _positive,
+    "train.momentum": _interval(0, 1, closed_low=True, closed_high=False),
+    "train.weight_decay": _at_least(0),
+    "train.lr_step": _int_at_least(1),
+    "train.gamma": _interval(0, 1, closed_low=False, closed_high=True),
+    "train.iterations": _int_at_least(1),
+    "train.margin_global": _at_least(0),
+    "train.margin_local": _at_least(0),
+    "train.local_weight": _at_least(0),
+    "train.mining": _one_of(MINING),
+    "train.num_workers": _int_at_least(1),
+    "train.use_gpu": lambda v: None,
+    "train.zero_stage": _one_of(ZERO_STAGES),
+    "train.precision": _one_of(PRECISIONS),  # bf16/fp16 on CPU is allowed: the trainer decides what runs
+    "train.checkpoint_every": _int_at_least(1),
+    "train.log_every": _int_at_least(1),
+    "train.seed": _int_at_least(0),
+    "train.storage_path": _path_or_null,
+    "eval.fusion_rate": _at_least(0),
+    "eval.branch": _one_of(BRANCHES),
+    "eval.protocol": _one_of(PROTOCOLS),
+    "eval.batch_size": _int_at_least(1),
+    "eval.ranks": _nonempty_list(_int_at_least(1), "integers >= 1"),
+    "tune.num_samples": _int_at_least(1),
+    "tune.local_weight": _search_range(low_exclusive=False),
+    "tune.margin_global": _search_range(low_exclusive=True),
+    "tune.margin_local": _search_range(low_exclusive=True),
+    "tune.fusion_rates": _nonempty_list(_at_least(0), "numbers >= 0"),
+    "tune.scheduler": _one_of(SCHEDULERS),
+    "tune.grace_iterations": _int_at_least(1),
+    "tune.metric": _one_of(TUNE_METRICS),
+    "tune.max_concurrent": _int_at_least(1),
+}
+
+
+def _validate(config: Config, origin: Mapping[str, tuple[str, Any]], default_source: str) -> None:
+    """Type and range of every setting; the error names the layer that set the bad value."""
+    for section_name, cls in SECTIONS.items():
+        section = getattr(config, section_name)
+        if not isinstance(section, cls):
+            raise ConfigError(f"{default_source}: {section_name} must be a {cls.__name__}, "
+                              f"not {type(section).__name__}")
+        for key, tp in _hints(cls).items():
+            dotted, value = f"{section_name}.{key}", getattr(section, key)
+            source, written = origin.get(dotted, (default_source, value))
+            try:
+                coerced = _coerce(value, tp)
+            except _WrongType:
+                raise ConfigError(f"{source}: {dotted} = {_show(value)} is invalid: "
+                                  f"must be {_describe(tp)}") from None
+            reason = _RULES[dotted](coerced)
+            if reason:
+                raise ConfigError(f"{source}: {dotted} = {_show(written)} is invalid: {reason}")
+            setattr(section, key, coerced)

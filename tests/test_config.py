@@ -1,0 +1,230 @@
+"""Tests of stal_ray.config: defaults, YAML layering, --set overrides, validation messages, round trips."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from stal_ray.config import (
+    BACKBONES,
+    Config,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    config_from_dict,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_and_validate():
+    config = load_config()
+    assert config == Config()
+    assert config.model.backbone in BACKBONES
+    train = config.train
+    assert (train.margin_global, train.margin_local, train.local_weight) == (1.2, 0.8, 0.3)
+    assert config.eval.fusion_rate == 0.3 and config.data.seq_len == 8
+    assert Config().validate() == config
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_synthetic_tiny_is_small():
+    config = load_config(CONFIGS / "synthetic_tiny.yaml")
+    model = config.model
+    assert (model.backbone, model.pose_source, model.feature_dim) == ("tiny", "keypoints", 128)
+    assert (config.data.seq_len, config.data.height, config.data.width) == (4, 64, 32)
+    assert (config.data.identities_per_batch, config.data.clips_per_identity) == (4, 2)
+    assert (config.train.iterations, config.train.lr, config.train.lr_step) == (200, 0.01, 100)
+    assert config.data.root is None and not config.train.use_gpu
+
+
+def test_mars_resnet50_inherits_from_bninception():
+    base = load_config(CONFIGS / "mars_bninception.yaml")
+    config = load_config(CONFIGS / "mars_resnet50.yaml")
+    assert (config.model.backbone, config.data.height, config.data.width) == ("resnet50", 256, 128)
+    assert base.model.backbone == "bninception" and (base.data.height, base.data.width) == (224, 224)
+    assert config.train == base.train and config.eval == base.eval and config.data.root == base.data.root
+
+
+def test_base_resolved_relative_to_file_and_applied_first(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "train: {lr: 0.5, iterations: 7}\n", "parent.yaml")
+    child = write(tmp_path, "base: ../parent.yaml\ntrain: {lr: 0.25}\n", "sub/child.yaml")
+    config = load_config(child)
+    assert config.train.lr == 0.25 and config.train.iterations == 7
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_overrides_parse_int_float_bool_list_and_null():
+    config = load_config(CONFIGS / "mars_bninception.yaml", [
+        "data.seq_len=4", "train.lr=1e-3", "train.margin_global=2", "train.use_gpu=false",
+        "eval.ranks=[1,5]", "data.root=null", "tune.local_weight=[0, 0.5]", "model.backbone=tiny",
+    ])
+    assert config.data.seq_len == 4 and isinstance(config.data.seq_len, int)
+    assert config.train.lr == 0.001 and isinstance(config.train.lr, float)
+    assert config.train.margin_global == 2.0 and isinstance(config.train.margin_global, float)
+    assert config.train.use_gpu is False
+    assert config.eval.ranks == [1, 5]
+    assert config.data.root is None
+    assert config.tune.local_weight == (0.0, 0.5)
+    assert config.model.backbone == "tiny"
+
+
+def test_overrides_apply_after_yaml_and_last_one_wins(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.5\n")
+    assert load_config(path, ["train.lr=0.1", "train.lr=0.2"]).train.lr == 0.2
+
+
+def test_empty_yaml_and_empty_section_keep_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+    assert load_config(write(tmp_path, "model:\ntune:\n", "b.yaml")) == Config()
+
+
+@pytest.mark.parametrize("yaml_text, key, value", [
+    ("data:\n  seq_len: 0\n", "data.seq_len", "0"),
+    ("train:\n  margin_local: -0.5\n", "train.margin_local", "-0.5"),
+    ("model:\n  backbone: vgg16\n", "model.backbone", "vgg16"),
+    ("data:\n  clips_per_identity: 1\n", "data.clips_per_identity", "1"),
+    ("train:\n  iterations: 1.5\n", "train.iterations", "1.5"),
+    ("train:\n  gamma: 0\n", "train.gamma", "0"),
+    ("train:\n  zero_stage: 4\n", "train.zero_stage", "4"),
+    ("tune:\n  margin_global: [2.0, 1.0]\n", "tune.margin_global", "[2.0, 1.0]"),
+    ("eval:\n  ranks: [1, 0]\n", "eval.ranks", "[1, 0]"),
+    ("data:\n  val_identities: 1.0\n", "data.val_identities", "1.0"),
+    ("train:\n  use_gpu: maybe\n", "train.use_gpu", "maybe"),
+])
+def test_bad_yaml_value_names_file_key_and_value(tmp_path, yaml_text, key, value):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key} = ") and value in message and "is invalid: must be" in message
+
+
+def test_seq_len_zero_message_says_what_is_allowed(tmp_path):
+    path = write(tmp_path, "data: {seq_len: 0}\n")
+    with pytest.raises(ConfigError, match=r"data\.seq_len = 0 is invalid: must be an integer >= 1"):
+        load_config(path)
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["model.backbone=vgg16"])
+    assert "command line: model.backbone = 'vgg16'" in str(err.value)
+    assert all(name in str(err.value) for name in BACKBONES)
+
+
+def test_bad_override_value_names_command_line():
+    with pytest.raises(ConfigError, match=r"^command line: train\.lr = -1 is invalid: must be a number > 0"):
+        load_config(overrides=["train.lr=-1"])
+
+
+def test_int_setting_rejects_fraction_and_float_accepts_int():
+    with pytest.raises(ConfigError, match=r"data\.height = 1\.5 is invalid: must be an integer"):
+        load_config(overrides=["data.height=1.5"])
+    assert load_config(overrides=["train.iterations=1.5e+5"]).train.iterations == 150000
+    assert load_config(overrides=["eval.fusion_rate=1"]).eval.fusion_rate == 1.0
+
+
+def test_unknown_key_in_yaml_suggests_closest_and_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: unknown key train.lrr")
+    assert "did you mean train.lr?" in message and "momentum" in message and "margin_global" in message
+
+
+def test_unknown_key_in_override_suggests_its_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["data.lr=0.1"])
+    assert "command line: unknown key data.lr" in str(err.value) and "train.lr" in str(err.value)
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown section 'trian' \(did you mean train\?\)"):
+        load_config(write(tmp_path, "trian:\n  lr: 0.1\n"))
+
+
+@pytest.mark.parametrize("override", ["train.lr", "lr=0.1", "=3", ".lr=1"])
+def test_malformed_override_states_expected_form(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert repr(override) in str(err.value) and "section.key=value" in str(err.value)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="config file not found") as err:
+        load_config(missing)
+    assert str(missing) in str(err.value)
+
+
+def test_missing_base_names_base_and_referrer(tmp_path):
+    path = write(tmp_path, "base: gone.yaml\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "gone.yaml" in str(err.value) and f"base of {path}" in str(err.value)
+
+
+def test_invalid_yaml_and_non_mapping_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n", "list.yaml"))
+
+
+def test_fp16_on_cpu_is_allowed():
+    config = load_config(overrides=["train.precision=fp16", "train.use_gpu=false"])
+    assert config.train.precision == "fp16"
+
+
+def test_to_dict_round_trips_exactly_and_is_json():
+    config = load_config(CONFIGS / "mars_resnet50.yaml", ["tune.margin_local=[0.5, 1.5]", "train.seed=3"])
+    plain = config.to_dict()
+    assert set(plain) == {"model", "data", "train", "eval", "tune"}
+    assert json.loads(json.dumps(plain)) == plain
+    assert config_from_dict(plain) == config
+    assert config_from_dict(json.loads(json.dumps(plain))) == config
+    assert isinstance(config_from_dict(plain).tune.margin_local, tuple)
+
+
+def test_config_from_dict_validates():
+    with pytest.raises(ConfigError, match=r"^dict: data\.seq_len = -2 is invalid"):
+        config_from_dict({"data": {"seq_len": -2}})
+
+
+def test_validate_catches_settings_changed_in_code():
+    config = Config()
+    config.train.momentum = 1.0
+    with pytest.raises(ConfigError, match=r"train\.momentum = 1\.0 is invalid: must be a number in \[0, 1\)"):
+        config.validate()
+
+
+def test_argparse_helpers_build_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    path = write(tmp_path, "train: {lr: 0.5}\n")
+    argv = ["--config", str(path), "--set", "train.iterations=9", "--set", "eval.ranks=[1]"]
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    assert (config.train.lr, config.train.iterations, config.eval.ranks) == (0.5, 9, [1])
+    assert config_from_args(parser.parse_args([])) == Config()
