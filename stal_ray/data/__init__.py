@@ -1,0 +1,1 @@
+"""Data: the MARS release reader (mars), the embedded synthetic release (synthetic), shards and pipelines."""

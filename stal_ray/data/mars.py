@@ -1,0 +1,282 @@
+"""The MARS release reader: index files and image folders as shipped, checked, as typed tracklets."""
+
+import io
+import posixpath
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import scipy.io
+
+SPLITS = ("train", "test")
+JUNK, DISTRACTOR = -1, 0
+
+# info/ files of the release: the name list and track table (file, MATLAB variable) of every split.
+NAME_LISTS = {"train": "info/train_name.txt", "test": "info/test_name.txt"}
+TRACK_TABLES = {
+    "train": ("info/tracks_train_info.mat", "track_train_info"),
+    "test": ("info/tracks_test_info.mat", "track_test_info"),
+}
+QUERY_FILE, QUERY_VARIABLE = "info/query_IDX.mat", "query_IDX"
+# Not part of the MARS release: ground-truth or offline-estimated keypoints, one row per frame file name.
+KEYPOINTS_FILE = "info/keypoints.parquet"
+
+LAYOUT = (
+    "a MARS release holds bbox_train/<NNNN>/*.jpg, bbox_test/<NNNN>/*.jpg, info/train_name.txt, "
+    "info/test_name.txt, info/tracks_train_info.mat, info/tracks_test_info.mat and info/query_IDX.mat"
+)
+NAME_PATTERN = "NNNNCcTttttFfff.jpg"  # identity (00-1 = junk), camera, tracklet, frame
+_NAME_LENGTH = len(NAME_PATTERN)
+_MISSING_SHOWN = 5
+
+
+class MarsFormatError(ValueError):
+    """A release that cannot be read: the message names the file, the row (1-based) and what to fix."""
+
+
+@dataclass(frozen=True)
+class Tracklet:
+    split: str  # "train" or "test"
+    row: int  # 0-based row in the split's track table
+    identity: int  # person id; -1 junk, 0 distractor
+    camera: int  # 1..6
+    frames: tuple[str, ...]  # paths relative to the release root, in name-list order
+    is_query: bool = False  # test tracklets listed in query_IDX
+
+
+@dataclass
+class MarsRelease:
+    root: str
+    train: list[Tracklet]
+    test: list[Tracklet]
+    keypoints_path: str | None  # info/keypoints.parquet under root if present, else None
+    _fs: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def _filesystem(self) -> tuple[Any, str]:
+        # resolved lazily so a release made by hand (or unpickled elsewhere) needs only `root`
+        if self._fs is None:
+            self._fs = fsspec.core.url_to_fs(self.root)
+        return self._fs
+
+    def read_frame(self, path: str) -> bytes:
+        """Raw JPEG bytes of a frame, by its path relative to the release root."""
+        fs, base = self._filesystem()
+        return fs.cat_file(posixpath.join(base, path))
+
+    def identities(self, split: str) -> list[int]:
+        """Sorted distinct person identities of a split; junk (-1) and distractors (0) are not persons."""
+        return sorted({t.identity for t in self._split(split) if t.identity not in (JUNK, DISTRACTOR)})
+
+    @property
+    def queries(self) -> list[Tracklet]:
+        """The test tracklets listed in query_IDX, in track-table order."""
+        return [t for t in self.test if t.is_query]
+
+    def _split(self, split: str) -> list[Tracklet]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.train if split == "train" else self.test
+
+
+def read_mars(root: str, *, check_images: bool = True) -> MarsRelease:
+    """Read and check a MARS release at a local path or fsspec URL.
+
+    check_images=False reads the index only (no listing of the image folders), e.g. at full scale when the
+    images are checked elsewhere.
+    """
+    fs, base = fsspec.core.url_to_fs(root)
+    try:
+        return _read(fs, base, root, check_images)
+    except MarsFormatError as error:
+        # the helpers name files relative to the release; the root says which release
+        raise MarsFormatError(f"MARS release {root}: {error}") from error.__cause__
+
+
+def _read(fs, base: str, root: str, check_images: bool) -> MarsRelease:
+    missing = [name for name in (*NAME_LISTS.values(), *(f for f, _ in TRACK_TABLES.values()), QUERY_FILE)
+               if not fs.isfile(posixpath.join(base, name))]  # fmt: skip
+    if missing:
+        raise MarsFormatError(f"missing {', '.join(missing)}; {LAYOUT}")
+
+    splits = {split: _read_split(fs, base, split) for split in SPLITS}
+    query_rows = _read_queries(fs, base, len(splits["test"][0]))
+    if check_images:
+        for split, (_, names) in splits.items():
+            _check_images(fs, base, split, names)
+
+    tracklets = {}
+    for split, (table, names) in splits.items():
+        paths = [f"bbox_{split}/{name[:4]}/{name}" for name in names]
+        is_query = np.zeros(len(table), bool)
+        if split == "test":
+            is_query[query_rows] = True
+        tracklets[split] = [
+            Tracklet(
+                split, row, int(identity), int(camera), tuple(paths[first - 1 : last]), bool(is_query[row])
+            )
+            for row, (first, last, identity, camera) in enumerate(table.tolist())
+        ]
+    keypoints = posixpath.join(base, KEYPOINTS_FILE)
+    keypoints_path = f"{root.rstrip('/')}/{KEYPOINTS_FILE}" if fs.isfile(keypoints) else None
+    release = MarsRelease(root, tracklets["train"], tracklets["test"], keypoints_path)
+    release._fs = (fs, base)
+    return release
+
+
+def _load_mat(fs, base: str, name: str, variable: str) -> np.ndarray:
+    raw = fs.cat_file(posixpath.join(base, name))
+    try:
+        contents = scipy.io.loadmat(io.BytesIO(raw))
+    except NotImplementedError as error:  # scipy reads MATLAB v4-v7.2; v7.3 files are HDF5
+        raise MarsFormatError(f"{name}: {error}; re-save it in MATLAB with save(..., '-v7')") from error
+    except Exception as error:
+        raise MarsFormatError(f"{name}: not a readable MATLAB file ({error})") from error
+    if variable not in contents:
+        found = sorted(k for k in contents if not k.startswith("__"))
+        raise MarsFormatError(f"{name}: no variable {variable!r} (found {found})")
+    return contents[variable]
+
+
+def _read_split(fs, base: str, split: str) -> tuple[np.ndarray, list[str]]:
+    """The checked track table (N, 4) int64 and frame file names of a split."""
+    table_file, variable = TRACK_TABLES[split]
+    table = _load_mat(fs, base, table_file, variable)
+    if table.ndim != 2 or table.shape[1] != 4 or table.shape[0] == 0:
+        raise MarsFormatError(
+            f"{table_file}: {variable} has shape {table.shape}; expected (N, 4) rows of "
+            "first frame, last frame (1-based, inclusive, into the name list), identity, camera"
+        )
+    if not np.issubdtype(table.dtype, np.number):
+        raise MarsFormatError(f"{table_file}: {variable} holds {table.dtype}, expected integers")
+    fractional = np.flatnonzero((table != np.round(table)).any(1))
+    if len(fractional):
+        row = int(fractional[0])
+        raise MarsFormatError(
+            f"{table_file} row {row + 1}: values must be integers, got {table[row].tolist()}"
+        )
+    table = table.astype(np.int64)
+    names, identity, camera = _read_names(fs, base, NAME_LISTS[split])
+    _check_table(table, table_file, NAME_LISTS[split], names, identity, camera)
+    return table, names
+
+
+def _read_names(fs, base: str, name_file: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Frame file names of a name list and, parsed from them in one vectorised pass, identity and camera."""
+    raw = fs.cat_file(posixpath.join(base, name_file))
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise MarsFormatError(
+            f"{name_file} line {line}: not ASCII; expected names like {NAME_PATTERN}"
+        ) from error
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:  # a trailing newline or blank lines at the end are harmless
+        names.pop()
+    if not names:
+        raise MarsFormatError(f"{name_file}: empty; expected one frame file name ({NAME_PATTERN}) per line")
+    lengths = np.fromiter(map(len, names), np.int64, len(names))
+    wrong = np.flatnonzero(lengths != _NAME_LENGTH)
+    if len(wrong):
+        _bad_name(name_file, names, int(wrong[0]))
+    chars = np.frombuffer("".join(names).encode("ascii"), np.uint8).reshape(len(names), _NAME_LENGTH)
+    digits = (chars >= ord("0")) & (chars <= ord("9"))
+    pattern = np.frombuffer(NAME_PATTERN.encode(), np.uint8)
+    literal = np.isin(np.arange(_NAME_LENGTH), [4, 6, 11, 15, 16, 17, 18])  # C, T, F, .jpg
+    junk = (chars[:, :4] == np.frombuffer(b"00-1", np.uint8)).all(1)
+    ok = (digits[:, :4].all(1) | junk) & (chars[:, literal] == pattern[literal]).all(1)
+    ok &= digits[:, ~literal & (np.arange(_NAME_LENGTH) >= 4)].all(1)
+    if not ok.all():
+        _bad_name(name_file, names, int(np.flatnonzero(~ok)[0]))
+    identity = (chars[:, :4].astype(np.int64) - ord("0")) @ np.array([1000, 100, 10, 1])
+    identity[junk] = JUNK
+    return names, identity, chars[:, 5].astype(np.int64) - ord("0")
+
+
+def _bad_name(name_file: str, names: list[str], index: int):
+    raise MarsFormatError(
+        f"{name_file} line {index + 1}: {names[index]!r} is not a MARS frame name {NAME_PATTERN} "
+        "(4-char identity or 00-1 for junk, C + camera digit, T + 4-digit tracklet, F + 3-digit frame)"
+    )
+
+
+def _check_table(table, table_file, name_file, names, name_identity, name_camera):
+    first, last, identity, camera = table.T
+    bad = (first < 1) | (last > len(names)) | (last < first)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        f, la = int(first[row]), int(last[row])
+        where = f"{table_file} row {row + 1} (first {f}, last {la})"
+        if la == f - 1:
+            raise MarsFormatError(f"{where}: empty tracklet (no frames); every tracklet needs first <= last")
+        if la < f:
+            raise MarsFormatError(
+                f"{where}: first frame after last frame; columns are first, last (inclusive)"
+            )
+        raise MarsFormatError(
+            f"{where}: range outside {name_file}, which has {len(names)} names (rows 1..{len(names)}); "
+            "is the name list truncated or from another split/release?"
+        )
+    # every frame of every tracklet against its table row, as flat arrays
+    counts = last - first + 1
+    frame_row = np.repeat(np.arange(len(table)), counts)
+    frame_index = (
+        np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + first[frame_row] - 1
+    )
+    for label, expected, parsed in (("camera", camera, name_camera), ("identity", identity, name_identity)):
+        wrong = np.flatnonzero(parsed[frame_index] != expected[frame_row])
+        if len(wrong):
+            row, index = int(frame_row[wrong[0]]), int(frame_index[wrong[0]])
+            raise MarsFormatError(
+                f"{table_file} row {row + 1}: {label} {int(expected[row])} in the table but {name_file} line "
+                f"{index + 1} ({names[index]}) says {int(parsed[index])}; the name list and table disagree"
+            )
+
+
+def _read_queries(fs, base: str, test_rows: int) -> np.ndarray:
+    """0-based test-table rows of the queries."""
+    query = _load_mat(fs, base, QUERY_FILE, QUERY_VARIABLE)
+    if query.ndim != 2 or min(query.shape) > 1:
+        raise MarsFormatError(f"{QUERY_FILE}: {QUERY_VARIABLE} has shape {query.shape}; expected (1, N)")
+    query = query.ravel().astype(np.int64)
+    bad = np.flatnonzero((query < 1) | (query > test_rows))
+    if len(bad):
+        entry = int(bad[0])
+        raise MarsFormatError(
+            f"{QUERY_FILE} entry {entry + 1}: query index {int(query[entry])} is outside the test track "
+            f"table {TRACK_TABLES['test'][0]} (rows 1..{test_rows})"
+        )
+    seen = {}
+    for entry, row in enumerate(query.tolist()):
+        if row in seen:
+            raise MarsFormatError(
+                f"{QUERY_FILE} entry {entry + 1}: query index {row} already listed at entry {seen[row] + 1}"
+            )
+        seen[row] = entry
+    return query - 1
+
+
+def _check_images(fs, base: str, split: str, names: list[str]):
+    """Every named frame exists under bbox_<split>/<NNNN>/; one listing per identity folder."""
+    by_folder = defaultdict(list)
+    for index, name in enumerate(names):
+        by_folder[name[:4]].append(index)
+    missing = []
+    for folder, indices in by_folder.items():
+        try:
+            listed = fs.ls(posixpath.join(base, f"bbox_{split}", folder), detail=False)
+        except FileNotFoundError:
+            listed = []
+        present = {posixpath.basename(path.rstrip("/")) for path in listed}
+        missing.extend(i for i in indices if names[i] not in present)
+    if missing:
+        missing.sort()
+        shown = ", ".join(f"bbox_{split}/{names[i][:4]}/{names[i]} ({NAME_LISTS[split]} line {i + 1})"
+                          for i in missing[:_MISSING_SHOWN])  # fmt: skip
+        raise MarsFormatError(
+            f"{len(missing)} of {len(names)} frames listed in {NAME_LISTS[split]} are missing under "
+            f"bbox_{split}/, first: {shown}; copy the complete image folders, or pass check_images=False "
+            "to read the index only"
+        )

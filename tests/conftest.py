@@ -1,0 +1,119 @@
+"""Shared fixtures: a MARS index at the real scale (real track tables, name lists written to agree)."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+# the real release's index tables, copied from shared/mars/info so a clean checkout has them
+REAL_MARS_INFO = Path(__file__).parent / "data" / "mars_info"
+
+
+def write_name_list(table: np.ndarray, path: Path) -> None:
+    """One NNNNCcTttttFfff.jpg per frame of every track table row, tracklet numbers counted per identity."""
+    tracklet_of = {}
+    lines = []
+    for first, last, identity, camera in table.tolist():
+        tracklet_of[identity] = tracklet_of.get(identity, 0) + 1
+        folder = "00-1" if identity == -1 else f"{identity:04d}"
+        prefix = f"{folder}C{camera}T{tracklet_of[identity]:04d}F"
+        lines.extend(f"{prefix}{frame:03d}.jpg" for frame in range(1, last - first + 2))
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def real_scale_mars_index(tmp_path_factory) -> Path:
+    """A release root whose info/ holds copies of the real MARS .mat tables and name lists that agree with
+    them (509,914 train and 681,089 test names); no images, so read it with check_images=False."""
+    if not REAL_MARS_INFO.is_dir():
+        pytest.skip(f"the real MARS index files are not at {REAL_MARS_INFO}")
+    root = tmp_path_factory.mktemp("mars_real_index")
+    info = root / "info"
+    info.mkdir()
+    for split in ("train", "test"):
+        source = REAL_MARS_INFO / f"tracks_{split}_info.mat"
+        shutil.copyfile(source, info / source.name)
+        table = scipy.io.loadmat(source)[f"track_{split}_info"]
+        write_name_list(table, info / f"{split}_name.txt")
+    shutil.copyfile(REAL_MARS_INFO / "query_IDX.mat", info / "query_IDX.mat")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- S3 (moto)
+
+# Fake credentials for the moto server; real ones from the developer's environment must never reach it.
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+}
+# Unset for the session: a profile, token or endpoint from the developer's shell would redirect the tests.
+UNSET_AWS_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "STAL_S3_ENDPOINT")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (free when asked; good enough for tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """Endpoint URL of moto's S3 server on 127.0.0.1: a real HTTP S3 protocol server, reached through the same
+    s3fs/botocore code as a user's bucket (not an in-process mock), with fake credentials in the environment
+    for the whole session (subprocesses inherit them)."""
+    from moto.server import ThreadedMotoServer  # imported here: only the S3 tests pay for moto
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in FAKE_AWS_ENV.items():
+            env.setenv(name, value)
+        for name in UNSET_AWS_ENV:
+            env.delenv(name, raising=False)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_bucket(moto_server):
+    """make_bucket(name=None) -> "s3://<name>": a new empty bucket on the moto server (unique if unnamed)."""
+    import uuid
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+
+    def make(name: str | None = None) -> str:
+        name = name or f"test-{uuid.uuid4().hex[:12]}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+# Small enough to write in a second, large enough for several shard files, every tracklet kind and queries.
+SMALL_RELEASE = dict(identities=5, test_identities=3, cameras=3, tracklets_per_identity=(2, 3),
+                     frames_per_tracklet=(3, 6), height=32, width=16, junk_tracklets=2,
+                     distractor_tracklets=2)
+
+
+@pytest.fixture(scope="session")
+def small_release_root(tmp_path_factory) -> str:
+    """Root of a small synthetic MARS release (with info/keypoints.parquet), shared by the shard tests."""
+    from stal_ray.data.synthetic import write_synthetic_release
+
+    return write_synthetic_release(str(tmp_path_factory.mktemp("small_release") / "release"), **SMALL_RELEASE)
