@@ -1,0 +1,169 @@
+"""Filesystems for local paths and s3:// URLs (fsspec, pyarrow) failing in seconds with a StorageError."""
+
+import contextlib
+import logging
+import os
+import posixpath
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow.fs as pafs
+import s3fs
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+# Environment variables naming an S3-compatible endpoint (MinIO, Ceph, moto), most specific first. Botocore
+# reads the first two itself; STAL_S3_ENDPOINT is ours, for setups that must not redirect other AWS tools.
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "STAL_S3_ENDPOINT")
+
+# Short enough that a wrong endpoint fails in seconds, long enough for a 256 MB part upload on a slow link:
+# read_timeout bounds one socket read, not a whole request.
+CONNECT_TIMEOUT_S = 2
+READ_TIMEOUT_S = 30
+# botocore attempts per request (first try included) and s3fs's own retry loop around them; AWS's default
+# of 5 x 5 with exponential backoff turns a typo in the endpoint into a minute of silence.
+BOTOCORE_ATTEMPTS = 3
+S3FS_RETRIES = 3
+
+_CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment "
+                     "of this process and of every Ray node")
+
+
+class StorageError(OSError):
+    """A URI that cannot be used: the message names it and the likely fix. Never contains credentials."""
+
+
+def endpoint_from_env() -> str | None:
+    """The S3 endpoint set in the environment, or None for AWS itself."""
+    for name in ENDPOINT_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def filesystem(uri: str, *, endpoint_url: str | None = None,
+               check: bool = True) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path inside it) for a local path, file:// or s3://bucket/prefix URI.
+
+    S3 credentials come from the usual AWS chain (environment variables, profile, instance role); the endpoint
+    from `endpoint_url`, else the first of ENDPOINT_VARIABLES that is set, else AWS. With check=True the
+    bucket is probed once (one HEAD request), so a missing bucket, wrong endpoint or missing credentials
+    raise StorageError here, in seconds, instead of deep inside a write.
+    """
+    if not uri or not uri.strip():
+        raise StorageError("empty storage URI: give a local directory or s3://bucket/prefix")
+    if is_s3(uri):
+        return _s3(uri, endpoint_url or endpoint_from_env(), check)
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    # any other fsspec protocol (gs://, memory://, ...) as fsspec resolves it; untested here
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as error:
+        raise StorageError(f"{uri}: unsupported storage URI ({error}); use a local path or s3://") from None
+
+
+def arrow_filesystem(uri: str, *, endpoint_url: str | None = None,
+                     check: bool = True) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for the same URI, for pyarrow.parquet and ray.data.read_parquet.
+
+    It wraps the fsspec filesystem of `filesystem`, so both go through the same S3 client settings; it
+    pickles (Ray ships it to the read tasks), and each node resolves credentials from its own environment.
+    """
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, check=check)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """uri/part/...: URIs are joined with '/', whatever the local separator."""
+    return posixpath.join(uri.rstrip("/"), *parts) if "://" in uri else os.path.join(uri, *parts)
+
+
+@contextlib.contextmanager
+def errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
+    """Turn S3 client, network and permission errors raised inside into a StorageError naming `uri`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        translated = _translate(error, uri, endpoint_url)
+        if translated is None:
+            raise
+        raise translated from error
+
+
+class _S3FileSystem(s3fs.S3FileSystem):
+    """s3fs with fewer retries of its own; a class attribute in s3fs (not a constructor argument), and a
+    subclass keeps it when Ray pickles the filesystem to other nodes, where an instance attribute is lost."""
+
+    retries = S3FS_RETRIES
+
+
+def _s3(uri: str, endpoint_url: str | None, check: bool) -> tuple[fsspec.AbstractFileSystem, str]:
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name; expected s3://bucket/prefix")
+    fs = _S3FileSystem(
+        endpoint_url=endpoint_url,
+        config_kwargs={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"},
+        },
+        # another process (a finished prepare job, a Ray node) may have written since we last listed
+        use_listings_cache=False,
+        # fsspec would otherwise hand back an instance made earlier, with the credentials it resolved then
+        # (or failed to): a fix to the environment would not be seen until the process restarts
+        skip_instance_cache=True,
+    )
+    path = uri.split("://", 1)[1].rstrip("/")
+    if check:
+        logger.debug("probing bucket %s at %s", bucket, endpoint_url or "AWS")
+        with errors(uri, endpoint_url):
+            fs.call_s3("head_bucket", Bucket=bucket)
+    return fs, path
+
+
+def _translate(error: Exception, uri: str, endpoint_url: str | None) -> StorageError | None:
+    """A StorageError with the likely fix for a known failure, None for anything else."""
+    where = f"endpoint {endpoint_url}" if endpoint_url else "the default AWS endpoint"
+    names = {cls.__name__ for cls in type(error).__mro__}
+    text = str(error)
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return StorageError(f"{uri}: no usable AWS credentials ({type(error).__name__}); {_CREDENTIALS_HINT}")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError", "ConnectionRefusedError"}:
+        return StorageError(f"{uri}: cannot reach {where} ({type(error).__name__}); check --endpoint-url or "
+                            f"{'/'.join(ENDPOINT_VARIABLES)}, and that the server is up and reachable")
+    if names & {"ReadTimeoutError", "TimeoutError"}:
+        return StorageError(f"{uri}: {where} stopped answering ({type(error).__name__}); check the network "
+                            "and the server's load, then re-run")
+    # HEAD answers a missing bucket with a bare 404; PUT and LIST say NoSuchBucket in words
+    missing_bucket = text in ("Not Found", "404") or any(
+        words in text for words in ("specified bucket does not exist", "NoSuchBucket"))
+    if is_s3(uri) and isinstance(error, FileNotFoundError) and missing_bucket:
+        bucket = uri.split("://", 1)[1].split("/", 1)[0]
+        return StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}; create it "
+                            f"(aws s3 mb s3://{bucket}) or fix the URI / --endpoint-url")
+    if not is_s3(uri):
+        # only errors about the URI's own path (or a parent): a missing input file elsewhere is not ours
+        path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+        name = str(getattr(error, "filename", None) or "")
+        if isinstance(error, OSError) and name and (name.startswith(path) or path.startswith(name)):
+            return StorageError(f"{uri}: cannot use this folder ({error.strerror or error}: {name}); "
+                                "choose one this user can create and write to")
+        return None
+    if isinstance(error, PermissionError) or text in ("Forbidden", "403") or any(
+            code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")):
+        return StorageError(f"{uri}: access denied at {where} ({text or type(error).__name__}); "
+                            f"check the credentials and the bucket policy; {_CREDENTIALS_HINT}")
+    return None
