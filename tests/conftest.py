@@ -117,3 +117,20 @@ def small_release_root(tmp_path_factory) -> str:
     from stal_ray.data.synthetic import write_synthetic_release
 
     return write_synthetic_release(str(tmp_path_factory.mktemp("small_release") / "release"), **SMALL_RELEASE)
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session. More logical CPUs than this machine's 2 cores: with
+    num_cpus=2, Ray Data stages and train workers starve each other and hang (DESIGN.md, testing notes)."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

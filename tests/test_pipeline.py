@@ -1,0 +1,187 @@
+"""Tests of data.images and data.pipeline on a local Ray cluster: batches, coverage, corrupt frames."""
+
+import io
+import json
+import os
+import shutil
+import threading
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from stal_ray.config import Config
+from stal_ray.data.images import decode_frames
+from stal_ray.data.mars import read_mars
+from stal_ray.data.pipeline import evaluation_dataset, identity_labels, training_batches, training_dataset
+from stal_ray.data.shards import read_manifest, write_shards
+from stal_ray.data.synthetic import write_synthetic_release
+
+P, K, T, H, W = 3, 2, 4, 16, 8
+
+
+def jpeg(height=32, width=16, colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_decode_frames_resizes_and_flags_a_truncated_jpeg():
+    good = jpeg()
+    frames, ok = decode_frames([good, good[: len(good) // 2], b"not a jpeg"], 16, 8)
+    assert frames.shape == (3, 16, 8, 3) and frames.dtype == np.uint8
+    assert ok.tolist() == [True, False, False]
+    assert abs(int(frames[0, ..., 0].mean()) - 200) < 10 and (frames[1:] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    config = Config()
+    config.data.seq_len, config.data.height, config.data.width = T, H, W
+    config.data.identities_per_batch, config.data.clips_per_identity = P, K
+    config.data.decode_concurrency = 1  # one actor starts faster; the tests measure no speed
+    return config
+
+
+@pytest.fixture(scope="module")
+def dataset_uri(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("pipeline")
+    release = write_synthetic_release(str(root / "release"), identities=8, test_identities=3, cameras=3,
+                                      tracklets_per_identity=(1, 3), frames_per_tracklet=(3, 10), height=32,
+                                      width=16, junk_tracklets=1, distractor_tracklets=1)
+    out = str(root / "shards")
+    write_shards(read_mars(release), out, target_file_bytes=20_000, progress=False)
+    return out
+
+
+def train_table(uri: str) -> pa.Table:
+    return pa.concat_tables(pq.read_table(path) for path in read_manifest(uri).paths("train"))
+
+
+@pytest.fixture(scope="module")
+def epoch(ray_cluster, dataset_uri, config):
+    """Every batch of one training epoch, the last one partial (drop_last=False), read once for the tests."""
+    return list(training_batches(training_dataset(dataset_uri, config), P, seed=0, drop_last=False))
+
+
+def test_batches_hold_p_distinct_identities_of_k_clips(epoch, dataset_uri):
+    labels = identity_labels(dataset_uri)
+    assert len(epoch) >= 2
+    for index, batch in enumerate(epoch):
+        counts = Counter(batch["identities"].tolist())
+        assert set(counts.values()) == {K}  # K clips of each identity, identities all different
+        assert len(counts) == P or index == len(epoch) - 1
+        assert batch["clips"].shape == (len(counts) * K, T, 3, H, W)
+        assert [labels[label] for label in batch["labels"].tolist()] == batch["identities"].tolist()
+
+
+def test_keypoints_are_scaled_to_the_resized_frame(epoch):
+    keypoints = torch_cat([batch["keypoints"] for batch in epoch])
+    assert keypoints.shape[1:] == (T, 14, 3)
+    seen = keypoints[keypoints[..., 2] > 0]
+    assert len(seen) and (seen[:, 0] <= W).all() and (seen[:, 1] <= H).all() and (seen[:, :2] >= 0).all()
+
+
+def test_every_tracklet_used_over_an_epoch(epoch, dataset_uri):
+    table = train_table(dataset_uri)
+    expected = {t for row in table.column("tracklet").to_pylist() for t in row}
+    assert {t for batch in epoch for t in batch["tracklets"].tolist()} == expected
+
+
+def test_streaming_split_shards_give_balanced_batches(epoch, dataset_uri, config):
+    shards = training_dataset(dataset_uri, config, epoch=2).streaming_split(2, equal=False)
+    results = [None, None]
+
+    def consume(rank):  # the shards of a streaming split are read at the same time, as train workers do
+        results[rank] = list(training_batches(shards[rank], P, seed=rank, drop_last=False))
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    groups = 0
+    for batches in results:
+        for batch in batches:
+            assert set(Counter(batch["identities"].tolist()).values()) == {K}
+            groups += len(batch["identities"]) // K
+    # every group went to exactly one worker (the number of groups does not depend on the epoch)
+    assert groups == sum(len(batch["identities"]) // K for batch in epoch)
+
+
+def torch_cat(tensors):
+    import torch
+
+    return torch.cat(tensors)
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(ray_cluster, dataset_uri, config, tmp_path):
+    corrupt = str(tmp_path / "corrupt")
+    shutil.copytree(dataset_uri, corrupt)
+    # truncate every frame of the first identity: whatever frames are sampled, its groups are corrupt
+    path = read_manifest(corrupt).paths("train")[0]
+    table = pq.read_table(path)
+    field = table.schema.field("frames")
+    frames = table.column("frames").to_pylist()
+    frames[0] = [frame[: len(frame) // 3] for frame in frames[0]]
+    table = table.set_column(table.schema.get_field_index("frames"), field, pa.array(frames, field.type))
+    pq.write_table(table, path)
+    # the manifest records shard sizes: record the edited one's so read_manifest accepts it
+    manifest_path = os.path.join(corrupt, "manifest.json")
+    with open(manifest_path) as fh:
+        manifest = json.load(fh)
+    manifest["files"]["train"][0]["bytes"] = os.path.getsize(path)
+    with open(manifest_path, "w") as fh:
+        json.dump(manifest, fh)
+
+    bad_identity = table.column("identity")[0].as_py()
+    batches = training_batches(training_dataset(corrupt, config), P, seed=0, drop_last=False)
+    seen = {i for batch in batches for i in batch["identities"].tolist()}
+    assert bad_identity not in seen and len(seen) == len(identity_labels(corrupt)) - 1
+    assert batches.skipped_groups >= 1 and batches.corrupt_frames >= K * T
+
+
+def test_evaluation_chunks_cover_every_test_frame_once(ray_cluster, dataset_uri, config):
+    tables = [pq.read_table(path) for path in read_manifest(dataset_uri).paths("test")]
+    lengths = {row["tracklet"]: len(row["frames"]) for t in tables for row in t.to_pylist()}
+    covered = Counter()
+    for row in evaluation_dataset(dataset_uri, config).iter_rows():
+        assert row["clips"].shape == (T, H, W, 3) and 1 <= row["valid"] <= T
+        for frame in range(row["chunk"] * T, row["chunk"] * T + row["valid"]):
+            covered[(row["tracklet"], frame)] += 1
+    assert covered == Counter({(t, f): 1 for t, n in lengths.items() for f in range(n)})
+
+
+class FakeSource:
+    """Stands for a dataset: iter_batches of groups as the decoding stage emits them, in a fixed order."""
+
+    def __init__(self, identities, corrupt=()):
+        n = len(identities)
+        self.batch = {
+            "label": np.arange(n), "identity": np.asarray(identities),
+            "tracklets": np.zeros((n, K), np.int32), "clips": np.zeros((n, K, T, H, W, 3), np.uint8),
+            "keypoints": np.zeros((n, K, T, 14, 3), np.float32),
+            "has_keypoints": np.zeros(n, bool),
+            "corrupt_frames": np.asarray([3 if i in corrupt else 0 for i in range(n)]),
+        }
+
+    def iter_batches(self, **kwargs):
+        yield self.batch
+
+
+def test_groups_of_one_identity_wait_for_a_later_batch():
+    # all groups of identity 1 arrive together, as one row's expansion does
+    batches = training_batches(FakeSource([1, 1, 1, 2, 3, 4, 5, 6]), P, shuffle_buffer=0, drop_last=False)
+    identities = [sorted(set(batch["identities"].tolist())) for batch in batches]
+    assert identities[:2] == [[1, 2, 3], [1, 4, 5]]
+    assert sum(len(ids) for ids in identities) == 8 and all(len(set(ids)) == len(ids) for ids in identities)
+    assert batches.skipped_groups == 0
+
+
+def test_corrupt_groups_are_skipped_without_ray():
+    batches = training_batches(FakeSource([1, 2, 3, 4], corrupt={1}), P, shuffle_buffer=0)
+    assert [sorted(set(b["identities"].tolist())) for b in batches] == [[1, 3, 4]]
+    assert (batches.skipped_groups, batches.corrupt_frames) == (1, 3)
