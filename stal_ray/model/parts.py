@@ -67,6 +67,10 @@ def _joint_bounds(joints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(low + high, dim=-1), usable.any(-1)
 
 
+# Eq. 7 boxes of the canonical pose in crop fractions, computed once: the fallback of parts with no joint.
+_PRIOR_BOXES = _joint_bounds(canonical_joints((1, 1), torch.float64))[0]
+
+
 def part_boxes(
     joints: torch.Tensor, image_size: tuple[int, int], min_extent: float = 0.125
 ) -> torch.Tensor:
@@ -77,9 +81,8 @@ def part_boxes(
     """
     height, width = image_size
     bounds, found = _joint_bounds(joints)
-    prior, _ = _joint_bounds(canonical_joints(image_size, joints.dtype, joints.device))
-    bounds = torch.where(found[..., None], bounds, prior)
     size = torch.tensor([width, height, width, height], dtype=joints.dtype, device=joints.device)
+    bounds = torch.where(found[..., None], bounds, _PRIOR_BOXES.to(joints.device, joints.dtype) * size)
     bounds = torch.minimum(bounds.clamp(min=0), size)
     low, high = bounds[..., :2], bounds[..., 2:]
     extent = torch.maximum(high - low, size[:2] * min_extent)
