@@ -1,5 +1,7 @@
-"""Tests of data.images and data.pipeline on a local Ray cluster: batches, coverage, corrupt frames."""
+"""Tests of data.images and data.pipeline on a local Ray cluster: batches, coverage, corrupt frames, the
+validation split's streams."""
 
+import dataclasses
 import io
 import json
 import os
@@ -16,11 +18,23 @@ from PIL import Image
 from stal_ray.config import Config
 from stal_ray.data.images import decode_frames
 from stal_ray.data.mars import read_mars
-from stal_ray.data.pipeline import evaluation_dataset, identity_labels, training_batches, training_dataset
+from stal_ray.data.pipeline import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    evaluation_dataset,
+    identity_labels,
+    training_batches,
+    training_dataset,
+    validation_dataset,
+)
 from stal_ray.data.shards import read_manifest, write_shards
 from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.data.validation import ensure_validation_split
 
 P, K, T, H, W = 3, 2, 4, 16, 8
+# what evaluation_dataset's rows hold, and validation_dataset's the same
+EVALUATION_COLUMNS = {"tracklet", "identity", "camera", "is_query", "chunk", "valid", "clips", "keypoints",
+                      "has_keypoints", "corrupt_frames"}
 
 
 def jpeg(height=32, width=16, colour=(200, 30, 30)) -> bytes:
@@ -149,10 +163,56 @@ def test_evaluation_chunks_cover_every_test_frame_once(ray_cluster, dataset_uri,
     lengths = {row["tracklet"]: len(row["frames"]) for t in tables for row in t.to_pylist()}
     covered = Counter()
     for row in evaluation_dataset(dataset_uri, config).iter_rows():
+        assert set(row) == EVALUATION_COLUMNS
         assert row["clips"].shape == (T, H, W, 3) and 1 <= row["valid"] <= T
         for frame in range(row["chunk"] * T, row["chunk"] * T + row["valid"]):
             covered[(row["tracklet"], frame)] += 1
     assert covered == Counter({(t, f): 1 for t, n in lengths.items() for f in range(n)})
+
+
+@pytest.fixture(scope="module")
+def split(dataset_uri):
+    return ensure_validation_split(dataset_uri, 0.25, seed=0)
+
+
+def test_held_out_identities_are_left_out_of_training(ray_cluster, dataset_uri, config, split):
+    assert len(split.identities) == 2
+    labels = identity_labels(dataset_uri, exclude_identities=split.identities)
+    assert labels == sorted(set(identity_labels(dataset_uri)) - set(split.identities))
+    dataset = training_dataset(dataset_uri, config, epoch=1, exclude_identities=split.identities)
+    batches = list(training_batches(dataset, P, seed=0, drop_last=False))
+    assert {i for batch in batches for i in batch["identities"].tolist()} == set(labels)
+    for batch in batches:
+        assert [labels[label] for label in batch["labels"].tolist()] == batch["identities"].tolist()
+    # and every tracklet of the identities still trained on is used
+    table = train_table(dataset_uri)
+    expected = {t for row in table.to_pylist() if row["identity"] in labels for t in row["tracklet"]}
+    assert {t for batch in batches for t in batch["tracklets"].tolist()} == expected
+
+
+def test_validation_chunks_cover_every_held_out_frame_once(ray_cluster, dataset_uri, config, split):
+    tracklets, lengths = {}, Counter()
+    for row in train_table(dataset_uri).to_pylist():
+        if row["identity"] in split.identities:
+            for tracklet, camera in zip(row["tracklet"], row["camera"], strict=True):
+                tracklets[tracklet] = (row["identity"], camera)
+                lengths[tracklet] += 1
+    assert sorted(tracklets) == split.tracklets
+    covered = Counter()
+    for row in validation_dataset(dataset_uri, config, split).iter_rows():
+        assert set(row) == EVALUATION_COLUMNS
+        assert row["clips"].shape == (T, H, W, 3) and 1 <= row["valid"] <= T
+        assert (row["identity"], row["camera"]) == tracklets[row["tracklet"]]
+        assert row["is_query"] == (row["tracklet"] in split.query_tracklets)
+        for frame in range(row["chunk"] * T, row["chunk"] * T + row["valid"]):
+            covered[(row["tracklet"], frame)] += 1
+    assert covered == Counter({(t, f): 1 for t, n in lengths.items() for f in range(n)})
+
+
+def test_validation_split_of_another_data_set_is_refused(dataset_uri, config, split):
+    stale = dataclasses.replace(split, dataset="fingerprint of an earlier build")
+    with pytest.raises(ValueError, match="ensure_validation_split again"):
+        validation_dataset(dataset_uri, config, stale)
 
 
 class FakeSource:
@@ -185,3 +245,24 @@ def test_corrupt_groups_are_skipped_without_ray():
     batches = training_batches(FakeSource([1, 2, 3, 4], corrupt={1}), P, shuffle_buffer=0)
     assert [sorted(set(b["identities"].tolist())) for b in batches] == [[1, 3, 4]]
     assert (batches.skipped_groups, batches.corrupt_frames) == (1, 3)
+
+
+def test_uint8_clips_normalised_later_equal_the_normalised_ones():
+    source = FakeSource([1, 2, 3])
+    source.batch["clips"] = np.random.default_rng(0).integers(0, 256, (3, K, T, H, W, 3), dtype=np.uint8)
+    (normalised,) = training_batches(source, P, shuffle_buffer=0)
+    raw_batches = training_batches(source, P, shuffle_buffer=0, normalize=False)
+    (raw,) = raw_batches
+    assert raw["clips"].dtype == torch_uint8() and raw["clips"].shape == (P * K, T, 3, H, W)
+    assert normalised["clips"].dtype == normalised["clips"].float().dtype
+    assert (raw_batches.normalized(raw["clips"]) - normalised["clips"]).abs().max() < 1e-5
+    # channel c of the normalised clip is (pixel - mean_c) / std_c of the stored frame's channel c
+    pixel = source.batch["clips"][0, 0, 0, 0, 0]
+    expected = (pixel - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)
+    assert np.allclose(normalised["clips"][0, 0, :, 0, 0].numpy(), expected, atol=1e-5)
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8

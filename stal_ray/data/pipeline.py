@@ -3,15 +3,28 @@
 Training: read_parquet of <uri>/train (one row per identity, files shuffled) -> flat_map cutting each identity
 into groups of K clips of T frames (data.sampling; only the chosen frames' JPEG bytes travel on) -> decoding
 CPU actors (data.images) -> the trainer's `training_batches`, which puts P groups of P distinct identities in
-a batch. Evaluation: every frame of every test tracklet, in chunks of T, decoded the same way.
+a batch. Evaluation: every frame of every test tracklet, in chunks of T, decoded the same way. Validation
+(data.validation): the same chunks, cut from the training rows of the held-out identities, which training
+then leaves out (exclude_identities, a filter Ray Data pushes down into the Parquet scan).
+
+Read tasks run on any node of the cluster, whose environment may lack the driver's S3 endpoint and
+credentials: the filesystem handed to read_parquet carries them (see _read_filesystem).
 """
 
+import contextlib
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import botocore.session
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
+import s3fs
+from botocore.credentials import RefreshableCredentials
+from ray.data.expressions import col
 
 from stal_ray.data import shards, storage
 from stal_ray.data.images import decode_frames_with_sizes
@@ -20,19 +33,29 @@ from stal_ray.data.sampling import identity_groups
 if TYPE_CHECKING:
     import torch
 
+    from stal_ray.data.validation import ValidationSplit
+
+
 JOINTS = shards.JOINTS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_FOOTER_ACTORS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_FOOTER_READERS = 2
+# Blocks of ~64 groups of JPEG bytes (MARS-sized frames) before decoding and ~3 decoded groups after: enough
+# blocks for every actor to get work, few enough that per-block costs stay small (4 MiB was 2x slower).
+_BLOCK_BYTES = 16 << 20
 # Groups (or evaluation chunks) per decoding call: enough frames to amortise the call, few enough to stream.
 _DECODE_BATCH = 4
 
 
-def identity_labels(uri: str, *, endpoint_url: str | None = None) -> list[int]:
-    """Sorted training identities: identity_labels(uri)[label] is the person id of classifier `label`."""
+def identity_labels(uri: str, *, endpoint_url: str | None = None,
+                    exclude_identities: Iterable[int] | None = None) -> list[int]:
+    """Sorted training identities, less exclude_identities (the held-out validation ones, e.g.
+    split.identities): identity_labels(uri)[label] is the person id of classifier `label`."""
     manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
     fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
     table = pq.ParquetDataset(manifest.paths("train"), filesystem=fs).read(columns=["identity"])
-    return sorted(set(table.column("identity").to_pylist()))
+    return sorted(set(table.column("identity").to_pylist()) - set(exclude_identities or ()))
 
 
 def _keypoint_rows(values: Any, count: int) -> np.ndarray:
@@ -65,6 +88,28 @@ def _expand_identity(row: dict[str, Any], *, clips_per_identity: int, seq_len: i
             "frames": [frames[i] for i in chosen],
             "keypoints": keypoints[chosen],
         })
+    return out
+
+
+def _expand_held_out_identity(row: dict[str, Any], *, seq_len: int,
+                              queries: frozenset[int]) -> list[dict[str, Any]]:
+    """One training identity row -> the evaluation chunks of each of its tracklets (see _expand_tracklet),
+    tracklet by tracklet as stored, camera from the per-frame column."""
+    tracklet_of_frame = np.asarray(row["tracklet"])
+    camera_of_frame = np.asarray(row["camera"])
+    frames, keypoints = row["frames"], row.get("keypoints")
+    tracklets, first = np.unique(tracklet_of_frame, return_index=True)
+    out = []
+    for tracklet in tracklets[np.argsort(first)].tolist():
+        positions = np.flatnonzero(tracklet_of_frame == tracklet)  # temporal order, as stored
+        out += _expand_tracklet({
+            "tracklet": tracklet,
+            "identity": row["identity"],
+            "camera": camera_of_frame[positions[0]],
+            "is_query": tracklet in queries,
+            "frames": [frames[i] for i in positions],
+            "keypoints": None if keypoints is None else [keypoints[i] for i in positions],
+        }, seq_len=seq_len)
     return out
 
 
@@ -115,35 +160,105 @@ class _Decoder:
         return out
 
 
-def _read(uri: str, split: str, shuffle: bool, endpoint_url: str | None) -> ray.data.Dataset:
+def _read_filesystem(uri: str, endpoint_url: str | None) -> pafs.FileSystem:
+    """The pyarrow filesystem for read tasks, with the S3 settings they need whatever their node's settings.
+
+    The endpoint travels already: storage resolves it here and the pickled s3fs keeps its constructor
+    arguments. Credentials do not (each node would look up its own chain), so a Ray cluster started before
+    they were set, or whose nodes lack them, fails to read. Static credentials that this process resolves
+    (environment variables, a credentials file) are therefore passed in too; refreshable ones (instance
+    role, assumed role, SSO) are not, since a frozen copy expires: nodes then resolve their own, as Ray's
+    S3 readers do.
+    """
+    fs, _ = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
+    if not isinstance(fs, s3fs.S3FileSystem):
+        return storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)[0]
+    options = dict(fs.storage_options)
+    if not any(options.get(name) for name in ("key", "secret", "token", "anon", "profile", "session")):
+        session = botocore.session.Session()
+        credentials = session.get_credentials()
+        if credentials is not None and not isinstance(credentials, RefreshableCredentials):
+            frozen = credentials.get_frozen_credentials()
+            options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
+        region = session.get_config_variable("region")
+        if region:
+            options["client_kwargs"] = {"region_name": region, **options.get("client_kwargs", {})}
+        fs = type(fs)(**options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+@contextlib.contextmanager
+def _footer_readers(files: int) -> Iterator[None]:
+    """Fewer Parquet footer-reading actors while a read is planned, unless the user chose a number.
+
+    Ray Data 2.60 reads footers on a pool of RAY_DATA_PARQUET_FOOTER_NUM_ACTORS actors (default 32), new
+    processes for every read, i.e. every epoch: for the tens of files of a prepared data set that is ~10 CPU
+    seconds and ~5 s of start-up per epoch on a 2-core machine (bench/data.py), for reads a couple of actors
+    with 128 concurrent requests each do as fast. The variable is read when the read is planned, here.
+    """
+    if _FOOTER_ACTORS_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[_FOOTER_ACTORS_VARIABLE] = str(max(1, min(files, _FOOTER_READERS)))
+    try:
+        yield
+    finally:
+        os.environ.pop(_FOOTER_ACTORS_VARIABLE, None)
+
+
+def _read(uri: str, split: str, shuffle: bool, endpoint_url: str | None, *,
+          keep: Iterable[int] | None = None, exclude: Iterable[int] | None = None) -> ray.data.Dataset:
+    """The split's rows, only those of identities in `keep` (when given) and not in `exclude`."""
     manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
-    fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
-    # file list from the manifest, never a listing, so a stray or half-written file is not read
-    return ray.data.read_parquet(manifest.paths(split), filesystem=fs, shuffle="files" if shuffle else None)
+    paths = manifest.paths(split)
+    with _footer_readers(len(paths)):
+        # file list from the manifest, never a listing, so a stray or half-written file is not read
+        ds = ray.data.read_parquet(paths, filesystem=_read_filesystem(uri, endpoint_url),
+                                   shuffle="files" if shuffle else None)
+    # expression filters right after the read are pushed into the Parquet scan: rows are dropped as they are
+    # read, and row groups whose identity statistics exclude them are skipped unread
+    if keep is not None:
+        ds = ds.filter(expr=col("identity").is_in(sorted({int(i) for i in keep})))
+    exclude = sorted({int(i) for i in exclude or ()})
+    if exclude:
+        ds = ds.filter(expr=col("identity").not_in(exclude))
+    return ds
+
+
+def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data.Dataset:
+    ds = ds.map_batches(_Decoder, fn_constructor_kwargs=dict(
+        height=data.height, width=data.width, clip_shape=clip_shape),
+        batch_size=_DECODE_BATCH, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=data.decode_concurrency))
+    # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
+    # one block and one actor decodes them all while the others idle. This dataset's own (sealed) context.
+    ds.context.target_max_block_size = _BLOCK_BYTES
+    return ds
 
 
 def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | None = None,
-                     labels: list[int] | None = None) -> ray.data.Dataset:
+                     labels: list[int] | None = None,
+                     exclude_identities: Iterable[int] | None = None) -> ray.data.Dataset:
     """Rows = groups of K clips of one identity: clips uint8 (K, T, H, W, 3), keypoints (K, T, 14, 3) in
     the resized frame's pixels, has_keypoints, label (0..N-1 over sorted training identities), identity,
     tracklets (K,), corrupt_frames (a group with any is skipped and counted by `training_batches`).
 
-    Build one per epoch (epoch= changes the sampled frames); shard it across workers with streaming_split.
+    exclude_identities (the validation split's held-out identities) are left out of the rows and, unless
+    `labels` is given, of the labels. Build one per epoch (epoch= changes the sampled frames); shard it across
+    workers with streaming_split.
     """
     data = config.data
-    labels = labels if labels is not None else identity_labels(uri, endpoint_url=endpoint_url)
+    if labels is None:
+        labels = identity_labels(uri, endpoint_url=endpoint_url, exclude_identities=exclude_identities)
     if len(labels) < data.identities_per_batch:
         # a batch needs P distinct identities: with fewer, training_batches could never fill one
         raise ValueError(f"{uri}: {len(labels)} training identities, fewer than identities_per_batch = "
                          f"{data.identities_per_batch}")
-    ds = _read(uri, "train", shuffle=True, endpoint_url=endpoint_url)
+    ds = _read(uri, "train", shuffle=True, endpoint_url=endpoint_url, exclude=exclude_identities)
     ds = ds.flat_map(_expand_identity, fn_kwargs=dict(
         clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
         epoch=epoch, labels={identity: label for label, identity in enumerate(labels)}))
-    return ds.map_batches(_Decoder, fn_constructor_kwargs=dict(
-        height=data.height, width=data.width, clip_shape=(data.clips_per_identity, data.seq_len)),
-        batch_size=_DECODE_BATCH, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=data.decode_concurrency))
+    return _decode(ds, data, (data.clips_per_identity, data.seq_len))
 
 
 def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None) -> ray.data.Dataset:
@@ -153,10 +268,23 @@ def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None) -> 
     data = config.data
     ds = _read(uri, "test", shuffle=False, endpoint_url=endpoint_url)
     ds = ds.flat_map(_expand_tracklet, fn_kwargs=dict(seq_len=data.seq_len))
-    return ds.map_batches(_Decoder, fn_constructor_kwargs=dict(
-        height=data.height, width=data.width, clip_shape=(data.seq_len,)),
-        batch_size=_DECODE_BATCH, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=data.decode_concurrency))
+    return _decode(ds, data, (data.seq_len,))
+
+
+def validation_dataset(uri: str, config, split: "ValidationSplit", *,
+                       endpoint_url: str | None = None) -> ray.data.Dataset:
+    """Rows as evaluation_dataset's, for the held-out tracklets of a validation split (from
+    data.validation.ensure_validation_split): every frame of each, in chunks of T; is_query marks the
+    split's queries; `tracklet` is the training track-table row. Reads only the training shards."""
+    manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
+    if split.dataset != str(manifest.source.get("fingerprint")):
+        raise ValueError(f"{uri}: the validation split {split.uri or ''} was carved from another prepared "
+                         "data set (it was rebuilt since); call ensure_validation_split again")
+    data = config.data
+    ds = _read(uri, "train", shuffle=False, endpoint_url=endpoint_url, keep=split.identities)
+    ds = ds.flat_map(_expand_held_out_identity, fn_kwargs=dict(
+        seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
+    return _decode(ds, data, (data.seq_len,))
 
 
 class TrainingBatches:
@@ -165,11 +293,16 @@ class TrainingBatches:
 
     Each batch: clips float (P·K, T, 3, H, W) normalised by mean/std, labels (P·K,) int64, identities
     (P·K,), tracklets (P·K,), keypoints (P·K, T, 14, 3) or None when no group of the batch has keypoints.
+
+    normalize=False gives uint8 clips (P·K, T, 3, H, W) instead, a channels-first view of channels-last
+    memory, for `normalized(clips.to(device))` on the accelerator: converting to float and normalising costs
+    this process about as much CPU as decoding the frames did (bench/data.py), and a quarter of the bytes
+    cross to the device.
     """
 
     def __init__(self, dataset_or_shard, identities_per_batch: int, *, mean: Iterable[float] = IMAGENET_MEAN,
                  std: Iterable[float] = IMAGENET_STD, shuffle_buffer: int | None = None,
-                 seed: int | None = None, drop_last: bool = True):
+                 seed: int | None = None, drop_last: bool = True, normalize: bool = True):
         import torch  # here, not at the top: the Ray Data workers that import this module never need it
 
         self.source = dataset_or_shard
@@ -180,20 +313,29 @@ class TrainingBatches:
         self.shuffle_buffer = shuffle_buffer if shuffle_buffer is not None else 8 * identities_per_batch
         self.seed = seed
         self.drop_last = drop_last
+        self.normalize = normalize
         self.skipped_groups = 0
         self.corrupt_frames = 0
 
     def _groups(self) -> Iterator[dict[str, np.ndarray]]:
-        for batch in self.source.iter_batches(batch_size=self.p, batch_format="numpy",
-                                              local_shuffle_buffer_size=self.shuffle_buffer or None,
-                                              local_shuffle_seed=self.seed):
+        # Groups are mixed here rather than by iter_batches' local shuffle buffer, which copies every clip
+        # into its buffer (about a tenth of the CPU that decoding takes). This buffer holds views into whole
+        # blocks (batch_size=None: no copy to cut batches either), so what it keeps alive is bounded by
+        # blocks of _BLOCK_BYTES.
+        rng = np.random.default_rng(self.seed)
+        buffer: list[dict[str, np.ndarray]] = []
+        for batch in self.source.iter_batches(batch_size=None, batch_format="numpy"):
             for index in range(len(batch["label"])):
                 corrupt = int(batch["corrupt_frames"][index])
                 if corrupt:
                     self.skipped_groups += 1
                     self.corrupt_frames += corrupt
                     continue
-                yield {key: value[index] for key, value in batch.items()}
+                buffer.append({key: value[index] for key, value in batch.items()})
+                if len(buffer) > self.shuffle_buffer:
+                    yield _take_random(buffer, rng)
+        while buffer:
+            yield _take_random(buffer, rng)
 
     def __iter__(self) -> "Iterator[dict[str, torch.Tensor | None]]":
         current: list[dict[str, np.ndarray]] = []
@@ -231,9 +373,22 @@ class TrainingBatches:
     def _collate(self, groups: list[dict[str, np.ndarray]]) -> "dict[str, torch.Tensor | None]":
         import torch
 
-        k = groups[0]["clips"].shape[0]
-        clips = torch.from_numpy(np.concatenate([g["clips"] for g in groups]))  # (P·K, T, H, W, 3) uint8
-        clips = (clips.permute(0, 1, 4, 2, 3).float() - self.mean) / self.std
+        k, t, h, w, _ = groups[0]["clips"].shape
+        if not self.normalize:
+            # a channels-first view of one copy: .to(device) keeps its strides, so the layout changes on the
+            # device, not in this process
+            clips = torch.from_numpy(np.concatenate([g["clips"] for g in groups])).permute(0, 1, 4, 2, 3)
+        else:
+            clips = torch.empty((len(groups) * k, t, 3, h, w), dtype=torch.float32)
+            with warnings.catch_warnings():
+                # Ray hands out read-only arrays; they are only read from here
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                for index, group in enumerate(groups):
+                    # channels first and to float in one pass per group, then normalised in place: 2.4x less
+                    # CPU than the chained out-of-place operations
+                    source = torch.from_numpy(group["clips"]).permute(0, 1, 4, 2, 3)
+                    clips[index * k:(index + 1) * k].copy_(source)
+            clips.sub_(self.mean).div_(self.std)
         has_keypoints = any(bool(g["has_keypoints"]) for g in groups)
         return {
             "clips": clips,
@@ -243,6 +398,17 @@ class TrainingBatches:
             "keypoints": torch.from_numpy(np.concatenate([g["keypoints"] for g in groups]))
             if has_keypoints else None,
         }
+
+    def normalized(self, clips: "torch.Tensor") -> "torch.Tensor":
+        """uint8 clips (from normalize=False) as float normalised by mean/std, on the clips' device."""
+        return (clips.float() - self.mean.to(clips.device)) / self.std.to(clips.device)
+
+
+def _take_random(buffer: list, rng: np.random.Generator):
+    """Remove and return a random element of `buffer` in O(1) (order is not kept)."""
+    index = int(rng.integers(len(buffer)))
+    buffer[index], buffer[-1] = buffer[-1], buffer[index]
+    return buffer.pop()
 
 
 def training_batches(dataset_or_shard, identities_per_batch: int, **kwargs) -> TrainingBatches:

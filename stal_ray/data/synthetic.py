@@ -472,3 +472,16 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_synthetic_shards(cache_dir: str | None = None, **kwargs) -> str:
+    """Parquet shards (stal_ray.data.shards) of ensure_synthetic_release(cache_dir, **kwargs), written once
+    next to the release: the embedded default data set of the jobs. Returns the shards' folder."""
+    from stal_ray.data.mars import read_mars  # here: shards import this module's siblings, not the reverse
+    from stal_ray.data.shards import write_shards
+
+    release = ensure_synthetic_release(cache_dir, **kwargs)
+    out = str(Path(release) / "shards")
+    # idempotent: a complete data set from the same release is reused, an interrupted one is rebuilt
+    write_shards(read_mars(release), out, progress=False)
+    return out

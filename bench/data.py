@@ -1,0 +1,424 @@
+"""Benchmark: the Ray Data training stream against a bare decoding loop (frames/s per core), and bytes read.
+
+(a) Throughput. Epochs of training_dataset -> training_batches on a local Ray (decode_concurrency = N
+actors), counting the frames delivered (clips x T), against one process that only decodes and resizes the
+same JPEG frames with data.images.decode_frames: the frames the epoch samples, found by running the
+pipeline's own sampling on the stored rows (bytes in memory before the clock starts). Cores used = CPU
+seconds over wall seconds: the pipeline's summed over this process and every Ray process it started (read
+from /proc every 0.05 s, so a process that exits is counted up to its last reading: see CpuMeter), the bare
+loop's from its own process time. Frames per core = frames per CPU-second. Each measurement is run
+--repeats times and the run of median CPU time is reported.
+Each epoch also pays a constant (decoding actors started anew, planning, first reads) that a MARS epoch of
+~500k frames amortises and this small data set cannot, so an epoch over P identities only (exclude_identities)
+is timed as well and the goal is on the marginal cost, full epoch minus that one. The goal compares like with
+like: uint8 clips (training_batches(normalize=False)), as the bare loop delivers; the default float clips,
+normalised on the CPU of the consuming process, are shown beside it.
+
+(b) Bytes read per epoch. One more epoch reads the shards as countfile://<dir>, an fsspec filesystem over
+the local one whose open files log every read() and readinto() (bytes returned, file path) to a log file.
+The pipeline hands this filesystem object to read_parquet, Ray pickles it into every read task, and the
+driver's own reads (manifest, identity column, Parquet footers) go through it too, so the log holds every
+byte any process read, through the same FSSpecHandler code path an s3:// data set takes. Goal: bytes read
+from the training shards over their stored size <= 1.3.
+
+    python bench/data.py --identities 40 --decode-concurrency 2
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+
+REPO = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, REPO)
+
+from stal_ray.config import Config  # noqa: E402
+from stal_ray.data.images import decode_frames  # noqa: E402
+from stal_ray.data.mars import read_mars  # noqa: E402
+from stal_ray.data.pipeline import (  # noqa: E402
+    _DECODE_BATCH,
+    _expand_identity,
+    identity_labels,
+    training_batches,
+    training_dataset,
+)
+from stal_ray.data.shards import read_manifest, write_shards  # noqa: E402
+from stal_ray.data.synthetic import ensure_synthetic_release  # noqa: E402
+
+THROUGHPUT_GOAL = 0.70  # pipeline frames per core over the bare loop's
+READ_GOAL = 1.30  # bytes read per epoch over bytes stored
+READ_LOG = "STAL_BENCH_READ_LOG"  # where CountingFileSystem logs; set before ray.init so workers inherit it
+
+
+class CountingFile:
+    """A file opened for reading whose reads are logged as '<bytes>\\t<path>' lines."""
+
+    def __init__(self, raw, path: str):
+        self.raw, self.path, self.log = raw, path, os.environ[READ_LOG]
+
+    def _count(self, n: int) -> None:
+        if n:
+            # one short O_APPEND write per read: atomic between processes, so no lock is needed
+            with open(self.log, "a") as fh:
+                fh.write(f"{n}\t{self.path}\n")
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self._count(len(data))
+        return data
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        self._count(n or 0)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.raw.close()
+
+
+class CountingFileSystem(fsspec.AbstractFileSystem):
+    """countfile:///path: the local filesystem, every byte read logged (see CountingFile)."""
+
+    protocol = "countfile"
+    root_marker = "/"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.local = fsspec.filesystem("file")
+
+    def ls(self, path, detail=True, **kwargs):
+        return self.local.ls(path, detail=detail, **kwargs)
+
+    def info(self, path, **kwargs):
+        return self.local.info(path, **kwargs)
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" not in mode:
+            raise PermissionError(f"{path}: the counting filesystem only reads")
+        return CountingFile(self.local.open(path, mode), path)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of this process and all its descendants, the sampling's own left out.
+
+    The raylet ignores SIGCHLD, so an exited worker's CPU time is not added to any parent's (getrusage
+    cannot see it): every process is read from /proc every `interval` seconds instead, and one that exits
+    counts up to its last reading. Decoding actors exit when their epoch ends, idle by then, so little is
+    lost; new processes are looked for every `rescan` seconds.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, interval: float = 0.05, rescan: float = 0.25):
+        self.me, self.interval, self.rescan = psutil.Process(), interval, rescan
+        self.pids = {self.me.pid}
+        self.last: dict[int, float] = {}
+        self.names: dict[int, str] = {}  # latest process title: Ray workers rename themselves per task
+        self.overhead = 0.0
+        self.lock = threading.Lock()  # the sampling thread and the main thread both take snapshots
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.scanned = 0.0
+
+    @classmethod
+    def _read(cls, pid: int) -> float | None:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:  # exited
+            return None
+        return (int(fields[11]) + int(fields[12])) / cls.TICK  # utime, stime
+
+    def snapshot(self) -> dict[int, float]:
+        """CPU seconds of every process seen so far (those that exited: at their last reading)."""
+        with self.lock:
+            started = time.thread_time()
+            if time.monotonic() - self.scanned >= self.rescan:
+                self.pids |= {child.pid for child in self.me.children(recursive=True)}
+                for pid in self.pids:
+                    self.names[pid] = _title(pid) or self.names.get(pid, "?")
+                self.scanned = time.monotonic()
+            for pid in list(self.pids):
+                seconds = self._read(pid)
+                if seconds is None:
+                    self.pids.discard(pid)
+                else:
+                    self.last[pid] = seconds
+            self.overhead += time.thread_time() - started
+            self.last[0] = -self.overhead  # a pseudo-process that takes the sampling's time back out
+            return dict(self.last)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.snapshot()
+
+    def since(self, baseline: dict[int, float]) -> float:
+        self.snapshot()
+        return sum(seconds - baseline.get(pid, 0.0) for pid, seconds in self.last.items())
+
+    def by_kind(self, baseline: dict[int, float]) -> dict[str, float]:
+        """CPU seconds since `baseline` per kind of process: this driver, Ray workers by their task, Ray's
+        own daemons."""
+        kinds: dict[str, float] = {}
+        for pid, seconds in self.snapshot().items():
+            if pid == 0:
+                continue
+            name = "driver" if pid == self.me.pid else _kind(self.names.get(pid, "?"))
+            kinds[name] = kinds.get(name, 0.0) + seconds - baseline.get(pid, 0.0)
+        kinds["driver"] += self.last[0] - baseline.get(0, 0.0)
+        return {name: round(seconds, 2) for name, seconds in sorted(kinds.items(), key=lambda kv: -kv[1])}
+
+    def driver(self, baseline: dict[int, float]) -> float:
+        """CPU seconds of this process alone since `baseline`, sampling left out."""
+        now = self.snapshot()
+        pid = self.me.pid
+        return now[pid] - baseline.get(pid, 0.0) + now[0] - baseline.get(0, 0.0)
+
+    def __enter__(self):
+        self.snapshot()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def _title(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _kind(title: str) -> str:
+    """A process title as a short kind: 'ray::MapWorker(MapBatches(_Decoder))', 'raylet', ..."""
+    if title.startswith("ray::"):
+        return title.split()[0]
+    words = title.split()
+    program = next((w for w in words if not w.endswith("python") and not w.startswith("-")), title)
+    return os.path.basename(program)[:40]
+
+
+def prepare(args, workdir: Path) -> tuple[str, dict]:
+    release = ensure_synthetic_release(
+        str(workdir / "releases"), identities=args.identities, test_identities=2, cameras=4,
+        tracklets_per_identity=tuple(args.tracklets), frames_per_tracklet=tuple(args.frames),
+        height=args.frame_height, width=args.frame_width, junk_tracklets=0, distractor_tracklets=0)
+    shards = str(workdir / "shards")
+    manifest = write_shards(read_mars(release), shards, target_file_bytes=int(args.target_file_mb * 2**20),
+                            progress=False)
+    return shards, manifest.counts["train"]
+
+
+def sampled_frames(uri: str, config: Config, epoch: int) -> list[list[bytes]]:
+    """The JPEG bytes of every decoding call the pipeline makes in `epoch` (groups of _DECODE_BATCH)."""
+    labels = {identity: label for label, identity in enumerate(identity_labels(uri))}
+    groups = []
+    for path in read_manifest(uri).paths("train"):
+        for row in pq.read_table(path).to_pylist():
+            groups += [g["frames"] for g in _expand_identity(
+                row, clips_per_identity=config.data.clips_per_identity, seq_len=config.data.seq_len,
+                seed=config.train.seed, epoch=epoch, labels=labels)]
+    return [[f for g in groups[i:i + _DECODE_BATCH] for f in g] for i in range(0, len(groups), _DECODE_BATCH)]
+
+
+def bare_loop(calls: list[list[bytes]], height: int, width: int) -> dict:
+    frames = sum(map(len, calls))
+    wall, cpu = time.perf_counter(), time.process_time()
+    corrupt = 0
+    for jpegs in calls:
+        _, ok = decode_frames(jpegs, height, width)
+        corrupt += int((~ok).sum())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert corrupt == 0, f"{corrupt} frames failed to decode"
+    return {"name": "bare decode loop (1 process)", "frames": frames, "wall_s": wall, "cpu_s": cpu,
+            "driver_cpu_s": cpu}
+
+
+def median(runs: list[dict]) -> dict:
+    """The run of median CPU time (shared machines: the middle of a few runs, not the best or the mean)."""
+    return sorted(runs, key=lambda run: run["cpu_s"])[len(runs) // 2]
+
+
+def pipeline_epoch(uri: str, config: Config, epoch: int, *, normalize: bool = True,
+                   exclude: list[int] | None = None) -> dict:
+    """Frames delivered (clips x T), wall, CPU (all processes) and driver CPU of one training epoch."""
+    with CpuMeter() as meter:
+        baseline, start = meter.snapshot(), time.perf_counter()
+        batches = training_batches(training_dataset(uri, config, epoch=epoch, exclude_identities=exclude),
+                                   config.data.identities_per_batch, seed=0, drop_last=False,
+                                   normalize=normalize)
+        frames = sum(batch["clips"].shape[0] * config.data.seq_len for batch in batches)
+        wall = time.perf_counter() - start
+        cpu, driver, kinds = meter.since(baseline), meter.driver(baseline), meter.by_kind(baseline)
+    assert batches.skipped_groups == 0, f"{batches.skipped_groups} groups skipped for corrupt frames"
+    return {"frames": frames, "wall_s": wall, "cpu_s": cpu, "driver_cpu_s": driver, "cpu_by_process": kinds}
+
+
+def marginal(full: dict, small: dict, name: str) -> dict:
+    """What the frames of `full` beyond those of `small` cost: the per-epoch constant (actor start-up,
+    planning, the first reads' latency) cancels out."""
+    kinds = {kind: round(full["cpu_by_process"].get(kind, 0) - small["cpu_by_process"].get(kind, 0), 2)
+             for kind in {**full["cpu_by_process"], **small["cpu_by_process"]}}
+    return {"name": name, **{key: full[key] - small[key] for key in ("frames", "wall_s", "cpu_s",
+                                                                      "driver_cpu_s")},
+            "cpu_by_process": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+
+
+def bytes_read(shards: str, config: Config, log: str) -> dict:
+    open(log, "w").close()
+    manifest = read_manifest(shards)
+    stored = {path: entry.bytes for path, entry in zip(manifest.paths("train"), manifest.files["train"],
+                                                        strict=True)}
+    pipeline_epoch("countfile://" + shards, config, epoch=1, normalize=False)
+    read: dict[str, int] = {}
+    with open(log) as fh:
+        for line in fh:
+            n, path = line.rstrip("\n").split("\t", 1)
+            read[path] = read.get(path, 0) + int(n)
+    train_read = sum(n for path, n in read.items() if path in stored)
+    return {"stored_bytes": sum(stored.values()), "train_bytes_read": train_read,
+            "other_bytes_read": sum(read.values()) - train_read,
+            "files_read": sum(path in read for path in stored), "files": len(stored),
+            "ratio": train_read / sum(stored.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--identities", type=int, default=40, help="training identities of the synthetic set")
+    parser.add_argument("--tracklets", type=int, nargs=2, default=[2, 4], metavar=("LOW", "HIGH"),
+                        help="tracklets per identity")
+    parser.add_argument("--frames", type=int, nargs=2, default=[48, 96], metavar=("LOW", "HIGH"),
+                        help="frames per tracklet")
+    parser.add_argument("--frame-height", type=int, default=256, help="stored JPEG height (MARS: 256)")
+    parser.add_argument("--frame-width", type=int, default=128, help="stored JPEG width (MARS: 128)")
+    parser.add_argument("--height", type=int, default=224, help="decoded height (data.height)")
+    parser.add_argument("--width", type=int, default=224, help="decoded width (data.width)")
+    parser.add_argument("--identities-per-batch", type=int, default=8, help="P")
+    parser.add_argument("--clips-per-identity", type=int, default=4, help="K")
+    parser.add_argument("--seq-len", type=int, default=8, help="T")
+    parser.add_argument("--decode-concurrency", type=int, default=2, help="N decoding actors")
+    parser.add_argument("--num-cpus", type=int, default=8,
+                        help="logical CPUs given to ray.init (more than cores: DESIGN.md, testing notes)")
+    parser.add_argument("--target-file-mb", type=float, default=4, help="shard file size")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each measurement; the one of median CPU time is reported")
+    parser.add_argument("--workdir", default=None, help="keep the data set here (default: a temporary dir)")
+    parser.add_argument("--out", default="bench/results/data.json")
+    args = parser.parse_args()
+
+    config = Config()
+    data = config.data
+    data.height, data.width, data.seq_len = args.height, args.width, args.seq_len
+    data.identities_per_batch, data.clips_per_identity = args.identities_per_batch, args.clips_per_identity
+    data.decode_concurrency = args.decode_concurrency
+    config.validate()
+
+    with tempfile.TemporaryDirectory(prefix="stal-bench-data-") as temporary:
+        workdir = Path(args.workdir or temporary)
+        shards, counts = prepare(args, workdir)
+        stored_frames = counts["frames"]
+        calls = sampled_frames(shards, config, epoch=0)
+        mean_jpeg = float(np.mean([len(f) for c in calls for f in c]))
+
+        import importlib
+
+        import ray
+
+        # the class from the module `bench.data`, not this script's `__main__` copy: Ray then pickles the
+        # filesystem by reference and its workers import it (they get the repository on their path below)
+        counting = importlib.import_module("bench.data").CountingFileSystem
+        fsspec.register_implementation("countfile", counting, clobber=True)
+        os.environ[READ_LOG] = str(workdir / "reads.log")
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": REPO, READ_LOG: os.environ[READ_LOG]}})
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            bare = median([bare_loop(calls, data.height, data.width) for _ in range(args.repeats)])
+            # P identities only: an epoch of the same fixed cost with few frames; the first one also starts
+            # the worker processes that later epochs reuse, so it is run once untimed
+            few = identity_labels(shards)[data.identities_per_batch:]
+            pipeline_epoch(shards, config, epoch=0, normalize=False, exclude=few)
+            epochs = {}
+            for normalize in (False, True):
+                # interleaved, so a change in the machine's load hits both kinds of epoch alike
+                runs = [(pipeline_epoch(shards, config, epoch=0, normalize=normalize),
+                         pipeline_epoch(shards, config, epoch=0, normalize=normalize, exclude=few))
+                        for _ in range(args.repeats)]
+                epochs[normalize] = median([f for f, _ in runs]), median([s for _, s in runs])
+            reads = bytes_read(shards, config, os.environ[READ_LOG])
+        finally:
+            ray.shutdown()
+
+    rows = [bare]
+    for normalize, label in ((False, "uint8"), (True, "float, normalised")):
+        full, small = epochs[normalize]
+        rows += [{"name": f"pipeline {label}: epoch", **full},
+                 {"name": f"pipeline {label}: {data.identities_per_batch} ids", **small},
+                 marginal(full, small, f"pipeline {label}: marginal")]
+    for row in rows:
+        row["frames_per_s"] = row["frames"] / row["wall_s"]
+        row["cores"] = row["cpu_s"] / row["wall_s"]
+        row["frames_per_core_s"] = row["frames"] / row["cpu_s"]
+    if rows[1]["frames"] != bare["frames"]:
+        raise SystemExit(f"the pipeline delivered {rows[1]['frames']} frames, the bare loop decoded "
+                         f"{bare['frames']}: they must be the same frames")
+    ratios = {row["name"]: row["frames_per_core_s"] / bare["frames_per_core_s"] for row in rows[1:]}
+    goal_row = "pipeline uint8: marginal"
+    ratio = ratios[goal_row]
+
+    print(f"STAL data benchmark: {args.identities} identities, {stored_frames} stored training frames "
+          f"{args.frame_height}x{args.frame_width} JPEG ({mean_jpeg / 1024:.1f} KiB mean) in "
+          f"{reads['files']} shards, decoded to {data.height}x{data.width}; P={data.identities_per_batch} "
+          f"K={data.clips_per_identity} T={data.seq_len}; {data.decode_concurrency} decoding actors, "
+          f"ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here")
+    print(f"{'':<34}{'frames':>8}{'wall s':>8}{'frames/s':>10}{'CPU s':>8}{'driver':>8}{'cores':>7}"
+          f"{'frames/core-s':>15}{'of bare':>9}")
+    for row in rows:
+        of_bare = f"{ratios[row['name']]:>9.0%}" if row["name"] in ratios else f"{'':>9}"
+        print(f"{row['name']:<34}{row['frames']:>8}{row['wall_s']:>8.2f}{row['frames_per_s']:>10.0f}"
+              f"{row['cpu_s']:>8.2f}{row['driver_cpu_s']:>8.2f}{row['cores']:>7.2f}"
+              f"{row['frames_per_core_s']:>15.0f}{of_bare}")
+    for row in rows[1:4]:
+        top = ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in list(row["cpu_by_process"].items())[:6])
+        print(f"  CPU s of {row['name']}: {top}")
+    verdict = "PASS" if ratio >= THROUGHPUT_GOAL else "FAIL"
+    print(f"pipeline (uint8 clips, marginal) / bare loop frames per core: {ratio:.0%} "
+          f"(goal >= {THROUGHPUT_GOAL:.0%}): {verdict}")
+    read_verdict = "PASS" if reads["ratio"] <= READ_GOAL else "FAIL"
+    print(f"training shard bytes read per epoch / stored: {reads['train_bytes_read'] / 2**20:.1f} MiB / "
+          f"{reads['stored_bytes'] / 2**20:.1f} MiB = {reads['ratio']:.2f} (goal <= {READ_GOAL}): "
+          f"{read_verdict}; {reads['files_read']} of {reads['files']} files read, "
+          f"{reads['other_bytes_read'] / 1024:.1f} KiB of other files (manifest)")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"config": vars(args), "cores_here": psutil.cpu_count(), "stored_frames": stored_frames,
+              "mean_jpeg_bytes": mean_jpeg, "rows": rows, "frames_per_core_of_bare": ratios,
+              "goal_row": goal_row, "throughput_goal": THROUGHPUT_GOAL,
+              "reads": reads, "read_goal": READ_GOAL,
+              "pass": {"throughput": ratio >= THROUGHPUT_GOAL, "reads": reads["ratio"] <= READ_GOAL}}
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

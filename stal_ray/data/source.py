@@ -1,0 +1,21 @@
+"""Which prepared data set a job reads: the URI it was given, or the embedded synthetic one."""
+
+from stal_ray.data import shards, storage
+from stal_ray.data.synthetic import ensure_synthetic_shards
+
+
+def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
+    """URI of prepared shards: `uri` checked (a complete data set with a manifest), or when None the
+    embedded synthetic data set, generated and sharded into the cache on first use."""
+    if uri is None:
+        return ensure_synthetic_shards()
+    try:
+        shards.read_manifest(uri, endpoint_url=endpoint_url)
+    except shards.IncompleteDatasetError:
+        fs, path = storage.filesystem(uri, endpoint_url=endpoint_url)
+        if fs.exists(storage.join(path, "info")) or fs.exists(storage.join(path, "bbox_train")):
+            raise storage.StorageError(
+                f"{uri} is a MARS release, not prepared shards: run `python jobs/prepare_mars.py --mars-root "
+                f"{uri} --out DIR` once, then pass --data DIR") from None
+        raise
+    return uri
