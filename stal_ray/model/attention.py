@@ -45,17 +45,30 @@ class STAN(nn.Module):
         pooled = math.ceil(map_size[0] / 7) * math.ceil(map_size[1] / 7)
         self.scores = nn.Linear(seq_len * c3 * pooled, seq_len * num_parts)
 
-    def forward(self, low_maps: torch.Tensor) -> torch.Tensor:
-        """low_maps (B, T, C, h, w) -> a (B, T, R), positive, summing to 1 over T×R."""
+    def raw_scores(self, low_maps: torch.Tensor) -> torch.Tensor:
+        """low_maps (B, T, C, h, w) -> positive sigmoid scores (B, T, R) before the L1 normalisation.
+
+        A tracklet longer than T is scored clip by clip: its scores must be normalised over all of its
+        frames (Eq. 9 divides by Σ_t over the whole tracklet), not clip by clip, so extraction needs these.
+        """
         b, t = low_maps.shape[:2]
         if t != self.seq_len:
             raise ValueError(f"STAN was built for clips of T = {self.seq_len} frames, got {t}")
         if self.mode == "baseline":
-            return low_maps.new_full((b, t, self.num_parts), 1.0 / (t * self.num_parts))
-        texture = self.texture(low_maps.flatten(0, 1)).view(b, -1)
-        a = torch.sigmoid(self.scores(texture)).view(b, t, self.num_parts)
+            return low_maps.new_ones((b, t, self.num_parts))
+        texture = self.texture(low_maps.flatten(0, 1)).reshape(b, -1)
+        s = torch.sigmoid(self.scores(texture)).view(b, t, self.num_parts)
         if self.mode == "tan":
-            a = a.mean(2, keepdim=True).expand_as(a)
+            s = s.mean(2, keepdim=True).expand_as(s)
         elif self.mode == "san":
-            a = a.mean(1, keepdim=True).expand_as(a)
-        return a / a.sum(dim=(1, 2), keepdim=True)
+            s = s.mean(1, keepdim=True).expand_as(s)
+        return s
+
+    def forward(self, low_maps: torch.Tensor) -> torch.Tensor:
+        """low_maps (B, T, C, h, w) -> a (B, T, R), positive, summing to 1 over T×R."""
+        return normalize_scores(self.raw_scores(low_maps))
+
+
+def normalize_scores(scores: torch.Tensor) -> torch.Tensor:
+    """The L1 normalisation over each clip's T×R map: (B, T, R) positive -> a, summing to 1 per clip."""
+    return scores / scores.sum(dim=(1, 2), keepdim=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stal_ray.model.attention import STAN
+from stal_ray.model.attention import STAN, normalize_scores
 from stal_ray.model.backbones import PartLinear, build_backbone, load_pretrained
 from stal_ray.model.parts import NUM_JOINTS, NUM_PARTS, PoseSource, part_boxes, roi_pool
 from stal_ray.model.ran import ResidualAttention
@@ -16,8 +16,10 @@ class STALOutput:
     """What one forward pass of B clips of T frames gives (R = 6 parts)."""
 
     g: torch.Tensor  # (B, D_g) global feature, frame features g_t average-pooled over time
+    g_frames: torch.Tensor  # (B, T, D_g) frame features g_t (a tracklet's g averages them over all chunks)
     f: torch.Tensor  # (B, T, R, D) local features f^{r,t} (Eq. 1)
     a: torch.Tensor  # (B, T, R) attention scores a^{r,t}, summing to 1 over T×R
+    scores: torch.Tensor  # (B, T, R) positive sigmoid scores before the L1 normalisation (a = scores / sum)
     joints: torch.Tensor  # (B, T, 14, 3) the joints the part boxes came from, pixels
     part_boxes: torch.Tensor  # (B, T, R, 4) Eq. 7 boxes, (x_min, y_min, x_max, y_max) pixels
     global_logits: torch.Tensor | None  # (B, C) identity logits of g (Eq. 5); None without classifiers
@@ -93,7 +95,8 @@ class STAL(nn.Module):
             raise ValueError(f"STAL expects clips of shape (B, {shape}), got {tuple(clips.shape)}")
         b, t = clips.shape[:2]
         low = self.backbone.low(clips.flatten(0, 1))  # (B·T, C, h, w)
-        g = self.backbone.high(self.ran(low)).view(b, t, -1).mean(1)  # (B, D_g)
+        g_frames = self.backbone.high(self.ran(low)).view(b, t, -1)  # (B, T, D_g)
+        g = g_frames.mean(1)  # (B, D_g)
 
         if keypoints is not None:
             if tuple(keypoints.shape) != (b, t, NUM_JOINTS, 3):
@@ -104,7 +107,7 @@ class STAL(nn.Module):
         boxes = part_boxes(joints, self.image_size)  # (B·T, R, 4)
         part_maps = roi_pool(low, boxes, self.image_size, self.part_size)  # (B·T, R, C, S, S)
         f = self.part_networks(part_maps).view(b, t, NUM_PARTS, -1)  # (B, T, R, D)
-        a = self.stan(low.view(b, t, *low.shape[1:]))  # (B, T, R)
+        scores = self.stan.raw_scores(low.view(b, t, *low.shape[1:]))  # (B, T, R)
 
         global_logits = part_logits = None
         if self.global_classifier is not None:
@@ -112,8 +115,10 @@ class STAL(nn.Module):
             part_logits = self.part_classifiers(f.flatten(0, 1)).view(b, t, NUM_PARTS, -1)
         return STALOutput(
             g=g,
+            g_frames=g_frames,
             f=f,
-            a=a,
+            a=normalize_scores(scores),
+            scores=scores,
             joints=joints.view(b, t, NUM_JOINTS, 3),
             part_boxes=boxes.view(b, t, NUM_PARTS, 4),
             global_logits=global_logits,

@@ -1,0 +1,58 @@
+"""Evaluate a trained STAL model on the MARS test split: CMC and mAP per mode, metrics.json and plots.
+
+Alone:              python jobs/evaluate_mars.py --checkpoint runs/stal/model.pt --out eval/
+On a Ray cluster:   ray job submit --working-dir . -- python jobs/evaluate_mars.py \\
+                        --checkpoint s3://bucket/runs/stal/model.pt --data s3://bucket/mars --out s3://bucket/eval
+"""
+
+import argparse
+import sys
+
+from stal_ray.config import PROTOCOLS, ConfigError
+from stal_ray.data import storage
+from stal_ray.data.storage import StorageError
+from stal_ray.evaluate.distance import MODES
+from stal_ray.evaluate.evaluate import evaluate
+from stal_ray.evaluate.report import METRICS_FILE
+from stal_ray.ray_init import init_ray
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="model.pt written by jobs/train_mars.py, local or s3://")
+    parser.add_argument("--data", metavar="URI", default=None,
+                        help="prepared shards (jobs/prepare_mars.py), local or s3:// "
+                             "(default: the embedded synthetic data set)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for metrics.json, cmc.png, attention.png, features.parquet")
+    parser.add_argument("--fusion-rate", type=float, default=None, metavar="A",
+                        help="α in d = d_l + α·d_g (default: the model's eval.fusion_rate)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="distances to rank by (default: all)")
+    parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                        help="query/gallery protocol (default: the model's eval.protocol)")
+    parser.add_argument("--save-distances", action="store_true",
+                        help="also write distances.npz (the first mode's query x gallery matrix)")
+    parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
+                        help="override an eval or data setting, e.g. --set eval.batch_size=64")
+    parser.add_argument("--endpoint-url", metavar="URL", default=None, help="S3-compatible endpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    init_ray()  # joins `ray job submit`'s cluster, or an already started Ray in this process
+    try:
+        evaluate(args.checkpoint, args.data, args.out, config_overrides=args.overrides,
+                 fusion_rate=args.fusion_rate, modes=args.modes, protocol=args.protocol,
+                 save_distances=args.save_distances, endpoint_url=args.endpoint_url)
+    except (ConfigError, StorageError, FileNotFoundError, ValueError) as error:
+        print(f"evaluate_mars: error: {error}", file=sys.stderr)
+        return 2
+    print(storage.join(args.out, METRICS_FILE))  # last line: where the metrics are
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

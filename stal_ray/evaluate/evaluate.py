@@ -1,0 +1,172 @@
+"""Evaluate a model file on a prepared test split: features (Ray Data), the fused distance per mode
+(d = d_l + α·d_g, d_l by Eq. 8), CMC and mAP under the MARS protocol, the report (metrics.json, plots)."""
+
+import io
+import logging
+
+import numpy as np
+import ray
+
+from stal_ray.config import PROTOCOLS, Config, _parse_override, config_from_dict
+from stal_ray.data import storage
+from stal_ray.data.pipeline import evaluation_dataset
+from stal_ray.data.source import resolve_data
+from stal_ray.evaluate import report
+from stal_ray.evaluate.distance import MODES, branch_distances, fuse
+from stal_ray.evaluate.features import (
+    FeatureSet,
+    extract_features,
+    load_features,
+    save_features,
+    tracklet_frames,
+)
+from stal_ray.evaluate.ranking import evaluate_ranking, query_gallery_split
+from stal_ray.model.export import load_model_config
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FILE, DISTANCES_FILE = "features.parquet", "distances.npz"
+# tracklets drawn in attention.png: two people, each seen by two cameras, as in the paper's Fig. 12
+SAMPLED_TRACKLETS = 4
+# the attention mode whose branch distances a mode fuses (TrackletFeatures.parts)
+_ATTENTION_OF = {"global": "stal", "local": "stal"}
+# the model fixes these: STAN's FC reads T frames, and the part networks were built for one low-level map size
+_FIXED_BY_MODEL = ("data.seq_len", "data.height", "data.width")
+
+
+def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_overrides=(),
+             fusion_rate: float | None = None, modes=MODES, protocol: str | None = None,
+             save_distances: bool = False, features_path: str | None = None, endpoint_url: str | None = None,
+             use_gpu: bool | None = None, concurrency: int | None = None) -> dict:
+    """Evaluate `model_path` (stal_ray.model.export) on the test split at `data_uri` (prepared shards; None:
+    the embedded synthetic data set) and write the report into out_dir; returns the metrics.json document.
+
+    The data settings come from the model file's config, with config_overrides (`section.key=value`, e.g.
+    eval.batch_size=64, data.decode_concurrency=4) on top. fusion_rate (α) and protocol default to the
+    config's eval settings. Features are saved to features_path (default out_dir/features.parquet) and
+    reused by a later call for the same model file and data set, which then reads nothing else.
+    """
+    config, _ = load_model_config(model_path)
+    config = _with_overrides(config, config_overrides, model_path)
+    fusion_rate = config.eval.fusion_rate if fusion_rate is None else float(fusion_rate)
+    protocol = protocol or config.eval.protocol
+    modes = tuple(modes)
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes {list(modes)} are invalid: use one or more of {', '.join(MODES)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is invalid: use one of {', '.join(PROTOCOLS)}")
+    if data_uri is None:
+        data_uri = resolve_data(None)  # the embedded synthetic data set, generated on first use
+    features_path = features_path or storage.join(out_dir, FEATURES_FILE)
+
+    feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency)
+    query_index, gallery_index = query_gallery_split(feature_set.identity, feature_set.camera,
+                                                     feature_set.is_query, protocol)
+    query, gallery = feature_set.features[query_index], feature_set.features[gallery_index]
+    ids = dict(q_pids=feature_set.identity[query_index], g_pids=feature_set.identity[gallery_index],
+               q_cams=feature_set.camera[query_index], g_cams=feature_set.camera[gallery_index])
+    results, first_distance = {}, None
+    # global and local are branches of the stal distance: one branch_distances per attention mode, and only
+    # one pair of (Nq, Ng) matrices alive at a time
+    for attention in dict.fromkeys(_ATTENTION_OF.get(mode, mode) for mode in modes):
+        d_l, d_g = branch_distances(query, gallery, attention)
+        for mode in (m for m in modes if _ATTENTION_OF.get(m, m) == attention):
+            distance = fuse(d_l, d_g, mode, fusion_rate)
+            if mode == modes[0]:
+                first_distance = distance
+            results[mode] = evaluate_ranking(distance, *ids.values(), ranks=tuple(config.eval.ranks))
+    results = {mode: results[mode] for mode in modes}
+
+    first = results[modes[0]]
+    # identities a query or gallery entry belongs to; junk (-1) and distractors (0) are nobody
+    num_test_ids = len(set(np.concatenate([ids["q_pids"], ids["g_pids"]]).tolist()) - {-1, 0})
+    metrics_path = report.write_metrics(out_dir, results, fusion_rate, protocol, len(query_index),
+                                        len(gallery_index), num_test_ids, first.skipped_queries)
+    report.plot_cmc(storage.join(out_dir, report.CMC_FILE), results)
+    report.plot_attention(storage.join(out_dir, report.ATTENTION_FILE), feature_set.sample_scores,
+                          feature_set.sample_frames, _captions(feature_set))
+    if save_distances:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, dist=first_distance.detach().cpu().numpy(), mode=modes[0],
+                            q_tracklets=feature_set.tracklet[query_index],
+                            g_tracklets=feature_set.tracklet[gallery_index], **ids)
+        report.write_bytes(storage.join(out_dir, DISTANCES_FILE), buffer.getvalue())
+    corrupt = int(feature_set.corrupt_frames.sum())
+    print(f"{len(query_index)} queries, {len(gallery_index)} gallery tracklets, {num_test_ids} identities, "
+          f"protocol {protocol}, fusion rate {fusion_rate}"
+          + (f"; {corrupt} frames did not decode (black frames were used)" if corrupt else ""))
+    print(report.format_table(results))
+    print(f"metrics: {metrics_path}")
+    return report.metrics_dict(results, fusion_rate, protocol, len(query_index), len(gallery_index),
+                               num_test_ids, first.skipped_queries)
+
+
+def _with_overrides(config: Config, overrides, model_path: str) -> Config:
+    """The model file's config with `section.key=value` overrides; the model's own settings cannot change."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    layered = config.to_dict()
+    for override in overrides:
+        for section, values in _parse_override(override).items():
+            for key, value in values.items():
+                dotted = f"{section}.{key}"
+                if section == "model" or dotted in _FIXED_BY_MODEL:
+                    raise ValueError(f"{dotted} is fixed by the model file {model_path} "
+                                     f"({getattr(getattr(config, section, None), key, '?')}); drop the "
+                                     f"override {override!r}")
+                layered.setdefault(section, {})[key] = value
+    return config_from_dict(layered)
+
+
+def _features(model_path: str, data_uri: str, config: Config, features_path: str, endpoint_url: str | None,
+              use_gpu: bool | None, concurrency: int | None) -> FeatureSet:
+    """The saved features when they came from this model file and data set, else extracted and saved."""
+    fs, path = storage.filesystem(model_path, endpoint_url=endpoint_url, check=False)
+    with storage.errors(model_path, endpoint_url):
+        model_key = fs.ukey(path)  # size and modification time (ETag on S3): a retrained model is seen
+    data = config.data
+    source = {"model": model_path, "model_key": model_key, "data": data_uri,
+              "seq_len": data.seq_len, "height": data.height, "width": data.width}
+    features_fs, features_local = storage.filesystem(features_path, endpoint_url=endpoint_url, check=False)
+    with storage.errors(features_path, endpoint_url):
+        saved_before = features_fs.exists(features_local)
+    if saved_before:
+        try:
+            saved = load_features(features_path)
+        except ValueError as error:
+            logger.warning("extracting again: %s", error)
+        else:
+            if saved.source == source:
+                print(f"reusing features from {features_path}")
+                return saved
+            print(f"{features_path} came from another model file or data set: extracting again")
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu is not False else 0
+    if concurrency is None:
+        concurrency = max(1, gpus)  # one actor per GPU
+    # a CPU actor's PyTorch threads: half of a node, the rest decodes frames
+    node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=2)
+    num_cpus = 1 if gpus else max(1, int(node_cpus) // 2)
+    # checked only now: reused features need no access to the data set at all
+    dataset = evaluation_dataset(resolve_data(data_uri, endpoint_url=endpoint_url), config,
+                                 endpoint_url=endpoint_url)
+    feature_set = extract_features(dataset, model_path, batch_size=config.eval.batch_size, use_gpu=use_gpu,
+                                   concurrency=concurrency, num_cpus=num_cpus,
+                                   keep_scores_for=SAMPLED_TRACKLETS)
+    positions = {t: report.shown_frames(len(s)) for t, s in feature_set.sample_scores.items()}
+    feature_set.sample_frames = tracklet_frames(data_uri, positions, data.height, data.width,
+                                                endpoint_url=endpoint_url)
+    feature_set.source = source
+    save_features(feature_set, features_path)
+    return feature_set
+
+
+def _captions(feature_set: FeatureSet) -> dict[int, str]:
+    where = {t: i for i, t in enumerate(feature_set.tracklet.tolist())}
+    captions = {}
+    for tracklet in feature_set.sample_scores:
+        i = where[tracklet]
+        role = "query" if feature_set.is_query[i] else "gallery"
+        captions[tracklet] = (f"identity {feature_set.identity[i]}, camera {feature_set.camera[i]}, "
+                              f"{role} tracklet {tracklet}, {feature_set.num_frames[i]} frames")
+    return captions

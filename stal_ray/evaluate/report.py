@@ -1,0 +1,155 @@
+"""What an evaluation leaves behind: metrics.json, the CMC plot, attention maps like the paper's Fig. 12, and
+a printed table; written to a local folder or any fsspec URL (s3://)."""
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes
+
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from stal_ray.data import storage  # noqa: E402
+from stal_ray.model.parts import PART_NAMES  # noqa: E402
+
+METRICS_FILE, CMC_FILE, ATTENTION_FILE = "metrics.json", "cmc.png", "attention.png"
+# frames drawn above each attention map (Fig. 12 shows four per video)
+FRAMES_SHOWN = 8
+CMC_RANKS_PLOTTED = 20
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """data to a local path (temporary file, then a rename: never half a file) or an fsspec URL."""
+    fs, path = storage.filesystem(uri, check=False)
+    if "://" in uri and not uri.startswith("file://"):
+        with storage.errors(uri), fs.open(path, "wb") as out:
+            out.write(data)
+        return
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query: int, num_gallery: int,
+                 num_test_ids: int, skipped: int) -> dict:
+    """The metrics.json document: per mode mAP and CMC at the reported ranks (fractions in [0, 1])."""
+    return {
+        "modes": {mode: {"mAP": float(result.mAP),
+                         "cmc": {str(rank): float(value) for rank, value in sorted(result.cmc.items())}}
+                  for mode, result in results.items()},
+        "fusion_rate": float(fusion_rate),
+        "protocol": protocol,
+        "num_query": int(num_query),
+        "num_gallery": int(num_gallery),
+        "num_test_ids": int(num_test_ids),
+        "skipped_queries": int(skipped),
+    }
+
+
+def write_metrics(out_dir: str, results: Mapping, fusion_rate: float, protocol: str, num_query: int,
+                  num_gallery: int, num_test_ids: int, skipped: int) -> str:
+    """Write out_dir/metrics.json (metrics_dict) and return its path."""
+    path = storage.join(out_dir, METRICS_FILE)
+    document = metrics_dict(results, fusion_rate, protocol, num_query, num_gallery, num_test_ids, skipped)
+    write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
+    return path
+
+
+def format_table(results: Mapping) -> str:
+    """mAP and CMC per mode as an aligned text table, in percent."""
+    ranks = sorted({rank for result in results.values() for rank in result.cmc})
+    header = f"{'mode':<10}{'mAP':>8}" + "".join(f"{f'rank-{rank}':>9}" for rank in ranks)
+    lines = [header, "-" * len(header)]
+    for mode, result in results.items():
+        cells = "".join(f"{result.cmc[rank]:>9.1%}" if rank in result.cmc else f"{'-':>9}" for rank in ranks)
+        lines.append(f"{mode:<10}{result.mAP:>8.1%}{cells}")
+    return "\n".join(lines)
+
+
+def _save(figure, path: str) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+def plot_cmc(path: str, results: Mapping, max_rank: int = CMC_RANKS_PLOTTED) -> str:
+    """CMC curves, rank 1..max_rank, one per mode, labelled with its mAP."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for mode, result in results.items():
+        curve = np.asarray(result.cmc_curve, dtype=float)[:max_rank]
+        axes.plot(np.arange(1, len(curve) + 1), 100 * curve, marker="o", markersize=3,
+                  label=f"{mode} (mAP {result.mAP:.1%})")
+    axes.set(xlabel="rank", ylabel="matching rate (%)", title="CMC", xlim=(0.5, max_rank + 0.5))
+    axes.set_xticks([1, 5, 10, 15, 20] if max_rank == 20 else range(1, max_rank + 1))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+    return _save(figure, path)
+
+
+def shown_frames(num_frames: int, count: int = FRAMES_SHOWN) -> np.ndarray:
+    """Positions of the frames drawn above a tracklet's attention map: `count` evenly spaced ones."""
+    return np.unique(np.linspace(0, num_frames - 1, min(num_frames, count)).round().astype(np.int64))
+
+
+def plot_attention(path: str, sample_scores: Mapping[int, np.ndarray],
+                   frames: Mapping[int, np.ndarray] | None = None,
+                   captions: Mapping[int, str] | None = None) -> str:
+    """Fig. 12: per sampled tracklet, its attention scores as a heat map (rows: the body parts, columns: the
+    frames), under its frames at shown_frames positions when given. scores (n_frames, R) per tracklet."""
+    frames, captions = frames or {}, captions or {}
+    tracklets = list(sample_scores)
+    if not tracklets:  # still a file, so the report always has its three pictures
+        figure, axes = plt.subplots(figsize=(4, 1))
+        axes.axis("off")
+        axes.text(0.5, 0.5, "no attention scores sampled", ha="center", va="center")
+        return _save(figure, path)
+    heights = []
+    for tracklet in tracklets:
+        heights += ([1.4] if tracklet in frames else []) + [1.0]
+    figure, axes_list = plt.subplots(len(heights), 1, figsize=(8, 1.4 * sum(heights)), layout="constrained",
+                                     gridspec_kw={"height_ratios": heights}, squeeze=False)
+    axes_iter = iter(axes_list[:, 0])
+    names = [name.replace("_", " ") for name in PART_NAMES]
+    for tracklet in tracklets:
+        scores = np.asarray(sample_scores[tracklet])
+        title = captions.get(tracklet, f"tracklet {tracklet}")
+        if tracklet in frames:
+            axes = next(axes_iter)
+            strip = np.concatenate(list(frames[tracklet]), axis=1)
+            axes.imshow(strip)
+            axes.set_title(title, fontsize="small")
+            positions = shown_frames(len(scores))[:len(frames[tracklet])]
+            width = frames[tracklet].shape[2]
+            axes.set_xticks((np.arange(len(positions)) + 0.5) * width, [str(p + 1) for p in positions],
+                            fontsize="x-small")
+            axes.set_yticks([])
+            title = None
+        axes = next(axes_iter)
+        count, parts = scores.shape
+        # columns centred on frame numbers 1..n, as the frames above are numbered
+        image = axes.imshow(scores.T, aspect="auto", cmap="viridis", interpolation="nearest",
+                            extent=(0.5, count + 0.5, parts - 0.5, -0.5))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+        axes.set_yticks(range(parts), names if parts == len(names) else range(1, parts + 1),
+                        fontsize="x-small")
+        axes.set_xlabel("frame", fontsize="x-small")
+        axes.tick_params(axis="x", labelsize="x-small")
+        if title:
+            axes.set_title(title, fontsize="small")
+        figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01)
+    return _save(figure, path)

@@ -1,0 +1,124 @@
+"""Evaluation end to end on a local Ray cluster: a saved tiny model and synthetic shards in, metrics.json with
+the agreed schema, cmc.png, attention.png and distances.npz out; features reused; jobs/evaluate_mars.py."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stal_ray.config import load_config
+from stal_ray.data.mars import read_mars
+from stal_ray.data.shards import write_shards
+from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.evaluate import evaluate as evaluate_module
+from stal_ray.evaluate.distance import MODES
+from stal_ray.evaluate.evaluate import evaluate
+from stal_ray.model.export import save_model
+from stal_ray.model.stal import STAL
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "evaluate_mars.py"
+TOP_LEVEL = {"modes", "fusion_rate", "protocol", "num_query", "num_gallery", "num_test_ids",
+             "skipped_queries"}
+
+
+@pytest.fixture(scope="module")
+def shards_uri(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("evaluate_data")
+    release = write_synthetic_release(str(root / "release"), identities=4, test_identities=4, cameras=3,
+                                      tracklets_per_identity=(2, 3), frames_per_tracklet=(3, 9), height=32,
+                                      width=16, junk_tracklets=1, distractor_tracklets=2)
+    out = str(root / "shards")
+    write_shards(read_mars(release), out, target_file_bytes=20_000, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    config = load_config(None, ["model.backbone=tiny", "model.feature_dim=8", "model.pose_source=keypoints",
+                                "data.seq_len=4", "data.height=32", "data.width=16",
+                                "data.decode_concurrency=1", "eval.fusion_rate=0.5"])
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("evaluate_model") / "model.pt")
+    save_model(path, STAL.from_config(config, num_classes=4), config, num_classes=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, shards_uri, model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate_out")
+    return out, evaluate(model_path, shards_uri, str(out), save_distances=True)
+
+
+def test_evaluation_writes_the_agreed_metrics_and_pictures(first_run):
+    out, returned = first_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == TOP_LEVEL and returned == metrics
+    assert list(metrics["modes"]) == list(MODES)
+    for mode, values in metrics["modes"].items():
+        assert set(values) == {"mAP", "cmc"} and list(values["cmc"]) == ["1", "5", "10", "20"], mode
+        assert 0 <= values["mAP"] <= 1 and all(0 <= v <= 1 for v in values["cmc"].values())
+        assert values["cmc"]["1"] <= values["cmc"]["20"]
+    assert metrics["fusion_rate"] == 0.5 and metrics["protocol"] == "official"  # the model's eval settings
+    assert metrics["num_query"] > 0 and metrics["num_gallery"] > metrics["num_query"]
+    assert 0 < metrics["num_test_ids"] <= 4
+    for picture in ("cmc.png", "attention.png"):
+        with Image.open(out / picture) as image:
+            assert image.format == "PNG"
+    distances = np.load(out / "distances.npz")
+    assert distances["dist"].shape == (metrics["num_query"], metrics["num_gallery"])
+    assert str(distances["mode"]) == "stal"
+    assert len(distances["q_pids"]) == metrics["num_query"]
+    assert len(distances["g_cams"]) == metrics["num_gallery"]
+    assert (out / "features.parquet").exists()
+
+
+def test_a_second_evaluation_reuses_the_saved_features(first_run, shards_uri, model_path, monkeypatch,
+                                                       capsys):
+    out, _ = first_run
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted again")
+
+    monkeypatch.setattr(evaluate_module, "extract_features", no_extraction)
+    metrics = evaluate(model_path, shards_uri, str(out), modes=("global", "stal"), fusion_rate=0.0)
+    assert "reusing features" in capsys.readouterr().out
+    assert list(metrics["modes"]) == ["global", "stal"] and metrics["fusion_rate"] == 0.0
+
+
+def test_settings_the_model_fixes_cannot_be_overridden(model_path, shards_uri, tmp_path):
+    with pytest.raises(ValueError, match="data.seq_len is fixed by the model file"):
+        evaluate(model_path, shards_uri, str(tmp_path), config_overrides=["data.seq_len=8"])
+    with pytest.raises(ValueError, match="modes .* are invalid"):
+        evaluate(model_path, shards_uri, str(tmp_path), modes=("fused",))
+
+
+def load_job():
+    spec = importlib.util.spec_from_file_location("evaluate_mars", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_job_script_runs_in_a_process_that_already_has_ray(first_run, shards_uri, model_path, tmp_path,
+                                                           capsys):
+    out, _ = first_run
+    # the features are reused: this tests the job's plumbing, not the extraction again
+    shutil.copy(out / "features.parquet", tmp_path / "features.parquet")
+    code = load_job().main(["--checkpoint", model_path, "--data", shards_uri, "--out", str(tmp_path),
+                     "--modes", "stal", "baseline", "--fusion-rate", "0.3"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "metrics.json")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["modes"]) == ["stal", "baseline"] and metrics["fusion_rate"] == 0.3
+    assert len(JOB.read_text().splitlines()) <= 80
+
+
+def test_job_script_names_a_missing_checkpoint(ray_cluster, tmp_path, capsys):
+    code = load_job().main(["--checkpoint", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "model file not found: " in capsys.readouterr().err

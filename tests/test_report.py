@@ -1,0 +1,73 @@
+"""The evaluation report (stal_ray.evaluate.report): metrics.json's exact schema, the plots, the table."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stal_ray.evaluate.ranking import RankingResult
+from stal_ray.evaluate.report import (
+    format_table,
+    plot_attention,
+    plot_cmc,
+    shown_frames,
+    write_metrics,
+)
+
+
+def result(m_ap: float, curve: list[float]) -> RankingResult:
+    curve = np.asarray(curve + [curve[-1]] * (30 - len(curve)))
+    return RankingResult(mAP=m_ap, cmc={r: float(curve[r - 1]) for r in (1, 5, 10, 20)}, cmc_curve=curve,
+                         num_query=10, skipped_queries=1, average_precision=np.full(9, m_ap))
+
+
+@pytest.fixture
+def results() -> dict[str, RankingResult]:
+    return {"stal": result(0.5, [0.6, 0.7, 0.7, 0.8, 0.9]), "global": result(0.25, [0.3, 0.5, 0.6])}
+
+
+def test_metrics_json_has_exactly_the_agreed_schema(tmp_path, results):
+    path = write_metrics(str(tmp_path / "out"), results, fusion_rate=0.3, protocol="official", num_query=10,
+                         num_gallery=40, num_test_ids=7, skipped=1)
+    assert path == str(tmp_path / "out" / "metrics.json")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics == {
+        "modes": {"stal": {"mAP": 0.5, "cmc": {"1": 0.6, "5": 0.9, "10": 0.9, "20": 0.9}},
+                  "global": {"mAP": 0.25, "cmc": {"1": 0.3, "5": 0.6, "10": 0.6, "20": 0.6}}},
+        "fusion_rate": 0.3, "protocol": "official", "num_query": 10, "num_gallery": 40, "num_test_ids": 7,
+        "skipped_queries": 1,
+    }
+    assert list(metrics["modes"]["stal"]["cmc"]) == ["1", "5", "10", "20"]  # in rank order
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+def test_table_lists_every_mode_in_percent(results):
+    table = format_table(results).splitlines()
+    assert table[0].split() == ["mode", "mAP", "rank-1", "rank-5", "rank-10", "rank-20"]
+    assert table[2].split() == ["stal", "50.0%", "60.0%", "90.0%", "90.0%", "90.0%"]
+    assert table[3].split()[:3] == ["global", "25.0%", "30.0%"]
+
+
+def test_cmc_plot_is_a_png(tmp_path, results):
+    path = plot_cmc(str(tmp_path / "cmc.png"), results)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 200
+
+
+def test_attention_plot_with_and_without_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = {3: rng.random((11, 6)), 9: rng.random((4, 6))}
+    frames = {3: rng.integers(0, 255, (len(shown_frames(11)), 32, 16, 3), dtype=np.uint8)}
+    for name, kwargs in (("both", {"frames": frames, "captions": {3: "identity 1, camera 2"}}),
+                         ("plain", {}), ("empty", None)):
+        sampled = {} if kwargs is None else scores
+        path = plot_attention(str(tmp_path / f"{name}.png"), sampled, **(kwargs or {}))
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+
+
+def test_shown_frames_are_evenly_spaced_and_distinct():
+    assert shown_frames(3).tolist() == [0, 1, 2]
+    assert shown_frames(15, 8).tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert shown_frames(1).tolist() == [0]
