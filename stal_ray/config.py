@@ -19,7 +19,9 @@ POSE_SOURCES = ("keypoints", "learned", "prior")
 ATTENTION_MODES = ("stal", "tan", "san", "baseline")
 MINING = ("batch_hard", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
-ZERO_STAGES = (0, 1, 2, 3)
+# ZeRO-3 partitions the parameters themselves: it buys nothing for a ~50M-parameter STAL and would need
+# gathered parameters for every export, so it is not offered.
+ZERO_STAGES = (0, 1, 2)
 BRANCHES = ("fused", "global", "local")
 PROTOCOLS = ("official", "torchreid")
 SCHEDULERS = ("asha", "fifo")
@@ -94,12 +96,24 @@ class TrainConfig:
     num_workers: int = 1
     # train on GPUs
     use_gpu: bool = False
-    # DeepSpeed ZeRO stage, 0..3
+    # DeepSpeed ZeRO stage: 0 (data parallel), 1 (optimiser state sharded), 2 (and gradients)
     zero_stage: int = 0
     # "fp32", "bf16" or "fp16" (mixed precision through DeepSpeed)
     precision: str = "fp32"
-    # iterations between checkpoints reported to Ray Train
+    # micro-batches (P×K clips each) whose gradients are summed before one optimiser step
+    grad_accumulation: int = 1
+    # clip the gradient norm to this value (0 = no clipping)
+    grad_clip: float = 0.0
+    # synchronise BatchNorm statistics across workers (GPU only), so results do not depend on the GPU count
+    sync_batchnorm: bool = False
+    # times a run is recovered from its latest checkpoint after a worker dies (-1 = always)
+    max_failures: int = 2
+    # same data order on every run (Ray Data keeps block order; a little slower): exact resumption
+    deterministic: bool = False
+    # iterations between checkpoints reported to Ray Train (one is also reported at every epoch's end)
     checkpoint_every: int = 1000
+    # checkpoints kept in storage, newest first
+    keep_checkpoints: int = 2
     # iterations between metric reports
     log_every: int = 50
     # seed of sampling and initialisation
@@ -128,16 +142,18 @@ class TuneConfig:
     num_samples: int = 16
     # search range [low, high] of λ
     local_weight: tuple[float, float] = (0.1, 1.0)
-    # search range [low, high] of m_g (paper §IV-D varies margins 0.4..2)
-    margin_global: tuple[float, float] = (0.3, 2.0)
+    # search range [low, high] of m_g (paper §IV-D, Fig. 10, varies margins 0.4..2)
+    margin_global: tuple[float, float] = (0.4, 2.0)
     # search range [low, high] of m_l
-    margin_local: tuple[float, float] = (0.3, 2.0)
-    # α grid every trial evaluates on one set of features (paper §IV-D, Fig. 8)
-    fusion_rates: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 1.0])
+    margin_local: tuple[float, float] = (0.4, 2.0)
+    # α grid every validation evaluates on one set of features (paper §IV-D, Fig. 8: 0 to 1 by 0.1)
+    fusion_rates: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     # "asha" stops bad trials early, "fifo" runs every trial to the end
     scheduler: str = "asha"
-    # iterations every trial runs before ASHA may stop it
+    # iterations every trial runs before ASHA may stop it (validation happens at train.checkpoint_every)
     grace_iterations: int = 1000
+    # ASHA keeps the best 1/reduction_factor of the trials at each rung
+    reduction_factor: int = 4
     # validation metric to maximise: "mAP" or "rank1"
     metric: str = "mAP"
     # trials running at once
@@ -481,7 +497,13 @@ _RULES: dict[str, _Rule] = {
     "train.use_gpu": lambda v: None,
     "train.zero_stage": _one_of(ZERO_STAGES),
     "train.precision": _one_of(PRECISIONS),  # bf16/fp16 on CPU is allowed: the trainer decides what runs
+    "train.grad_accumulation": _int_at_least(1),
+    "train.grad_clip": _at_least(0),
+    "train.sync_batchnorm": lambda v: None,
+    "train.max_failures": _int_at_least(-1),
+    "train.deterministic": lambda v: None,
     "train.checkpoint_every": _int_at_least(1),
+    "train.keep_checkpoints": _int_at_least(1),
     "train.log_every": _int_at_least(1),
     "train.seed": _int_at_least(0),
     "train.storage_path": _path_or_null,
@@ -497,6 +519,7 @@ _RULES: dict[str, _Rule] = {
     "tune.fusion_rates": _nonempty_list(_at_least(0), "numbers >= 0"),
     "tune.scheduler": _one_of(SCHEDULERS),
     "tune.grace_iterations": _int_at_least(1),
+    "tune.reduction_factor": _int_at_least(2),
     "tune.metric": _one_of(TUNE_METRICS),
     "tune.max_concurrent": _int_at_least(1),
 }

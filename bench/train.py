@@ -1,0 +1,146 @@
+"""Benchmark: a STAL training step under Ray Train + DeepSpeed against a plain PyTorch loop, same run.
+
+1. Overhead: the same model, batch (already in memory) and optimiser, stepped (a) in this process by plain
+   PyTorch (forward, Eq. 3 objective, backward, SGD step) and (b) inside a one-worker TorchTrainer through
+   the DeepSpeed engine that training uses. Goal: (b) / (a) <= 1.10.
+2. Data wait: the real training loop fed by the Ray Data stream on the synthetic data set; the share of step
+   time spent waiting for the next batch, as the loop reports it. Goal: < 5%.
+
+    python bench/train.py --backbone tiny --steps 30
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stal_ray.config import load_config  # noqa: E402
+from stal_ray.data.source import resolve_data  # noqa: E402
+from stal_ray.model.stal import STAL  # noqa: E402
+from stal_ray.objective import STALObjective  # noqa: E402
+from stal_ray.train.deepspeed import build_engine, paper_optimizer  # noqa: E402
+from stal_ray.train.trainer import train  # noqa: E402
+
+OVERHEAD_GOAL, DATA_WAIT_GOAL = 1.10, 0.05
+
+
+def fixed_batch(config, num_classes: int):
+    torch.manual_seed(0)
+    data = config.data
+    clips = data.identities_per_batch * data.clips_per_identity
+    images = torch.randn(clips, data.seq_len, 3, data.height, data.width)
+    labels = torch.arange(data.identities_per_batch).repeat_interleave(data.clips_per_identity) % num_classes
+    return images, labels
+
+
+def step_times(step, steps: int) -> list[float]:
+    step()  # warm-up: allocations, DeepSpeed's first-step set-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def plain_steps(config, num_classes: int, steps: int) -> list[float]:
+    model = STAL.from_config(config, num_classes)
+    objective = STALObjective.from_config(config)
+    optimizer, scheduler = paper_optimizer(model, config)
+    clips, labels = fixed_batch(config, num_classes)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        objective(model(clips), labels).total.backward()
+        optimizer.step()
+        scheduler.step()
+
+    return step_times(step, steps)
+
+
+def deepspeed_worker(loop_config: dict) -> None:
+    from stal_ray.config import config_from_dict
+
+    config = config_from_dict(loop_config["config"])
+    num_classes, steps = loop_config["num_classes"], loop_config["steps"]
+    model = STAL.from_config(config, num_classes)
+    objective = STALObjective.from_config(config)
+    engine, _ = build_engine(model, config, on_gpu=False)
+    clips, labels = fixed_batch(config, num_classes)
+
+    def step():
+        loss = objective(engine(clips), labels).total
+        engine.backward(loss)
+        engine.step()
+
+    times = step_times(step, steps)
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory, "times.json").write_text(json.dumps(times))
+        ray.train.report({"median": statistics.median(times)},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/synthetic_tiny.yaml")
+    parser.add_argument("--backbone", default=None, help="override model.backbone")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops (same for both)")
+    parser.add_argument("--out", default="bench/results/train.json")
+    args = parser.parse_args()
+    overrides = [f"model.backbone={args.backbone}"] if args.backbone else []
+    config = load_config(args.config, overrides)
+    num_classes = 24
+    torch.set_num_threads(args.threads)
+    storage = tempfile.mkdtemp(prefix="bench-train-")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    plain = statistics.median(plain_steps(config, num_classes, args.steps))
+    trainer = TorchTrainer(
+        deepspeed_worker,
+        train_loop_config={"config": config.to_dict(), "num_classes": num_classes, "steps": args.steps},
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(name="overhead", storage_path=storage))
+    under_ray = trainer.fit().metrics["median"]
+
+    data = resolve_data(None)
+    fed = load_config(args.config, overrides + [f"train.storage_path={storage}",
+                                                f"train.iterations={args.steps * 3}",
+                                                f"train.checkpoint_every={args.steps * 3}"])
+    data_wait = train(fed, data, name="data-wait").metrics["data_wait_share"]
+    ratio = under_ray / plain
+
+    overhead_ok, wait_ok = ratio <= OVERHEAD_GOAL, data_wait < DATA_WAIT_GOAL
+    rows = [("plain PyTorch step", f"{plain * 1e3:9.1f} ms"),
+            ("TorchTrainer + DeepSpeed step", f"{under_ray * 1e3:9.1f} ms"),
+            ("overhead ratio", f"{ratio:9.3f}  goal <= {OVERHEAD_GOAL}: {'PASS' if overhead_ok else 'FAIL'}"),
+            ("data wait share (Ray Data fed)",
+             f"{data_wait:9.1%}  goal < {DATA_WAIT_GOAL:.0%}: {'PASS' if wait_ok else 'FAIL'}")]
+    print(f"backbone {config.model.backbone}, batch {config.data.identities_per_batch}x"
+          f"{config.data.clips_per_identity} clips of {config.data.seq_len} frames "
+          f"{config.data.height}x{config.data.width}, {args.steps} steps, {args.threads} torch thread(s)")
+    for name, value in rows:
+        print(f"  {name:32s}{value}")
+    result = {"backbone": config.model.backbone, "steps": args.steps, "threads": args.threads,
+              "plain_step_s": plain, "deepspeed_step_s": under_ray, "overhead_ratio": ratio,
+              "overhead_pass": overhead_ok, "data_wait_share": data_wait, "data_wait_pass": wait_ok}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

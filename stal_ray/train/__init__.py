@@ -1,0 +1,1 @@
+"""Distributed STAL training on Ray Train: the worker loop, its DeepSpeed engine, the TorchTrainer."""

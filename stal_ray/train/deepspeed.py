@@ -1,0 +1,67 @@
+"""The DeepSpeed engine of a training worker: its config from TrainConfig, the paper's SGD and step decay."""
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def effective_precision(config, *, on_gpu: bool) -> str:
+    """The precision that runs: bf16/fp16 need a GPU; on CPU DeepSpeed trains in fp32, with a warning."""
+    precision = config.train.precision
+    if precision != "fp32" and not on_gpu:
+        logger.warning("train.precision = %s needs a GPU; this worker has none and trains in fp32", precision)
+        return "fp32"
+    return precision
+
+
+def deepspeed_config(config, *, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's config dict: the batch of one worker is one P×K batch of clips, micro-batches accumulated
+    `grad_accumulation` times; ZeRO stage, precision and clipping from the config."""
+    train, data = config.train, config.data
+    clips = data.identities_per_batch * data.clips_per_identity
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": clips,
+        "gradient_accumulation_steps": train.grad_accumulation,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        # ZeRO is tested by DeepSpeed with its own Adam variants; SGD (the paper's optimiser) works with
+        # stages 1-2, which only shard the momentum buffers and gradients
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # progress is reported through Ray Train, not DeepSpeed's own prints
+        "wall_clock_breakdown": False,
+    }
+    precision = effective_precision(config, on_gpu=on_gpu)
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
+    return ds
+
+
+def paper_optimizer(model: nn.Module, config) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
+    """SGD with momentum 0.9, lr 0.001, weight decay 2e-4 and step decay γ = 0.5 (paper §III-E), stepped once
+    per optimiser step (DeepSpeed steps the scheduler with the optimiser)."""
+    train = config.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                                weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_step, gamma=train.gamma)
+    return optimizer, scheduler
+
+
+def build_engine(model: nn.Module, config, *, on_gpu: bool):
+    """deepspeed.initialize over the model, the paper's optimiser and schedule -> (engine, scheduler)."""
+    import deepspeed  # here: importing it probes the accelerator, which the driver never needs
+
+    if config.train.sync_batchnorm:
+        # statistics over the global batch, not one worker's share of it (torch runs this on GPUs only;
+        # the trainer refuses it on CPU before any worker starts)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer, scheduler = paper_optimizer(model, config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(config, on_gpu=on_gpu), dist_init_required=False)
+    return engine, scheduler

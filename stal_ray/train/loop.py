@@ -1,0 +1,285 @@
+"""train_loop_per_worker: one Ray Train worker optimising the STAL objective (Eq. 3) under DeepSpeed.
+
+Each epoch, rank 0 builds that epoch's Ray Data training stream (frames sampled anew per epoch) and hands
+every worker its streaming_split shard. Workers step in lockstep: an epoch ends for all of them when one
+runs out of batches, and a non-finite loss on any of them stops all of them. A checkpoint (the DeepSpeed
+engine's, with the loop state) is reported every `train.checkpoint_every` iterations and at every epoch's
+end; a restarted or recovered run resumes from the latest one.
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from stal_ray.config import config_from_dict
+from stal_ray.data import storage
+from stal_ray.data.pipeline import training_batches, training_dataset, validation_dataset
+from stal_ray.data.validation import ValidationSplit
+from stal_ray.evaluate.validate import validate
+from stal_ray.model.export import save_model
+from stal_ray.model.stal import STAL
+from stal_ray.objective import STALObjective
+from stal_ray.train.deepspeed import build_engine
+
+logger = logging.getLogger(__name__)
+
+ENGINE_TAG = "engine"  # DeepSpeed's checkpoint tag: one engine state per reported checkpoint directory
+STOPPED = "stopped.json"  # written into the run folder when a non-finite loss stops the run
+MODEL_FILE = "model.pt"
+LOSS_TERMS = ("triplet_global", "triplet_local", "softmax", "consistency", "keypoint", "total")
+
+
+@dataclass
+class LoopState:
+    """Where training is: saved with every checkpoint, so a resumed run continues from here."""
+
+    step: int = 0  # optimiser steps taken (the paper's iterations)
+    epoch: int = 0  # current epoch; it also seeds that epoch's frame sampling
+    batches_into_epoch: int = 0  # batches of `epoch` already trained on (skipped when resuming mid-epoch)
+
+
+@dataclass
+class Meter:
+    """Sums over the steps since the last report: loss terms, clips, time waiting for data, step time."""
+
+    steps: int = 0
+    clips: int = 0
+    data_wait: float = 0.0
+    step_time: float = 0.0
+    losses: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
+
+    def add(self, terms: dict[str, float], clips: int, data_wait: float, step_time: float) -> None:
+        self.steps += 1
+        self.clips += clips
+        self.data_wait += data_wait
+        self.step_time += step_time
+        for name in LOSS_TERMS:
+            self.losses[name] += terms[name]
+
+
+@dataclass
+class Faults:
+    """Failures injected on purpose, for the tests of recovery (never set by the jobs)."""
+
+    crash_at_step: int | None = None  # os._exit on this step...
+    crash_rank: int = 0  # ...of this worker...
+    crash_marker: str | None = None  # ...unless this file exists (it is created first: crash once)
+    nan_at_step: int | None = None  # the loss becomes NaN on this step
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """loop_config: config (Config.to_dict()), data (shards URI), labels (person id of every classifier
+    output), run_dir (where model.pt and a stop note go), endpoint_url, exclude_identities, faults, and
+    validation (a ValidationSplit's JSON, or None): rank 0 then validates at every report."""
+    config = config_from_dict(loop_config["config"])
+    labels: list[int] = loop_config["labels"]
+    faults = Faults(**loop_config.get("faults") or {})
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    torch.manual_seed(config.train.seed)  # the same start on every worker (DeepSpeed broadcasts rank 0's too)
+    model = STAL.from_config(config, num_classes=len(labels)).to(device)
+    objective = STALObjective.from_config(config)
+    engine, scheduler = build_engine(model, config, on_gpu=on_gpu)
+    dtype = next(engine.module.parameters()).dtype
+
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        state = LoopState(**client_state["loop_state"])
+        if rank == 0:
+            print(f"resuming at iteration {state.step}, epoch {state.epoch}, "
+                  f"batch {state.batches_into_epoch}", flush=True)
+
+    mean, std = engine.module.backbone.pixel_mean, engine.module.backbone.pixel_std
+    iterations = config.train.iterations
+    meter, last_metrics = Meter(), {}
+    validator = _validator(loop_config, config) if rank == 0 else None
+    while state.step < iterations:
+        shard = _epoch_shard(loop_config, config, state.epoch, rank, world)
+        batches = training_batches(shard, config.data.identities_per_batch, mean=mean, std=std,
+                                   seed=config.train.seed + state.epoch)
+        stream = iter(batches)
+        for _ in range(state.batches_into_epoch):  # resuming mid-epoch: the batches already trained on
+            next(stream, None)
+        trained_this_epoch, exhausted = 0, False
+        while state.step < iterations:
+            start = time.perf_counter()
+            batch = next(stream, None)
+            data_wait = time.perf_counter() - start
+            if not _all(batch is not None, device):
+                exhausted = True
+                break
+            clips = batch["clips"].to(device, dtype=dtype, non_blocking=True).contiguous()
+            targets = batch["labels"].to(device)
+            keypoints = batch["keypoints"].to(device, dtype=dtype) if batch["keypoints"] is not None else None
+            terms = objective(engine(clips, keypoints), targets, keypoints)
+            loss = terms.total
+            if faults.nan_at_step == state.step + 1:
+                loss = loss * float("nan")
+            if not _all(bool(torch.isfinite(loss)), device):
+                _stop_non_finite(loop_config, state, terms, rank)
+                return
+            boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances it
+            engine.backward(loss)
+            engine.step()
+            state.batches_into_epoch += 1
+            trained_this_epoch += 1
+            meter.add(terms.as_floats(), len(clips) * world, data_wait, time.perf_counter() - start)
+            if not boundary:
+                continue
+            state.step += 1
+            _maybe_crash(faults, state.step, rank)
+            if rank == 0 and state.step % config.train.log_every == 0:
+                print(_progress_line(state, iterations, meter, scheduler), flush=True)
+            if state.step % config.train.checkpoint_every == 0 or state.step == iterations:
+                last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics,
+                                       validator)
+                meter = Meter()
+        if exhausted:
+            if trained_this_epoch == 0 and state.batches_into_epoch == 0:
+                raise RuntimeError(
+                    f"epoch {state.epoch} of {loop_config['data']} gave worker {rank} no batch of "
+                    f"{config.data.identities_per_batch} distinct identities: the data set is too small "
+                    "for data.identities_per_batch (or every group had corrupt frames)")
+            # the epoch's end is a checkpoint too: a resumed run starts the next epoch, not this one again
+            state = LoopState(step=state.step, epoch=state.epoch + 1, batches_into_epoch=0)
+            last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics, validator)
+            meter = Meter()
+
+    if rank == 0:
+        save_model(storage.join(loop_config["run_dir"], MODEL_FILE), engine.module, config,
+                   num_classes=len(labels), labels=labels, extra={"iterations": state.step})
+
+
+def _epoch_shard(loop_config: dict[str, Any], config, epoch: int, rank: int, world: int):
+    """This worker's share of epoch `epoch`'s training stream: rank 0 builds it and splits it."""
+    if config.train.deterministic:
+        # block order kept through the decoding actors: the same batches in the same order on every run
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+    splits = [None]
+    if rank == 0:
+        dataset = training_dataset(loop_config["data"], config, epoch=epoch,
+                                   endpoint_url=loop_config.get("endpoint_url"), labels=loop_config["labels"],
+                                   **_exclusion(loop_config))
+        splits = [dataset] if world == 1 else [dataset.streaming_split(world, equal=True)]
+    if world == 1:
+        return splits[0]
+    dist.broadcast_object_list(splits, src=0)  # DataIterators pickle as handles to one split coordinator
+    return splits[0][rank]
+
+
+def _exclusion(loop_config: dict[str, Any]) -> dict[str, Any]:
+    excluded = loop_config.get("exclude_identities")
+    return {"exclude_identities": excluded} if excluded else {}
+
+
+def _all(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every worker (one small all-reduce; trivially local with one worker)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _validator(loop_config: dict[str, Any], config):
+    """model -> validation metrics (evaluate.validate) on the split in loop_config, or None without one."""
+    if not loop_config.get("validation"):
+        return None
+    split = ValidationSplit.from_json(loop_config["validation"])
+
+    def run(model) -> dict[str, float]:
+        dataset = validation_dataset(loop_config["data"], config, split,
+                                     endpoint_url=loop_config.get("endpoint_url"))
+        return validate(model, dataset, config.tune.fusion_rates, protocol=config.eval.protocol,
+                        batch_size=config.eval.batch_size)
+
+    return run
+
+
+def _report(engine, state: LoopState, meter: Meter, scheduler, batches, device,
+            last_metrics: dict[str, Any], validator=None) -> dict[str, Any]:
+    """Metrics of the steps since the last report, averaged over workers, with the engine's checkpoint;
+    with no step since then (an epoch ending right after a report), the last metrics again. With a
+    validator (rank 0 of a run with a validation split), the validation metrics of the model as it is."""
+    steps = max(meter.steps, 1)
+    names = list(LOSS_TERMS)
+    totals = _sum([meter.losses[n] / steps for n in names] + [meter.data_wait, meter.step_time,
+                  float(batches.corrupt_frames), float(batches.skipped_groups)], device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    data_wait, step_time, corrupt, skipped = totals[len(names):]
+    metrics = {f"loss_{name}": value / world for name, value in zip(names, totals[:len(names)], strict=True)}
+    if meter.steps == 0 and last_metrics:
+        metrics = {key: value for key, value in last_metrics.items() if key.startswith(("loss_", "val_"))}
+    elif validator is not None:
+        metrics.update(validator(engine.module))
+    metrics.update(
+        iteration=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
+        clips_per_s=meter.clips / max(meter.step_time, 1e-9),
+        data_wait_share=data_wait / max(step_time, 1e-9),
+        corrupt_frames=int(corrupt), skipped_groups=int(skipped),
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=ENGINE_TAG, client_state={"loop_state": asdict(state)})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint_{state.step:08d}_{state.epoch:04d}")
+    return metrics
+
+
+def _progress_line(state: LoopState, iterations: int, meter: Meter, scheduler) -> str:
+    steps = max(meter.steps, 1)
+    losses = " ".join(f"{name}={meter.losses[name] / steps:.3f}" for name in LOSS_TERMS if name != "keypoint")
+    rate = meter.clips / max(meter.step_time, 1e-9)
+    wait = meter.data_wait / max(meter.step_time, 1e-9)
+    return (f"iteration {state.step}/{iterations} epoch {state.epoch} lr={scheduler.get_last_lr()[0]:.2e} "
+            f"{losses} clips/s={rate:.1f} data_wait={wait:.0%}")
+
+
+def _stop_non_finite(loop_config: dict[str, Any], state: LoopState, terms, rank: int) -> None:
+    """Leave the last good checkpoint as it is and say where the loss went non-finite (no retry: it would
+    only repeat from the same checkpoint)."""
+    if rank != 0:
+        return
+    values = {name: value for name, value in terms.as_floats().items()}
+    bad = ", ".join(f"{n}={v}" for n, v in values.items() if not math.isfinite(v)) or "after a worker's NaN"
+    note = {"reason": "non-finite loss", "epoch": state.epoch, "iteration": state.step + 1,
+            "batch_in_epoch": state.batches_into_epoch + 1, "terms": bad}
+    fs, path = storage.filesystem(storage.join(loop_config["run_dir"], STOPPED), check=False)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as out:
+        out.write(json.dumps(note) + "\n")
+
+
+def _maybe_crash(faults: Faults, step: int, rank: int) -> None:
+    if faults.crash_at_step != step or faults.crash_rank != rank:
+        return
+    if faults.crash_marker is not None:
+        fs, path = storage.filesystem(faults.crash_marker, check=False)
+        if fs.exists(path):
+            return
+        fs.touch(path)
+    os._exit(1)
+

@@ -1,0 +1,96 @@
+"""The TorchTrainer of a STAL training run: scaling, storage, checkpoints and failures from the config."""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from stal_ray.config import Config, ConfigError
+from stal_ray.data import storage
+from stal_ray.data.pipeline import identity_labels
+from stal_ray.data.validation import ValidationSplit
+from stal_ray.train.loop import MODEL_FILE, STOPPED, train_loop_per_worker
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str  # <storage path>/<name>: checkpoints, model.pt
+    model_path: str  # the consolidated model (stal_ray.model.export), for evaluation outside DeepSpeed
+    metrics: dict[str, Any]  # the last report's metrics
+    checkpoint: ray.train.Checkpoint | None  # the last DeepSpeed checkpoint
+
+
+def storage_root(config: Config) -> str:
+    return config.train.storage_path or os.path.expanduser("~/ray_results")
+
+
+def check_resources(config: Config) -> None:
+    """Settings this cluster cannot run, refused before any worker starts."""
+    train = config.train
+    if train.sync_batchnorm and not train.use_gpu:
+        raise ConfigError("train.sync_batchnorm = true needs train.use_gpu = true: torch synchronises "
+                          "BatchNorm on GPUs only (set train.sync_batchnorm=false for CPU training)")
+    if train.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < train.num_workers:
+            raise ConfigError(f"train.use_gpu = true with train.num_workers = {train.num_workers}, but the "
+                              f"Ray cluster has {gpus:g} GPUs: add GPU nodes or lower --num-workers")
+
+
+def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
+                  exclude_identities: list[int] | None = None, faults: dict | None = None,
+                  callbacks: list | None = None, validation: ValidationSplit | None = None) -> TorchTrainer:
+    """A TorchTrainer for `train_loop_per_worker` on the shards at `data`. A run with an existing `name`
+    under the storage path resumes from that run's latest checkpoint. With a validation split, its
+    identities are left out of training and every report carries the validation metrics
+    (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values)."""
+    check_resources(config)
+    if validation is not None:
+        exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
+    labels = identity_labels(data, endpoint_url=endpoint_url, **(
+        {"exclude_identities": exclude_identities} if exclude_identities else {}))
+    train = config.train
+    root = storage_root(config)
+    loop_config = {
+        "config": config.to_dict(), "data": data, "labels": labels, "endpoint_url": endpoint_url,
+        "run_dir": storage.join(root, name), "exclude_identities": exclude_identities, "faults": faults,
+        "validation": validation.to_json() if validation is not None else None,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=root,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
+    """Run (or resume) training; raise NonFiniteLossError when the loss went non-finite."""
+    trainer = build_trainer(config, data, name=name, **kwargs)
+    run_dir = storage.join(storage_root(config), name)
+    fs, stopped = storage.filesystem(storage.join(run_dir, STOPPED), check=False)
+    if fs.exists(stopped):
+        fs.rm(stopped)  # from an earlier attempt under this name: this one starts from its last checkpoint
+    result = trainer.fit()
+    if fs.exists(stopped):
+        with fs.open(stopped) as note_file:
+            note = json.load(note_file)
+        where = result.checkpoint.path if result.checkpoint else "none was reported yet"
+        raise NonFiniteLossError(
+            f"the loss became non-finite at epoch {note['epoch']}, iteration {note['iteration']} "
+            f"({note['terms']}); training stopped. The last good checkpoint: {where}. Lower train.lr, "
+            "set train.grad_clip, or check the data; rerunning with the same --name resumes from it.")
+    return TrainResult(run_dir=run_dir, model_path=storage.join(run_dir, MODEL_FILE),
+                       metrics=result.metrics or {}, checkpoint=result.checkpoint)

@@ -1,0 +1,99 @@
+"""Training under Ray Train + DeepSpeed on CPU: ZeRO stages, resumption, a killed worker, a NaN loss."""
+
+import pytest
+import torch
+
+from stal_ray.config import ConfigError, load_config
+from stal_ray.data.mars import read_mars
+from stal_ray.data.shards import write_shards
+from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.model.export import load_model
+from stal_ray.train.deepspeed import deepspeed_config
+from stal_ray.train.trainer import NonFiniteLossError, build_trainer, train
+
+# Tiny everything: each run is a few optimiser steps of the tiny CNN on 32×16 frames.
+OVERRIDES = [
+    "model.backbone=tiny", "model.feature_dim=32", "model.pose_source=keypoints",
+    "data.seq_len=2", "data.height=32", "data.width=16", "data.identities_per_batch=2",
+    "data.clips_per_identity=2", "data.decode_concurrency=1",
+    "train.lr=0.01", "train.log_every=1", "train.checkpoint_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def shards_uri(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train_data")
+    release = write_synthetic_release(str(root / "release"), identities=6, test_identities=3, cameras=2,
+                                      tracklets_per_identity=(2, 3), frames_per_tracklet=(4, 8),
+                                      height=32, width=16, junk_tracklets=1, distractor_tracklets=1)
+    out = str(root / "shards")
+    write_shards(read_mars(release), out, target_file_bytes=20_000, progress=False)
+    return out
+
+
+def make_config(tmp_path, *overrides):
+    return load_config(None, OVERRIDES + [f"train.storage_path={tmp_path}", *overrides])
+
+
+def state_dict(path: str) -> dict[str, torch.Tensor]:
+    model, _, _ = load_model(path)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_two_workers_train_under_deepspeed(ray_cluster, shards_uri, tmp_path, zero_stage):
+    config = make_config(tmp_path, "train.num_workers=2", "train.iterations=4",
+                         f"train.zero_stage={zero_stage}")
+    result = train(config, shards_uri, name=f"zero{zero_stage}")
+    assert result.metrics["iteration"] == 4
+    for term in ("triplet_global", "triplet_local", "softmax", "consistency", "total"):
+        assert torch.isfinite(torch.tensor(result.metrics[f"loss_{term}"]))
+    assert result.metrics["lr"] == pytest.approx(0.01)
+    assert 0 <= result.metrics["data_wait_share"] <= 1 and result.metrics["clips_per_s"] > 0
+    _, loaded_config, meta = load_model(result.model_path)
+    assert loaded_config.train.zero_stage == zero_stage and meta["num_classes"] == 6
+
+
+def test_resumed_run_equals_uninterrupted_run(ray_cluster, shards_uri, tmp_path):
+    deterministic = ("train.deterministic=true", "train.checkpoint_every=100")
+    whole = train(make_config(tmp_path, "train.iterations=6", *deterministic), shards_uri, name="whole")
+    train(make_config(tmp_path, "train.iterations=3", *deterministic), shards_uri, name="split")
+    resumed = train(make_config(tmp_path, "train.iterations=6", *deterministic), shards_uri, name="split")
+    assert resumed.metrics["iteration"] == 6
+    expected, got = state_dict(whole.model_path), state_dict(resumed.model_path)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_killed_worker_is_replaced_and_training_finishes(ray_cluster, shards_uri, tmp_path):
+    config = make_config(tmp_path, "train.num_workers=2", "train.iterations=6", "train.max_failures=1")
+    marker = tmp_path / "crashed"
+    result = train(config, shards_uri, name="crash",
+                   faults={"crash_at_step": 3, "crash_rank": 1, "crash_marker": str(marker)})
+    assert marker.exists(), "the fault was not injected"
+    assert result.metrics["iteration"] == 6
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(ray_cluster, shards_uri,
+                                                                           tmp_path):
+    config = make_config(tmp_path, "train.iterations=8", "train.max_failures=3")
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, iteration 3 .*checkpoint_00000002"):
+        train(config, shards_uri, name="nan", faults={"nan_at_step": 3})
+    assert list((tmp_path / "nan").glob("checkpoint_00000002_*")), "the last good checkpoint was removed"
+
+
+def test_deepspeed_config_follows_the_train_settings(tmp_path):
+    config = make_config(tmp_path, "train.zero_stage=2", "train.grad_accumulation=4", "train.grad_clip=5",
+                         "train.precision=bf16")
+    on_gpu = deepspeed_config(config, on_gpu=True)
+    assert on_gpu["zero_optimization"]["stage"] == 2 and on_gpu["gradient_accumulation_steps"] == 4
+    assert on_gpu["gradient_clipping"] == 5 and on_gpu["bf16"] == {"enabled": True}
+    assert on_gpu["train_micro_batch_size_per_gpu"] == 4  # P·K clips
+    assert "bf16" not in deepspeed_config(config, on_gpu=False)  # CPU trains in fp32
+
+
+def test_sync_batchnorm_on_cpu_is_refused_before_workers_start(ray_cluster, shards_uri, tmp_path):
+    config = make_config(tmp_path, "train.sync_batchnorm=true")
+    with pytest.raises(ConfigError, match="sync_batchnorm.*GPU"):
+        build_trainer(config, shards_uri, name="syncbn")
