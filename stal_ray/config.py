@@ -156,7 +156,8 @@ class TuneConfig:
     reduction_factor: int = 4
     # validation metric to maximise: "mAP" or "rank1"
     metric: str = "mAP"
-    # trials running at once
+    # trials running at once; each holds train.num_workers workers and its decoding actors, so keep
+    # max_concurrent x (num_workers + 2 x decode_concurrency) within the cluster's CPUs
     max_concurrent: int = 2
 
 

@@ -1,0 +1,74 @@
+"""Search λ, m_g, m_l with Ray Tune (ASHA), each trial a distributed STAL training run, every validation
+ranking the whole fusion-rate grid; prints the results table and writes results.csv and best.yaml.
+
+Alone:              python jobs/tune_stal.py                       (tiny model, embedded synthetic data)
+On a Ray cluster:   ray job submit --working-dir . -- python jobs/tune_stal.py \\
+                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-samples 16
+Interrupted:        the same command with --resume finishes the remaining trials.
+Watch:              tensorboard --logdir <storage>/<name>
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from stal_ray.config import ConfigError, add_config_arguments, config_from_args
+from stal_ray.data.source import resolve_data
+from stal_ray.data.storage import StorageError
+from stal_ray.ray_init import init_ray
+from stal_ray.tune import SearchInterrupted, format_table, run_search
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_tiny.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    parser.add_argument("--data", metavar="URI", default=None,
+                        help="prepared shards (jobs/prepare_mars.py), local or s3:// "
+                             "(default: data.root, else the embedded synthetic data set)")
+    parser.add_argument("--num-samples", type=int, default=None, help="trials (tune.num_samples)")
+    # the training loop, like the paper (150000 iterations on MARS), counts iterations, not epochs
+    parser.add_argument("--max-iterations", type=int, default=None,
+                        help="iterations of a trial that is never stopped early (train.iterations)")
+    parser.add_argument("--storage-path", metavar="URI", default=None,
+                        help="where the search and its trials' runs go, local or s3:// (train.storage_path)")
+    parser.add_argument("--name", default=None, help="search name (default: tune-<backbone>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="finish the interrupted search --name")
+    parser.add_argument("--endpoint-url", metavar="URL", default=None, help="S3-compatible endpoint")
+    args = parser.parse_args(argv)
+    if args.resume and not args.name:
+        parser.error("--resume needs the --name of the search to finish")
+    args.config = args.config or str(DEFAULT_CONFIG)
+    for flag, key in (("num_samples", "tune.num_samples"), ("max_iterations", "train.iterations"),
+                      ("storage_path", "train.storage_path")):
+        if getattr(args, flag) is not None:
+            args.overrides.append(f"{key}={getattr(args, flag)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+        init_ray()
+        data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
+        name = args.name or f"tune-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"search {name!r} on {data}")
+        result = run_search(config, data, name=name, endpoint_url=args.endpoint_url, resume=args.resume)
+    except SearchInterrupted as interrupted:
+        print(f"tune_stal: {interrupted}", file=sys.stderr)
+        return 130
+    except (ConfigError, StorageError, ValueError, RuntimeError) as error:
+        print(f"tune_stal: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(result.rows))
+    print(f"results: {result.results_csv}")
+    print(f"TensorBoard: tensorboard --logdir {result.experiment_dir}")
+    print(result.best_yaml)  # last line: the configuration to train with
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The Ray Tune search over λ, m_g and m_l (Eq. 4): every trial is a full distributed training run
+(train.trainer) validated on identities held out of the training split, never the test split.
+
+The fusion rate α is a test-time setting: each validation ranks the whole α grid (tune.fusion_rates, the
+paper's Fig. 8) on one set of extracted features, and a trial's score is the mAP (or rank-1) of its best α.
+ASHA (tune.scheduler) stops weak trials at rungs of grace_iterations × reduction_factor^k iterations.
+
+Layout under <storage>/<name>: Tune's experiment (trial folders with result.json, progress.csv and
+TensorBoard event files), runs/<trial id>/ (each trial's Ray Train run: checkpoints, model.pt),
+results.csv and best.yaml (the best trial's full configuration, for jobs/train_mars.py --config).
+"""
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from stal_ray.config import Config, ConfigError, config_from_dict
+from stal_ray.data import storage
+from stal_ray.data.validation import ValidationSplit, ensure_validation_split
+from stal_ray.evaluate.report import write_bytes
+from stal_ray.train.trainer import storage_root, train
+
+logger = logging.getLogger(__name__)
+
+# the searched settings of TrainConfig, with the paper's symbols
+SEARCHED = {"local_weight": "λ", "margin_global": "m_g", "margin_local": "m_l"}
+RUNS, RESULTS_FILE, BEST_FILE = "runs", "results.csv", "best.yaml"
+# a trial driver only waits on its TorchTrainer, whose workers hold the CPUs and GPUs
+DRIVER_RESOURCES = {"cpu": 0.1}
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped before all of its trials finished; its state is saved for --resume."""
+
+
+@dataclass
+class SearchResult:
+    experiment_dir: str  # <storage>/<name>
+    rows: list[dict[str, Any]]  # one per trial (results_rows), best first
+    best_config: Config  # the best trial's settings, eval.fusion_rate its best α
+    best_yaml: str  # where best_config was written
+    results_csv: str
+
+
+def search_space(config: Config) -> dict[str, Any]:
+    """λ, m_g, m_l drawn uniformly from the tune section's [low, high] ranges."""
+    return {name: tune.uniform(*getattr(config.tune, name)) for name in SEARCHED}
+
+
+def trial_config(config: Config, params: Mapping[str, Any], *, fusion_rate: float | None = None) -> Config:
+    """config with a trial's λ, m_g, m_l (and optionally the fusion rate α) in place."""
+    layered = config.to_dict()
+    for name in SEARCHED:
+        layered["train"][name] = float(params[name])
+    if fusion_rate is not None:
+        layered["eval"]["fusion_rate"] = float(fusion_rate)
+    return config_from_dict(layered)
+
+
+def _run_trial(params: dict[str, Any], *, base: dict, data: str, split: str, runs: str,
+               endpoint_url: str | None) -> None:
+    """One trial: a TorchTrainer run named after the trial (so a resumed search resumes it from its last
+    checkpoint), whose reports reach Tune through TuneReportCallback."""
+    layered = trial_config(config_from_dict(base), params).to_dict()
+    layered["train"]["storage_path"] = runs
+    train(config_from_dict(layered), data, name=tune.get_context().get_trial_id(), endpoint_url=endpoint_url,
+          validation=ValidationSplit.from_json(split), callbacks=[TuneReportCallback()])
+
+
+class _TrialProgress(tune.Callback):
+    """One line per finished trial: what a user watching the job wants besides Tune's periodic table."""
+
+    def __init__(self, metric: str, iterations: int):
+        self.metric, self.iterations = metric, iterations
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        done = result.get("iteration", 0)
+        how = "finished" if done >= self.iterations else "stopped early by the scheduler"
+        params = " ".join(f"{symbol}={trial.config[name]:.3f}" for name, symbol in SEARCHED.items())
+        print(f"trial {trial.trial_id} {how} at iteration {done}: {params} "
+              f"{self.metric}={result.get(self.metric, math.nan):.4f} at α={result.get('val_alpha')}",
+              flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id} failed: see {trial.path}/error.txt", flush=True)
+
+
+def _scheduler(config: Config):
+    search = config.tune
+    if search.scheduler == "fifo":
+        return FIFOScheduler()
+    iterations = config.train.iterations
+    if search.grace_iterations >= iterations:
+        raise ConfigError(f"tune.grace_iterations = {search.grace_iterations} is not below "
+                          f"train.iterations = {iterations}: ASHA could never stop a trial early; lower "
+                          "tune.grace_iterations or set tune.scheduler=fifo")
+    if search.grace_iterations < config.train.checkpoint_every:
+        raise ConfigError(f"tune.grace_iterations = {search.grace_iterations} is below "
+                          f"train.checkpoint_every = {config.train.checkpoint_every}: trials are validated "
+                          "only at checkpoints; lower train.checkpoint_every or raise tune.grace_iterations")
+    return ASHAScheduler(time_attr="iteration", max_t=iterations, grace_period=search.grace_iterations,
+                         reduction_factor=search.reduction_factor)
+
+
+def _check_concurrency(config: Config) -> None:
+    """Warn when the trials running at once need more CPUs than the cluster has now: each holds its train
+    workers and, while it trains and validates, two pools of decoding actors (one CPU each). Over-committed,
+    trials hold workers while waiting for decoders that can never start."""
+    per_trial = config.train.num_workers + 2 * config.data.decode_concurrency
+    needed, cpus = config.tune.max_concurrent * per_trial, ray.cluster_resources().get("CPU", 0)
+    if needed > cpus:
+        logger.warning("tune.max_concurrent = %d trials need about %d CPUs (%d train workers + 2 x %d "
+                       "decoding actors each), but the Ray cluster has %g now: unless it scales up, lower "
+                       "tune.max_concurrent or the trials wait on each other", config.tune.max_concurrent,
+                       needed, config.train.num_workers, config.data.decode_concurrency, cpus)
+
+
+def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
+               resume: bool = False) -> SearchResult:
+    """Run the search `name` under train.storage_path (or resume an interrupted one: finished trials are
+    kept, unfinished ones continue from their last checkpoint) and write results.csv and best.yaml."""
+    root = storage_root(config)
+    experiment_dir = storage.join(root, name)
+    min_training = config.data.identities_per_batch
+    split = ensure_validation_split(data, config.data.val_identities, config.train.seed,
+                                    endpoint_url=endpoint_url, min_training_identities=min_training)
+    print(f"validation split {split.uri}: {len(split.identities)} held-out identities, "
+          f"{len(split.query_tracklets)} queries, {len(split.tracklets)} gallery tracklets")
+    _check_concurrency(config)
+    metric = f"val_{config.tune.metric}"
+    trainable = tune.with_resources(tune.with_parameters(
+        _run_trial, base=config.to_dict(), data=data, split=split.to_json(),
+        runs=storage.join(experiment_dir, RUNS), endpoint_url=endpoint_url), DRIVER_RESOURCES)
+    if resume:
+        if not tune.Tuner.can_restore(experiment_dir):
+            raise ConfigError(f"--resume: no search to resume at {experiment_dir}; check --name and "
+                              "--storage-path, or start it without --resume")
+        tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if tune.Tuner.can_restore(experiment_dir):
+            raise ConfigError(f"a search named {name!r} exists at {experiment_dir}: pass --resume to "
+                              "finish it or choose another --name")
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(config),
+            tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=_scheduler(config),
+                                        # the same draws of λ, m_g, m_l for the same train.seed
+                                        search_alg=BasicVariantGenerator(
+                                            random_state=config.train.seed,
+                                            max_concurrent=config.tune.max_concurrent),
+                                        num_samples=config.tune.num_samples),
+            run_config=tune.RunConfig(name=name, storage_path=root,
+                                      callbacks=[_TrialProgress(metric, config.train.iterations)]))
+    grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < max(len(grid), config.tune.num_samples):
+        # Ctrl-C (or SIGINT from a scheduler): Tune saved the experiment's state and returned early
+        raise SearchInterrupted(f"the search {name!r} was interrupted with {finished} of "
+                                f"{config.tune.num_samples} trials finished; finish it with the same command "
+                                f"and --resume --name {name}")
+    rows = results_rows(grid, metric, config.train.iterations)
+    if not any(math.isfinite(row[metric]) for row in rows):
+        raise RuntimeError(f"no trial of {experiment_dir} reported a validation result; see the trials' "
+                           "error.txt files")
+    best = rows[0]
+    best_config = trial_config(config, best, fusion_rate=best["val_alpha"])
+    layered = best_config.to_dict()
+    layered["data"]["root"] = data  # the data set the search validated on
+    best_config = config_from_dict(layered)
+    results_csv = storage.join(experiment_dir, RESULTS_FILE)
+    best_yaml = storage.join(experiment_dir, BEST_FILE)
+    write_bytes(results_csv, _csv(rows).encode())
+    header = (f"# best trial {best['trial']} of the search {name!r}: {metric} {best[metric]:.4f} at "
+              f"iteration {best['best_iteration']}, fusion rate α = {best['val_alpha']}\n"
+              f"# train it: python jobs/train_mars.py --config {best_yaml}\n")
+    write_bytes(best_yaml, (header + yaml.safe_dump(best_config.to_dict(), sort_keys=False)).encode())
+    return SearchResult(experiment_dir, rows, best_config, best_yaml, results_csv)
+
+
+def results_rows(grid, metric: str, iterations: int) -> list[dict[str, Any]]:
+    """One row per trial, best first: its λ, m_g, m_l, status, iterations run, and its best validation
+    (highest `metric` over all of its reports) with that report's α, mAP and rank-1."""
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        last = result.metrics or {}
+        row = {"trial": last.get("trial_id") or result.path.rsplit("/", 1)[-1],
+               **{name: float(result.config[name]) for name in SEARCHED}}
+        done = int(last.get("iteration", 0))
+        row["status"] = "error" if result.error else ("completed" if done >= iterations else "stopped early")
+        row["iterations"] = done
+        if history is not None and metric in history and history[metric].notna().any():
+            top = history.loc[history[metric].idxmax()]
+            row.update(best_iteration=int(top["iteration"]), val_alpha=float(top["val_alpha"]),
+                       val_mAP=float(top["val_mAP"]), val_rank1=float(top["val_rank1"]))
+        else:
+            row.update(best_iteration=0, val_alpha=math.nan, val_mAP=math.nan, val_rank1=math.nan)
+        rows.append(row)
+    return sorted(rows, key=lambda row: -row[metric] if math.isfinite(row[metric]) else math.inf)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results as an aligned text table, best trial first."""
+    header = ["trial", *SEARCHED.values(), "status", "iters", "val mAP", "rank-1", "best α"]
+    lines = [[row["trial"], *(f"{row[name]:.3f}" for name in SEARCHED), row["status"], str(row["iterations"]),
+              f"{row['val_mAP']:.1%}", f"{row['val_rank1']:.1%}", f"{row['val_alpha']:g}"] for row in rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True))
+                     for line in [header, *lines])

@@ -1,0 +1,121 @@
+"""The Tune search on the synthetic data with the tiny model: ASHA stops trials early, the best YAML trains,
+an interrupted search resumes without repeating finished trials."""
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stal_ray.config import ConfigError, load_config
+from stal_ray.data.mars import read_mars
+from stal_ray.data.shards import write_shards
+from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.train.trainer import train
+from stal_ray.tune import RESULTS_FILE, SEARCHED, run_search
+
+REPO = Path(__file__).resolve().parents[1]
+
+OVERRIDES = [
+    "model.backbone=tiny", "model.feature_dim=32", "model.pose_source=keypoints",
+    "data.seq_len=2", "data.height=32", "data.width=16", "data.identities_per_batch=2",
+    "data.clips_per_identity=2", "data.decode_concurrency=1", "data.val_identities=0.25",
+    "train.lr=0.01", "train.log_every=100", "train.iterations=6", "train.checkpoint_every=2",
+    "tune.grace_iterations=2", "tune.reduction_factor=2", "tune.fusion_rates=[0.0,0.5,1.0]",
+    # one trial at a time, each reproducible: ASHA's decisions do not depend on which trial reports first
+    "tune.max_concurrent=1", "train.deterministic=true",
+]
+
+
+@pytest.fixture(scope="module")
+def shards_uri(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("tune_data")
+    release = write_synthetic_release(str(root / "release"), identities=16, test_identities=3, cameras=2,
+                                      tracklets_per_identity=(2, 3), frames_per_tracklet=(4, 8),
+                                      height=32, width=16, junk_tracklets=1, distractor_tracklets=1)
+    out = str(root / "shards")
+    write_shards(read_mars(release), out, target_file_bytes=20_000, progress=False)
+    return out
+
+
+def results(experiment: Path) -> list[dict[str, str]]:
+    with open(experiment / RESULTS_FILE) as table:
+        return list(csv.DictReader(table))
+
+
+def test_search_stops_weak_trials_and_its_best_yaml_trains(ray_cluster, shards_uri, tmp_path):
+    config = load_config(None, OVERRIDES + [f"train.storage_path={tmp_path}", "tune.num_samples=4",
+                                            "train.seed=1"])
+    result = run_search(config, shards_uri, name="search")
+
+    rows = results(tmp_path / "search")
+    assert len(rows) == len(result.rows) == 4
+    statuses = [row["status"] for row in rows]
+    assert "stopped early" in statuses, rows
+    assert all(int(row["iterations"]) < 6 for row in rows if row["status"] == "stopped early")
+    for row in rows:
+        assert 0 <= float(row["val_mAP"]) <= 1 and float(row["val_alpha"]) in (0.0, 0.5, 1.0)
+        for name in SEARCHED:
+            low, high = getattr(config.tune, name)
+            assert low <= float(row[name]) <= high
+    # every trial logs for TensorBoard: loss terms and the validation mAP per α
+    events = list((tmp_path / "search").glob("*/events.out.tfevents*"))
+    assert len(events) == 4
+
+    best = load_config(result.best_yaml, [f"train.storage_path={tmp_path}", "train.iterations=2"])
+    top = result.rows[0]
+    assert (best.train.local_weight, best.train.margin_global, best.train.margin_local) == pytest.approx(
+        (top["local_weight"], top["margin_global"], top["margin_local"]))
+    assert best.eval.fusion_rate == top["val_alpha"] and best.data.root == shards_uri
+    trained = train(best, shards_uri, name="best")
+    assert trained.metrics["iteration"] == 2
+
+
+def test_existing_search_needs_resume_and_bad_schedules_are_refused(ray_cluster, shards_uri, tmp_path):
+    config = load_config(None, OVERRIDES + [f"train.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match="no search to resume"):
+        run_search(config, shards_uri, name="never-started", resume=True)
+    late = load_config(None, OVERRIDES + [f"train.storage_path={tmp_path}", "tune.grace_iterations=6"])
+    with pytest.raises(ConfigError, match="ASHA could never stop a trial early"):
+        run_search(late, shards_uri, name="late")
+
+
+def test_interrupted_search_resumes_without_repeating_finished_trials(shards_uri, tmp_path):
+    command = [sys.executable, str(REPO / "jobs" / "tune_stal.py"), "--data", shards_uri,
+               "--name", "resumable", "--storage-path", str(tmp_path), "--num-samples", "2",
+               "--set", "tune.scheduler=fifo"]
+    for override in OVERRIDES:
+        command += ["--set", override]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    finished, lines = None, []
+    deadline = time.monotonic() + 400
+    for line in first.stdout:
+        lines.append(line)
+        # progress bars of Ray Data share the stream, so the line may start with their escape codes
+        match = re.search(r"trial (\S+) finished at iteration", line)
+        if match:
+            finished = match.group(1)
+            os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+            break
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    assert finished is not None, "".join(lines[-50:])
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 130 and "--resume --name resumable" in output, output[-4000:]
+    experiment = tmp_path / "resumable"
+    finished_dir = next(path for path in experiment.iterdir() if path.is_dir() and finished in path.name)
+    reports_before = (finished_dir / "result.json").read_text().count("\n")
+    assert not (experiment / RESULTS_FILE).exists()  # the search did not get to its end
+
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    rows = results(experiment)
+    assert len(rows) == 2 and all(row["status"] == "completed" for row in rows), rows
+    assert (finished_dir / "result.json").read_text().count("\n") == reports_before
+    assert f"trial {finished} finished" not in resumed.stdout
