@@ -40,7 +40,10 @@ def fixed_batch(config, num_classes: int):
     clips = data.identities_per_batch * data.clips_per_identity
     images = torch.randn(clips, data.seq_len, 3, data.height, data.width)
     labels = torch.arange(data.identities_per_batch).repeat_interleave(data.clips_per_identity) % num_classes
-    return images, labels
+    # joints anywhere in the frame, fully confident: what a `keypoints` pose source reads with every clip
+    keypoints = torch.rand(clips, data.seq_len, 14, 3) * torch.tensor([data.width, data.height, 0.0])
+    keypoints[..., 2] = 1.0
+    return images, labels, keypoints
 
 
 def step_times(step, steps: int) -> list[float]:
@@ -57,11 +60,11 @@ def plain_steps(config, num_classes: int, steps: int) -> list[float]:
     model = STAL.from_config(config, num_classes)
     objective = STALObjective.from_config(config)
     optimizer, scheduler = paper_optimizer(model, config)
-    clips, labels = fixed_batch(config, num_classes)
+    clips, labels, keypoints = fixed_batch(config, num_classes)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        objective(model(clips), labels).total.backward()
+        objective(model(clips, keypoints), labels, keypoints).total.backward()
         optimizer.step()
         scheduler.step()
 
@@ -76,10 +79,10 @@ def deepspeed_worker(loop_config: dict) -> None:
     model = STAL.from_config(config, num_classes)
     objective = STALObjective.from_config(config)
     engine, _ = build_engine(model, config, on_gpu=False)
-    clips, labels = fixed_batch(config, num_classes)
+    clips, labels, keypoints = fixed_batch(config, num_classes)
 
     def step():
-        loss = objective(engine(clips), labels).total
+        loss = objective(engine(clips, keypoints), labels, keypoints).total
         engine.backward(loss)
         engine.step()
 
