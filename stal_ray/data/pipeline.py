@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import ray.data
 import s3fs
 from botocore.credentials import RefreshableCredentials
+from ray.data import FileShuffleConfig
 from ray.data.expressions import col
 
 from stal_ray.data import shards, storage
@@ -206,15 +207,18 @@ def _footer_readers(files: int) -> Iterator[None]:
         os.environ.pop(_FOOTER_ACTORS_VARIABLE, None)
 
 
-def _read(uri: str, split: str, shuffle: bool, endpoint_url: str | None, *,
+def _read(uri: str, split: str, shuffle_seed: int | None, endpoint_url: str | None, *,
           keep: Iterable[int] | None = None, exclude: Iterable[int] | None = None) -> ray.data.Dataset:
-    """The split's rows, only those of identities in `keep` (when given) and not in `exclude`."""
+    """The split's rows, only those of identities in `keep` (when given) and not in `exclude`; files in a
+    random order drawn from shuffle_seed (the same seed, the same order: a resumed epoch reads as the first
+    attempt did), in stored order when it is None."""
     manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
     paths = manifest.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
         ds = ray.data.read_parquet(paths, filesystem=_read_filesystem(uri, endpoint_url),
-                                   shuffle="files" if shuffle else None)
+                                   shuffle=None if shuffle_seed is None else FileShuffleConfig(
+                                       seed=shuffle_seed, reseed_after_execution=False))
     # expression filters right after the read are pushed into the Parquet scan: rows are dropped as they are
     # read, and row groups whose identity statistics exclude them are skipped unread
     if keep is not None:
@@ -254,7 +258,9 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
         # a batch needs P distinct identities: with fewer, training_batches could never fill one
         raise ValueError(f"{uri}: {len(labels)} training identities, fewer than identities_per_batch = "
                          f"{data.identities_per_batch}")
-    ds = _read(uri, "train", shuffle=True, endpoint_url=endpoint_url, exclude=exclude_identities)
+    # a different file order every epoch, the same one for the same seed and epoch
+    shuffle_seed = int(np.random.SeedSequence([config.train.seed, epoch]).generate_state(1)[0])
+    ds = _read(uri, "train", shuffle_seed, endpoint_url=endpoint_url, exclude=exclude_identities)
     ds = ds.flat_map(_expand_identity, fn_kwargs=dict(
         clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
         epoch=epoch, labels={identity: label for label, identity in enumerate(labels)}))
@@ -266,7 +272,7 @@ def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None) -> 
     repeating its last frame; `valid` says how many are real): clips uint8 (T, H, W, 3), keypoints
     (T, 14, 3), has_keypoints, tracklet, identity, camera, is_query, chunk, valid, corrupt_frames."""
     data = config.data
-    ds = _read(uri, "test", shuffle=False, endpoint_url=endpoint_url)
+    ds = _read(uri, "test", None, endpoint_url=endpoint_url)
     ds = ds.flat_map(_expand_tracklet, fn_kwargs=dict(seq_len=data.seq_len))
     return _decode(ds, data, (data.seq_len,))
 
@@ -281,7 +287,7 @@ def validation_dataset(uri: str, config, split: "ValidationSplit", *,
         raise ValueError(f"{uri}: the validation split {split.uri or ''} was carved from another prepared "
                          "data set (it was rebuilt since); call ensure_validation_split again")
     data = config.data
-    ds = _read(uri, "train", shuffle=False, endpoint_url=endpoint_url, keep=split.identities)
+    ds = _read(uri, "train", None, endpoint_url=endpoint_url, keep=split.identities)
     ds = ds.flat_map(_expand_held_out_identity, fn_kwargs=dict(
         seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
     return _decode(ds, data, (data.seq_len,))
