@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -82,6 +83,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     output), run_dir (where model.pt and a stop note go), endpoint_url, exclude_identities, faults, and
     validation (a ValidationSplit's JSON, or None): rank 0 then validates at every report."""
     config = config_from_dict(loop_config["config"])
+    # the loop prints its own progress line every train.log_every iterations; Ray Data's per-epoch bars from
+    # inside a worker only reach the job's log as thousands of lines of terminal escapes
+    ray.data.DataContext.get_current().enable_progress_bars = False
     labels: list[int] = loop_config["labels"]
     faults = Faults(**loop_config.get("faults") or {})
     context = ray.train.get_context()
