@@ -17,6 +17,9 @@ from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import init_ray
 from stal_ray.train.trainer import NonFiniteLossError, train
 
+# flags that stand for a setting
+SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
+             "storage_path": "train.storage_path"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_tiny.yaml"
 
 
@@ -37,17 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")
     args = parser.parse_args(argv)
     args.config = args.config or str(DEFAULT_CONFIG)
-    for flag, key in (("num_workers", "train.num_workers"), ("use_gpu", "train.use_gpu"),
-                      ("storage_path", "train.storage_path")):
-        if getattr(args, flag) is not None:
-            args.overrides.append(f"{key}={getattr(args, flag)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, SHORTCUTS)
         init_ray()
         data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
         name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

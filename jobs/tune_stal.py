@@ -19,6 +19,9 @@ from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import init_ray
 from stal_ray.tune import SearchInterrupted, format_table, run_search
 
+# flags that stand for a setting
+SHORTCUTS = {"num_samples": "tune.num_samples", "max_iterations": "train.iterations",
+             "storage_path": "train.storage_path"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_tiny.yaml"
 
 
@@ -41,17 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.resume and not args.name:
         parser.error("--resume needs the --name of the search to finish")
     args.config = args.config or str(DEFAULT_CONFIG)
-    for flag, key in (("num_samples", "tune.num_samples"), ("max_iterations", "train.iterations"),
-                      ("storage_path", "train.storage_path")):
-        if getattr(args, flag) is not None:
-            args.overrides.append(f"{key}={getattr(args, flag)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, SHORTCUTS)
         init_ray()
         data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
         name = args.name or f"tune-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

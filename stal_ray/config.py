@@ -217,9 +217,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                             "values are parsed as YAML; repeatable, applied after --config")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The Config chosen by the arguments that add_config_arguments added."""
-    return load_config(getattr(args, "config", None), getattr(args, "overrides", None) or ())
+def config_from_args(args: argparse.Namespace, shortcuts: Mapping[str, str] | None = None) -> Config:
+    """The Config chosen by the arguments that add_config_arguments added. shortcuts maps a job's own flags
+    (argparse dest, e.g. "num_workers") to the setting they stand for ("train.num_workers"); a flag that was
+    given applies after every --set."""
+    overrides = list(getattr(args, "overrides", None) or ())
+    for dest, key in (shortcuts or {}).items():
+        if getattr(args, dest, None) is not None:
+            overrides.append(f"{key}={getattr(args, dest)}")
+    return load_config(getattr(args, "config", None), overrides)
 
 
 def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None) -> list[tuple[Mapping, str]]:

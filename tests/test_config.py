@@ -228,3 +228,16 @@ def test_argparse_helpers_build_config(tmp_path):
     config = config_from_args(args)
     assert (config.train.lr, config.train.iterations, config.eval.ranks) == (0.5, 9, [1])
     assert config_from_args(parser.parse_args([])) == Config()
+
+
+def test_job_flags_stand_for_settings_and_win_over_set():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--storage-path", default=None)
+    shortcuts = {"num_workers": "train.num_workers", "storage_path": "train.storage_path"}
+    args = parser.parse_args(["--set", "train.num_workers=2", "--num-workers", "4"])
+    config = config_from_args(args, shortcuts)
+    assert config.train.num_workers == 4 and config.train.storage_path is None
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        config_from_args(parser.parse_args(["--num-workers", "0"]), shortcuts)
