@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
-from stal_ray.data.source import resolve_data
+from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import init_ray
 from stal_ray.train.trainer import NonFiniteLossError, train
@@ -26,9 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    parser.add_argument("--data", metavar="URI", default=None,
-                        help="prepared shards (jobs/prepare_mars.py), local or s3:// "
-                             "(default: data.root, else the embedded synthetic data set)")
+    add_data_arguments(parser)
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
     parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--storage-path", metavar="URI", default=None,
@@ -36,7 +34,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "on a multi-node cluster)")
     parser.add_argument("--name", default=None, help="run name; an existing run of this name is resumed "
                                                      "(default: stal-<backbone>-<time>)")
-    parser.add_argument("--endpoint-url", metavar="URL", default=None, help="S3-compatible endpoint")
     parser.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")
     args = parser.parse_args(argv)
     args.config = args.config or str(DEFAULT_CONFIG)

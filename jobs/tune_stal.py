@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
-from stal_ray.data.source import resolve_data
+from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import init_ray
 from stal_ray.tune import SearchInterrupted, format_table, run_search
@@ -28,9 +28,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    parser.add_argument("--data", metavar="URI", default=None,
-                        help="prepared shards (jobs/prepare_mars.py), local or s3:// "
-                             "(default: data.root, else the embedded synthetic data set)")
+    add_data_arguments(parser)
     parser.add_argument("--num-samples", type=int, default=None, help="trials (tune.num_samples)")
     # the training loop, like the paper (150000 iterations on MARS), counts iterations, not epochs
     parser.add_argument("--max-iterations", type=int, default=None,
@@ -39,7 +37,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where the search and its trials' runs go, local or s3:// (train.storage_path)")
     parser.add_argument("--name", default=None, help="search name (default: tune-<backbone>-<time>)")
     parser.add_argument("--resume", action="store_true", help="finish the interrupted search --name")
-    parser.add_argument("--endpoint-url", metavar="URL", default=None, help="S3-compatible endpoint")
     args = parser.parse_args(argv)
     if args.resume and not args.name:
         parser.error("--resume needs the --name of the search to finish")

@@ -1,5 +1,7 @@
 """Which prepared data set a job reads: the URI it was given, or the embedded synthetic one."""
 
+import argparse
+
 from stal_ray.data import shards, storage
 from stal_ray.data.synthetic import ensure_synthetic_shards
 
@@ -19,3 +21,11 @@ def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
                 f"{uri} --out DIR` once, then pass --data DIR") from None
         raise
     return uri
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data URI and --endpoint-url URL, as every job that reads prepared shards takes them."""
+    parser.add_argument("--data", metavar="URI", default=None,
+                        help="prepared shards (jobs/prepare_mars.py), local or s3:// "
+                             "(default: data.root, else the embedded synthetic data set)")
+    parser.add_argument("--endpoint-url", metavar="URL", default=None, help="S3-compatible endpoint")
