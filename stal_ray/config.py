@@ -23,6 +23,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # gathered parameters for every export, so it is not offered.
 ZERO_STAGES = (0, 1, 2)
 BRANCHES = ("fused", "global", "local")
+# which branches' terms of Eq. 3 train (the branch ablation of §IV-C2 trains each branch alone)
+TRAINED_BRANCHES = ("both", "global", "local")
 PROTOCOLS = ("official", "torchreid")
 SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
@@ -48,6 +50,10 @@ class ModelConfig:
     part_size: int = 8
     # ablation switch (paper §IV-C): "stal" both, "tan" temporal only, "san" spatial only, "baseline" all 1
     attention: str = "stal"
+    # BatchNorm after each STAN conv (see model.attention.STAN; false = the bare convs)
+    stan_batchnorm: bool = True
+    # the residual attention branch on the global branch (RAN, §III-B); false = the ablation without it
+    residual_attention: bool = True
 
 
 @dataclass
@@ -92,6 +98,9 @@ class TrainConfig:
     local_weight: float = 0.3
     # triplets inside a P×K batch: "batch_hard" (hardest positive and negative per anchor) or "all"
     mining: str = "batch_hard"
+    # terms of Eq. 3 to optimise: "both" (all), "global" (d_g triplet + softmax), "local" (λ·d_l triplet +
+    # consistency); the branch ablation of §IV-C2 trains each branch alone
+    branches: str = "both"
     # Ray Train workers (one per GPU when use_gpu)
     num_workers: int = 1
     # train on GPUs
@@ -482,6 +491,8 @@ _RULES: dict[str, _Rule] = {
     "model.keypoint_supervision": _at_least(0),
     "model.part_size": _int_at_least(1),
     "model.attention": _one_of(ATTENTION_MODES),
+    "model.stan_batchnorm": lambda v: None,
+    "model.residual_attention": lambda v: None,
     "data.root": _path_or_null,
     "data.seq_len": _int_at_least(1),
     "data.height": _int_at_least(16),
@@ -500,6 +511,7 @@ _RULES: dict[str, _Rule] = {
     "train.margin_local": _at_least(0),
     "train.local_weight": _at_least(0),
     "train.mining": _one_of(MINING),
+    "train.branches": _one_of(TRAINED_BRANCHES),
     "train.num_workers": _int_at_least(1),
     "train.use_gpu": lambda v: None,
     "train.zero_stage": _one_of(ZERO_STAGES),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stal_ray.config import MINING
+from stal_ray.config import MINING, TRAINED_BRANCHES
 
 
 def aggregate_temporal(f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,12 @@ class ObjectiveTerms:
 
 
 class STALObjective(nn.Module):
-    """Eq. 3: L_tri (Eq. 4, global + λ·local) + L_cls (Eq. 5) + C_cons (Eq. 6) [+ keypoint supervision]."""
+    """Eq. 3: L_tri (Eq. 4, global + λ·local) + L_cls (Eq. 5) + C_cons (Eq. 6) [+ keypoint supervision].
+
+    `branches` "global" keeps only the global branch's terms (d_g triplet, softmax), "local" only the local
+    branch's (λ·d_l triplet, consistency): each branch trained alone, as in the ablation of §IV-C2. Every
+    term is still computed and logged.
+    """
 
     def __init__(
         self,
@@ -121,10 +126,15 @@ class STALObjective(nn.Module):
         local_weight: float = 0.3,
         mining: str = "batch_hard",
         keypoint_weight: float = 0.0,
+        branches: str = "both",
     ):
         super().__init__()
         if mining not in MINING:
             raise ValueError(f"train.mining = {mining!r} is invalid: use one of {', '.join(MINING)}")
+        if branches not in TRAINED_BRANCHES:
+            allowed = ", ".join(TRAINED_BRANCHES)
+            raise ValueError(f"train.branches = {branches!r} is invalid: use one of {allowed}")
+        self.branches = branches
         self.margin_global, self.margin_local = margin_global, margin_local
         self.local_weight, self.mining, self.keypoint_weight = local_weight, mining, keypoint_weight
 
@@ -137,6 +147,7 @@ class STALObjective(nn.Module):
             local_weight=train.local_weight,
             mining=train.mining,
             keypoint_weight=config.model.keypoint_supervision,
+            branches=train.branches,
         )
 
     def forward(self, out, labels: torch.Tensor, keypoints: torch.Tensor | None = None) -> ObjectiveTerms:
@@ -149,6 +160,11 @@ class STALObjective(nn.Module):
         keypoint = out.g.new_zeros(())
         if self.keypoint_weight > 0 and keypoints is not None:
             keypoint = keypoint_loss(out.joints, keypoints, out.image_size)
-        triplet = triplet_global + self.local_weight * triplet_local  # Eq. 4
-        total = triplet + softmax + consistency + self.keypoint_weight * keypoint
+        global_terms = triplet_global + softmax  # Eq. 4's first sum, Eq. 5
+        local_terms = self.local_weight * triplet_local + consistency  # Eq. 4's second sum, Eq. 6
+        total = self.keypoint_weight * keypoint
+        if self.branches in ("both", "global"):
+            total = total + global_terms
+        if self.branches in ("both", "local"):
+            total = total + local_terms
         return ObjectiveTerms(triplet_global, triplet_local, softmax, consistency, keypoint, total)

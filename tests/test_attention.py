@@ -49,3 +49,17 @@ def test_clip_length_must_match():
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="model.attention"):
         STAN(C, (14, 14), T, R, "spatial")
+
+
+def test_batchnorm_follows_every_conv_unless_turned_off():
+    def norms(stan):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in stan.modules())
+
+    assert norms(STAN(C, (14, 14), T, R)) == 3
+    assert norms(STAN(C, (14, 14), T, R, batchnorm=False)) == 0
+
+
+def test_normalising_scores_that_all_underflowed_gives_zeros_not_nan():
+    from stal_ray.model.attention import normalize_scores
+
+    assert torch.equal(normalize_scores(torch.zeros(2, T, R)), torch.zeros(2, T, R))

@@ -170,6 +170,22 @@ def test_evaluation_chunks_cover_every_test_frame_once(ray_cluster, dataset_uri,
     assert covered == Counter({(t, f): 1 for t, n in lengths.items() for f in range(n)})
 
 
+def test_a_fixed_sequence_length_takes_that_many_frames_of_every_tracklet(ray_cluster, dataset_uri, config):
+    tables = [pq.read_table(path) for path in read_manifest(dataset_uri).paths("test")]
+    lengths = {row["tracklet"]: len(row["frames"]) for t in tables for row in t.to_pylist()}
+    length = T + 1  # two chunks, the second with one real frame
+
+    def frames_used(seed):
+        used = Counter()
+        for row in evaluation_dataset(dataset_uri, config, sequence_length=length, seed=seed).iter_rows():
+            used[row["tracklet"]] += row["valid"]
+            if row["chunk"] == 1:
+                assert row["valid"] == 1 and (row["clips"] == row["clips"][:1]).all()  # padded by its frame
+        return used
+
+    assert frames_used(0) == {t: length for t in lengths}
+
+
 @pytest.fixture(scope="module")
 def split(dataset_uri):
     return ensure_validation_split(dataset_uri, 0.25, seed=0)

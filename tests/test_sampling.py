@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stal_ray.data.sampling import identity_groups, restricted_random_sample
+from stal_ray.data.sampling import identity_groups, restricted_random_sample, sequence_of_length
 
 
 def frames_of(lengths: list[int]) -> np.ndarray:
@@ -71,3 +71,14 @@ def test_identity_with_fewer_than_t_frames():
     groups = identity_groups(frames_of([2, 3]), 4, 8, np.random.default_rng(6))
     assert len(groups) == 1 and groups[0].shape == (4, 8)
     assert (groups[0] < 5).all() and (np.diff(groups[0], axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("num_frames, length", [(30, 8), (8, 8), (5, 8), (1, 4)])
+def test_a_sequence_of_length_l_is_drawn_as_the_paper_tests_sequence_lengths(num_frames, length):
+    positions = sequence_of_length(num_frames, length, np.random.default_rng(0))
+    assert len(positions) == length and (np.diff(positions) >= 0).all()
+    assert positions.min() >= 0 and positions.max() < num_frames
+    if num_frames >= length:  # L distinct frames
+        assert len(set(positions.tolist())) == length
+    else:  # every frame, the rest repeats
+        assert set(positions.tolist()) == set(range(num_frames))

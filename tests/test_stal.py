@@ -134,3 +134,52 @@ def test_the_default_configuration_builds_a_working_model():
     t, h, w = config.data.seq_len, config.data.height, config.data.width
     out = model(torch.randn(2, t, 3, h, w), canonical_joints((h, w)).expand(2, t, -1, -1))
     assert out.f.shape == (2, t, 6, config.model.feature_dim) and out.global_logits.shape == (2, 3)
+
+
+def branch_gradients(branches: str) -> dict[str, bool]:
+    """Which parts of the network a P×K batch's loss reaches when only `branches` train."""
+    torch.manual_seed(0)
+    model = tiny_model(num_classes=4)
+    clips, labels = torch.randn(8, 2, 3, 64, 32), torch.arange(4).repeat_interleave(2)
+    terms = STALObjective(branches=branches)(model(clips), labels)
+    terms.total.backward()
+
+    def reached(module) -> bool:
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert terms.total.item() > 0
+    return {"global": reached(model.global_classifier) and reached(model.ran),
+            "local": reached(model.part_classifiers) and reached(model.part_networks),
+            "stan": reached(model.stan)}
+
+
+@pytest.mark.parametrize("branches, expected", [
+    ("both", {"global": True, "local": True, "stan": True}),
+    ("global", {"global": True, "local": False, "stan": False}),
+    ("local", {"global": False, "local": True, "stan": True}),
+])
+def test_a_branch_trained_alone_is_the_only_one_that_learns(branches, expected):
+    assert branch_gradients(branches) == expected
+
+
+def test_the_terms_of_the_untrained_branch_are_still_reported():
+    torch.manual_seed(0)
+    model = tiny_model(num_classes=4)
+    out, labels = model(torch.randn(8, 2, 3, 64, 32)), torch.arange(4).repeat_interleave(2)
+    both = STALObjective(branches="both")(out, labels)
+    alone = STALObjective(branches="global")(out, labels)
+    assert torch.allclose(alone.total, both.triplet_global + both.softmax)
+    assert alone.triplet_local == both.triplet_local and alone.consistency == both.consistency
+    with pytest.raises(ValueError, match="train.branches"):
+        STALObjective(branches="parts")
+
+
+def test_without_residual_attention_the_global_branch_reads_the_low_level_map():
+    torch.manual_seed(0)
+    model = STAL(backbone="tiny", num_classes=4, seq_len=2, image_size=(64, 32), feature_dim=32,
+                 pose_source="prior", residual_attention=False)
+    assert isinstance(model.ran, torch.nn.Identity)
+    clips = torch.randn(3, 2, 3, 64, 32)
+    out = model(clips)
+    low = model.backbone.low(clips.flatten(0, 1))
+    assert torch.allclose(out.g_frames.flatten(0, 1), model.backbone.high(low))

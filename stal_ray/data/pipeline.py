@@ -29,7 +29,7 @@ from ray.data.expressions import col
 
 from stal_ray.data import shards, storage
 from stal_ray.data.images import decode_frames_with_sizes
-from stal_ray.data.sampling import identity_groups
+from stal_ray.data.sampling import identity_groups, sequence_of_length
 
 if TYPE_CHECKING:
     import torch
@@ -114,14 +114,22 @@ def _expand_held_out_identity(row: dict[str, Any], *, seq_len: int,
     return out
 
 
-def _expand_tracklet(row: dict[str, Any], *, seq_len: int) -> list[dict[str, Any]]:
-    """One test tracklet row -> chunks of T consecutive frames, the last padded with its last frame."""
+def _expand_tracklet(row: dict[str, Any], *, seq_len: int, length: int | None = None,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """One test tracklet row -> chunks of T consecutive frames, the last padded with its last frame.
+
+    With `length`, only a sequence of that many frames is used (sampling.sequence_of_length, drawn from
+    (seed, tracklet)), in chunks of T the same way."""
     frames = row["frames"]
     keypoints = _keypoint_rows(row.get("keypoints"), len(frames))
+    positions = np.arange(len(frames))
+    if length is not None:
+        rng = np.random.default_rng([seed, int(row["tracklet"])])
+        positions = sequence_of_length(len(frames), length, rng)
     out = []
-    for chunk, start in enumerate(range(0, len(frames), seq_len)):
-        valid = min(seq_len, len(frames) - start)
-        chosen = np.minimum(np.arange(start, start + seq_len), start + valid - 1)
+    for chunk, start in enumerate(range(0, len(positions), seq_len)):
+        valid = min(seq_len, len(positions) - start)
+        chosen = positions[np.minimum(np.arange(start, start + seq_len), start + valid - 1)]
         out.append({
             "tracklet": int(row["tracklet"]),
             "identity": int(row["identity"]),
@@ -267,13 +275,18 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
     return _decode(ds, data, (data.clips_per_identity, data.seq_len))
 
 
-def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None) -> ray.data.Dataset:
+def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None,
+                       sequence_length: int | None = None, seed: int = 0) -> ray.data.Dataset:
     """Rows = chunks of T consecutive frames of a test tracklet (all of its frames, the last chunk padded by
     repeating its last frame; `valid` says how many are real): clips uint8 (T, H, W, 3), keypoints
-    (T, 14, 3), has_keypoints, tracklet, identity, camera, is_query, chunk, valid, corrupt_frames."""
+    (T, 14, 3), has_keypoints, tracklet, identity, camera, is_query, chunk, valid, corrupt_frames.
+
+    sequence_length L: each tracklet contributes L frames instead of all of them, drawn as the paper's
+    sequence-length test does (sampling.sequence_of_length; the same seed, the same frames)."""
     data = config.data
     ds = _read(uri, "test", None, endpoint_url=endpoint_url)
-    ds = ds.flat_map(_expand_tracklet, fn_kwargs=dict(seq_len=data.seq_len))
+    ds = ds.flat_map(_expand_tracklet,
+                     fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed))
     return _decode(ds, data, (data.seq_len,))
 
 

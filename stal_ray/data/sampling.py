@@ -19,6 +19,17 @@ def restricted_random_sample(num_frames: int, seq_len: int, rng: np.random.Gener
     return rng.integers(bounds[:-1], bounds[1:])
 
 
+def sequence_of_length(num_frames: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """`length` sorted frame indices of a tracklet, as the paper's sequence-length test picks them (§IV-D4):
+    a tracklet longer than `length` gives `length` random frames; a shorter one all of its frames plus
+    random repeats of them up to `length`."""
+    if num_frames < 1 or length < 1:
+        raise ValueError(f"need num_frames >= 1 and length >= 1, got {num_frames}, {length}")
+    if num_frames >= length:
+        return np.sort(rng.choice(num_frames, length, replace=False))
+    return np.sort(np.concatenate([np.arange(num_frames), rng.integers(0, num_frames, length - num_frames)]))
+
+
 def _allocate(frames: np.ndarray, clips: int, cap: int | None) -> np.ndarray:
     """Clips per tracklet, proportional to its frames (largest remainder), at most `cap` each when given."""
     # one clip per tracklet first, so an epoch sees every tracklet; the rest in proportion to frames

@@ -6,11 +6,16 @@ import torch
 from torch import nn
 
 from stal_ray.config import ATTENTION_MODES
+from stal_ray.model.backbones import ConvBNReLU
 
 
 class STAN(nn.Module):
     """7×7 conv, two 3×3 convs, 7×7 max-pool, FC to T×R, sigmoid, L1 normalisation over the T×R map.
 
+    With `batchnorm` (the default) each conv is followed by BatchNorm, as every conv of the backbones is. The
+    paper does not say; without it the scores stayed within 0.5 ± 0.05 on occluded synthetic data (the
+    conv outputs, and so the FC's logits, start tiny), and a larger STAN learning rate instead pushed them
+    to 0 or 1 within 50 steps, not tracking occlusion. With it occluded units score lower than clean ones.
     It reads the low-level maps of all T frames of a clip; the FC sees the whole clip, so it can rank frames.
     `mode` reproduces the paper's ablation: "stal" (both), "tan" (temporal scores only: one score per frame),
     "san" (spatial scores only: one per part), "baseline" (all scores equal).
@@ -24,6 +29,7 @@ class STAN(nn.Module):
         num_parts: int,
         mode: str = "stal",
         widths: tuple[int, int, int] = (32, 32, 32),
+        batchnorm: bool = True,
     ):
         super().__init__()
         if mode not in ATTENTION_MODES:
@@ -33,15 +39,13 @@ class STAN(nn.Module):
         if mode == "baseline":  # no parameters that would never receive a gradient
             return
         c1, c2, c3 = widths
-        self.texture = nn.Sequential(
-            nn.Conv2d(channels, c1, 7, padding=3),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c2, c3, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(7, stride=7, ceil_mode=True),
-        )
+        layers = []
+        for cin, cout, kernel in ((channels, c1, 7), (c1, c2, 3), (c2, c3, 3)):
+            if batchnorm:
+                layers.append(ConvBNReLU(cin, cout, kernel, padding=kernel // 2, bias=False))
+            else:
+                layers += [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.ReLU(inplace=True)]
+        self.texture = nn.Sequential(*layers, nn.MaxPool2d(7, stride=7, ceil_mode=True))
         pooled = math.ceil(map_size[0] / 7) * math.ceil(map_size[1] / 7)
         self.scores = nn.Linear(seq_len * c3 * pooled, seq_len * num_parts)
 
@@ -70,5 +74,10 @@ class STAN(nn.Module):
 
 
 def normalize_scores(scores: torch.Tensor) -> torch.Tensor:
-    """The L1 normalisation over each clip's T×R map: (B, T, R) positive -> a, summing to 1 per clip."""
-    return scores / scores.sum(dim=(1, 2), keepdim=True)
+    """The L1 normalisation over each clip's T×R map: (B, T, R) positive -> a, summing to 1 per clip.
+
+    A map whose sigmoids all underflowed to 0 (possible in bf16) is divided by the smallest normal number
+    instead of 0: all zeros then, never NaN.
+    """
+    total = scores.sum(dim=(1, 2), keepdim=True)
+    return scores / total.clamp_min(torch.finfo(scores.dtype).tiny)

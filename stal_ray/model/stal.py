@@ -38,15 +38,19 @@ class STAL(nn.Module):
         pose_source: str = "learned",
         attention: str = "stal",
         part_size: int = 8,
+        stan_batchnorm: bool = True,
+        residual_attention: bool = True,
     ):
         super().__init__()
         self.seq_len, self.image_size, self.part_size = seq_len, tuple(image_size), part_size
         self.backbone = build_backbone(backbone)
         channels = self.backbone.low_channels
-        self.ran = ResidualAttention(channels)
+        # without RAN (the §IV-C2 ablation) the global branch reads the low-level map as it is
+        self.ran = ResidualAttention(channels) if residual_attention else nn.Identity()
         self.pose = PoseSource(pose_source, channels)
         self.part_networks = self.backbone.part_networks(NUM_PARTS, feature_dim)
-        self.stan = STAN(channels, self._low_map_size(), seq_len, NUM_PARTS, attention)
+        self.stan = STAN(channels, self._low_map_size(), seq_len, NUM_PARTS, attention,
+                         batchnorm=stan_batchnorm)
         self.global_classifier = self.part_classifiers = None
         if num_classes > 0:
             self.global_classifier = nn.Linear(self.backbone.global_dim, num_classes)
@@ -65,6 +69,8 @@ class STAL(nn.Module):
             pose_source=model.pose_source,
             attention=model.attention,
             part_size=model.part_size,
+            stan_batchnorm=model.stan_batchnorm,
+            residual_attention=model.residual_attention,
         )
         if model.pretrained:
             stal.load_pretrained(model.pretrained)
