@@ -215,6 +215,11 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     return _build([(d, "dict")])
 
 
+def with_overrides(config: "Config", overrides: Sequence[str], source: str = "override") -> "Config":
+    """A copy of config with `section.key=value` overrides on top, checked as load_config checks them."""
+    return _build([(config.to_dict(), "config")] + [(_parse_override(o), source) for o in overrides])
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config PATH and repeatable --set KEY=VALUE (stored in args.config and args.overrides)."""
     group = parser.add_argument_group("configuration")

@@ -245,14 +245,14 @@ def sample_tracklets(feature_set: FeatureSet, count: int) -> list[int]:
     return chosen
 
 
-def extract_features(dataset: ray.data.Dataset, model_path: str, *, batch_size: int = 32,
-                     use_gpu: bool | None = None, concurrency: int = 1, num_cpus: float = 1,
-                     keep_scores_for: int = 0) -> FeatureSet:
-    """Features of every tracklet of an evaluation_dataset (or validation_dataset) with the model file at
-    `model_path` (stal_ray.model.export; readable from every node). batch_size: chunks per model call;
-    use_gpu: one GPU per actor (default: when the cluster has GPUs); concurrency: actors; num_cpus: CPUs
-    per actor (Ray sets the actor's OMP_NUM_THREADS, i.e. PyTorch's threads, to it); keep_scores_for:
-    tracklets whose per-frame attention scores are kept (chosen by sample_tracklets)."""
+def chunk_stream(dataset: ray.data.Dataset, model_path: str, *, batch_size: int = 32,
+                 use_gpu: bool | None = None, concurrency: int = 1, num_cpus: float = 1,
+                 udf: type[ChunkFeatures] = ChunkFeatures) -> ray.data.Dataset:
+    """The chunk_sums rows of an evaluation_dataset (or validation_dataset), computed by `udf` actors (the
+    ChunkFeatures class or a subclass adding columns) with the model file at `model_path`
+    (stal_ray.model.export; readable from every node). batch_size: chunks per model call; use_gpu: one GPU
+    per actor (default: when the cluster has GPUs); concurrency: actors; num_cpus: CPUs per actor (Ray
+    sets the actor's OMP_NUM_THREADS, i.e. PyTorch's threads, to it)."""
     gpus = ray.cluster_resources().get("GPU", 0)
     if use_gpu is None:
         use_gpu = gpus > 0
@@ -261,13 +261,21 @@ def extract_features(dataset: ray.data.Dataset, model_path: str, *, batch_size: 
         logger.warning("extract_features(use_gpu=True) on a Ray cluster with no GPU now: the actors wait "
                        "until one joins (pass use_gpu=False to run on CPU)")
     resources = {"num_gpus": 1, "num_cpus": num_cpus} if use_gpu else {"num_cpus": num_cpus}
-    sums = dataset.map_batches(
-        ChunkFeatures, fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu},
+    return dataset.map_batches(
+        udf, fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
         udf_modifying_row_count=False, **resources)
+
+
+def extract_features(dataset: ray.data.Dataset, model_path: str, *, keep_scores_for: int = 0,
+                     **stream_options) -> FeatureSet:
+    """Features of every tracklet of an evaluation_dataset (or validation_dataset) with the model file at
+    `model_path`; stream_options as chunk_stream's; keep_scores_for: tracklets whose per-frame attention
+    scores are kept (chosen by sample_tracklets)."""
     totals = TrackletSums()
     # summed as the chunks stream in: the per-chunk rows of a MARS-sized test set would not fit in memory
-    for batch in sums.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in chunk_stream(dataset, model_path, **stream_options).iter_batches(batch_size=None,
+                                                                                batch_format="numpy"):
         totals.add(batch)
     return totals.result(keep_scores_for)
 

@@ -79,7 +79,8 @@ def format_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _save(figure, path: str) -> str:
+def save_figure(figure, path: str) -> str:
+    """A matplotlib figure as a PNG at `path` (local or fsspec URL), closed; returns the path."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -98,7 +99,7 @@ def plot_cmc(path: str, results: Mapping, max_rank: int = CMC_RANKS_PLOTTED) -> 
     axes.set_xticks([1, 5, 10, 15, 20] if max_rank == 20 else range(1, max_rank + 1))
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def shown_frames(num_frames: int, count: int = FRAMES_SHOWN) -> np.ndarray:
@@ -108,16 +109,18 @@ def shown_frames(num_frames: int, count: int = FRAMES_SHOWN) -> np.ndarray:
 
 def plot_attention(path: str, sample_scores: Mapping[int, np.ndarray],
                    frames: Mapping[int, np.ndarray] | None = None,
-                   captions: Mapping[int, str] | None = None) -> str:
+                   captions: Mapping[int, str] | None = None,
+                   marks: Mapping[int, np.ndarray] | None = None) -> str:
     """Fig. 12: per sampled tracklet, its attention scores as a heat map (rows: the body parts, columns: the
-    frames), under its frames at shown_frames positions when given. scores (n_frames, R) per tracklet."""
-    frames, captions = frames or {}, captions or {}
+    frames), under its frames at shown_frames positions when given. scores (n_frames, R) per tracklet;
+    marks (n_frames, R) bool per tracklet: units drawn with a cross (e.g. parts known to be hidden)."""
+    frames, captions, marks = frames or {}, captions or {}, marks or {}
     tracklets = list(sample_scores)
     if not tracklets:  # still a file, so the report always has its three pictures
         figure, axes = plt.subplots(figsize=(4, 1))
         axes.axis("off")
         axes.text(0.5, 0.5, "no attention scores sampled", ha="center", va="center")
-        return _save(figure, path)
+        return save_figure(figure, path)
     heights = []
     for tracklet in tracklets:
         heights += ([1.4] if tracklet in frames else []) + [1.0]
@@ -144,6 +147,9 @@ def plot_attention(path: str, sample_scores: Mapping[int, np.ndarray],
         # columns centred on frame numbers 1..n, as the frames above are numbered
         image = axes.imshow(scores.T, aspect="auto", cmap="viridis", interpolation="nearest",
                             extent=(0.5, count + 0.5, parts - 0.5, -0.5))
+        if tracklet in marks:
+            frame, part = np.nonzero(np.asarray(marks[tracklet]))
+            axes.scatter(frame + 1, part, marker="x", s=18, c="red", linewidths=1)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
         axes.set_yticks(range(parts), names if parts == len(names) else range(1, parts + 1),
                         fontsize="x-small")
@@ -152,4 +158,4 @@ def plot_attention(path: str, sample_scores: Mapping[int, np.ndarray],
         if title:
             axes.set_title(title, fontsize="small")
         figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01)
-    return _save(figure, path)
+    return save_figure(figure, path)

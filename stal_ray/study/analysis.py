@@ -1,0 +1,121 @@
+"""The study's measurements: pure functions of extracted features and unit scores, one per figure."""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stal_ray.evaluate.distance import branch_distances, fuse
+from stal_ray.evaluate.features import FeatureSet
+from stal_ray.evaluate.ranking import RankingResult, evaluate_ranking, query_gallery_split
+from stal_ray.model.parts import PART_NAMES
+from stal_ray.objective import euclidean_distance
+from stal_ray.study.units import UnitScores
+
+ATTENTION_MODES = ("baseline", "tan", "san", "stal")  # §IV-C1, Table II's rows
+
+
+class Ranker:
+    """Query/gallery split of one FeatureSet under a protocol, and ranking of any distance over it."""
+
+    def __init__(self, feature_set: FeatureSet, protocol: str = "official",
+                 ranks: Sequence[int] = (1, 5, 10, 20)):
+        self.feature_set, self.ranks = feature_set, tuple(ranks)
+        self.query, self.gallery = query_gallery_split(feature_set.identity, feature_set.camera,
+                                                       feature_set.is_query, protocol)
+        self.ids = (feature_set.identity[self.query], feature_set.identity[self.gallery],
+                    feature_set.camera[self.query], feature_set.camera[self.gallery])
+
+    def rank(self, distance: torch.Tensor) -> RankingResult:
+        return evaluate_ranking(distance, *self.ids, ranks=self.ranks)
+
+    def mode(self, mode: str, alpha: float) -> RankingResult:
+        """A distance mode of the evaluation (stal, baseline, tan, san, global, local) at fusion rate α."""
+        attention = "stal" if mode in ("global", "local") else mode
+        d_l, d_g = branch_distances(self.feature_set.features[self.query],
+                                    self.feature_set.features[self.gallery], attention)
+        return self.rank(fuse(d_l, d_g, mode, alpha))
+
+
+def attention_ablation(ranker: Ranker, alpha: float) -> dict[str, RankingResult]:
+    """§IV-C1: the same trained model ranked without attention, with temporal or spatial only, and both."""
+    return {mode: ranker.mode(mode, alpha) for mode in ATTENTION_MODES}
+
+
+def per_part(ranker: Ranker) -> dict[str, RankingResult]:
+    """Fig. 7: each body part's attention-aggregated feature (Eq. 9) alone, then all parts weighted (d_l)."""
+    f = ranker.feature_set.features.f_attended
+    results = {name: ranker.rank(euclidean_distance(f[ranker.query, r], f[ranker.gallery, r]))
+               for r, name in enumerate(PART_NAMES)}
+    results["all parts (d_l)"] = ranker.mode("local", 0.0)
+    return results
+
+
+def fusion_rates(ranker: Ranker, rates: Sequence[float]) -> dict[float, RankingResult]:
+    """Fig. 8: d_l + α·d_g for every α; d_l and d_g computed once."""
+    d_l, d_g = branch_distances(ranker.feature_set.features[ranker.query],
+                                ranker.feature_set.features[ranker.gallery], "stal")
+    return {float(alpha): ranker.rank(fuse(d_l, d_g, "stal", float(alpha))) for alpha in rates}
+
+
+def sequence_lengths(feature_sets: Mapping[str, FeatureSet], alpha: float,
+                     protocol: str = "official") -> tuple[list[str], np.ndarray]:
+    """Fig. 11: rank-1 of queries of length L_q against galleries of length L_g, every pair of the
+    extractions given (label -> FeatureSet of the same tracklets). Returns (labels, (L_q, L_g) rank-1)."""
+    labels = list(feature_sets)
+    rankers = {label: Ranker(feature_sets[label], protocol, ranks=(1,)) for label in labels}
+    first = rankers[labels[0]]
+    for label, ranker in rankers.items():
+        if not np.array_equal(ranker.feature_set.tracklet, first.feature_set.tracklet):
+            raise ValueError(f"sequence length {label}: another set of tracklets than {labels[0]}")
+    grid = np.zeros((len(labels), len(labels)))
+    for i, query_label in enumerate(labels):
+        query = feature_sets[query_label].features[first.query]
+        for j, gallery_label in enumerate(labels):
+            d_l, d_g = branch_distances(query, feature_sets[gallery_label].features[first.gallery], "stal")
+            grid[i, j] = first.rank(fuse(d_l, d_g, "stal", alpha)).cmc[1]
+    return labels, grid
+
+
+@dataclass
+class OcclusionSummary:
+    """Mean relative score (1 = the tracklet's average unit) of hidden and visible units."""
+
+    hidden_mean: float
+    visible_mean: float
+    hidden_units: int
+    visible_units: int
+    # tracklets with both kinds of unit, and among them those whose hidden units score lower on average
+    tracklets_compared: int
+    tracklets_lower: int
+    # per part: (visible mean, hidden mean, hidden units), NaN where the part is never hidden
+    by_part: dict[str, tuple[float, float, int]]
+
+
+def occlusion_summary(units: UnitScores) -> OcclusionSummary:
+    """Do hidden units get lower attention than visible ones? Over all units, per tracklet and per part."""
+    hidden, score = units.hidden, units.score
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.mean()) if len(values) else float("nan")
+
+    compared = lower = 0
+    for tracklet in np.unique(units.tracklet[hidden]):
+        rows = units.tracklet == tracklet
+        if (rows & ~hidden).any():
+            compared += 1
+            lower += score[rows & hidden].mean() < score[rows & ~hidden].mean()
+    by_part = {name: (mean(score[(units.part == r) & ~hidden]), mean(score[(units.part == r) & hidden]),
+                      int(((units.part == r) & hidden).sum())) for r, name in enumerate(PART_NAMES)}
+    return OcclusionSummary(hidden_mean=mean(score[hidden]), visible_mean=mean(score[~hidden]),
+                            hidden_units=int(hidden.sum()), visible_units=int((~hidden).sum()),
+                            tracklets_compared=compared, tracklets_lower=int(lower), by_part=by_part)
+
+
+def most_occluded(units: UnitScores, count: int) -> list[int]:
+    """Up to `count` tracklets with the largest share of hidden units (Fig. 12's examples), ties by id."""
+    tracklets, inverse = np.unique(units.tracklet, return_inverse=True)
+    share = np.bincount(inverse, weights=units.hidden) / np.bincount(inverse)
+    order = np.lexsort((tracklets, -share))
+    return [int(tracklets[i]) for i in order[:count] if share[i] > 0]

@@ -1,0 +1,111 @@
+"""The whole study: train the variants, extract their test features, measure, plot, write report.md."""
+
+import json
+import time
+
+from stal_ray.config import Config
+from stal_ray.data import storage
+from stal_ray.data.pipeline import evaluation_dataset
+from stal_ray.evaluate.features import extract_features, tracklet_frames
+from stal_ray.evaluate.report import plot_attention, plot_cmc, shown_frames, write_bytes
+from stal_ray.study import analysis, figures
+from stal_ray.study.report import StudyResults, write_report
+from stal_ray.study.units import extract_with_units
+from stal_ray.study.variants import VARIANTS, train_variants
+
+# Fig. 11's lengths (the paper goes to 128 on iLIDS-VID; None = every frame of the tracklet)
+SEQUENCE_LENGTHS = (1, 2, 4, 8, 16, None)
+FUSION_RATES = tuple(round(0.1 * i, 1) for i in range(11))  # Fig. 8: 0 to 1 by 0.1
+ATTENTION_EXAMPLES = 4  # tracklets in the Fig. 12 figure
+REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
+
+
+def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url: str | None = None,
+              sequence_lengths=SEQUENCE_LENGTHS, fusion_rates=FUSION_RATES) -> str:
+    """Run every step into `out` and return the path of report.md. `command` is recorded in the report."""
+    start = time.perf_counter()
+    trained = train_variants(config, data, out, endpoint_url=endpoint_url, variants=VARIANTS)
+    stream = dict(batch_size=config.eval.batch_size, use_gpu=config.train.use_gpu or None)
+    alpha, protocol = config.eval.fusion_rate, config.eval.protocol
+
+    def test_split(**options):
+        return evaluation_dataset(data, config, endpoint_url=endpoint_url, **options)
+
+    print("study: extracting test features", flush=True)
+    features, units = {}, {}
+    for name, variant in trained.items():
+        if name in ("stal", "stan_no_bn"):  # the occlusion comparison needs their unit scores
+            features[name], units[name] = extract_with_units(test_split(), variant.model_path, **stream)
+        else:
+            features[name] = extract_features(test_split(), variant.model_path, **stream)
+    rankers = {name: analysis.Ranker(feature_set, protocol) for name, feature_set in features.items()}
+    stal = rankers["stal"]
+
+    results = StudyResults(data=data, command=command, config=config, alpha=alpha, protocol=protocol,
+                           num_query=len(stal.query), num_gallery=len(stal.gallery),
+                           identities=len(set(stal.ids[0].tolist()) | set(stal.ids[1].tolist()) - {-1, 0}),
+                           train_seconds={n: v.seconds for n, v in trained.items()})
+    results.attention = analysis.attention_ablation(stal, alpha)
+    results.branches = {
+        "global branch trained alone": rankers["global_alone"].mode("global", alpha),
+        "local branch trained alone": rankers["local_alone"].mode("local", alpha),
+        "global branch of STAL": stal.mode("global", alpha),
+        "local branch of STAL": stal.mode("local", alpha),
+        "STAL without RAN": rankers["no_ran"].mode("stal", alpha),
+        "STAL": stal.mode("stal", alpha),
+    }
+    results.parts = analysis.per_part(stal)
+    results.fusion = analysis.fusion_rates(stal, fusion_rates)
+    results.occlusion = {name: analysis.occlusion_summary(u) for name, u in units.items()}
+    results.has_keypoints = units["stal"].has_keypoints
+    results.before_after = {name: analysis.attention_ablation(rankers[name], alpha)
+                            for name in ("stan_no_bn", "stal")}
+
+    print("study: sequence lengths", flush=True)
+    by_length = {}
+    for length in sequence_lengths:
+        label = "all" if length is None else str(length)
+        by_length[label] = features["stal"] if length is None else extract_features(
+            test_split(sequence_length=length, seed=config.train.seed), trained["stal"].model_path, **stream)
+    results.length_labels, results.length_grid = analysis.sequence_lengths(by_length, alpha, protocol)
+
+    figure = lambda name: storage.join(out, name)  # noqa: E731 - a path helper, not logic
+    plot_cmc(figure("attention_ablation.png"), results.attention)
+    plot_cmc(figure("branch_ablation.png"), results.branches)
+    plot_cmc(figure("parts_cmc.png"), results.parts)
+    figures.plot_part_attention(figure("parts_attention.png"), results.occlusion["stal"].by_part)
+    figures.plot_fusion_rates(figure("fusion_rate.png"), results.fusion, alpha)
+    figures.plot_sequence_lengths(figure("sequence_length.png"), results.length_labels, results.length_grid)
+    results.examples = _attention_maps(figure("attention_maps.png"), units["stal"], features["stal"], data,
+                                       config, endpoint_url)
+    results.seconds = time.perf_counter() - start
+    write_bytes(storage.join(out, RESULTS_FILE), json.dumps(results.to_json(), indent=2).encode())
+    return write_report(storage.join(out, REPORT_FILE), results)
+
+
+def _attention_maps(path, units, feature_set, data, config, endpoint_url) -> list[dict]:
+    """Fig. 12 for the tracklets with the most hidden units (any tracklets when nothing is known hidden)."""
+    chosen = analysis.most_occluded(units, ATTENTION_EXAMPLES) or sorted(set(units.tracklet.tolist()))[
+        :ATTENTION_EXAMPLES]
+    row_of = {t: i for i, t in enumerate(feature_set.tracklet.tolist())}
+    scores, hidden, captions, examples = {}, {}, {}, []
+    for tracklet in chosen:
+        scores[tracklet], hidden[tracklet] = units.tracklet_map(tracklet)
+        row = row_of[tracklet]
+        s, h = scores[tracklet], hidden[tracklet]
+        example = {"tracklet": tracklet, "identity": int(feature_set.identity[row]),
+                   "camera": int(feature_set.camera[row]), "frames": int(s.shape[0]),
+                   "hidden_units": int(h.sum()), "units": int(h.size),
+                   "hidden_mean": float(s[h].mean()) if h.any() else float("nan"),
+                   "visible_mean": float(s[~h].mean()) if (~h).any() else float("nan")}
+        examples.append(example)
+        captions[tracklet] = (f"identity {example['identity']}, camera {example['camera']}, tracklet "
+                              f"{tracklet}: "
+                              f"{example['hidden_units']} hidden units (x), mean score "
+                              f"{example['hidden_mean']:.2f} "
+                              f"vs {example['visible_mean']:.2f} visible")
+    positions = {t: shown_frames(len(s)) for t, s in scores.items()}
+    frames = tracklet_frames(data, positions, config.data.height, config.data.width,
+                             endpoint_url=endpoint_url)
+    plot_attention(path, scores, frames, captions, marks=hidden)
+    return examples

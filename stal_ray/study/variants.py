@@ -1,0 +1,51 @@
+"""The models the study trains: STAL and the variants its ablations compare (§IV-C2), each one Ray Train +
+DeepSpeed run of the same configuration with a few settings changed."""
+
+import time
+from dataclasses import dataclass
+
+from stal_ray.config import Config, with_overrides
+from stal_ray.data import storage
+from stal_ray.train.trainer import train
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # run name suffix and key in the report
+    description: str
+    overrides: tuple[str, ...]  # section.key=value on top of the study's configuration
+
+
+VARIANTS = (
+    Variant("stal", "STAL, every branch trained jointly", ()),
+    Variant("global_alone", "global branch trained alone", ("train.branches=global",)),
+    Variant("local_alone", "local branch trained alone", ("train.branches=local",)),
+    Variant("no_ran", "STAL without the residual attention branch", ("model.residual_attention=false",)),
+    Variant("stan_no_bn", "STAL, STAN without BatchNorm", ("model.stan_batchnorm=false",)),
+)
+
+
+@dataclass
+class TrainedVariant:
+    variant: Variant
+    config: Config
+    model_path: str
+    seconds: float  # wall time of its training run (0 when an earlier study had finished it)
+    metrics: dict  # its last training report
+
+
+def train_variants(config: Config, data: str, out: str, *, endpoint_url: str | None = None,
+                   variants: tuple[Variant, ...] = VARIANTS) -> dict[str, TrainedVariant]:
+    """Train every variant into <out>/runs/<name>; a run already there resumes (and a finished one only
+    writes its model again), so an interrupted study picks up where it stopped."""
+    runs = storage.join(out, "runs")
+    trained = {}
+    for variant in variants:
+        variant_config = with_overrides(config, (*variant.overrides, f"train.storage_path={runs}"),
+                                        source=f"study variant {variant.name}")
+        print(f"study: training {variant.name} ({variant.description})", flush=True)
+        start = time.perf_counter()
+        result = train(variant_config, data, name=variant.name, endpoint_url=endpoint_url)
+        trained[variant.name] = TrainedVariant(variant, variant_config, result.model_path,
+                                               time.perf_counter() - start, result.metrics)
+    return trained
