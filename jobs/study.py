@@ -17,7 +17,7 @@ from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.data.synthetic import ensure_synthetic_shards
 from stal_ray.ray_init import init_ray
-from stal_ray.study.run import run_study
+from stal_ray.study.run import SEQUENCE_LENGTHS, run_study
 from stal_ray.train.trainer import NonFiniteLossError
 
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
@@ -25,6 +25,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "study_occ
 # the synthetic data set of the study when no --data is given: like the paper's "polluted" data (Table VII),
 # most frames with an occluder, and enough test identities for the ablations to separate
 SYNTHETIC = dict(identities=60, test_identities=50, frames_per_tracklet=(10, 24))
+
+
+def _length(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a sequence length is a number of frames >= 1 or `all`, "
+                                         f"not {text!r}")
+    return int(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--occlusion", type=float, default=0.5,
                         help="share of occluded frames of the synthetic data set made when --data is "
                              "not given")
+    parser.add_argument("--sequence-lengths", nargs="+", metavar="L", type=_length,
+                        default=list(SEQUENCE_LENGTHS),
+                        help="frames per query and gallery tracklet in the Fig. 11 heat map; `all` = every "
+                             "frame (default: 1 2 4 8 16 all; the paper goes to 128 on long tracklets)")
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
     parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     args = parser.parse_args(argv)
@@ -56,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 else ensure_synthetic_shards(occlusion=args.occlusion, **SYNTHETIC))
         print(f"study on {data}, into {args.out}")
         command = "python jobs/study.py " + shlex.join(argv)
-        report = run_study(config, data, args.out, command=command, endpoint_url=args.endpoint_url)
+        report = run_study(config, data, args.out, command=command, endpoint_url=args.endpoint_url,
+                           sequence_lengths=args.sequence_lengths)
     except (ConfigError, StorageError, NonFiniteLossError) as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2

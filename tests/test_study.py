@@ -105,16 +105,32 @@ def test_unit_scores_are_relative_to_their_tracklet_and_skip_padding():
     assert units.hidden.sum() == 1 and units.has_keypoints
 
 
-def test_occlusion_summary_compares_hidden_and_visible_units():
-    units = UnitScores(tracklet=np.array([1, 1, 1, 1, 2, 2]), frame=np.array([0, 0, 1, 1, 0, 0]),
-                       part=np.array([0, 1, 0, 1, 0, 1]), score=np.array([0.5, 1.5, 1.2, 0.8, 1.4, 0.6]),
-                       hidden=np.array([True, False, False, False, False, True]), has_keypoints=True)
+def test_occlusion_summary_compares_hidden_units_with_visible_units_of_their_part():
+    # part 0: hidden 0.5 vs visible 1.0 (tracklet 1) and hidden 0.9 vs 1.2 (tracklet 2); part 1 never hidden,
+    # and high: it lifts the visible mean over all units, which the within-part figures leave out
+    units = UnitScores(tracklet=np.array([1, 1, 1, 2, 2, 2]), frame=np.array([0, 1, 0, 0, 1, 0]),
+                       part=np.array([0, 0, 1, 0, 0, 1]), score=np.array([0.5, 1.0, 1.5, 0.9, 1.2, 0.9]),
+                       raw=np.linspace(0.1, 0.6, 6),
+                       hidden=np.array([True, False, False, True, False, False]),
+                       has_keypoints=True)
     summary = analysis.occlusion_summary(units)
-    assert summary.hidden_mean == pytest.approx(0.55)
-    assert summary.visible_mean == pytest.approx((1.5 + 1.2 + 0.8 + 1.4) / 4)
-    assert (summary.tracklets_compared, summary.tracklets_lower) == (2, 2)
-    assert summary.by_part[PART_NAMES[0]] == pytest.approx(((1.2 + 1.4) / 2, 0.5, 1))
-    assert analysis.most_occluded(units, 1) == [2]  # half of its units hidden, against a quarter
+    assert summary.hidden_mean == pytest.approx(0.7)
+    assert summary.visible_mean == pytest.approx((1.0 + 1.5 + 1.2 + 0.9) / 4)
+    assert summary.by_part[PART_NAMES[0]] == pytest.approx(((1.0 + 1.2) / 2, 0.7, 2))
+    assert summary.within_part_ratio == pytest.approx(0.7 / 1.1)
+    assert (summary.pairs_compared, summary.pairs_lower) == (2, 2)
+    assert summary.raw_percentiles == pytest.approx((0.125, 0.575))
+    assert analysis.most_occluded(units, 1) == [1]  # a tie on share: the lower tracklet id first
+
+
+def test_paired_counts_say_how_many_queries_a_difference_rests_on():
+    fs = random_feature_set()
+    results = analysis.attention_ablation(analysis.Ranker(fs), alpha=0.3)
+    paired = analysis.paired_with(results, "baseline")
+    assert paired["baseline"] == (0, 0)
+    for mode, (better, worse) in paired.items():
+        difference = results[mode].average_precision - results["baseline"].average_precision
+        assert (better, worse) == ((difference > 1e-9).sum(), (difference < -1e-9).sum())
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +152,8 @@ def test_the_study_job_writes_every_table_and_figure(ray_cluster, occluded_shard
     settings = ["model.feature_dim=32", "data.seq_len=2", "data.height=32", "data.width=16",
                 "data.identities_per_batch=2", "data.decode_concurrency=1", "train.iterations=4",
                 "train.checkpoint_every=4", "train.log_every=2"]
-    argv = ["--data", occluded_shards, "--out", str(out)] + [a for s in settings for a in ("--set", s)]
+    argv = ["--data", occluded_shards, "--out", str(out), "--sequence-lengths", "1", "4", "all"]
+    argv += [a for s in settings for a in ("--set", s)]
     assert job.main(argv) == 0
     assert capsys.readouterr().out.strip().endswith(str(out / "report.md"))
 
@@ -153,9 +170,10 @@ def test_the_study_job_writes_every_table_and_figure(ray_cluster, occluded_shard
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["attention_ablation"]) == {"baseline", "tan", "san", "stal"}
+    assert set(results["attention_ablation_local"]) == {"baseline", "tan", "san", "stal"}
     assert len(results["branch_ablation"]) == 6 and len(results["fusion_rate_sweep"]) == 11
-    assert results["sequence_length"]["labels"] == ["1", "2", "4", "8", "16", "all"]
-    assert np.asarray(results["sequence_length"]["rank1"]).shape == (6, 6)
+    assert results["sequence_length"]["labels"] == ["1", "4", "all"]
+    assert np.asarray(results["sequence_length"]["rank1"]).shape == (3, 3)
     assert results["has_keypoints"] and results["occlusion"]["stal"]["hidden_units"] > 0
     # the same model through the evaluation job ranks the same
     metrics = evaluate(str(out / "runs" / "stal" / "model.pt"), occluded_shards, str(tmp_path / "eval"))

@@ -50,6 +50,7 @@ def test_two_workers_train_under_deepspeed(ray_cluster, shards_uri, tmp_path, ze
         assert torch.isfinite(torch.tensor(result.metrics[f"loss_{term}"]))
     assert result.metrics["lr"] == pytest.approx(0.01)
     assert 0 <= result.metrics["data_wait_share"] <= 1 and result.metrics["clips_per_s"] > 0
+    assert 0 < result.metrics["data_wait_share_run"] <= 1
     _, loaded_config, meta = load_model(result.model_path)
     assert loaded_config.train.zero_stage == zero_stage and meta["num_classes"] == 6
 

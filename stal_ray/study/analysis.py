@@ -80,37 +80,62 @@ def sequence_lengths(feature_sets: Mapping[str, FeatureSet], alpha: float,
 
 @dataclass
 class OcclusionSummary:
-    """Mean relative score (1 = the tracklet's average unit) of hidden and visible units."""
+    """Attention of hidden and visible units, as relative scores (1 = the tracklet's average unit).
+
+    Parts differ in how often they are hidden (an occluder hides limbs, rarely the head) and STAN also
+    learns how much each part is worth, so the all-units means mix the two; the within-part figures
+    compare a hidden unit only with visible units of the same part."""
 
     hidden_mean: float
     visible_mean: float
     hidden_units: int
     visible_units: int
-    # tracklets with both kinds of unit, and among them those whose hidden units score lower on average
-    tracklets_compared: int
-    tracklets_lower: int
+    # Σ_r n_hidden_r · (hidden mean_r / visible mean_r) / Σ_r n_hidden_r: < 1 when hidden units of a part
+    # score lower than its visible ones
+    within_part_ratio: float
+    # (tracklet, part) pairs with hidden and visible units, and among them those whose hidden units score
+    # lower on average
+    pairs_compared: int
+    pairs_lower: int
     # per part: (visible mean, hidden mean, hidden units), NaN where the part is never hidden
     by_part: dict[str, tuple[float, float, int]]
+    # 5th and 95th percentiles of the raw sigmoid scores: how far from uniform (0.5) the map is
+    raw_percentiles: tuple[float, float]
 
 
 def occlusion_summary(units: UnitScores) -> OcclusionSummary:
-    """Do hidden units get lower attention than visible ones? Over all units, per tracklet and per part."""
+    """Do hidden units get lower attention than visible ones? Over all units, per part and per pair."""
     hidden, score = units.hidden, units.score
 
     def mean(values: np.ndarray) -> float:
         return float(values.mean()) if len(values) else float("nan")
 
+    by_part = {name: (mean(score[(units.part == r) & ~hidden]), mean(score[(units.part == r) & hidden]),
+                      int(((units.part == r) & hidden).sum())) for r, name in enumerate(PART_NAMES)}
+    weighted = [(count, h / v) for v, h, count in by_part.values() if count and v > 0]
+    ratio = (sum(c * q for c, q in weighted) / sum(c for c, _ in weighted)) if weighted else float("nan")
     compared = lower = 0
-    for tracklet in np.unique(units.tracklet[hidden]):
-        rows = units.tracklet == tracklet
+    for tracklet, part in set(zip(units.tracklet[hidden].tolist(), units.part[hidden].tolist(), strict=True)):
+        rows = (units.tracklet == tracklet) & (units.part == part)
         if (rows & ~hidden).any():
             compared += 1
             lower += score[rows & hidden].mean() < score[rows & ~hidden].mean()
-    by_part = {name: (mean(score[(units.part == r) & ~hidden]), mean(score[(units.part == r) & hidden]),
-                      int(((units.part == r) & hidden).sum())) for r, name in enumerate(PART_NAMES)}
+    low, high = np.percentile(units.raw, [5, 95]) if len(units.raw) else (float("nan"), float("nan"))
     return OcclusionSummary(hidden_mean=mean(score[hidden]), visible_mean=mean(score[~hidden]),
                             hidden_units=int(hidden.sum()), visible_units=int((~hidden).sum()),
-                            tracklets_compared=compared, tracklets_lower=int(lower), by_part=by_part)
+                            within_part_ratio=float(ratio), pairs_compared=compared, pairs_lower=int(lower),
+                            by_part=by_part, raw_percentiles=(float(low), float(high)))
+
+
+def paired_with(results: Mapping[str, RankingResult], reference: str) -> dict[str, tuple[int, int]]:
+    """Per mode, the queries whose average precision is higher and lower than under `reference` (same
+    queries, same order): how many of the queries a difference in mAP rests on."""
+    base = np.asarray(results[reference].average_precision)
+    out = {}
+    for mode, result in results.items():
+        ap = np.asarray(result.average_precision)
+        out[mode] = (int((ap > base + 1e-9).sum()), int((ap < base - 1e-9).sum()))
+    return out
 
 
 def most_occluded(units: UnitScores, count: int) -> list[int]:

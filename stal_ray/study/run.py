@@ -43,9 +43,10 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
 
     results = StudyResults(data=data, command=command, config=config, alpha=alpha, protocol=protocol,
                            num_query=len(stal.query), num_gallery=len(stal.gallery),
-                           identities=len(set(stal.ids[0].tolist()) | set(stal.ids[1].tolist()) - {-1, 0}),
+                           identities=len((set(stal.ids[0].tolist()) | set(stal.ids[1].tolist())) - {-1, 0}),
                            train_seconds={n: v.seconds for n, v in trained.items()})
     results.attention = analysis.attention_ablation(stal, alpha)
+    results.attention_local = analysis.attention_ablation(stal, 0.0)  # d_l alone: where attention acts
     results.branches = {
         "global branch trained alone": rankers["global_alone"].mode("global", alpha),
         "local branch trained alone": rankers["local_alone"].mode("local", alpha),

@@ -43,6 +43,7 @@ class UnitScores:
     frame: np.ndarray  # (U,) int64, position in the tracklet's frames (all-frames extraction)
     part: np.ndarray  # (U,) int64, index into PART_NAMES
     score: np.ndarray  # (U,) float, the unit's sigmoid score over its tracklet's mean: 1 = average
+    raw: np.ndarray  # (U,) float, the sigmoid score itself, in (0, 1)
     hidden: np.ndarray  # (U,) bool, hidden_parts
     has_keypoints: bool  # the data set carries keypoints: `hidden` means something
 
@@ -78,10 +79,10 @@ def _units(chunks: list[dict[str, np.ndarray]]) -> UnitScores:
     real = np.arange(seq_len)[None, :] < merged["frames"][:, None]  # (C, T) not padding
     chunk, step, part = np.nonzero(np.broadcast_to(real[..., None], (count, seq_len, parts)))
     tracklet = merged["tracklet"][chunk].astype(np.int64)
-    score = merged["scores"][chunk, step, part].astype(np.float64)
+    raw = merged["scores"][chunk, step, part].astype(np.float64)
     # relative to the tracklet's mean score: STAN's scale is per clip, the comparison is within a tracklet
     _, inverse, sizes = np.unique(tracklet, return_inverse=True, return_counts=True)
-    score /= (np.bincount(inverse, weights=score) / sizes)[inverse]
+    score = raw / (np.bincount(inverse, weights=raw) / sizes)[inverse]
     return UnitScores(tracklet=tracklet, frame=merged["chunk"][chunk] * seq_len + step, part=part,
-                      score=score, hidden=merged["hidden"][chunk, step, part],
+                      score=score, raw=raw, hidden=merged["hidden"][chunk, step, part],
                       has_keypoints=bool(merged["has_keypoints"].any()))

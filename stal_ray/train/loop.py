@@ -58,14 +58,24 @@ class Meter:
     data_wait: float = 0.0
     step_time: float = 0.0
     losses: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
+    # since this worker started, carried into every next window: the data-wait share of the whole run, epoch
+    # starts included (a window's share depends on whether an epoch started in it)
+    run_data_wait: float = 0.0
+    run_step_time: float = 0.0
 
     def add(self, terms: dict[str, float], clips: int, data_wait: float, step_time: float) -> None:
         self.steps += 1
         self.clips += clips
         self.data_wait += data_wait
         self.step_time += step_time
+        self.run_data_wait += data_wait
+        self.run_step_time += step_time
         for name in LOSS_TERMS:
             self.losses[name] += terms[name]
+
+    def next_window(self) -> "Meter":
+        """Empty sums for the steps until the next report, the run's totals kept."""
+        return Meter(run_data_wait=self.run_data_wait, run_step_time=self.run_step_time)
 
 
 @dataclass
@@ -153,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step % config.train.checkpoint_every == 0 or state.step == iterations:
                 last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics,
                                        validator)
-                meter = Meter()
+                meter = meter.next_window()
         if exhausted:
             if trained_this_epoch == 0 and state.batches_into_epoch == 0:
                 raise RuntimeError(
@@ -163,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # the epoch's end is a checkpoint too: a resumed run starts the next epoch, not this one again
             state = LoopState(step=state.step, epoch=state.epoch + 1, batches_into_epoch=0)
             last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics, validator)
-            meter = Meter()
+            meter = meter.next_window()
 
     if rank == 0:
         save_model(storage.join(loop_config["run_dir"], MODEL_FILE), engine.module, config,
@@ -232,9 +242,10 @@ def _report(engine, state: LoopState, meter: Meter, scheduler, batches, device,
     steps = max(meter.steps, 1)
     names = list(LOSS_TERMS)
     totals = _sum([meter.losses[n] / steps for n in names] + [meter.data_wait, meter.step_time,
-                  float(batches.corrupt_frames), float(batches.skipped_groups)], device)
+                  float(batches.corrupt_frames), float(batches.skipped_groups), meter.run_data_wait,
+                  meter.run_step_time], device)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    data_wait, step_time, corrupt, skipped = totals[len(names):]
+    data_wait, step_time, corrupt, skipped, run_data_wait, run_step_time = totals[len(names):]
     metrics = {f"loss_{name}": value / world for name, value in zip(names, totals[:len(names)], strict=True)}
     if meter.steps == 0 and last_metrics:
         metrics = {key: value for key, value in last_metrics.items() if key.startswith(("loss_", "val_"))}
@@ -244,6 +255,7 @@ def _report(engine, state: LoopState, meter: Meter, scheduler, batches, device,
         iteration=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
         clips_per_s=meter.clips / max(meter.step_time, 1e-9),
         data_wait_share=data_wait / max(step_time, 1e-9),
+        data_wait_share_run=run_data_wait / max(run_step_time, 1e-9),
         corrupt_frames=int(corrupt), skipped_groups=int(skipped),
     )
     with tempfile.TemporaryDirectory() as directory:
