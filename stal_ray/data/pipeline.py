@@ -1,14 +1,15 @@
 """Ray Data pipelines over the prepared shards: identity-balanced training groups and evaluation chunks.
 
-Training: read_parquet of <uri>/train (one row per identity, files shuffled) -> flat_map cutting each identity
-into groups of K clips of T frames (data.sampling; only the chosen frames' JPEG bytes travel on) -> decoding
-CPU actors (data.images) -> the trainer's `training_batches`, which puts P groups of P distinct identities in
-a batch. Evaluation: every frame of every test tracklet, in chunks of T, decoded the same way. Validation
-(data.validation): the same chunks, cut from the training rows of the held-out identities, which training
-then leaves out (exclude_identities, a filter Ray Data pushes down into the Parquet scan).
+Training: the manifest's <uri>/train files in a seeded order per epoch, one read task each (one row per
+identity) -> each identity cut into groups of K clips of T frames (data.sampling; only the chosen frames'
+JPEG bytes travel on) -> decoding CPU tasks (data.images) -> the trainer's `training_batches`, which puts P
+groups of P distinct identities in a batch. Held-out identities (exclude_identities) are dropped by the
+Parquet reader. Evaluation: read_parquet of every frame of every test tracklet, in chunks of T, decoded the
+same way. Validation (data.validation): the same chunks, cut from the training rows of the held-out
+identities (a filter Ray Data pushes down into the Parquet scan).
 
 Read tasks run on any node of the cluster, whose environment may lack the driver's S3 endpoint and
-credentials: the filesystem handed to read_parquet carries them (see _read_filesystem).
+credentials: the filesystem handed to them carries them (see _read_filesystem).
 """
 
 import contextlib
@@ -24,7 +25,6 @@ import pyarrow.parquet as pq
 import ray.data
 import s3fs
 from botocore.credentials import RefreshableCredentials
-from ray.data import FileShuffleConfig
 from ray.data.expressions import col
 
 from stal_ray.data import shards, storage
@@ -143,30 +143,26 @@ def _expand_tracklet(row: dict[str, Any], *, seq_len: int, length: int | None = 
     return out
 
 
-class _Decoder:
-    """Ray Data actor: every row's frames -> uint8 (*clip_shape, H, W, 3), keypoints scaled to (H, W)."""
-
-    def __init__(self, height: int, width: int, clip_shape: tuple[int, ...]):
-        self.height, self.width, self.clip_shape = height, width, tuple(clip_shape)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = len(batch["frames"])
-        jpegs = [jpeg for frames in batch["frames"] for jpeg in frames]
-        images, ok, sizes = decode_frames_with_sizes(jpegs, self.height, self.width)
-        keypoints = np.stack(list(batch["keypoints"])).reshape(-1, JOINTS, 3).astype(np.float32)
-        # keypoints are in the stored frame's pixels: scale them to the resized frame
-        scale = np.where(sizes > 0, np.array([self.height, self.width]) / np.maximum(sizes, 1), 0.0)
-        keypoints[..., 0] *= scale[:, None, 1]
-        keypoints[..., 1] *= scale[:, None, 0]
-        has_keypoints = ~np.isnan(keypoints).reshape(rows, -1).all(axis=1)
-        # a frame without keypoints gets confidence 0, so it cannot pull the pose head
-        keypoints = np.nan_to_num(keypoints, nan=0.0)
-        out = {key: value for key, value in batch.items() if key not in ("frames", "keypoints")}
-        out["clips"] = images.reshape(rows, *self.clip_shape, self.height, self.width, 3)
-        out["keypoints"] = keypoints.reshape(rows, *self.clip_shape, JOINTS, 3)
-        out["has_keypoints"] = has_keypoints
-        out["corrupt_frames"] = (~ok).reshape(rows, -1).sum(axis=1)
-        return out
+def _decode_clips(batch: dict[str, np.ndarray], *, height: int, width: int,
+                  clip_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Ray Data task: every row's frames -> uint8 (*clip_shape, H, W, 3), keypoints scaled to (H, W)."""
+    rows = len(batch["frames"])
+    jpegs = [jpeg for frames in batch["frames"] for jpeg in frames]
+    images, ok, sizes = decode_frames_with_sizes(jpegs, height, width)
+    keypoints = np.stack(list(batch["keypoints"])).reshape(-1, JOINTS, 3).astype(np.float32)
+    # keypoints are in the stored frame's pixels: scale them to the resized frame
+    scale = np.where(sizes > 0, np.array([height, width]) / np.maximum(sizes, 1), 0.0)
+    keypoints[..., 0] *= scale[:, None, 1]
+    keypoints[..., 1] *= scale[:, None, 0]
+    has_keypoints = ~np.isnan(keypoints).reshape(rows, -1).all(axis=1)
+    # a frame without keypoints gets confidence 0, so it cannot pull the pose head
+    keypoints = np.nan_to_num(keypoints, nan=0.0)
+    out = {key: value for key, value in batch.items() if key not in ("frames", "keypoints")}
+    out["clips"] = images.reshape(rows, *clip_shape, height, width, 3)
+    out["keypoints"] = keypoints.reshape(rows, *clip_shape, JOINTS, 3)
+    out["has_keypoints"] = has_keypoints
+    out["corrupt_frames"] = (~ok).reshape(rows, -1).sum(axis=1)
+    return out
 
 
 def _read_filesystem(uri: str, endpoint_url: str | None) -> pafs.FileSystem:
@@ -215,37 +211,41 @@ def _footer_readers(files: int) -> Iterator[None]:
         os.environ.pop(_FOOTER_ACTORS_VARIABLE, None)
 
 
-def _read(uri: str, split: str, shuffle_seed: int | None, endpoint_url: str | None, *,
-          keep: Iterable[int] | None = None, exclude: Iterable[int] | None = None) -> ray.data.Dataset:
-    """The split's rows, only those of identities in `keep` (when given) and not in `exclude`; files in a
-    random order drawn from shuffle_seed (the same seed, the same order: a resumed epoch reads as the first
-    attempt did), in stored order when it is None."""
+def _read(uri: str, split: str, endpoint_url: str | None, *,
+          keep: Iterable[int] | None = None) -> ray.data.Dataset:
+    """The split's rows in stored order, only those of identities in `keep` when given."""
     manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
     paths = manifest.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
-        ds = ray.data.read_parquet(paths, filesystem=_read_filesystem(uri, endpoint_url),
-                                   shuffle=None if shuffle_seed is None else FileShuffleConfig(
-                                       seed=shuffle_seed, reseed_after_execution=False))
-    # expression filters right after the read are pushed into the Parquet scan: rows are dropped as they are
+        ds = ray.data.read_parquet(paths, filesystem=_read_filesystem(uri, endpoint_url))
+    # an expression filter right after the read is pushed into the Parquet scan: rows are dropped as they are
     # read, and row groups whose identity statistics exclude them are skipped unread
     if keep is not None:
         ds = ds.filter(expr=col("identity").is_in(sorted({int(i) for i in keep})))
-    exclude = sorted({int(i) for i in exclude or ()})
-    if exclude:
-        ds = ds.filter(expr=col("identity").not_in(exclude))
     return ds
 
 
 def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data.Dataset:
-    ds = ds.map_batches(_Decoder, fn_constructor_kwargs=dict(
-        height=data.height, width=data.width, clip_shape=clip_shape),
-        batch_size=_DECODE_BATCH, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=data.decode_concurrency))
+    # Tasks, not an actor pool: Ray reuses its worker processes for tasks, while actors are new processes
+    # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
+    ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
+                                                      clip_shape=clip_shape),
+                        batch_size=_DECODE_BATCH, batch_format="numpy", concurrency=data.decode_concurrency)
     # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
-    # one block and one actor decodes them all while the others idle. This dataset's own (sealed) context.
+    # one block and one task decodes them all while the others idle. This dataset's own (sealed) context.
     ds.context.target_max_block_size = _BLOCK_BYTES
     return ds
+
+
+def _file_groups(item: dict[str, Any], *, filesystem: pafs.FileSystem, exclude: list[int],
+                 **expand: Any) -> list[dict[str, Any]]:
+    """One training shard file -> the K-clip groups (_expand_identity) of every identity row in it. Rows of
+    excluded identities are dropped by the Parquet reader, which skips row groups whose identity statistics
+    exclude them unread."""
+    filters = [("identity", "not in", exclude)] if exclude else None
+    table = pq.read_table(item["path"], filesystem=filesystem, filters=filters)
+    return [group for row in table.to_pylist() for group in _expand_identity(row, **expand)]
 
 
 def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | None = None,
@@ -266,10 +266,15 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
         # a batch needs P distinct identities: with fewer, training_batches could never fill one
         raise ValueError(f"{uri}: {len(labels)} training identities, fewer than identities_per_batch = "
                          f"{data.identities_per_batch}")
-    # a different file order every epoch, the same one for the same seed and epoch
-    shuffle_seed = int(np.random.SeedSequence([config.train.seed, epoch]).generate_state(1)[0])
-    ds = _read(uri, "train", shuffle_seed, endpoint_url=endpoint_url, exclude=exclude_identities)
-    ds = ds.flat_map(_expand_identity, fn_kwargs=dict(
+    # A different file order every epoch, the same one for the same seed and epoch. Files are read by plain
+    # tasks, one per file, rather than read_parquet, which starts a pool of footer-reading actors (new
+    # processes) in every execution: once per epoch here, where the manifest already lists the files.
+    paths = shards.read_manifest(uri, endpoint_url=endpoint_url).paths("train")
+    order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
+    ds = ray.data.from_items([{"path": paths[i]} for i in order], override_num_blocks=max(len(paths), 1))
+    exclude = sorted({int(i) for i in exclude_identities or ()})
+    ds = ds.flat_map(_file_groups, fn_kwargs=dict(
+        filesystem=_read_filesystem(uri, endpoint_url), exclude=exclude,
         clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
         epoch=epoch, labels={identity: label for label, identity in enumerate(labels)}))
     return _decode(ds, data, (data.clips_per_identity, data.seq_len))
@@ -284,7 +289,7 @@ def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None,
     sequence_length L: each tracklet contributes L frames instead of all of them, drawn as the paper's
     sequence-length test does (sampling.sequence_of_length; the same seed, the same frames)."""
     data = config.data
-    ds = _read(uri, "test", None, endpoint_url=endpoint_url)
+    ds = _read(uri, "test", endpoint_url)
     ds = ds.flat_map(_expand_tracklet,
                      fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed))
     return _decode(ds, data, (data.seq_len,))
@@ -300,7 +305,7 @@ def validation_dataset(uri: str, config, split: "ValidationSplit", *,
         raise ValueError(f"{uri}: the validation split {split.uri or ''} was carved from another prepared "
                          "data set (it was rebuilt since); call ensure_validation_split again")
     data = config.data
-    ds = _read(uri, "train", None, endpoint_url=endpoint_url, keep=split.identities)
+    ds = _read(uri, "train", endpoint_url, keep=split.identities)
     ds = ds.flat_map(_expand_held_out_identity, fn_kwargs=dict(
         seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
     return _decode(ds, data, (data.seq_len,))
