@@ -1,14 +1,14 @@
 """Benchmark: the Ray Data training stream against a bare decoding loop (frames/s per core), and bytes read.
 
 (a) Throughput. Epochs of training_dataset -> training_batches on a local Ray (decode_concurrency = N
-actors), counting the frames delivered (clips x T), against one process that only decodes and resizes the
+tasks), counting the frames delivered (clips x T), against one process that only decodes and resizes the
 same JPEG frames with data.images.decode_frames: the frames the epoch samples, found by running the
 pipeline's own sampling on the stored rows (bytes in memory before the clock starts). Cores used = CPU
 seconds over wall seconds: the pipeline's summed over this process and every Ray process it started (read
 from /proc every 0.05 s, so a process that exits is counted up to its last reading: see CpuMeter), the bare
 loop's from its own process time. Frames per core = frames per CPU-second. Each measurement is run
 --repeats times and the run of median CPU time is reported.
-Each epoch also pays a constant (decoding actors started anew, planning, first reads) that a MARS epoch of
+Each epoch also pays a constant (planning, first reads, the pipeline filling) that a MARS epoch of
 ~500k frames amortises and this small data set cannot, so an epoch over P identities only (exclude_identities)
 is timed as well and the goal is on the marginal cost, full epoch minus that one. The goal compares like with
 like: uint8 clips (training_batches(normalize=False)), as the bare loop delivers; the default float clips,
@@ -118,8 +118,8 @@ class CpuMeter:
 
     The raylet ignores SIGCHLD, so an exited worker's CPU time is not added to any parent's (getrusage
     cannot see it): every process is read from /proc every `interval` seconds instead, and one that exits
-    counts up to its last reading. Decoding actors exit when their epoch ends, idle by then, so little is
-    lost; new processes are looked for every `rescan` seconds.
+    counts up to its last reading. Ray keeps its task workers alive between tasks (their CPU shows under
+    the title ray::IDLE), so little is lost; new processes are looked for every `rescan` seconds.
     """
 
     TICK = os.sysconf("SC_CLK_TCK")
@@ -273,8 +273,8 @@ def pipeline_epoch(uri: str, config: Config, epoch: int, *, normalize: bool = Tr
 
 
 def marginal(full: dict, small: dict, name: str) -> dict:
-    """What the frames of `full` beyond those of `small` cost: the per-epoch constant (actor start-up,
-    planning, the first reads' latency) cancels out."""
+    """What the frames of `full` beyond those of `small` cost: the per-epoch constant (planning, the
+    first reads' latency) cancels out."""
     kinds = {kind: round(full["cpu_by_process"].get(kind, 0) - small["cpu_by_process"].get(kind, 0), 2)
              for kind in {**full["cpu_by_process"], **small["cpu_by_process"]}}
     return {"name": name, **{key: full[key] - small[key] for key in ("frames", "wall_s", "cpu_s",
@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--identities-per-batch", type=int, default=8, help="P")
     parser.add_argument("--clips-per-identity", type=int, default=4, help="K")
     parser.add_argument("--seq-len", type=int, default=8, help="T")
-    parser.add_argument("--decode-concurrency", type=int, default=2, help="N decoding actors")
+    parser.add_argument("--decode-concurrency", type=int, default=2, help="N decoding tasks at once")
     parser.add_argument("--num-cpus", type=int, default=8,
                         help="logical CPUs given to ray.init (more than cores: DESIGN.md, testing notes)")
     parser.add_argument("--target-file-mb", type=float, default=4, help="shard file size")
@@ -388,7 +388,7 @@ def main() -> None:
     print(f"STAL data benchmark: {args.identities} identities, {stored_frames} stored training frames "
           f"{args.frame_height}x{args.frame_width} JPEG ({mean_jpeg / 1024:.1f} KiB mean) in "
           f"{reads['files']} shards, decoded to {data.height}x{data.width}; P={data.identities_per_batch} "
-          f"K={data.clips_per_identity} T={data.seq_len}; {data.decode_concurrency} decoding actors, "
+          f"K={data.clips_per_identity} T={data.seq_len}; {data.decode_concurrency} decoding tasks, "
           f"ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here")
     print(f"{'':<34}{'frames':>8}{'wall s':>8}{'frames/s':>10}{'CPU s':>8}{'driver':>8}{'cores':>7}"
           f"{'frames/core-s':>15}{'of bare':>9}")

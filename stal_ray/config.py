@@ -70,7 +70,7 @@ class DataConfig:
     identities_per_batch: int = 8
     # K, clips per identity in a batch (>= 2 so every anchor has a positive)
     clips_per_identity: int = 4
-    # Ray Data CPU actors decoding JPEG frames
+    # Ray Data CPU tasks decoding JPEG frames at once
     decode_concurrency: int = 2
     # fraction of training identities held out as the Tune validation split (never the test split)
     val_identities: float = 0.1
@@ -165,7 +165,7 @@ class TuneConfig:
     reduction_factor: int = 4
     # validation metric to maximise: "mAP" or "rank1"
     metric: str = "mAP"
-    # trials running at once; each holds train.num_workers workers and its decoding actors, so keep
+    # trials running at once; each holds train.num_workers workers and its decoding tasks, so keep
     # max_concurrent x (num_workers + 2 x decode_concurrency) within the cluster's CPUs
     max_concurrent: int = 2
 

@@ -6,7 +6,7 @@ import sys
 import ray
 import ray.data
 
-# Logical CPUs of a local Ray on a small machine: train workers and the Ray Data decoding actors each ask for
+# Logical CPUs of a local Ray on a small machine: train workers and the Ray Data decoding tasks each ask for
 # one CPU, and with only as many as there are cores they wait on each other forever (DESIGN.md, "Testing").
 LOCAL_MIN_CPUS = 8
 

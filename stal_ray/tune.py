@@ -116,13 +116,13 @@ def _scheduler(config: Config):
 
 def _check_concurrency(config: Config) -> None:
     """Warn when the trials running at once need more CPUs than the cluster has now: each holds its train
-    workers and, while it trains and validates, two pools of decoding actors (one CPU each). Over-committed,
+    workers and, while it trains and validates, two sets of decoding tasks (one CPU each). Over-committed,
     trials hold workers while waiting for decoders that can never start."""
     per_trial = config.train.num_workers + 2 * config.data.decode_concurrency
     needed, cpus = config.tune.max_concurrent * per_trial, ray.cluster_resources().get("CPU", 0)
     if needed > cpus:
         logger.warning("tune.max_concurrent = %d trials need about %d CPUs (%d train workers + 2 x %d "
-                       "decoding actors each), but the Ray cluster has %g now: unless it scales up, lower "
+                       "decoding tasks each), but the Ray cluster has %g now: unless it scales up, lower "
                        "tune.max_concurrent or the trials wait on each other", config.tune.max_concurrent,
                        needed, config.train.num_workers, config.data.decode_concurrency, cpus)
 

@@ -231,7 +231,8 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
     ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
                                                       clip_shape=clip_shape),
-                        batch_size=_DECODE_BATCH, batch_format="numpy", concurrency=data.decode_concurrency)
+                        batch_size=_DECODE_BATCH, batch_format="numpy",
+                        compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency))
     # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
     # one block and one task decodes them all while the others idle. This dataset's own (sealed) context.
     ds.context.target_max_block_size = _BLOCK_BYTES

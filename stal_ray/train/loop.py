@@ -183,7 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _epoch_shard(loop_config: dict[str, Any], config, epoch: int, rank: int, world: int):
     """This worker's share of epoch `epoch`'s training stream: rank 0 builds it and splits it."""
     if config.train.deterministic:
-        # block order kept through the decoding actors: the same batches in the same order on every run
+        # block order kept through the decoding tasks: the same batches in the same order on every run
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     splits = [None]
     if rank == 0:
