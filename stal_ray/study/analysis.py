@@ -26,15 +26,21 @@ class Ranker:
                                                        feature_set.is_query, protocol)
         self.ids = (feature_set.identity[self.query], feature_set.identity[self.gallery],
                     feature_set.camera[self.query], feature_set.camera[self.gallery])
+        self._branches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rank(self, distance: torch.Tensor) -> RankingResult:
         return evaluate_ranking(distance, *self.ids, ranks=self.ranks)
 
+    def branches(self, attention: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d_l, d_g) of the queries to the gallery under an attention mode, computed once."""
+        if attention not in self._branches:
+            self._branches[attention] = branch_distances(self.feature_set.features[self.query],
+                                                         self.feature_set.features[self.gallery], attention)
+        return self._branches[attention]
+
     def mode(self, mode: str, alpha: float) -> RankingResult:
         """A distance mode of the evaluation (stal, baseline, tan, san, global, local) at fusion rate α."""
-        attention = "stal" if mode in ("global", "local") else mode
-        d_l, d_g = branch_distances(self.feature_set.features[self.query],
-                                    self.feature_set.features[self.gallery], attention)
+        d_l, d_g = self.branches("stal" if mode in ("global", "local") else mode)
         return self.rank(fuse(d_l, d_g, mode, alpha))
 
 
@@ -54,8 +60,7 @@ def per_part(ranker: Ranker) -> dict[str, RankingResult]:
 
 def fusion_rates(ranker: Ranker, rates: Sequence[float]) -> dict[float, RankingResult]:
     """Fig. 8: d_l + α·d_g for every α; d_l and d_g computed once."""
-    d_l, d_g = branch_distances(ranker.feature_set.features[ranker.query],
-                                ranker.feature_set.features[ranker.gallery], "stal")
+    d_l, d_g = ranker.branches("stal")
     return {float(alpha): ranker.rank(fuse(d_l, d_g, "stal", float(alpha))) for alpha in rates}
 
 

@@ -70,7 +70,9 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
             test_split(sequence_length=length, seed=config.train.seed), trained["stal"].model_path, **stream)
     results.length_labels, results.length_grid = analysis.sequence_lengths(by_length, alpha, protocol)
 
-    figure = lambda name: storage.join(out, name)  # noqa: E731 - a path helper, not logic
+    def figure(name: str) -> str:
+        return storage.join(out, name)
+
     plot_cmc(figure("attention_ablation.png"), results.attention)
     plot_cmc(figure("branch_ablation.png"), results.branches)
     plot_cmc(figure("parts_cmc.png"), results.parts)
