@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import botocore.session
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
@@ -47,6 +49,8 @@ _FOOTER_READERS = 2
 _BLOCK_BYTES = 16 << 20
 # Groups (or evaluation chunks) per decoding call: enough frames to amortise the call, few enough to stream.
 _DECODE_BATCH = 4
+# Identity rows per read step of a training file: a MARS identity holds ~800 frames (~7 MB of JPEG).
+_ROWS_PER_READ = 4
 
 
 def identity_labels(uri: str, *, endpoint_url: str | None = None,
@@ -240,13 +244,16 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data
 
 
 def _file_groups(item: dict[str, Any], *, filesystem: pafs.FileSystem, exclude: list[int],
-                 **expand: Any) -> list[dict[str, Any]]:
-    """One training shard file -> the K-clip groups (_expand_identity) of every identity row in it. Rows of
-    excluded identities are dropped by the Parquet reader, which skips row groups whose identity statistics
+                 **expand: Any) -> Iterator[dict[str, Any]]:
+    """One training shard file -> the K-clip groups (_expand_identity) of every identity row in it, streamed
+    a few rows at a time: a task holds one row group, not a whole file of frames as Python objects. Rows of
+    excluded identities are dropped by the Parquet scan, which skips row groups whose identity statistics
     exclude them unread."""
-    filters = [("identity", "not in", exclude)] if exclude else None
-    table = pq.read_table(item["path"], filesystem=filesystem, filters=filters)
-    return [group for row in table.to_pylist() for group in _expand_identity(row, **expand)]
+    rows = pyarrow.dataset.dataset(item["path"], filesystem=filesystem, format="parquet")
+    condition = ~pc.field("identity").isin(exclude) if exclude else None
+    for batch in rows.to_batches(filter=condition, batch_size=_ROWS_PER_READ):
+        for row in batch.to_pylist():
+            yield from _expand_identity(row, **expand)
 
 
 def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | None = None,
