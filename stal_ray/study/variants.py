@@ -28,10 +28,8 @@ VARIANTS = (
 @dataclass
 class TrainedVariant:
     variant: Variant
-    config: Config
     model_path: str
-    seconds: float  # wall time of its training run (0 when an earlier study had finished it)
-    metrics: dict  # its last training report
+    seconds: float  # wall time of its training run (short when an earlier study had finished it)
 
 
 def train_variants(config: Config, data: str, out: str, *, endpoint_url: str | None = None,
@@ -46,6 +44,5 @@ def train_variants(config: Config, data: str, out: str, *, endpoint_url: str | N
         print(f"study: training {variant.name} ({variant.description})", flush=True)
         start = time.perf_counter()
         result = train(variant_config, data, name=variant.name, endpoint_url=endpoint_url)
-        trained[variant.name] = TrainedVariant(variant, variant_config, result.model_path,
-                                               time.perf_counter() - start, result.metrics)
+        trained[variant.name] = TrainedVariant(variant, result.model_path, time.perf_counter() - start)
     return trained
