@@ -14,6 +14,16 @@ is timed as well and the goal is on the marginal cost, full epoch minus that one
 like: uint8 clips (training_batches(normalize=False)), as the bare loop delivers; the default float clips,
 normalised on the CPU of the consuming process, are shown beside it.
 
+The data set is laid out like a prepared MARS, scaled down: MARS's ~4 GB of training JPEGs make ~30 files of
+prepare_mars' 128 MiB, each read as 16 MiB blocks of sampled groups (one decoding task each); the 76 MB
+here make 3 files of 32 MiB, read the same way. (Files of a few MiB would make every decoding task a
+fraction of a MARS one and time Ray's per-task costs as if they were per-frame.) Likewise the object store:
+a MARS epoch decodes ~75 GB of 224x224 frames, many times any object store, so within the first minutes of
+a run every page of the store is mapped into every decoding worker and writing a block costs a copy. This
+data set's epochs decode 1.4 GB; in a store of the default 30% of memory each would land on pages no
+worker has touched yet and pay page faults a real run pays once. A 2 GiB store and an untimed full epoch
+put the timed epochs in a long run's steady state.
+
 (b) Bytes read per epoch. One more epoch reads the shards as countfile://<dir>, an fsspec filesystem over
 the local one whose open files log every read() and readinto() (bytes returned, file path) to a log file.
 The pipeline hands this filesystem object to read_parquet, Ray pickles it into every read task, and the
@@ -46,7 +56,7 @@ from stal_ray.data.images import decode_frames  # noqa: E402
 from stal_ray.data.mars import read_mars  # noqa: E402
 from stal_ray.data.pipeline import (  # noqa: E402
     _DECODE_BATCH,
-    _expand_identity,
+    _identity_groups,
     identity_labels,
     training_batches,
     training_dataset,
@@ -232,10 +242,9 @@ def sampled_frames(uri: str, config: Config, epoch: int) -> list[list[bytes]]:
     labels = {identity: label for label, identity in enumerate(identity_labels(uri))}
     groups = []
     for path in read_manifest(uri).paths("train"):
-        for row in pq.read_table(path).to_pylist():
-            groups += [g["frames"] for g in _expand_identity(
-                row, clips_per_identity=config.data.clips_per_identity, seq_len=config.data.seq_len,
-                seed=config.train.seed, epoch=epoch, labels=labels)]
+        groups += _identity_groups(pq.read_table(path), clips_per_identity=config.data.clips_per_identity,
+                                   seq_len=config.data.seq_len, seed=config.train.seed, epoch=epoch,
+                                   labels=labels).column("frames").to_pylist()
     return [[f for g in groups[i:i + _DECODE_BATCH] for f in g] for i in range(0, len(groups), _DECODE_BATCH)]
 
 
@@ -317,7 +326,10 @@ def main() -> None:
     parser.add_argument("--decode-concurrency", type=int, default=2, help="N decoding tasks at once")
     parser.add_argument("--num-cpus", type=int, default=8,
                         help="logical CPUs given to ray.init (more than cores: DESIGN.md, testing notes)")
-    parser.add_argument("--target-file-mb", type=float, default=4, help="shard file size")
+    parser.add_argument("--target-file-mb", type=float, default=32,
+                        help="shard file size (prepare_mars: 128; see the module docstring)")
+    parser.add_argument("--object-store-mb", type=int, default=2048,
+                        help="Ray object store size (see the module docstring)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each measurement; the one of median CPU time is reported")
     parser.add_argument("--workdir", default=None, help="keep the data set here (default: a temporary dir)")
@@ -347,23 +359,28 @@ def main() -> None:
         counting = importlib.import_module("bench.data").CountingFileSystem
         fsspec.register_implementation("countfile", counting, clobber=True)
         os.environ[READ_LOG] = str(workdir / "reads.log")
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=args.num_cpus, object_store_memory=args.object_store_mb << 20,
+                 include_dashboard=False, log_to_driver=False,
                  configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": REPO, READ_LOG: os.environ[READ_LOG]}})
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
-            bare = median([bare_loop(calls, data.height, data.width) for _ in range(args.repeats)])
-            # P identities only: an epoch of the same fixed cost with few frames; the first one also starts
-            # the worker processes that later epochs reuse, so it is run once untimed
+            # P identities only: an epoch of the same fixed cost with few frames. One untimed epoch of each
+            # kind first: they start the worker processes that later epochs reuse, and map the object
+            # store's pages into them (see the module docstring)
             few = identity_labels(shards)[data.identities_per_batch:]
             pipeline_epoch(shards, config, epoch=0, normalize=False, exclude=few)
-            epochs = {}
+            pipeline_epoch(shards, config, epoch=0, normalize=False)
+            bares, epochs = [], {}
             for normalize in (False, True):
-                # interleaved, so a change in the machine's load hits both kinds of epoch alike
-                runs = [(pipeline_epoch(shards, config, epoch=0, normalize=normalize),
-                         pipeline_epoch(shards, config, epoch=0, normalize=normalize, exclude=few))
-                        for _ in range(args.repeats)]
+                # interleaved, bare loop included, so a change in the machine's load hits all alike
+                runs = []
+                for _ in range(args.repeats):
+                    bares.append(bare_loop(calls, data.height, data.width))
+                    runs.append((pipeline_epoch(shards, config, epoch=0, normalize=normalize),
+                                 pipeline_epoch(shards, config, epoch=0, normalize=normalize, exclude=few)))
                 epochs[normalize] = median([f for f, _ in runs]), median([s for _, s in runs])
+            bare = median(bares)
             reads = bytes_read(shards, config, os.environ[READ_LOG])
         finally:
             ray.shutdown()

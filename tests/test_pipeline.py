@@ -282,3 +282,34 @@ def torch_uint8():
     import torch
 
     return torch.uint8
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_batch_memory_is_reused_only_once_the_batch_is_dropped(normalize):
+    # six identities, P = 3: two batches per pass; every group's clips hold its identity
+    identities = [1, 2, 3, 4, 5, 6]
+    source = FakeSource(identities)
+    source.batch["clips"] = np.asarray(identities, np.uint8).reshape(-1, 1, 1, 1, 1, 1) * np.ones(
+        (1, K, T, H, W, 3), np.uint8)
+    batches = training_batches(source, P, shuffle_buffer=0, normalize=normalize)
+
+    def first_pixel(batch):
+        return batch["clips"][:, 0, 0, 0, 0] if normalize else batch["clips"][:, 0, 0, 0, 0].float()
+
+    kept = [batch for batch in batches] + [batch for batch in batches]  # nothing dropped: nothing reused
+    assert len({batch["clips"].data_ptr() for batch in kept}) == 4
+    expected = [first_pixel(batch).clone() for batch in kept]
+    for _ in batches:  # a third pass may only take memory that no batch in `kept` uses
+        pass
+    assert all(torch_equal(first_pixel(batch), value) for batch, value in zip(kept, expected, strict=True))
+
+    pointers = set()
+    for batch in batches:  # each batch dropped before the one after the next: two arrays are enough
+        pointers.add(batch["clips"].data_ptr())
+    for batch in batches:
+        pointers.add(batch["clips"].data_ptr())
+    assert len(pointers) <= 2
+
+
+def torch_equal(a, b):
+    return bool((a == b).all())

@@ -2,11 +2,11 @@
 
 Training: the manifest's <uri>/train files in a seeded order per epoch, one read task each (one row per
 identity) -> each identity cut into groups of K clips of T frames (data.sampling; only the chosen frames'
-JPEG bytes travel on) -> decoding CPU tasks (data.images) -> the trainer's `training_batches`, which puts P
-groups of P distinct identities in a batch. Held-out identities (exclude_identities) are dropped by the
-Parquet reader. Evaluation: read_parquet of every frame of every test tracklet, in chunks of T, decoded the
-same way. Validation (data.validation): the same chunks, cut from the training rows of the held-out
-identities (a filter Ray Data pushes down into the Parquet scan).
+JPEG bytes travel on, gathered in Arrow by data.frames) -> decoding CPU tasks (data.images) -> the
+trainer's `training_batches`, which puts P groups of P distinct identities in a batch. Held-out identities
+(exclude_identities) are dropped by the Parquet reader. Evaluation: read_parquet of every frame of every
+test tracklet, in chunks of T, decoded the same way. Validation (data.validation): the same chunks, cut
+from the training rows of the held-out identities (a filter Ray Data pushes down into the Parquet scan).
 
 Read tasks run on any node of the cluster, whose environment may lack the driver's S3 endpoint and
 credentials: the filesystem handed to them carries them (see _read_filesystem).
@@ -14,12 +14,14 @@ credentials: the filesystem handed to them carries them (see _read_filesystem).
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import botocore.session
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset
 import pyarrow.fs as pafs
@@ -30,6 +32,7 @@ from botocore.credentials import RefreshableCredentials
 from ray.data.expressions import col
 
 from stal_ray.data import shards, storage
+from stal_ray.data.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.images import decode_frames_with_sizes
 from stal_ray.data.sampling import identity_groups, sequence_of_length
 
@@ -63,97 +66,89 @@ def identity_labels(uri: str, *, endpoint_url: str | None = None,
     return sorted(set(table.column("identity").to_pylist()) - set(exclude_identities or ()))
 
 
-def _keypoint_rows(values: Any, count: int) -> np.ndarray:
-    """(count, 42) float32 from a row's nullable keypoints list; NaN where a frame (or the row) has none."""
-    out = np.full((count, JOINTS * 3), np.nan, dtype=np.float32)
-    if values is None:
-        return out
-    for index, value in enumerate(values):
-        if value is not None:
-            out[index] = np.asarray(value, dtype=np.float32)
-    return out
+def _identity_groups(rows: pa.RecordBatch | pa.Table, *, clips_per_identity: int, seq_len: int, seed: int,
+                     epoch: int, labels: dict[int, int]) -> pa.Table:
+    """Identity rows -> their groups of K clips: label, identity, tracklets (K,), and the K·T chosen frames'
+    JPEG bytes and keypoints (frames.StoredRows.table; only those travel on to decoding)."""
+    stored = StoredRows(rows)
+    tracklet_of_frame = stored.per_frame("tracklet")
+    chosen, columns = [], {"label": [], "identity": [], "tracklets": []}
+    for row, identity in enumerate(stored.column("identity").tolist()):
+        start = stored.starts[row]
+        own = tracklet_of_frame[start:start + stored.lengths[row]]
+        # seeded by (seed, epoch, identity): reproducible whatever order files are read in, new every epoch
+        rng = np.random.default_rng([seed, epoch, identity])
+        for group in identity_groups(own, clips_per_identity, seq_len, rng):
+            chosen.append(start + group.reshape(-1))
+            columns["label"].append(labels[identity])
+            columns["identity"].append(identity)
+            columns["tracklets"].append(own[group[:, 0]])
+    return stored.table(np.array(chosen).reshape(-1, clips_per_identity * seq_len), {
+        "label": np.array(columns["label"], dtype=np.int64),
+        "identity": np.array(columns["identity"], dtype=np.int64),
+        "tracklets": np.array(columns["tracklets"], dtype=np.int32).reshape(-1, clips_per_identity)})
 
 
-def _expand_identity(row: dict[str, Any], *, clips_per_identity: int, seq_len: int, seed: int, epoch: int,
-                     labels: dict[int, int]) -> list[dict[str, Any]]:
-    """One identity row -> its groups of K clips, each with the K·T chosen frames' bytes and keypoints."""
-    identity = int(row["identity"])
-    tracklet_of_frame = np.asarray(row["tracklet"])
-    frames = row["frames"]
-    keypoints = _keypoint_rows(row.get("keypoints"), len(tracklet_of_frame))
-    # seeded by (seed, epoch, identity): reproducible whatever order the files are read in, new every epoch
-    rng = np.random.default_rng([seed, epoch, identity])
-    out = []
-    for group in identity_groups(tracklet_of_frame, clips_per_identity, seq_len, rng):
-        chosen = group.ravel()
-        out.append({
-            "label": labels[identity],
-            "identity": identity,
-            "tracklets": tracklet_of_frame[group[:, 0]].astype(np.int32),
-            "frames": [frames[i] for i in chosen],
-            "keypoints": keypoints[chosen],
-        })
-    return out
-
-
-def _expand_held_out_identity(row: dict[str, Any], *, seq_len: int,
-                              queries: frozenset[int]) -> list[dict[str, Any]]:
-    """One training identity row -> the evaluation chunks of each of its tracklets (see _expand_tracklet),
+def _held_out_chunks(rows: pa.Table, *, seq_len: int, queries: frozenset[int]) -> pa.Table:
+    """Training identity rows -> the evaluation chunks (see _tracklet_chunks) of each of their tracklets,
     tracklet by tracklet as stored, camera from the per-frame column."""
-    tracklet_of_frame = np.asarray(row["tracklet"])
-    camera_of_frame = np.asarray(row["camera"])
-    frames, keypoints = row["frames"], row.get("keypoints")
-    tracklets, first = np.unique(tracklet_of_frame, return_index=True)
-    out = []
-    for tracklet in tracklets[np.argsort(first)].tolist():
-        positions = np.flatnonzero(tracklet_of_frame == tracklet)  # temporal order, as stored
-        out += _expand_tracklet({
-            "tracklet": tracklet,
-            "identity": row["identity"],
-            "camera": camera_of_frame[positions[0]],
-            "is_query": tracklet in queries,
-            "frames": [frames[i] for i in positions],
-            "keypoints": None if keypoints is None else [keypoints[i] for i in positions],
-        }, seq_len=seq_len)
-    return out
+    stored = StoredRows(rows)
+    tracklet_of_frame, camera_of_frame = stored.per_frame("tracklet"), stored.per_frame("camera")
+    parts = []
+    for row, identity in enumerate(stored.column("identity").tolist()):
+        own = np.arange(stored.starts[row], stored.starts[row] + stored.lengths[row])
+        tracklets, first = np.unique(tracklet_of_frame[own], return_index=True)
+        for tracklet in tracklets[np.argsort(first)].tolist():
+            positions = own[tracklet_of_frame[own] == tracklet]  # temporal order, as stored
+            fields = {"tracklet": tracklet, "identity": identity, "camera": camera_of_frame[positions[0]],
+                      "is_query": tracklet in queries}
+            parts.append((positions, fields))
+    return _chunk_table(stored, parts, seq_len)
 
 
-def _expand_tracklet(row: dict[str, Any], *, seq_len: int, length: int | None = None,
-                     seed: int = 0) -> list[dict[str, Any]]:
-    """One test tracklet row -> chunks of T consecutive frames, the last padded with its last frame.
+def _tracklet_chunks(rows: pa.Table, *, seq_len: int, length: int | None = None, seed: int = 0) -> pa.Table:
+    """Test tracklet rows -> chunks of T consecutive frames, the last padded with its last frame.
 
     With `length`, only a sequence of that many frames is used (sampling.sequence_of_length, drawn from
     (seed, tracklet)), in chunks of T the same way."""
-    frames = row["frames"]
-    keypoints = _keypoint_rows(row.get("keypoints"), len(frames))
-    positions = np.arange(len(frames))
-    if length is not None:
-        rng = np.random.default_rng([seed, int(row["tracklet"])])
-        positions = sequence_of_length(len(frames), length, rng)
-    out = []
-    for chunk, start in enumerate(range(0, len(positions), seq_len)):
-        valid = min(seq_len, len(positions) - start)
-        chosen = positions[np.minimum(np.arange(start, start + seq_len), start + valid - 1)]
-        out.append({
-            "tracklet": int(row["tracklet"]),
-            "identity": int(row["identity"]),
-            "camera": int(row["camera"]),
-            "is_query": bool(row["is_query"]),
-            "chunk": chunk,
-            "valid": valid,
-            "frames": [frames[i] for i in chosen],
-            "keypoints": keypoints[chosen],
-        })
-    return out
+    stored = StoredRows(rows)
+    values = {name: stored.column(name).tolist() for name in ("tracklet", "identity", "camera", "is_query")}
+    parts = []
+    for row in range(len(stored)):
+        positions = np.arange(stored.lengths[row])
+        if length is not None:
+            rng = np.random.default_rng([seed, values["tracklet"][row]])
+            positions = sequence_of_length(len(positions), length, rng)
+        parts.append((stored.starts[row] + positions, {name: column[row] for name, column in values.items()}))
+    return _chunk_table(stored, parts, seq_len)
 
 
-def _decode_clips(batch: dict[str, np.ndarray], *, height: int, width: int,
+def _chunk_table(stored: StoredRows, parts: list[tuple[np.ndarray, dict[str, Any]]],
+                 seq_len: int) -> pa.Table:
+    """(frame positions, tracklet fields) per tracklet -> one row per chunk of T: the fields, chunk (its
+    number in the tracklet), valid, frames and keypoints."""
+    chosen, columns = [], {"tracklet": [], "identity": [], "camera": [], "is_query": [], "chunk": [],
+                           "valid": []}
+    for positions, fields in parts:
+        frames, valid = chunks_of(positions, seq_len)
+        chosen.append(frames)
+        for name, value in fields.items():
+            columns[name] += [value] * len(frames)
+        columns["chunk"] += range(len(frames))
+        columns["valid"] += valid.tolist()
+    types = {"is_query": bool}
+    return stored.table(np.concatenate(chosen) if chosen else np.zeros((0, seq_len), dtype=np.int64),
+                        {name: np.array(values, dtype=types.get(name, np.int64))
+                         for name, values in columns.items()})
+
+
+def _decode_clips(batch: pa.Table, *, height: int, width: int,
                   clip_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Ray Data task: every row's frames -> uint8 (*clip_shape, H, W, 3), keypoints scaled to (H, W)."""
-    rows = len(batch["frames"])
-    jpegs = [jpeg for frames in batch["frames"] for jpeg in frames]
+    rows = batch.num_rows
+    jpegs = pc.list_flatten(batch.column("frames")).to_pylist()
     images, ok, sizes = decode_frames_with_sizes(jpegs, height, width)
-    keypoints = np.stack(list(batch["keypoints"])).reshape(-1, JOINTS, 3).astype(np.float32)
+    keypoints = np.array(to_numpy(batch.column("keypoints")), dtype=np.float32).reshape(-1, JOINTS, 3)
     # keypoints are in the stored frame's pixels: scale them to the resized frame
     scale = np.where(sizes > 0, np.array([height, width]) / np.maximum(sizes, 1), 0.0)
     keypoints[..., 0] *= scale[:, None, 1]
@@ -161,7 +156,8 @@ def _decode_clips(batch: dict[str, np.ndarray], *, height: int, width: int,
     has_keypoints = ~np.isnan(keypoints).reshape(rows, -1).all(axis=1)
     # a frame without keypoints gets confidence 0, so it cannot pull the pose head
     keypoints = np.nan_to_num(keypoints, nan=0.0)
-    out = {key: value for key, value in batch.items() if key not in ("frames", "keypoints")}
+    out = {name: to_numpy(batch.column(name)) for name in batch.column_names
+           if name not in ("frames", "keypoints")}
     out["clips"] = images.reshape(rows, *clip_shape, height, width, 3)
     out["keypoints"] = keypoints.reshape(rows, *clip_shape, JOINTS, 3)
     out["has_keypoints"] = has_keypoints
@@ -235,7 +231,7 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
     ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
                                                       clip_shape=clip_shape),
-                        batch_size=_DECODE_BATCH, batch_format="numpy",
+                        batch_size=_DECODE_BATCH, batch_format="pyarrow",
                         compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency))
     # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
     # one block and one task decodes them all while the others idle. This dataset's own (sealed) context.
@@ -243,17 +239,17 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data
     return ds
 
 
-def _file_groups(item: dict[str, Any], *, filesystem: pafs.FileSystem, exclude: list[int],
-                 **expand: Any) -> Iterator[dict[str, Any]]:
-    """One training shard file -> the K-clip groups (_expand_identity) of every identity row in it, streamed
-    a few rows at a time: a task holds one row group, not a whole file of frames as Python objects. Rows of
-    excluded identities are dropped by the Parquet scan, which skips row groups whose identity statistics
-    exclude them unread."""
-    rows = pyarrow.dataset.dataset(item["path"], filesystem=filesystem, format="parquet")
+def _file_groups(items: pa.Table, *, filesystem: pafs.FileSystem, exclude: list[int],
+                 **sampling: Any) -> Iterator[pa.Table]:
+    """Training shard files -> the K-clip groups (_identity_groups) of every identity row in them, streamed
+    a few rows at a time: a task holds one row group, not a whole file. Rows of excluded identities are
+    dropped by the Parquet scan, which skips row groups whose identity statistics exclude them unread."""
     condition = ~pc.field("identity").isin(exclude) if exclude else None
-    for batch in rows.to_batches(filter=condition, batch_size=_ROWS_PER_READ):
-        for row in batch.to_pylist():
-            yield from _expand_identity(row, **expand)
+    for path in items.column("path").to_pylist():
+        rows = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet")
+        for batch in rows.to_batches(filter=condition, batch_size=_ROWS_PER_READ):
+            if batch.num_rows:
+                yield _identity_groups(batch, **sampling)
 
 
 def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | None = None,
@@ -281,7 +277,7 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
     order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
     ds = ray.data.from_items([{"path": paths[i]} for i in order], override_num_blocks=max(len(paths), 1))
     exclude = sorted({int(i) for i in exclude_identities or ()})
-    ds = ds.flat_map(_file_groups, fn_kwargs=dict(
+    ds = ds.map_batches(_file_groups, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
         filesystem=_read_filesystem(uri, endpoint_url), exclude=exclude,
         clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
         epoch=epoch, labels={identity: label for label, identity in enumerate(labels)}))
@@ -298,8 +294,8 @@ def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None,
     sequence-length test does (sampling.sequence_of_length; the same seed, the same frames)."""
     data = config.data
     ds = _read(uri, "test", endpoint_url)
-    ds = ds.flat_map(_expand_tracklet,
-                     fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed))
+    ds = ds.map_batches(_tracklet_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
+                        fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed))
     return _decode(ds, data, (data.seq_len,))
 
 
@@ -314,8 +310,8 @@ def validation_dataset(uri: str, config, split: "ValidationSplit", *,
                          "data set (it was rebuilt since); call ensure_validation_split again")
     data = config.data
     ds = _read(uri, "train", endpoint_url, keep=split.identities)
-    ds = ds.flat_map(_expand_held_out_identity, fn_kwargs=dict(
-        seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
+    ds = ds.map_batches(_held_out_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
+                        fn_kwargs=dict(seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
     return _decode(ds, data, (data.seq_len,))
 
 
@@ -348,6 +344,7 @@ class TrainingBatches:
         self.normalize = normalize
         self.skipped_groups = 0
         self.corrupt_frames = 0
+        self.buffers = RecycledBuffers()
 
     def _groups(self) -> Iterator[dict[str, np.ndarray]]:
         # Groups are mixed here rather than by iter_batches' local shuffle buffer, which copies every clip
@@ -409,9 +406,11 @@ class TrainingBatches:
         if not self.normalize:
             # a channels-first view of one copy: .to(device) keeps its strides, so the layout changes on the
             # device, not in this process
-            clips = torch.from_numpy(np.concatenate([g["clips"] for g in groups])).permute(0, 1, 4, 2, 3)
+            clips = self.buffers.empty((len(groups) * k, t, h, w, 3), np.uint8)
+            np.concatenate([g["clips"] for g in groups], out=clips)
+            clips = torch.from_numpy(clips).permute(0, 1, 4, 2, 3)
         else:
-            clips = torch.empty((len(groups) * k, t, 3, h, w), dtype=torch.float32)
+            clips = torch.from_numpy(self.buffers.empty((len(groups) * k, t, 3, h, w), np.float32))
             with warnings.catch_warnings():
                 # Ray hands out read-only arrays; they are only read from here
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
@@ -434,6 +433,31 @@ class TrainingBatches:
     def normalized(self, clips: "torch.Tensor") -> "torch.Tensor":
         """uint8 clips (from normalize=False) as float normalised by mean/std, on the clips' device."""
         return (clips.float() - self.mean.to(clips.device)) / self.std.to(clips.device)
+
+
+class RecycledBuffers:
+    """Arrays for batches, each handed out again once nothing else refers to it.
+
+    A batch of clips is tens of MB: a new one every batch is fresh memory from the OS, whose pages the kernel
+    zeroes on first touch, as much CPU again as copying the clips into it (bench/data.py). A tensor made
+    with torch.from_numpy, and every view of it, keeps its array referenced, so an array whose only
+    reference is this pool's is free: the consumer has dropped the batch (or moved it to the device).
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.arrays: list[np.ndarray] = []
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        for array in self.arrays:
+            # references: the pool's list, this loop's variable and getrefcount's argument
+            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3:
+                return array
+        array = np.empty(shape, dtype=dtype)
+        if len(self.arrays) == self.size:
+            self.arrays.pop(0)  # held by the consumer, or of a shape not seen lately: no longer pooled
+        self.arrays.append(array)
+        return array
 
 
 def _take_random(buffer: list, rng: np.random.Generator):
