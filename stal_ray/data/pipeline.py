@@ -47,8 +47,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _FOOTER_ACTORS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_READERS = 2
-# Blocks of ~64 groups of JPEG bytes (MARS-sized frames) before decoding and ~3 decoded groups after: enough
-# blocks for every actor to get work, few enough that per-block costs stay small (4 MiB was 2x slower).
+# Blocks of ~64 groups of JPEG bytes (MARS-sized frames) before decoding: enough blocks for every decoding
+# task to get work, few enough that per-block costs stay small (4 MiB was 2x slower). After decoding, a call's
+# output (4 groups of 4x8 224x224 frames: 19 MB) is over the target, so it is its own block; with a target
+# above it Ray joins two outputs into one block, which the consumer then copies to join (32 MiB: 5x the
+# driver's CPU; bench/data.py).
 _BLOCK_BYTES = 16 << 20
 # Groups (or evaluation chunks) per decoding call: enough frames to amortise the call, few enough to stream.
 _DECODE_BATCH = 4
