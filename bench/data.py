@@ -15,7 +15,7 @@ like: uint8 clips (training_batches(normalize=False)), as the bare loop delivers
 normalised on the CPU of the consuming process, are shown beside it.
 
 The data set is laid out like a prepared MARS, scaled down: MARS's ~4 GB of training JPEGs make ~30 files of
-prepare_mars' 128 MiB, each read as 16 MiB blocks of sampled groups (one decoding task each); the 76 MB
+prepare_mars' 128 MiB, each read as 32 MiB blocks of sampled groups (one decoding task each); the 76 MB
 here make 3 files of 32 MiB, read the same way. (Files of a few MiB would make every decoding task a
 fraction of a MARS one and time Ray's per-task costs as if they were per-frame.) Likewise the object store:
 a MARS epoch decodes ~75 GB of 224x224 frames, many times any object store, so within the first minutes of
@@ -55,8 +55,8 @@ from stal_ray.config import Config  # noqa: E402
 from stal_ray.data.images import decode_frames  # noqa: E402
 from stal_ray.data.mars import read_mars  # noqa: E402
 from stal_ray.data.pipeline import (  # noqa: E402
-    _DECODE_BATCH,
     _identity_groups,
+    decode_batch_size,
     identity_labels,
     training_batches,
     training_dataset,
@@ -238,14 +238,15 @@ def prepare(args, workdir: Path) -> tuple[str, dict]:
 
 
 def sampled_frames(uri: str, config: Config, epoch: int) -> list[list[bytes]]:
-    """The JPEG bytes of every decoding call the pipeline makes in `epoch` (groups of _DECODE_BATCH)."""
+    """The JPEG bytes of every decoding call the pipeline makes in `epoch` (groups of decode_batch_size)."""
     labels = {identity: label for label, identity in enumerate(identity_labels(uri))}
     groups = []
     for path in read_manifest(uri).paths("train"):
         groups += _identity_groups(pq.read_table(path), clips_per_identity=config.data.clips_per_identity,
                                    seq_len=config.data.seq_len, seed=config.train.seed, epoch=epoch,
                                    labels=labels).column("frames").to_pylist()
-    return [[f for g in groups[i:i + _DECODE_BATCH] for f in g] for i in range(0, len(groups), _DECODE_BATCH)]
+    size = decode_batch_size(config.data, (config.data.clips_per_identity, config.data.seq_len))
+    return [[f for g in groups[i:i + size] for f in g] for i in range(0, len(groups), size)]
 
 
 def bare_loop(calls: list[list[bytes]], height: int, width: int) -> dict:

@@ -313,3 +313,18 @@ def test_batch_memory_is_reused_only_once_the_batch_is_dropped(normalize):
 
 def torch_equal(a, b):
     return bool((a == b).all())
+
+
+def test_each_decoded_block_is_one_array(ray_cluster, config, tmp_path):
+    # one file per split: every group (or chunk) of the data set reaches a single decoding task, which must
+    # still hand each block over as one array, not several outputs joined (the consumer would copy to join)
+    release = write_synthetic_release(str(tmp_path / "release"), identities=6, test_identities=3, cameras=2,
+                                      tracklets_per_identity=(2, 3), frames_per_tracklet=(8, 16), height=32,
+                                      width=16, junk_tracklets=0, distractor_tracklets=0)
+    uri = str(tmp_path / "shards")
+    write_shards(read_mars(release), uri, progress=False)
+    assert len(read_manifest(uri).paths("train")) == 1
+    for dataset in (training_dataset(uri, config), evaluation_dataset(uri, config)):
+        blocks = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        assert sum(block.num_rows for block in blocks) > 8  # more rows than any fixed small decoding batch
+        assert all(block.column("clips").num_chunks == 1 for block in blocks)

@@ -13,6 +13,7 @@ credentials: the filesystem handed to them carries them (see _read_filesystem).
 """
 
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -47,14 +48,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _FOOTER_ACTORS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_READERS = 2
-# Blocks of ~64 groups of JPEG bytes (MARS-sized frames) before decoding: enough blocks for every decoding
-# task to get work, few enough that per-block costs stay small (4 MiB was 2x slower). After decoding, a call's
-# output (4 groups of 4x8 224x224 frames: 19 MB) is over the target, so it is its own block; with a target
-# above it Ray joins two outputs into one block, which the consumer then copies to join (32 MiB: 5x the
-# driver's CPU; bench/data.py).
-_BLOCK_BYTES = 16 << 20
-# Groups (or evaluation chunks) per decoding call: enough frames to amortise the call, few enough to stream.
-_DECODE_BATCH = 4
+# Blocks of ~128 groups of JPEG bytes (MARS-sized frames) before decoding: enough blocks for every decoding
+# task to get work, few enough that per-task and per-block costs stay small (16 MiB gave ~3% fewer frames
+# per CPU-second in bench/data.py, 4 MiB was 2x slower). After decoding, each call's output is one block
+# (see decode_batch_size).
+_BLOCK_BYTES = 32 << 20
 # Identity rows per read step of a training file: a MARS identity holds ~800 frames (~7 MB of JPEG).
 _ROWS_PER_READ = 4
 
@@ -229,12 +227,22 @@ def _read(uri: str, split: str, endpoint_url: str | None, *,
     return ds
 
 
+def decode_batch_size(data, clip_shape: tuple[int, ...]) -> int:
+    """Rows (groups, or evaluation chunks) per decoding call: the fewest whose decoded frames reach the block
+    target, so each call's output becomes a block of its own. Ray joins outputs below the target into one
+    block of several chunks, which the consumer must copy to make one array (two 19 MB outputs per block:
+    5x the driver's CPU; bench/data.py); outputs above it are passed on as they are (sliced, without a copy,
+    from 1.5x the target)."""
+    row_bytes = math.prod(clip_shape) * data.height * data.width * 3
+    return max(1, math.ceil(_BLOCK_BYTES / row_bytes))
+
+
 def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data.Dataset:
     # Tasks, not an actor pool: Ray reuses its worker processes for tasks, while actors are new processes
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
     ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
                                                       clip_shape=clip_shape),
-                        batch_size=_DECODE_BATCH, batch_format="pyarrow",
+                        batch_size=decode_batch_size(data, clip_shape), batch_format="pyarrow",
                         compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency))
     # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
     # one block and one task decodes them all while the others idle. This dataset's own (sealed) context.
