@@ -12,6 +12,7 @@ results.csv and best.yaml (the best trial's full configuration, for jobs/train_m
 
 import csv
 import io
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -164,7 +165,9 @@ def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None
             run_config=tune.RunConfig(name=name, storage_path=root,
                                       callbacks=[_TrialProgress(metric, config.train.iterations)]))
     grid = tuner.fit()
-    finished = grid.num_terminated + grid.num_errors
+    # A trial that neither reported nor failed was stopped by the interruption, whatever its status says:
+    # Tune ends the pending trials of an interrupted run as TERMINATED in memory.
+    finished = sum(1 for result in grid if result.error is not None or result.metrics)
     if finished < max(len(grid), config.tune.num_samples):
         # Ctrl-C (or SIGINT from a scheduler): Tune saved the experiment's state and returned early
         raise SearchInterrupted(f"the search {name!r} was interrupted with {finished} of "
@@ -196,8 +199,9 @@ def results_rows(grid, metric: str, iterations: int) -> list[dict[str, Any]]:
     for result in grid:
         history = result.metrics_dataframe
         last = result.metrics or {}
+        params = _trial_params(result)
         row = {"trial": last.get("trial_id") or result.path.rsplit("/", 1)[-1],
-               **{name: float(result.config[name]) for name in SEARCHED}}
+               **{name: float(params.get(name, math.nan)) for name in SEARCHED}}
         done = int(last.get("iteration", 0))
         row["status"] = "error" if result.error else ("completed" if done >= iterations else "stopped early")
         row["iterations"] = done
@@ -209,6 +213,18 @@ def results_rows(grid, metric: str, iterations: int) -> list[dict[str, Any]]:
             row.update(best_iteration=0, val_alpha=math.nan, val_mAP=math.nan, val_rank1=math.nan)
         rows.append(row)
     return sorted(rows, key=lambda row: -row[metric] if math.isfinite(row[metric]) else math.inf)
+
+
+def _trial_params(result) -> dict[str, Any]:
+    """A trial's searched values: from its reports, or else from the params.json Tune writes as it starts
+    (a trial that failed before its first report); empty when it never started."""
+    if result.config:
+        return result.config
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError):
+        return {}
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

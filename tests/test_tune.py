@@ -119,3 +119,32 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(shards_uri
     assert len(rows) == 2 and all(row["status"] == "completed" for row in rows), rows
     assert (finished_dir / "result.json").read_text().count("\n") == reports_before
     assert f"trial {finished} finished" not in resumed.stdout
+
+
+def test_results_table_keeps_trials_that_failed_before_reporting(tmp_path):
+    import json
+
+    import pandas as pd
+    import pyarrow.fs
+    from ray.tune import Result
+
+    from stal_ray.tune import results_rows
+
+    def result(name, metrics, error=None, history=None, params=None):
+        path = tmp_path / name
+        path.mkdir()
+        if params is not None:
+            (path / "params.json").write_text(json.dumps(params))
+        return Result(metrics=metrics, checkpoint=None, error=error, path=str(path),
+                      metrics_dataframe=history, _storage_filesystem=pyarrow.fs.LocalFileSystem())
+
+    values = {"local_weight": 0.5, "margin_global": 1.0, "margin_local": 0.7}
+    reported = {"trial_id": "a", "iteration": 4, "config": values, "val_mAP": 0.8}
+    history = pd.DataFrame([{"iteration": 4, "val_mAP": 0.8, "val_alpha": 0.3, "val_rank1": 0.9}])
+    failed = result("b", {}, error=RuntimeError("no GPU"), params={**values, "margin_local": 1.5})
+    rows = results_rows([result("a", reported, history=history), failed,
+                         result("c", {}, error=RuntimeError("never started"))], "val_mAP", iterations=4)
+    assert [row["status"] for row in rows] == ["completed", "error", "error"]
+    assert rows[0]["val_mAP"] == 0.8 and rows[0]["margin_local"] == 0.7
+    assert rows[1]["margin_local"] == 1.5 and rows[1]["iterations"] == 0
+    assert all(row[name] != row[name] for row in rows[2:] for name in SEARCHED)  # NaN: nothing is known
