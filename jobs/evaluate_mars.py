@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model.pt written by jobs/train_mars.py, local or s3://")
     parser.add_argument("--data", metavar="URI", default=None,
                         help="prepared shards (jobs/prepare_mars.py), local or s3:// "
-                             "(default: the embedded synthetic data set)")
+                             "(default: the data set the model was trained on, its data.root)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder for metrics.json, cmc.png, attention.png, features.parquet")
     parser.add_argument("--fusion-rate", type=float, default=None, metavar="A",

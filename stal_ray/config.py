@@ -28,6 +28,9 @@ TRAINED_BRANCHES = ("both", "global", "local")
 PROTOCOLS = ("official", "torchreid")
 SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
+# ||ā|| of Eq. 8: "l1" (Σ_r ā^r; Eq. 12's gradient is the L1 form's) or "l2"
+PART_NORMS = ("l1", "l2")
+NO_PRETRAINED = "none"  # model.pretrained: train the backbone from random weights, on purpose
 
 
 class ConfigError(ValueError):
@@ -38,7 +41,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     # "bninception" (paper, Table I), "resnet50" (paper, Table V), "tiny" (CPU tests)
     backbone: str = "tiny"
-    # ImageNet state dict for the backbone, local path or fsspec URL; None = random initialisation
+    # ImageNet state dict for the backbone: local path or fsspec URL (https://, s3://); "none" = random
+    # initialisation on purpose; unset (null) is only allowed for the tiny backbone, which has no weights
     pretrained: str | None = None
     # D of the local part features f_{r,t} (paper §III-E: 1024)
     feature_dim: int = 1024
@@ -54,6 +58,8 @@ class ModelConfig:
     stan_batchnorm: bool = True
     # the residual attention branch on the global branch (RAN, §III-B); false = the ablation without it
     residual_attention: bool = True
+    # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l1" (the form Eq. 12 differentiates) or "l2"
+    part_norm: str = "l1"
 
 
 @dataclass
@@ -498,6 +504,7 @@ _RULES: dict[str, _Rule] = {
     "model.attention": _one_of(ATTENTION_MODES),
     "model.stan_batchnorm": lambda v: None,
     "model.residual_attention": lambda v: None,
+    "model.part_norm": _one_of(PART_NORMS),
     "data.root": _path_or_null,
     "data.seq_len": _int_at_least(1),
     "data.height": _int_at_least(16),

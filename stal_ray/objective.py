@@ -1,28 +1,55 @@
 """The STAL objective (Eq. 3-9): attention-aware distances, triplet, softmax and consistency terms."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stal_ray.config import MINING, TRAINED_BRANCHES
+from stal_ray.config import MINING, PART_NORMS, TRAINED_BRANCHES
+
+
+def safe_divisor(x: torch.Tensor) -> torch.Tensor:
+    """x (>= 0) kept away from 0, so that an all-zero score map gives zero weights, never NaN."""
+    return x.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def aggregate_temporal(f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Eq. 9: f^r = Σ_t a^{r,t} f^{r,t} / Σ_t a^{r,t}. f (B, T, R, D), a (B, T, R) -> (B, R, D)."""
-    return torch.einsum("btr,btrd->brd", a, f) / a.sum(1)[..., None]
+    return torch.einsum("btr,btrd->brd", a, f) / safe_divisor(a.sum(1))[..., None]
 
 
-def spatial_scores(a: torch.Tensor) -> torch.Tensor:
+def normalize_part_scores(a_bar: torch.Tensor, norm: str = "l1") -> torch.Tensor:
+    """Eq. 8's an^r = ā^r / ||ā||, ā (..., R) >= 0 -> (..., R). norm "l1": ||ā|| = Σ_r ā^r, the form whose
+    gradient Eq. 12 gives, (1 - an^r) / ||ā|| (the default); "l2": the Euclidean norm, whose gradient would
+    be (1 - (an^r)²) / ||ā||."""
+    if norm == "l1":
+        return a_bar / safe_divisor(a_bar.sum(-1, keepdim=True))
+    if norm == "l2":
+        return a_bar / safe_divisor(torch.linalg.vector_norm(a_bar, dim=-1, keepdim=True))
+    raise ValueError(f"model.part_norm = {norm!r} is invalid: use one of {', '.join(PART_NORMS)}")
+
+
+def spatial_scores(a: torch.Tensor, norm: str = "l1") -> torch.Tensor:
     """Eq. 8's weights: ā^r = mean_t a^{r,t}, returned as an^r = ā^r / ||ā||. a (B, T, R) -> (B, R)."""
-    a_bar = a.mean(1)
-    return a_bar / a_bar.norm(dim=-1, keepdim=True)
+    return normalize_part_scores(a.mean(1), norm)
 
 
 def euclidean_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pairwise ||x_i - y_j||: (..., N, D), (..., M, D) -> (..., N, M)."""
-    return torch.cdist(x, y)
+    """Pairwise ||x_i - y_j||: (..., N, D), (..., M, D) -> (..., N, M), exactly: cdist's matrix-product
+    form (||x||² + ||y||² - 2xy, taken for more than 25 rows) loses near neighbours to cancellation."""
+    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def full_precision(out):
+    """A STALOutput with its half-precision (bf16/fp16) tensors as fp32: the objective's distances, their
+    differences and the softmax terms round to noise in bf16 (8 bits of mantissa)."""
+    def widen(value):
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+            return value.float()
+        return value
+    return dataclasses.replace(out, **{f.name: widen(getattr(out, f.name)) for f in dataclasses.fields(out)})
 
 
 def psi_distance(
@@ -34,11 +61,11 @@ def psi_distance(
 
 
 def local_distance(
-    f_i: torch.Tensor, a_i: torch.Tensor, f_j: torch.Tensor, a_j: torch.Tensor
+    f_i: torch.Tensor, a_i: torch.Tensor, f_j: torch.Tensor, a_j: torch.Tensor, norm: str = "l1"
 ) -> torch.Tensor:
     """d_l (Eq. 2) from frame-level part features f (N, T, R, D) and their scores a (N, T, R)."""
-    f_i, an_i = aggregate_temporal(f_i, a_i), spatial_scores(a_i)
-    f_j, an_j = aggregate_temporal(f_j, a_j), spatial_scores(a_j)
+    f_i, an_i = aggregate_temporal(f_i, a_i), spatial_scores(a_i, norm)
+    f_j, an_j = aggregate_temporal(f_j, a_j), spatial_scores(a_j, norm)
     return psi_distance(f_i, an_i, f_j, an_j)
 
 
@@ -127,8 +154,13 @@ class STALObjective(nn.Module):
         mining: str = "batch_hard",
         keypoint_weight: float = 0.0,
         branches: str = "both",
+        part_norm: str = "l1",
     ):
         super().__init__()
+        if part_norm not in PART_NORMS:
+            raise ValueError(f"model.part_norm = {part_norm!r} is invalid: use one of "
+                             f"{', '.join(PART_NORMS)}")
+        self.part_norm = part_norm
         if mining not in MINING:
             raise ValueError(f"train.mining = {mining!r} is invalid: use one of {', '.join(MINING)}")
         if branches not in TRAINED_BRANCHES:
@@ -148,12 +180,17 @@ class STALObjective(nn.Module):
             mining=train.mining,
             keypoint_weight=config.model.keypoint_supervision,
             branches=train.branches,
+            part_norm=config.model.part_norm,
         )
 
     def forward(self, out, labels: torch.Tensor, keypoints: torch.Tensor | None = None) -> ObjectiveTerms:
-        """out: a STALOutput of a P×K batch; labels (B,) identity indices; keypoints (B, T, 14, 3) or None."""
+        """out: a STALOutput of a P×K batch; labels (B,) identity indices; keypoints (B, T, 14, 3) or None.
+        Every term is computed in fp32 at least, whatever precision the model ran in."""
+        out = full_precision(out)
+        if keypoints is not None and keypoints.dtype in (torch.float16, torch.bfloat16):
+            keypoints = keypoints.float()
         triplet_global = triplet_loss(global_distance(out.g, out.g), labels, self.margin_global, self.mining)
-        d_l = local_distance(out.f, out.a, out.f, out.a)
+        d_l = local_distance(out.f, out.a, out.f, out.a, self.part_norm)
         triplet_local = triplet_loss(d_l, labels, self.margin_local, self.mining)
         softmax = softmax_loss(out.global_logits, labels)
         consistency = consistency_loss(out.part_logits, labels)

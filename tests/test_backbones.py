@@ -72,13 +72,6 @@ def test_low_and_high_follow_the_backbone_through_copies_and_dtype_moves():
     assert original.high(original.low(torch.ones(1, 3, 64, 32, dtype=torch.float64))).dtype == torch.float64
 
 
-def test_bninception_normalisation_is_caffe_mean_pixel_in_bgr():
-    tiny, bninception = build_backbone("tiny"), build_backbone("bninception")
-    assert bninception.channel_order == "BGR" and tiny.channel_order == "RGB"
-    assert [round(m * 255) for m in bninception.pixel_mean] == [104, 117, 128]
-    assert [s * 255 for s in bninception.pixel_std] == pytest.approx([1, 1, 1])
-
-
 def test_unknown_backbone_raises_listing_allowed_names():
     with pytest.raises(ValueError, match="vgg") as err:
         build_backbone("vgg")

@@ -55,25 +55,33 @@ def pair():
     return query_inputs, gallery_inputs, tracklet_features(*query_inputs), tracklet_features(*gallery_inputs)
 
 
-def test_stal_local_distance_is_psi_distance(pair):
+def normalised(part_norm: str):
+    """Eq. 8's an = ā / ||ā|| written out, for TrackletFeatures rows."""
+    if part_norm == "l1":
+        return lambda x: x.part_scores / x.part_scores.sum(dim=1, keepdim=True)
+    return lambda x: x.part_scores / x.part_scores.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("part_norm", ["l1", "l2"])
+def test_stal_local_distance_is_psi_distance(pair, part_norm):
     _, _, query, gallery = pair
-    d_l, _ = branch_distances(query, gallery, "stal", device="cpu")
-    an = lambda x: x.part_scores / x.part_scores.norm(dim=1, keepdim=True)  # noqa: E731
+    d_l, _ = branch_distances(query, gallery, "stal", device="cpu", part_norm=part_norm)
+    an = normalised(part_norm)
     expected = psi_distance(query.f_attended, an(query), gallery.f_attended, an(gallery))
     torch.testing.assert_close(d_l, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("part_norm", ["l1", "l2"])
 @pytest.mark.parametrize("mode", ["stal", "tan", "san", "baseline"])
-def test_every_mode_equals_a_double_loop(pair, mode):
+def test_every_mode_equals_a_double_loop(pair, mode, part_norm):
     _, _, query, gallery = pair
     r = query.part_scores.shape[1]
-    uniform = lambda x: torch.full_like(x.part_scores, r**-0.5)  # noqa: E731
-    normalised = lambda x: x.part_scores / x.part_scores.norm(dim=1, keepdim=True)  # noqa: E731
-    features, weights = {"stal": ("f_attended", normalised), "tan": ("f_temporal", uniform),
-                         "san": ("f_mean", normalised), "baseline": ("f_mean", uniform)}[mode]
+    uniform = lambda x: torch.full_like(x.part_scores, 1 / r if part_norm == "l1" else r**-0.5)  # noqa: E731
+    features, weights = {"stal": ("f_attended", normalised(part_norm)), "tan": ("f_temporal", uniform),
+                         "san": ("f_mean", normalised(part_norm)), "baseline": ("f_mean", uniform)}[mode]
     expected = double_loop(getattr(query, features), weights(query), query.g,
                            getattr(gallery, features), weights(gallery), gallery.g)
-    d_l, d_g = branch_distances(query, gallery, mode, device="cpu")
+    d_l, d_g = branch_distances(query, gallery, mode, device="cpu", part_norm=part_norm)
     torch.testing.assert_close(d_l, expected[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(d_g, expected[1], rtol=1e-10, atol=1e-10)
 

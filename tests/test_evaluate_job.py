@@ -22,7 +22,7 @@ from stal_ray.model.export import save_model
 from stal_ray.model.stal import STAL
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "evaluate_mars.py"
-TOP_LEVEL = {"modes", "fusion_rate", "protocol", "num_query", "num_gallery", "num_test_ids",
+TOP_LEVEL = {"model", "modes", "fusion_rate", "protocol", "num_query", "num_gallery", "num_test_ids",
              "skipped_queries"}
 
 
@@ -38,13 +38,15 @@ def shards_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
+def model_path(tmp_path_factory, shards_uri) -> str:
     config = load_config(None, ["model.backbone=tiny", "model.feature_dim=8", "model.pose_source=keypoints",
                                 "data.seq_len=4", "data.height=32", "data.width=16",
                                 "data.decode_concurrency=1", "eval.fusion_rate=0.5"])
+    config.data.root = shards_uri  # as the trainer records the data a model was trained on
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("evaluate_model") / "model.pt")
-    save_model(path, STAL.from_config(config, num_classes=4), config, num_classes=4)
+    save_model(path, STAL.from_config(config, num_classes=4), config, num_classes=4,
+               extra={"iteration": 7, "selected_by": "best val_mAP", "score": 0.5})
     return path
 
 
@@ -54,7 +56,7 @@ def first_run(ray_cluster, shards_uri, model_path, tmp_path_factory):
     return out, evaluate(model_path, shards_uri, str(out), save_distances=True)
 
 
-def test_evaluation_writes_the_agreed_metrics_and_pictures(first_run):
+def test_evaluation_writes_the_agreed_metrics_and_pictures(first_run, model_path):
     out, returned = first_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == TOP_LEVEL and returned == metrics
@@ -64,6 +66,8 @@ def test_evaluation_writes_the_agreed_metrics_and_pictures(first_run):
         assert 0 <= values["mAP"] <= 1 and all(0 <= v <= 1 for v in values["cmc"].values())
         assert values["cmc"]["1"] <= values["cmc"]["20"]
     assert metrics["fusion_rate"] == 0.5 and metrics["protocol"] == "official"  # the model's eval settings
+    assert metrics["model"] == {"path": model_path, "iteration": 7, "selected_by": "best val_mAP",
+                                "score": 0.5}
     assert metrics["num_query"] > 0 and metrics["num_gallery"] > metrics["num_query"]
     assert 0 < metrics["num_test_ids"] <= 4
     for picture in ("cmc.png", "attention.png"):
@@ -116,6 +120,16 @@ def test_job_script_runs_in_a_process_that_already_has_ray(first_run, shards_uri
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert list(metrics["modes"]) == ["stal", "baseline"] and metrics["fusion_rate"] == 0.3
     assert len(JOB.read_text().splitlines()) <= 80
+
+
+def test_without_data_the_job_evaluates_the_data_the_model_was_trained_on(first_run, shards_uri, model_path,
+                                                                          tmp_path, capsys):
+    out, _ = first_run
+    shutil.copy(out / "features.parquet", tmp_path / "features.parquet")  # reused only for that data set
+    code = load_job().main(["--checkpoint", model_path, "--out", str(tmp_path), "--modes", "stal"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"evaluating on {shards_uri}" in printed and "reusing features" in printed
 
 
 def test_job_script_names_a_missing_checkpoint(ray_cluster, tmp_path, capsys):

@@ -1,13 +1,15 @@
 """The objective: Eq. 8 and 9 against plain references and gradcheck, triplet mining, Eq. 5 and 6."""
 
+import dataclasses
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from stal_ray.model.stal import STALOutput
 from stal_ray.objective import (
+    STALObjective,
     aggregate_temporal,
     consistency_loss,
     global_distance,
@@ -39,14 +41,20 @@ def test_aggregation_matches_eq9_written_out(generator):
         assert torch.allclose(out[i, r], expected, atol=1e-5)
 
 
-def test_psi_matches_eq8_written_out(generator):
+@pytest.mark.parametrize("part_norm", ["l1", "l2"])
+def test_psi_matches_eq8_written_out(generator, part_norm):
     f, a = clip_features(generator)
-    d_l = local_distance(f, a, f, a)
+    d_l = local_distance(f, a, f, a, part_norm)
     f_r = aggregate_temporal(f, a)
     a_bar = a.mean(1)
+
+    def norm_of(i):  # ||ā_i||: L1 by default (Eq. 12's gradient is the L1 form's; README)
+        if part_norm == "l1":
+            return sum(a_bar[i, r] for r in range(R))
+        return sum(a_bar[i, r] ** 2 for r in range(R)) ** 0.5
+
     for i, j in itertools.product(range(B), range(B)):
-        norm_i = math.sqrt(sum(a_bar[i, r] ** 2 for r in range(R)))
-        norm = norm_i * math.sqrt(sum(a_bar[j, r] ** 2 for r in range(R)))
+        norm = norm_of(i) * norm_of(j)
         expected = sum(a_bar[i, r] * a_bar[j, r] / norm * (f_r[i, r] - f_r[j, r]).norm() for r in range(R))
         assert d_l[i, j].item() == pytest.approx(float(expected), abs=1e-4)
 
@@ -55,9 +63,9 @@ def test_average_pooling_is_the_equal_score_special_case(generator):
     f, _ = clip_features(generator)
     equal = torch.full((B, T, R), 1.0 / (T * R))
     assert torch.allclose(aggregate_temporal(f, equal), f.mean(1), atol=1e-6)
-    # with equal scores every part weighs an_i^r an_j^r = 1/R
+    # with equal scores every part weighs an_i^r an_j^r = 1/R²
     pooled = f.mean(1)
-    expected = sum(torch.cdist(pooled[:, r], pooled[:, r]) for r in range(R)) / R
+    expected = sum(torch.cdist(pooled[:, r], pooled[:, r]) for r in range(R)) / R**2
     assert torch.allclose(local_distance(f, equal, f, equal), expected, atol=1e-5)
 
 
@@ -124,3 +132,58 @@ def test_consistency_averages_every_part_and_frame(generator):
         [F.cross_entropy(logits[:, t, r], labels) for t in range(T) for r in range(R)]
     ).mean()
     assert torch.allclose(consistency_loss(logits, labels), expected, atol=1e-6)
+
+
+def test_an_all_zero_score_map_gives_zero_weights_not_nan(generator):
+    f, a = clip_features(generator)
+    a[1] = 0  # every sigmoid score of one clip underflowed
+    f.requires_grad_(True)
+    d_l = local_distance(f, a, f, a)
+    assert torch.isfinite(d_l).all() and (d_l[1] == 0).all() and (d_l[:, 1] == 0).all()
+    d_l.sum().backward()
+    assert torch.isfinite(f.grad).all()
+    assert (spatial_scores(a)[1] == 0).all() and torch.isfinite(aggregate_temporal(f, a)).all()
+
+
+def bf16_batch(generator, p=8, k=4):
+    """A STALOutput of P×K = 32 clips in bf16 as a trained model gives them: features far from the origin
+    (a shared offset), identities apart, clips of one identity near neighbours. The matrix-product form of
+    the distance (||x||² + ||y||² - 2xy) loses such distances to cancellation."""
+    labels = torch.arange(p).repeat_interleave(k)
+    dim, t, classes = 256, 4, p
+
+    def near(shape_tail):
+        shared = 20 * torch.randn(*shape_tail, generator=generator)
+        identity = torch.randn(p, *shape_tail, generator=generator).repeat_interleave(k, 0)
+        return shared + identity + 0.02 * torch.randn(p * k, *shape_tail, generator=generator)
+
+    scores = torch.rand(p * k, t, R, generator=generator) + 0.5
+    out = STALOutput(
+        g=near((dim,)), g_frames=torch.zeros(p * k, t, dim), f=near((t, R, dim)),
+        a=scores / scores.sum((1, 2), keepdim=True), scores=scores, joints=torch.zeros(p * k, t, 14, 3),
+        part_boxes=torch.zeros(p * k, t, R, 4),
+        global_logits=torch.randn(p * k, classes, generator=generator),
+        part_logits=torch.randn(p * k, t, R, classes, generator=generator), image_size=(64, 32))
+    as_bf16 = dataclasses.replace(out, **{name: getattr(out, name).bfloat16()
+                                          for name in ("g", "f", "a", "global_logits", "part_logits")})
+    return as_bf16, labels
+
+
+def test_objective_on_bf16_outputs_matches_an_fp64_reference(generator):
+    out, labels = bf16_batch(generator)
+    # the reference: the very same bf16 values, every operation in fp64
+    exact = dataclasses.replace(out, **{name: getattr(out, name).double()
+                                        for name in ("g", "f", "a", "global_logits", "part_logits")})
+    objective = STALObjective(margin_global=1.2, margin_local=0.8)  # the paper's margins
+    terms, reference = objective(out, labels), objective(exact, labels)
+    assert terms.total.dtype == torch.float32
+    for name in ("triplet_global", "triplet_local", "softmax", "consistency", "total"):
+        got, want = getattr(terms, name).item(), getattr(reference, name).item()
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), name
+    # and the fp64 terms are Eq. 4 written out
+    want = reference_triplets(global_distance(exact.g, exact.g), labels, 1.2, "batch_hard")
+    assert reference.triplet_global.item() == pytest.approx(want, abs=1e-9)
+    # near neighbours stay resolved: every positive pair is far closer than any negative
+    d_g = global_distance(out.g.float(), out.g.float())
+    same = labels[:, None] == labels[None, :]
+    assert d_g[same].max() < d_g[~same].min() / 5

@@ -19,8 +19,6 @@ from stal_ray.config import Config
 from stal_ray.data.images import decode_frames
 from stal_ray.data.mars import read_mars
 from stal_ray.data.pipeline import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     evaluation_dataset,
     identity_labels,
     training_batches,
@@ -30,6 +28,7 @@ from stal_ray.data.pipeline import (
 from stal_ray.data.shards import read_manifest, write_shards
 from stal_ray.data.synthetic import write_synthetic_release
 from stal_ray.data.validation import ensure_validation_split
+from stal_ray.model.preprocess import IMAGENET
 
 P, K, T, H, W = 3, 2, 4, 16, 8
 # what evaluation_dataset's rows hold, and validation_dataset's the same
@@ -274,7 +273,7 @@ def test_uint8_clips_normalised_later_equal_the_normalised_ones():
     assert (raw_batches.normalized(raw["clips"]) - normalised["clips"]).abs().max() < 1e-5
     # channel c of the normalised clip is (pixel - mean_c) / std_c of the stored frame's channel c
     pixel = source.batch["clips"][0, 0, 0, 0, 0]
-    expected = (pixel - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)
+    expected = (pixel - np.array(IMAGENET.mean)) / np.array(IMAGENET.std)
     assert np.allclose(normalised["clips"][0, 0, :, 0, 0].numpy(), expected, atol=1e-5)
 
 

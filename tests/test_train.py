@@ -7,8 +7,10 @@ from stal_ray.config import ConfigError, load_config
 from stal_ray.data.mars import read_mars
 from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import write_synthetic_release
-from stal_ray.model.export import load_model
+from stal_ray.data.validation import ensure_validation_split
+from stal_ray.model.export import load_model, load_model_config
 from stal_ray.train.deepspeed import deepspeed_config
+from stal_ray.train.loop import seed_everything
 from stal_ray.train.trainer import NonFiniteLossError, build_trainer, train
 
 # Tiny everything: each run is a few optimiser steps of the tiny CNN on 32×16 frames.
@@ -98,3 +100,61 @@ def test_sync_batchnorm_on_cpu_is_refused_before_workers_start(ray_cluster, shar
     config = make_config(tmp_path, "train.sync_batchnorm=true")
     with pytest.raises(ConfigError, match="sync_batchnorm.*GPU"):
         build_trainer(config, shards_uri, name="syncbn")
+
+
+@pytest.fixture(scope="module")
+def shards_without_keypoints(tmp_path_factory) -> str:
+    """A MARS-layout data set with no keypoint file, as the real release is."""
+    root = tmp_path_factory.mktemp("train_data_no_keypoints")
+    release = read_mars(write_synthetic_release(str(root / "release"), identities=6, test_identities=3,
+                                                cameras=2, tracklets_per_identity=(2, 3),
+                                                frames_per_tracklet=(4, 8), height=32, width=16))
+    release.keypoints_path = None
+    out = str(root / "shards")
+    write_shards(release, out, target_file_bytes=20_000, progress=False)
+    return out
+
+
+def test_keypoint_pose_source_on_data_without_keypoints_is_refused_in_the_driver(shards_without_keypoints,
+                                                                                 tmp_path):
+    with pytest.raises(ConfigError, match="model.pose_source = keypoints.*no keypoints.*pose_source=learned"):
+        build_trainer(make_config(tmp_path), shards_without_keypoints, name="no-keypoints")
+    learned = make_config(tmp_path, "model.pose_source=learned")
+    build_trainer(learned, shards_without_keypoints, name="learned")
+
+
+def test_more_identities_per_batch_than_the_data_has_is_refused_in_the_driver(shards_uri, tmp_path):
+    # 6 training identities; 2 workers each need batches of 4 distinct ones
+    config = make_config(tmp_path, "data.identities_per_batch=4", "train.num_workers=2")
+    with pytest.raises(ConfigError, match="identities_per_batch = 4 .* needs at least 8 .* leaves 6"):
+        build_trainer(config, shards_uri, name="too-many")
+
+
+def test_the_model_file_records_the_data_it_was_trained_on(shards_uri, tmp_path):
+    trainer = build_trainer(make_config(tmp_path), shards_uri, name="records-data")
+    assert trainer.train_loop_config["config"]["data"]["root"] == shards_uri
+
+
+def test_a_validated_run_keeps_its_best_model_and_says_which(ray_cluster, shards_uri, tmp_path):
+    split = ensure_validation_split(shards_uri, 0.3, 0)
+    config = make_config(tmp_path, "train.iterations=6", "train.checkpoint_every=1",
+                         "train.keep_checkpoints=1", "data.val_identities=0.3", "tune.fusion_rates=[0.3]")
+    result = train(config, shards_uri, name="best", validation=split)
+    best = result.metrics["best_iteration"]
+    assert 1 <= best <= 6 and result.metrics["best_score"] >= result.metrics["val_mAP"]
+    _, meta = load_model_config(result.model_path)
+    assert meta["extra"] == {"iteration": best, "selected_by": "best val_mAP",
+                             "score": result.metrics["best_score"]}
+    # Ray Train kept the checkpoint of that same iteration: it scores checkpoints by the same metric
+    kept = sorted(path.name for path in (tmp_path / "best").glob("checkpoint_*"))
+    assert [name.split("_")[1] for name in kept] == [f"{best:08d}"]
+
+
+def test_deterministic_runs_switch_on_deterministic_kernels(tmp_path):
+    try:
+        seed_everything(make_config(tmp_path, "train.deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)

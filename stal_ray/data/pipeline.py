@@ -41,11 +41,10 @@ if TYPE_CHECKING:
     import torch
 
     from stal_ray.data.validation import ValidationSplit
+    from stal_ray.model.preprocess import Preprocess
 
 
 JOINTS = shards.JOINTS
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _FOOTER_ACTORS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_READERS = 2
 # Blocks of ~128 groups of JPEG bytes (MARS-sized frames) before decoding: enough blocks for every decoding
@@ -330,24 +329,26 @@ class TrainingBatches:
     """Iterable of training batches of P groups of P distinct identities from a training dataset or a
     streaming_split shard of one; counts the groups skipped for corrupt frames.
 
-    Each batch: clips float (P·K, T, 3, H, W) normalised by mean/std, labels (P·K,) int64, identities
+    Each batch: clips float (P·K, T, 3, H, W) as `preprocess` (model.preprocess) makes them, labels (P·K,)
+    int64, identities
     (P·K,), tracklets (P·K,), keypoints (P·K, T, 14, 3) or None when no group of the batch has keypoints.
 
     normalize=False gives uint8 clips (P·K, T, 3, H, W) instead, a channels-first view of channels-last
-    memory, for `normalized(clips.to(device))` on the accelerator: converting to float and normalising costs
+    memory, RGB, for `normalized(clips.to(device))` on the accelerator: converting to float and normalising
+    costs
     this process about as much CPU as decoding the frames did (bench/data.py), and a quarter of the bytes
     cross to the device.
     """
 
-    def __init__(self, dataset_or_shard, identities_per_batch: int, *, mean: Iterable[float] = IMAGENET_MEAN,
-                 std: Iterable[float] = IMAGENET_STD, shuffle_buffer: int | None = None,
-                 seed: int | None = None, drop_last: bool = True, normalize: bool = True):
-        import torch  # here, not at the top: the Ray Data workers that import this module never need it
+    def __init__(self, dataset_or_shard, identities_per_batch: int, *, preprocess: "Preprocess | None" = None,
+                 shuffle_buffer: int | None = None, seed: int | None = None, drop_last: bool = True,
+                 normalize: bool = True):
+        # here, not at the top: the Ray Data workers that import this module never need torch
+        from stal_ray.model.preprocess import IMAGENET
 
         self.source = dataset_or_shard
         self.p = identities_per_batch
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, 1, 3, 1, 1) * 255
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, 1, 3, 1, 1) * 255
+        self.preprocess = preprocess or IMAGENET
         # groups of one identity arrive together (one row expands into all of them): mix them before batching
         self.shuffle_buffer = shuffle_buffer if shuffle_buffer is not None else 8 * identities_per_batch
         self.seed = seed
@@ -429,8 +430,7 @@ class TrainingBatches:
                     # channels first and to float in one pass per group, then normalised in place: 2.4x less
                     # CPU than the chained out-of-place operations
                     source = torch.from_numpy(group["clips"]).permute(0, 1, 4, 2, 3)
-                    clips[index * k:(index + 1) * k].copy_(source)
-            clips.sub_(self.mean).div_(self.std)
+                    self.preprocess.into(source, clips[index * k:(index + 1) * k])
         has_keypoints = any(bool(g["has_keypoints"]) for g in groups)
         return {
             "clips": clips,
@@ -442,8 +442,8 @@ class TrainingBatches:
         }
 
     def normalized(self, clips: "torch.Tensor") -> "torch.Tensor":
-        """uint8 clips (from normalize=False) as float normalised by mean/std, on the clips' device."""
-        return (clips.float() - self.mean.to(clips.device)) / self.std.to(clips.device)
+        """uint8 clips (from normalize=False) as the model's input (float, preprocessed), on their device."""
+        return self.preprocess(clips)
 
 
 class RecycledBuffers:

@@ -1,11 +1,12 @@
 """Test-time tracklet distances: Eq. 8's d_l, the global d_g and d_l + α·d_g, per attention switch."""
 
-import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from stal_ray.objective import normalize_part_scores
 
 # The paper's test switches: stal = temporal and spatial attention, tan = temporal only, san = spatial only,
 # baseline = no attention (all scores 1); global and local = one branch of the stal distance alone.
@@ -56,28 +57,21 @@ class TrackletFeatures:
             index = torch.as_tensor(np.asarray(index) if not isinstance(index, Tensor) else index)
         return TrackletFeatures(**{field.name: getattr(self, field.name)[index] for field in fields(self)})
 
-    def parts(self, mode: str) -> tuple[Tensor, Tensor]:
-        """Part features f (N, R, D) and Eq. 8's weights an (N, R), unit L2 norm per row, for a mode.
+    def parts(self, mode: str, part_norm: str = "l1") -> tuple[Tensor, Tensor]:
+        """Part features f (N, R, D) and Eq. 8's weights an (N, R), ā / ||ā|| under model.part_norm, for a
+        mode.
 
         global and local use stal's parts, so that their d_l is the one the fused stal distance adds up.
         """
         check_mode(mode)
+        uniform = torch.ones_like(self.part_scores)  # all scores 1
         if mode == "tan":
-            return self.f_temporal, self._uniform_weights()
+            return self.f_temporal, normalize_part_scores(uniform, part_norm)
         if mode == "san":
-            return self.f_mean, _normalise(self.part_scores)
+            return self.f_mean, normalize_part_scores(self.part_scores, part_norm)
         if mode == "baseline":
-            return self.f_mean, self._uniform_weights()
-        return self.f_attended, _normalise(self.part_scores)
-
-    def _uniform_weights(self) -> Tensor:
-        n, r = self.part_scores.shape
-        return self.part_scores.new_full((n, r), 1 / math.sqrt(r))  # all scores 1, normalised
-
-
-def _normalise(part_scores: Tensor) -> Tensor:
-    """an = ā / ||ā|| (Eq. 8's weights)."""
-    return part_scores / part_scores.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(part_scores.dtype).tiny)
+            return self.f_mean, normalize_part_scores(uniform, part_norm)
+        return self.f_attended, normalize_part_scores(self.part_scores, part_norm)
 
 
 def _default_device(device) -> torch.device:
@@ -134,17 +128,25 @@ def _check_shapes(query: TrackletFeatures, gallery: TrackletFeatures) -> None:
                              "same model")
 
 
+def _full_precision(features: TrackletFeatures) -> TrackletFeatures:
+    """bf16/fp16 features as fp32: the distances' matrix-product form cancels to noise in half precision."""
+    if features.g.dtype not in (torch.float16, torch.bfloat16):
+        return features
+    return TrackletFeatures(**{f.name: getattr(features, f.name).float() for f in fields(features)})
+
+
 def _distances(query: TrackletFeatures, gallery: TrackletFeatures, mode: str, local: bool, global_: bool,
-               chunk_size: int, device) -> tuple[Tensor | None, Tensor | None]:
+               chunk_size: int, device, part_norm: str) -> tuple[Tensor | None, Tensor | None]:
     check_mode(mode)
     _check_shapes(query, gallery)
+    query, gallery = _full_precision(query), _full_precision(gallery)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = _default_device(device)
     d_l = d_g = None
     if local:
-        f_q, an_q = query.parts(mode)
-        f_g, an_g = gallery.parts(mode)
+        f_q, an_q = query.parts(mode, part_norm)
+        f_g, an_g = gallery.parts(mode, part_norm)
         d_l = _weighted_distances(f_q, an_q, f_g, an_g, chunk_size, device)
     if global_:
         # d_g is Eq. 8 with a single part of weight 1
@@ -154,11 +156,11 @@ def _distances(query: TrackletFeatures, gallery: TrackletFeatures, mode: str, lo
 
 
 def branch_distances(query: TrackletFeatures, gallery: TrackletFeatures, mode: str = "stal", *,
-                     chunk_size: int = 512, device=None) -> tuple[Tensor, Tensor]:
-    """(d_l, d_g), each (Nq, Ng) on the CPU in the features' dtype: d_l by Eq. 8 with the mode's parts and
-    weights, d_g = ||g_i − g_j||. Computed on `device` (default: cuda if available), chunk_size query rows at
-    a time."""
-    return _distances(query, gallery, mode, True, True, chunk_size, device)
+                     chunk_size: int = 512, device=None, part_norm: str = "l1") -> tuple[Tensor, Tensor]:
+    """(d_l, d_g), each (Nq, Ng) on the CPU in the features' dtype (fp32 at least): d_l by Eq. 8 with the
+    mode's parts and weights (part_norm: the model's model.part_norm), d_g = ||g_i − g_j||. Computed on
+    `device` (default: cuda if available), chunk_size query rows at a time."""
+    return _distances(query, gallery, mode, True, True, chunk_size, device, part_norm)
 
 
 def fuse(d_l: Tensor, d_g: Tensor, mode: str, alpha: float) -> Tensor:
@@ -172,7 +174,8 @@ def fuse(d_l: Tensor, d_g: Tensor, mode: str, alpha: float) -> Tensor:
 
 
 def fused_distance(query: TrackletFeatures, gallery: TrackletFeatures, mode: str = "stal", alpha: float = 0.3,
-                   *, chunk_size: int = 512, device=None) -> Tensor:
+                   *, chunk_size: int = 512, device=None, part_norm: str = "l1") -> Tensor:
     """fuse(branch_distances(...)), computing only the branches the mode uses."""
-    d_l, d_g = _distances(query, gallery, mode, mode != "global", mode != "local", chunk_size, device)
+    d_l, d_g = _distances(query, gallery, mode, mode != "global", mode != "local", chunk_size, device,
+                          part_norm)
     return fuse(d_l, d_g, mode, alpha)

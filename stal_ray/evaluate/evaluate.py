@@ -46,7 +46,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     config's eval settings. Features are saved to features_path (default out_dir/features.parquet) and
     reused by a later call for the same model file and data set, which then reads nothing else.
     """
-    config, _ = load_model_config(model_path)
+    config, meta = load_model_config(model_path)
+    provenance = model_provenance(model_path, meta)
     config = _with_overrides(config, config_overrides, model_path)
     fusion_rate = config.eval.fusion_rate if fusion_rate is None else float(fusion_rate)
     protocol = protocol or config.eval.protocol
@@ -56,8 +57,9 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
         raise ValueError(f"modes {list(modes)} are invalid: use one or more of {', '.join(MODES)}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is invalid: use one of {', '.join(PROTOCOLS)}")
-    if data_uri is None:
-        data_uri = resolve_data(None)  # the embedded synthetic data set, generated on first use
+    if data_uri is None:  # the data the model was trained on (None: the embedded synthetic data set)
+        data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url)
+        print(f"evaluating on {data_uri}, the data set the model was trained on")
     features_path = features_path or storage.join(out_dir, FEATURES_FILE)
 
     feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency)
@@ -70,7 +72,7 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     # global and local are branches of the stal distance: one branch_distances per attention mode, and only
     # one pair of (Nq, Ng) matrices alive at a time
     for attention in dict.fromkeys(_ATTENTION_OF.get(mode, mode) for mode in modes):
-        d_l, d_g = branch_distances(query, gallery, attention)
+        d_l, d_g = branch_distances(query, gallery, attention, part_norm=config.model.part_norm)
         for mode in (m for m in modes if _ATTENTION_OF.get(m, m) == attention):
             distance = fuse(d_l, d_g, mode, fusion_rate)
             if mode == modes[0]:
@@ -82,7 +84,7 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     # identities a query or gallery entry belongs to; junk (-1) and distractors (0) are nobody
     num_test_ids = len(set(np.concatenate([ids["q_pids"], ids["g_pids"]]).tolist()) - {-1, 0})
     metrics_path = report.write_metrics(out_dir, results, fusion_rate, protocol, len(query_index),
-                                        len(gallery_index), num_test_ids, first.skipped_queries)
+                                        len(gallery_index), num_test_ids, first.skipped_queries, provenance)
     report.plot_cmc(storage.join(out_dir, report.CMC_FILE), results)
     report.plot_attention(storage.join(out_dir, report.ATTENTION_FILE), feature_set.sample_scores,
                           feature_set.sample_frames, _captions(feature_set))
@@ -99,7 +101,15 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     print(report.format_table(results))
     print(f"metrics: {metrics_path}")
     return report.metrics_dict(results, fusion_rate, protocol, len(query_index), len(gallery_index),
-                               num_test_ids, first.skipped_queries)
+                               num_test_ids, first.skipped_queries, provenance)
+
+
+def model_provenance(model_path: str, meta: dict) -> dict:
+    """Which model a report is of: its file, the iteration it was saved at and why (the best validation
+    score, or the last iteration), as train.loop recorded them in model.pt."""
+    extra = meta.get("extra", {})
+    return {"path": model_path, "iteration": extra.get("iteration", extra.get("iterations")),
+            "selected_by": extra.get("selected_by", "last iteration"), "score": extra.get("score")}
 
 
 def _with_overrides(config: Config, overrides, model_path: str) -> Config:

@@ -23,9 +23,9 @@ import torch
 
 from stal_ray.data import shards, storage
 from stal_ray.data.images import decode_frames
-from stal_ray.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from stal_ray.evaluate.distance import TrackletFeatures
 from stal_ray.model.export import load_model
+from stal_ray.objective import safe_divisor
 
 # What chunk_sums gives per chunk; score_sum (Σ_t s_{t,r}, for ā^r) is den_attended, so it is not repeated.
 SUM_FIELDS = ("g_sum", "num_attended", "den_attended", "num_temporal", "den_temporal", "f_sum", "frames")
@@ -81,8 +81,7 @@ class ChunkFeatures:
         # the `keypoints` pose source reads the data's joints; a chunk without them has confidence 0 and
         # falls back to the canonical boxes inside the model
         self.needs_keypoints = self.model.pose.kind == "keypoints"
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 1, 3, 1, 1) * 255
+        self.preprocess = model.preprocess  # what the model was trained on (model.pt carries it)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,7 +91,7 @@ class ChunkFeatures:
             clips = torch.from_numpy(batch["clips"]).to(self.device)  # uint8 (B, T, H, W, 3)
             keypoints = torch.from_numpy(batch["keypoints"]).to(self.device) if self.needs_keypoints else None
             valid = torch.from_numpy(np.asarray(batch["valid"], dtype=np.int64)).to(self.device)
-        clips = (clips.permute(0, 1, 4, 2, 3).float() - self.mean) / self.std  # (B, T, 3, H, W)
+        clips = self.preprocess(clips.permute(0, 1, 4, 2, 3))  # (B, T, 3, H, W) float
         if keypoints is not None:
             keypoints = keypoints.to(self.dtype)
         out = self.model(clips.to(self.dtype), keypoints)
@@ -198,8 +197,8 @@ class TrackletSums:
         den_attended = sums.pop("den_attended")
         features = TrackletFeatures(
             g=sums.pop("g_sum").div_(count[:, None]),
-            f_attended=sums.pop("num_attended").div_(den_attended[..., None]),
-            f_temporal=sums.pop("num_temporal").div_(sums.pop("den_temporal")[:, None, None]),
+            f_attended=sums.pop("num_attended").div_(safe_divisor(den_attended)[..., None]),
+            f_temporal=sums.pop("num_temporal").div_(safe_divisor(sums.pop("den_temporal"))[:, None, None]),
             f_mean=sums.pop("f_sum").div_(count[:, None, None]),
             part_scores=den_attended / count[:, None],  # ā^r, mean over frames of s_{t,r}
         )

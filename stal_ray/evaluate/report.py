@@ -44,9 +44,11 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query: int, num_gallery: int,
-                 num_test_ids: int, skipped: int) -> dict:
-    """The metrics.json document: per mode mAP and CMC at the reported ranks (fractions in [0, 1])."""
+                 num_test_ids: int, skipped: int, model: Mapping | None = None) -> dict:
+    """The metrics.json document: per mode mAP and CMC at the reported ranks (fractions in [0, 1]), and
+    `model`: which model file was evaluated, from which iteration and why (model_provenance)."""
     return {
+        "model": dict(model or {}),
         "modes": {mode: {"mAP": float(result.mAP),
                          "cmc": {str(rank): float(value) for rank, value in sorted(result.cmc.items())}}
                   for mode, result in results.items()},
@@ -60,10 +62,11 @@ def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query:
 
 
 def write_metrics(out_dir: str, results: Mapping, fusion_rate: float, protocol: str, num_query: int,
-                  num_gallery: int, num_test_ids: int, skipped: int) -> str:
+                  num_gallery: int, num_test_ids: int, skipped: int, model: Mapping | None = None) -> str:
     """Write out_dir/metrics.json (metrics_dict) and return its path."""
     path = storage.join(out_dir, METRICS_FILE)
-    document = metrics_dict(results, fusion_rate, protocol, num_query, num_gallery, num_test_ids, skipped)
+    document = metrics_dict(results, fusion_rate, protocol, num_query, num_gallery, num_test_ids, skipped,
+                            model)
     write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
     return path
 

@@ -29,12 +29,12 @@ def features_in_memory(model: torch.nn.Module, dataset: ray.data.Dataset, *,
 
 
 def fusion_sweep(feature_set: FeatureSet, fusion_rates: Iterable[float], *, protocol: str = "official",
-                 ranks: Sequence[int] = (1, 5, 10, 20)) -> dict[float, RankingResult]:
+                 ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l1") -> dict[float, RankingResult]:
     """CMC and mAP of the stal distance for every α in fusion_rates; d_l and d_g are computed once."""
     query_index, gallery_index = query_gallery_split(feature_set.identity, feature_set.camera,
                                                      feature_set.is_query, protocol)
     features = feature_set.features
-    d_l, d_g = branch_distances(features[query_index], features[gallery_index], "stal")
+    d_l, d_g = branch_distances(features[query_index], features[gallery_index], "stal", part_norm=part_norm)
     ids = (feature_set.identity[query_index], feature_set.identity[gallery_index],
            feature_set.camera[query_index], feature_set.camera[gallery_index])
     return {float(alpha): evaluate_ranking(fuse(d_l, d_g, "stal", float(alpha)), *ids, ranks=tuple(ranks))
@@ -60,9 +60,10 @@ def sweep_metrics(results: dict[float, RankingResult]) -> dict[str, float]:
 
 
 def validate(model: torch.nn.Module, dataset: ray.data.Dataset, fusion_rates: Iterable[float], *,
-             protocol: str = "official", batch_size: int = 32) -> dict[str, float]:
+             protocol: str = "official", batch_size: int = 32, part_norm: str = "l1") -> dict[str, float]:
     """sweep_metrics of the model on a validation_dataset (the evaluation protocol, α grid)."""
     feature_set = features_in_memory(model, dataset, batch_size=batch_size)
     if not np.any(feature_set.is_query):
         raise ValueError("the validation split has no query tracklet: nothing to rank")
-    return sweep_metrics(fusion_sweep(feature_set, fusion_rates, protocol=protocol, ranks=(1,)))
+    return sweep_metrics(fusion_sweep(feature_set, fusion_rates, protocol=protocol, ranks=(1,),
+                                      part_norm=part_norm))

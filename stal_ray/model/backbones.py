@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from stal_ray.config import BACKBONES
+from stal_ray.model.preprocess import CAFFE_BGR, IMAGENET, Preprocess
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --- Building blocks. Each takes `parts`: R copies with separate weights run as one grouped op on an
@@ -174,10 +173,8 @@ class Backbone(nn.Module):
 
     low_channels: int
     global_dim: int
-    # in [0, 1] units, in `channel_order`: x_norm = (x01[channel_order] - pixel_mean) / pixel_std
-    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
-    pixel_std: tuple[float, float, float] = IMAGENET_STD
-    channel_order: str = "RGB"
+    # what the pretrained weights expect of the input frames (model.preprocess)
+    preprocess: Preprocess = IMAGENET
 
     def _split(self, low: list[str], high: list[str]) -> None:
         self._stages = tuple(nn.Sequential(*(self.get_submodule(n) for n in names)) for names in (low, high))
@@ -221,10 +218,7 @@ class BNInception(Backbone):
     """BN-Inception (Ioffe & Szegedy 2015) split as Table I: low = stem .. 4b, high = 4c .. 5b + pool."""
 
     low_channels, global_dim = 576, 1024
-    # Caffe-ported weights: BGR in 0..255 minus the mean pixel, std 1
-    channel_order = "BGR"
-    pixel_mean = (104 / 255, 117 / 255, 128 / 255)
-    pixel_std = (1 / 255, 1 / 255, 1 / 255)
+    preprocess = CAFFE_BGR  # Caffe-ported weights
 
     def __init__(self):
         super().__init__()
@@ -377,6 +371,27 @@ class LoadReport:
         return "; ".join(lines)
 
 
+# Where each backbone's ImageNet weights come from (model.pretrained takes a local path, https:// or s3://)
+WEIGHTS_SOURCES = {
+    "resnet50": "torchvision's ImageNet ResNet-50 file, e.g. https://download.pytorch.org/models/"
+                "resnet50-0676ba61.pth (or any torchvision.models.resnet50(...).state_dict() saved with "
+                "torch.save)",
+    "bninception": "the widely used Cadene pretrainedmodels BN-Inception file, bn_inception-52deb4733.pth "
+                   "(http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth)",
+}
+
+
+def check_weights_choice(backbone: str, pretrained: str | None) -> None:
+    """A backbone with ImageNet weights trains from them unless model.pretrained says "none" on purpose."""
+    if pretrained is None and backbone in WEIGHTS_SOURCES:
+        raise ValueError(
+            f"model.pretrained is not set for backbone {backbone}: the paper fine-tunes ImageNet weights "
+            f"(§III-E). Download {WEIGHTS_SOURCES[backbone]} and set model.pretrained to its local path or "
+            "an "
+            "https:// or s3:// URL (--set model.pretrained=URI), or set model.pretrained=none to train from "
+            "random weights on purpose")
+
+
 def _read_state_dict(path_or_url: str) -> dict[str, torch.Tensor]:
     try:
         with fsspec.open(path_or_url, "rb") as f:
@@ -384,6 +399,8 @@ def _read_state_dict(path_or_url: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"pretrained weights not found: {path_or_url} (expected a torch state dict "
                                 f"saved with torch.save)") from err
+    except OSError as err:  # an unreachable host, an HTTP error status
+        raise FileNotFoundError(f"cannot read pretrained weights {path_or_url}: {err}") from err
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors have no common type

@@ -10,6 +10,7 @@ import torch
 
 from stal_ray.config import Config, config_from_dict
 from stal_ray.data import storage
+from stal_ray.model.preprocess import Preprocess
 from stal_ray.model.stal import STAL
 
 FORMAT, VERSION = "stal_ray.model", 1
@@ -21,6 +22,7 @@ def save_model(path_or_url: str, model: STAL, config: Config, *, num_classes: in
     payload = {
         "format": FORMAT, "version": VERSION, "config": config.to_dict(), "num_classes": int(num_classes),
         "labels": [int(label) for label in labels or []], "extra": dict(extra or {}),
+        "preprocess": model.preprocess.to_dict(),
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
     }
     fs, path = storage.filesystem(path_or_url, check=False)
@@ -73,6 +75,8 @@ def load_model(path_or_url: str, *, map_location: str | torch.device = "cpu") ->
     config, meta = _config_and_meta(payload)
     model = STAL.from_config(config, payload["num_classes"])
     model.load_state_dict(payload["state_dict"], strict=True)
+    if "preprocess" in payload:  # files written before it was saved get the backbone's (the same then)
+        model.preprocess = Preprocess.from_dict(payload["preprocess"])
     return model.eval(), config, meta
 
 

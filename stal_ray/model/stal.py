@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stal_ray.config import NO_PRETRAINED
 from stal_ray.model.attention import STAN, normalize_scores
 from stal_ray.model.backbones import PartLinear, build_backbone, load_pretrained
 from stal_ray.model.parts import NUM_JOINTS, NUM_PARTS, PoseSource, part_boxes, roi_pool
@@ -44,6 +45,8 @@ class STAL(nn.Module):
         super().__init__()
         self.seq_len, self.image_size, self.part_size = seq_len, tuple(image_size), part_size
         self.backbone = build_backbone(backbone)
+        # decoded uint8 frames -> this model's input; model.pt carries it (model.export)
+        self.preprocess = self.backbone.preprocess
         channels = self.backbone.low_channels
         # without RAN (the §IV-C2 ablation) the global branch reads the low-level map as it is
         self.ran = ResidualAttention(channels) if residual_attention else nn.Identity()
@@ -72,7 +75,7 @@ class STAL(nn.Module):
             stan_batchnorm=model.stan_batchnorm,
             residual_attention=model.residual_attention,
         )
-        if model.pretrained:
+        if model.pretrained and model.pretrained != NO_PRETRAINED:
             stal.load_pretrained(model.pretrained)
         return stal
 
@@ -94,7 +97,8 @@ class STAL(nn.Module):
         return h, w
 
     def forward(self, clips: torch.Tensor, keypoints: torch.Tensor | None = None) -> STALOutput:
-        """clips (B, T, 3, H, W) normalised frames; keypoints (B, T, 14, 3) pixels or None."""
+        """clips (B, T, 3, H, W) frames as self.preprocess makes them; keypoints (B, T, 14, 3) pixels or
+        None."""
         expected = (self.seq_len, 3, *self.image_size)
         if clips.dim() != 5 or tuple(clips.shape[1:]) != expected:
             shape = ", ".join(map(str, expected))

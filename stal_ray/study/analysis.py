@@ -20,8 +20,8 @@ class Ranker:
     """Query/gallery split of one FeatureSet under a protocol, and ranking of any distance over it."""
 
     def __init__(self, feature_set: FeatureSet, protocol: str = "official",
-                 ranks: Sequence[int] = (1, 5, 10, 20)):
-        self.feature_set, self.ranks = feature_set, tuple(ranks)
+                 ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l1"):
+        self.feature_set, self.ranks, self.part_norm = feature_set, tuple(ranks), part_norm
         self.query, self.gallery = query_gallery_split(feature_set.identity, feature_set.camera,
                                                        feature_set.is_query, protocol)
         self.ids = (feature_set.identity[self.query], feature_set.identity[self.gallery],
@@ -35,7 +35,8 @@ class Ranker:
         """(d_l, d_g) of the queries to the gallery under an attention mode, computed once."""
         if attention not in self._branches:
             self._branches[attention] = branch_distances(self.feature_set.features[self.query],
-                                                         self.feature_set.features[self.gallery], attention)
+                                                         self.feature_set.features[self.gallery], attention,
+                                                         part_norm=self.part_norm)
         return self._branches[attention]
 
     def mode(self, mode: str, alpha: float) -> RankingResult:
@@ -64,12 +65,13 @@ def fusion_rates(ranker: Ranker, rates: Sequence[float]) -> dict[float, RankingR
     return {float(alpha): ranker.rank(fuse(d_l, d_g, "stal", float(alpha))) for alpha in rates}
 
 
-def sequence_lengths(feature_sets: Mapping[str, FeatureSet], alpha: float,
-                     protocol: str = "official") -> tuple[list[str], np.ndarray]:
+def sequence_lengths(feature_sets: Mapping[str, FeatureSet], alpha: float, protocol: str = "official",
+                     part_norm: str = "l1") -> tuple[list[str], np.ndarray]:
     """Fig. 11: rank-1 of queries of length L_q against galleries of length L_g, every pair of the
     extractions given (label -> FeatureSet of the same tracklets). Returns (labels, (L_q, L_g) rank-1)."""
     labels = list(feature_sets)
-    rankers = {label: Ranker(feature_sets[label], protocol, ranks=(1,)) for label in labels}
+    rankers = {label: Ranker(feature_sets[label], protocol, ranks=(1,), part_norm=part_norm)
+               for label in labels}
     first = rankers[labels[0]]
     for label, ranker in rankers.items():
         if not np.array_equal(ranker.feature_set.tracklet, first.feature_set.tracklet):
@@ -78,7 +80,8 @@ def sequence_lengths(feature_sets: Mapping[str, FeatureSet], alpha: float,
     for i, query_label in enumerate(labels):
         query = feature_sets[query_label].features[first.query]
         for j, gallery_label in enumerate(labels):
-            d_l, d_g = branch_distances(query, feature_sets[gallery_label].features[first.gallery], "stal")
+            d_l, d_g = branch_distances(query, feature_sets[gallery_label].features[first.gallery], "stal",
+                                        part_norm=part_norm)
             grid[i, j] = first.rank(fuse(d_l, d_g, "stal", alpha)).cmc[1]
     return labels, grid
 

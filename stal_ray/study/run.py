@@ -38,7 +38,9 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
             features[name], units[name] = extract_with_units(test_split(), variant.model_path, **stream)
         else:
             features[name] = extract_features(test_split(), variant.model_path, **stream)
-    rankers = {name: analysis.Ranker(feature_set, protocol) for name, feature_set in features.items()}
+    part_norm = config.model.part_norm
+    rankers = {name: analysis.Ranker(feature_set, protocol, part_norm=part_norm)
+               for name, feature_set in features.items()}
     stal = rankers["stal"]
 
     results = StudyResults(data=data, command=command, config=config, alpha=alpha, protocol=protocol,
@@ -68,7 +70,8 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
         label = "all" if length is None else str(length)
         by_length[label] = features["stal"] if length is None else extract_features(
             test_split(sequence_length=length, seed=config.train.seed), trained["stal"].model_path, **stream)
-    results.length_labels, results.length_grid = analysis.sequence_lengths(by_length, alpha, protocol)
+    results.length_labels, results.length_grid = analysis.sequence_lengths(by_length, alpha, protocol,
+                                                                           part_norm)
 
     def figure(name: str) -> str:
         return storage.join(out, name)

@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray.data
@@ -47,6 +47,8 @@ class LoopState:
     step: int = 0  # optimiser steps taken (the paper's iterations)
     epoch: int = 0  # current epoch; it also seeds that epoch's frame sampling
     batches_into_epoch: int = 0  # batches of `epoch` already trained on (skipped when resuming mid-epoch)
+    best_score: float | None = None  # the best validation score so far (best_model_metric), when validating
+    best_step: int = 0  # the iteration model.pt was saved at for it
 
 
 @dataclass
@@ -88,6 +90,22 @@ class Faults:
     nan_at_step: int | None = None  # the loss becomes NaN on this step
 
 
+def best_model_metric(config) -> str:
+    """The validation metric model.pt and the kept checkpoints are chosen by (tune.metric's val_ key)."""
+    return f"val_{config.tune.metric}"
+
+
+def seed_everything(config) -> None:
+    """The same start on every worker (DeepSpeed broadcasts rank 0's weights too); with
+    train.deterministic, Ray Train's reproducibility switch as well (seeds, deterministic kernels, no cuDNN
+    autotuning), so GPU runs repeat. Kernels without a deterministic version (grid_sample's backward on
+    CUDA) warn instead of failing."""
+    if config.train.deterministic:
+        ray.train.torch.enable_reproducibility(seed=config.train.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(config.train.seed)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """loop_config: config (Config.to_dict()), data (shards URI), labels (person id of every classifier
     output), run_dir (where model.pt and a stop note go), endpoint_url, exclude_identities, faults, and
@@ -103,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
 
-    torch.manual_seed(config.train.seed)  # the same start on every worker (DeepSpeed broadcasts rank 0's too)
+    seed_everything(config)
     model = STAL.from_config(config, num_classes=len(labels)).to(device)
     objective = STALObjective.from_config(config)
     engine, scheduler = build_engine(model, config, on_gpu=on_gpu)
@@ -119,14 +137,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"resuming at iteration {state.step}, epoch {state.epoch}, "
                   f"batch {state.batches_into_epoch}", flush=True)
 
-    mean, std = engine.module.backbone.pixel_mean, engine.module.backbone.pixel_std
     iterations = config.train.iterations
     meter, last_metrics = Meter(), {}
     validator = _validator(loop_config, config) if rank == 0 else None
     while state.step < iterations:
         shard = _epoch_shard(loop_config, config, state.epoch, rank, world)
-        batches = training_batches(shard, config.data.identities_per_batch, mean=mean, std=std,
-                                   seed=config.train.seed + state.epoch)
+        batches = training_batches(shard, config.data.identities_per_batch,
+                                   preprocess=engine.module.preprocess, seed=config.train.seed + state.epoch)
         stream = iter(batches)
         for _ in range(state.batches_into_epoch):  # resuming mid-epoch: the batches already trained on
             next(stream, None)
@@ -162,7 +179,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 print(_progress_line(state, iterations, meter, scheduler), flush=True)
             if state.step % config.train.checkpoint_every == 0 or state.step == iterations:
                 last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics,
-                                       validator)
+                                       validator, loop_config)
                 meter = meter.next_window()
         if exhausted:
             if trained_this_epoch == 0 and state.batches_into_epoch == 0:
@@ -171,13 +188,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"{config.data.identities_per_batch} distinct identities: the data set is too small "
                     "for data.identities_per_batch (or every group had corrupt frames)")
             # the epoch's end is a checkpoint too: a resumed run starts the next epoch, not this one again
-            state = LoopState(step=state.step, epoch=state.epoch + 1, batches_into_epoch=0)
-            last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics, validator)
+            state = replace(state, epoch=state.epoch + 1, batches_into_epoch=0)
+            last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics, validator,
+                                   loop_config)
             meter = meter.next_window()
 
-    if rank == 0:
-        save_model(storage.join(loop_config["run_dir"], MODEL_FILE), engine.module, config,
-                   num_classes=len(labels), labels=labels, extra={"iterations": state.step})
+    if rank == 0 and validator is None:  # a validated run saved its best model at that report
+        _save_model(loop_config, engine.module, state.step, selected_by="last iteration")
+
+
+def _save_model(loop_config: dict[str, Any], model, step: int, selected_by: str, score: float | None = None):
+    """model.pt in the run folder, saying which iteration it is and why it was chosen."""
+    config = config_from_dict(loop_config["config"])
+    labels = loop_config["labels"]
+    extra = {"iteration": step, "selected_by": selected_by}
+    if score is not None:
+        extra["score"] = score
+    save_model(storage.join(loop_config["run_dir"], MODEL_FILE), model, config, num_classes=len(labels),
+               labels=labels, extra=extra)
 
 
 def _epoch_shard(loop_config: dict[str, Any], config, epoch: int, rank: int, world: int):
@@ -229,16 +257,18 @@ def _validator(loop_config: dict[str, Any], config):
         dataset = validation_dataset(loop_config["data"], config, split,
                                      endpoint_url=loop_config.get("endpoint_url"))
         return validate(model, dataset, config.tune.fusion_rates, protocol=config.eval.protocol,
-                        batch_size=config.eval.batch_size)
+                        batch_size=config.eval.batch_size, part_norm=config.model.part_norm)
 
     return run
 
 
 def _report(engine, state: LoopState, meter: Meter, scheduler, batches, device,
-            last_metrics: dict[str, Any], validator=None) -> dict[str, Any]:
+            last_metrics: dict[str, Any], validator=None, loop_config: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
     """Metrics of the steps since the last report, averaged over workers, with the engine's checkpoint;
     with no step since then (an epoch ending right after a report), the last metrics again. With a
-    validator (rank 0 of a run with a validation split), the validation metrics of the model as it is."""
+    validator (rank 0 of a run with a validation split), the validation metrics of the model as it is, and
+    model.pt saved whenever they are the best so far (state.best_score)."""
     steps = max(meter.steps, 1)
     names = list(LOSS_TERMS)
     totals = _sum([meter.losses[n] / steps for n in names] + [meter.data_wait, meter.step_time,
@@ -251,6 +281,7 @@ def _report(engine, state: LoopState, meter: Meter, scheduler, batches, device,
         metrics = {key: value for key, value in last_metrics.items() if key.startswith(("loss_", "val_"))}
     elif validator is not None:
         metrics.update(validator(engine.module))
+        _keep_if_best(engine.module, state, metrics, loop_config)
     metrics.update(
         iteration=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
         clips_per_s=meter.clips / max(meter.step_time, 1e-9),
@@ -263,6 +294,17 @@ def _report(engine, state: LoopState, meter: Meter, scheduler, batches, device,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_{state.step:08d}_{state.epoch:04d}")
     return metrics
+
+
+def _keep_if_best(model, state: LoopState, metrics: dict[str, Any], loop_config: dict[str, Any]) -> None:
+    """Save model.pt when this report's validation score beats every earlier one (state remembers it, and
+    the checkpoint saved next carries it into a resumed run)."""
+    key = best_model_metric(config_from_dict(loop_config["config"]))
+    score = float(metrics[key])
+    if state.best_score is None or score > state.best_score:
+        state.best_score, state.best_step = score, state.step
+        _save_model(loop_config, model, state.step, selected_by=f"best {key}", score=score)
+    metrics.update(best_iteration=state.best_step, best_score=state.best_score)
 
 
 def _progress_line(state: LoopState, iterations: int, meter: Meter, scheduler) -> str:

@@ -1,5 +1,6 @@
 """The TorchTrainer of a STAL training run: scaling, storage, checkpoints and failures from the config."""
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -9,10 +10,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, ConfigError
-from stal_ray.data import storage
+from stal_ray.data import shards, storage
 from stal_ray.data.pipeline import identity_labels
 from stal_ray.data.validation import ValidationSplit
-from stal_ray.train.loop import MODEL_FILE, STOPPED, train_loop_per_worker
+from stal_ray.model.backbones import check_weights_choice
+from stal_ray.train.loop import MODEL_FILE, STOPPED, best_model_metric, train_loop_per_worker
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,6 +35,10 @@ def storage_root(config: Config) -> str:
 
 def check_resources(config: Config) -> None:
     """Settings this cluster cannot run, refused before any worker starts."""
+    try:
+        check_weights_choice(config.model.backbone, config.model.pretrained)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     train = config.train
     if train.sync_batchnorm and not train.use_gpu:
         raise ConfigError("train.sync_batchnorm = true needs train.use_gpu = true: torch synchronises "
@@ -42,6 +48,27 @@ def check_resources(config: Config) -> None:
         if gpus < train.num_workers:
             raise ConfigError(f"train.use_gpu = true with train.num_workers = {train.num_workers}, but the "
                               f"Ray cluster has {gpus:g} GPUs: add GPU nodes or lower --num-workers")
+
+
+def check_data(config: Config, data: str, labels: list[int], *, endpoint_url: str | None = None) -> None:
+    """Settings the prepared data set cannot train, refused in the driver before any worker starts.
+
+    A tracklet shorter than data.seq_len is not refused: restricted random sampling repeats its frames in
+    order (data.sampling), as evaluation pads a short chunk.
+    """
+    model, p, workers = config.model, config.data.identities_per_batch, config.train.num_workers
+    counts = shards.read_manifest(data, endpoint_url=endpoint_url).counts["train"]
+    if model.pose_source == "keypoints" and not counts.get("frames_with_keypoints"):
+        raise ConfigError(
+            f"model.pose_source = keypoints, but {data} has no keypoints (0 of {counts['frames']} training "
+            "frames): set model.pose_source=learned (a keypoint head) or prior (the canonical pose), or "
+            "prepare the data set with keypoints (jobs/prepare_mars.py --keypoints FILE)")
+    if len(labels) < p * workers:
+        raise ConfigError(
+            f"data.identities_per_batch = {p} with train.num_workers = {workers} needs at least "
+            f"{p * workers} training identities (each worker's batches hold {p} distinct ones), but {data} "
+            f"leaves {len(labels)} for training: lower data.identities_per_batch or --num-workers, or lower "
+            "data.val_identities")
 
 
 def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
@@ -56,8 +83,12 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
     labels = identity_labels(data, endpoint_url=endpoint_url, **(
         {"exclude_identities": exclude_identities} if exclude_identities else {}))
+    check_data(config, data, labels, endpoint_url=endpoint_url)
     train = config.train
     root = storage_root(config)
+    # model.pt records the data it was trained on: evaluate_mars.py without --data evaluates that
+    config = copy.deepcopy(config)
+    config.data.root = data
     loop_config = {
         "config": config.to_dict(), "data": data, "labels": labels, "endpoint_url": endpoint_url,
         "run_dir": storage.join(root, name), "exclude_identities": exclude_identities, "faults": faults,
@@ -69,11 +100,21 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=root,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            checkpoint_config=checkpoint_config(config, validation is not None),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             callbacks=callbacks,
         ),
     )
+
+
+def checkpoint_config(config: Config, validating: bool) -> ray.train.CheckpointConfig:
+    """Keep the train.keep_checkpoints best checkpoints by the validation score when a run validates
+    (best_model_metric), else the newest ones."""
+    if not validating:
+        return ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints)
+    return ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints,
+                                      checkpoint_score_attribute=best_model_metric(config),
+                                      checkpoint_score_order="max")
 
 
 def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
