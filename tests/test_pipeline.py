@@ -144,7 +144,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(ray_cluster, dataset_uri, config, t
     table = table.set_column(table.schema.get_field_index("frames"), field, pa.array(frames, field.type))
     pq.write_table(table, path)
     # the manifest records shard sizes: record the edited one's so read_manifest accepts it
-    manifest_path = os.path.join(corrupt, "manifest.json")
+    manifest_path = read_manifest(corrupt).manifest_path
     with open(manifest_path) as fh:
         manifest = json.load(fh)
     manifest["files"]["train"][0]["bytes"] = os.path.getsize(path)
