@@ -1,6 +1,7 @@
 """Tests of the versioned publish (stal_ray/data/publish.py): a prepare killed between writing a version and
 swapping the pointer, on local disk and S3 (moto); data sets written before versions; the prepare lock."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -158,14 +159,22 @@ def test_second_prepare_into_one_folder_is_refused_while_the_first_finishes(rele
         assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
         assert f"{out}: another prepare is writing here (host" in second.stderr
         assert f"pid {first.pid}" in second.stderr and f"{out}/.prepare.lock" in second.stderr
-        go.write_text("")
-        stdout, stderr = first.communicate(timeout=120)
+        # one that may wait (as the jobs' embedded data set does) takes the first one's data set
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(write_shards, release, out, target_file_bytes=int(0.02 * 2**20),
+                                  progress=False, lock_wait_s=120)
+            time.sleep(2)
+            assert not waiting.done()
+            go.write_text("")
+            stdout, stderr = first.communicate(timeout=120)
+            assert waiting.result(timeout=120).reused
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
     assert first.returncode == 0, stderr
     assert f"{out}: written" in stdout
+    assert read_manifest(out) == waiting.result()
     verify(out)
     assert not os.path.exists(os.path.join(out, publish.LOCK))
 

@@ -48,6 +48,7 @@ LEGACY = "legacy-root"  # a data set written before versions: manifest.json and 
 POINTER_FORMAT = 1
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
+_WAIT_POLL_S = 1.0
 
 _MANIFEST = "manifest.json"
 _SPLITS = ("train", "test")
@@ -160,12 +161,13 @@ def _remove_legacy(fs, root: str) -> None:
 
 
 @contextlib.contextmanager
-def prepare_lock(fs, root: str, uri: str) -> Iterator[None]:
-    """Hold the output folder's lock while the body runs; PrepareLockedError when another prepare holds it."""
+def prepare_lock(fs, root: str, uri: str, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the output folder's lock while the body runs; PrepareLockedError when another prepare holds it
+    for more than wait_s seconds."""
     path = posixpath.join(root, LOCK)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
              "started": time.time()}
-    _acquire(fs, path, owner, uri)
+    _acquire(fs, path, owner, uri, time.monotonic() + wait_s)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(fs, path, owner, stop), daemon=True,
                             name="prepare-lock-heartbeat")
@@ -180,14 +182,18 @@ def prepare_lock(fs, root: str, uri: str) -> Iterator[None]:
                 fs.rm(path)
 
 
-def _acquire(fs, path: str, owner: dict, uri: str) -> None:
-    for _ in range(3):
+def _acquire(fs, path: str, owner: dict, uri: str, deadline: float) -> None:
+    takeovers = 0
+    while takeovers < 3:
         if _create(fs, path, _lock_body(owner)):
             return
         holder = _read_lock(fs, path)
         if holder is None:
             continue  # released between our attempt and the read
         reason = _stale(holder)
+        if reason is None and time.monotonic() < deadline:
+            time.sleep(_WAIT_POLL_S)
+            continue
         if reason is None:
             started = datetime.fromtimestamp(float(holder.get("started", 0)), timezone.utc)
             raise PrepareLockedError(
@@ -195,6 +201,7 @@ def _acquire(fs, path: str, owner: dict, uri: str) -> None:
                 f"pid {holder.get('pid')}, since {started:%Y-%m-%d %H:%M:%S} UTC); wait for it to finish, "
                 f"or if it is dead and this one is wrong, delete {posixpath.join(uri, LOCK)}")
         logger.warning("taking over the lock %s of a prepare that %s", path, reason)
+        takeovers += 1
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
     raise PrepareLockedError(f"{uri}: could not take the prepare lock {posixpath.join(uri, LOCK)}; "
@@ -219,9 +226,9 @@ def _create(fs, path: str, body: bytes) -> bool:
     bucket, key = path.split("/", 1)
     try:
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
-    except Exception as error:  # s3fs maps a 412 to an OSError of its own; the code is in the text
-        if "PreconditionFailed" in str(error) or "412" in str(error):
-            return False
+    except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+        return False
+    except Exception:
         if fs.exists(path):  # a server that fails while refusing the write (some S3 emulators answer 500)
             return False
         raise

@@ -164,7 +164,8 @@ class Manifest:
 def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None,
                  target_file_bytes: int = 128 << 20, overwrite: bool = False,
                  endpoint_url: str | None = None, progress: bool = True,
-                 max_bad_fraction: float = MAX_BAD_FRACTION, keep_previous: bool = True) -> Manifest:
+                 max_bad_fraction: float = MAX_BAD_FRACTION, keep_previous: bool = True,
+                 lock_wait_s: float = 0.0) -> Manifest:
     """Write `release` as Parquet shards and a manifest under `out`; returns the manifest.
 
     Keypoints come from `keypoints` (a Parquet file of KEYPOINTS_SCHEMA) or else release.keypoints_path,
@@ -174,7 +175,8 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
     same source and settings this is a no-op (manifest.reused is True); of another one it raises
     DatasetExistsError unless overwrite=True. keep_previous keeps the version it replaces until the next
     prepare (for jobs still reading it); otherwise that is removed right after the swap. Another prepare
-    writing to `out` at the same time raises publish.PrepareLockedError.
+    writing to `out` raises publish.PrepareLockedError, unless it finishes within lock_wait_s seconds (then
+    its data set is checked as above).
     """
     if target_file_bytes < 1:
         raise ValueError(f"target_file_bytes must be >= 1, got {target_file_bytes}")
@@ -186,17 +188,16 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
     source = {"release": release.root, "keypoints": keypoints,
               "fingerprint": _fingerprint(release, keypoints_digest)}
     with storage.errors(out, endpoint_url):
-        existing = _complete_manifest(out, endpoint_url)
-        if existing is not None and not overwrite:
-            differences = _differences(existing, source, target_file_bytes, release)
-            if not differences:
-                logger.info("%s is up to date (same source, schema and file size); nothing written", out)
-                existing.reused = True
-                return existing
-            raise DatasetExistsError(f"{out} already holds a complete data set with another "
-                                     f"{', '.join(differences)}; pass --overwrite (overwrite=True) to "
-                                     "rebuild it")
-        with publish.prepare_lock(fs, root, out):
+        # checked before the lock (a reader of an up-to-date data set needs no write access) and again
+        # under it (another prepare may have published while this one waited)
+        up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes, release)
+        if up_to_date is not None:
+            return up_to_date
+        with publish.prepare_lock(fs, root, out, lock_wait_s):
+            up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes,
+                                                            release)
+            if up_to_date is not None:
+                return up_to_date
             current, previous = _versions(fs, root, out)
             publish.remove_unreferenced(fs, root, keep={current, previous})  # killed runs' leftovers
             version = publish.new_version()
@@ -241,6 +242,22 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
                        len(reader.bad.found), reader.bad.summary())
     logger.info("wrote %s version %s: %s", out, version, manifest.counts)
     return manifest
+
+
+def _up_to_date(out: str, endpoint_url: str | None, source: dict, target_file_bytes: int,
+                release: MarsRelease) -> Manifest | None:
+    """The complete data set at `out` when it is of this source and settings (reused), None when there is
+    none; DatasetExistsError when there is another one."""
+    existing = _complete_manifest(out, endpoint_url)
+    if existing is None:
+        return None
+    differences = _differences(existing, source, target_file_bytes, release)
+    if differences:
+        raise DatasetExistsError(f"{out} already holds a complete data set with another "
+                                 f"{', '.join(differences)}; pass --overwrite (overwrite=True) to rebuild it")
+    logger.info("%s is up to date (same source, schema and file size); nothing written", out)
+    existing.reused = True
+    return existing
 
 
 def _versions(fs, root: str, out: str) -> tuple[str | None, str | None]:
