@@ -141,15 +141,17 @@ def test_symlink_out_of_the_release_is_refused_before_it_is_read(root):
     assert result.returncode == 2 and f"frame {frame} resolves to {secret}" in result.stderr
 
 
-def test_symlinked_folder_out_of_the_release_is_refused_and_links_inside_are_followed(root):
+def test_links_inside_the_release_and_linked_image_folders_are_followed(root):
     release = read_mars(str(root))
     inside = release.train[0].frames
     (root / inside[1]).unlink()
-    (root / inside[1]).symlink_to(root / inside[0])  # a duplicate frame linked inside the release: fine
-    manifest = write_shards(release, str(root.parent / "ok"), progress=False)
-    assert manifest.bad_frames == []
-    folder = root / os.path.dirname(release.test[0].frames[0])
-    elsewhere = shutil.move(folder, root.parent / "elsewhere")
-    folder.symlink_to(elsewhere)
-    with pytest.raises(UnsafeFrameError, match=f"frame {release.test[0].frames[0]} resolves to .*elsewhere"):
-        write_shards(release, str(root.parent / "refused"), progress=False)
+    (root / inside[1]).symlink_to(root / inside[0])  # a duplicate frame linked inside the release
+    # the image folder on another disk, linked into the release, with a frame linked to a sibling there
+    elsewhere = shutil.move(root / "bbox_test", root.parent / "other-disk")
+    (root / "bbox_test").symlink_to(elsewhere)
+    frames = release.test[0].frames
+    (root / frames[1]).unlink()
+    (root / frames[1]).symlink_to(Path(elsewhere) / os.path.relpath(frames[0], "bbox_test"))
+    manifest = write_shards(release, str(root.parent / "mars"), progress=False)
+    assert manifest.bad_frames == [] and manifest.counts["test"]["frames"] == sum(len(t.frames)
+                                                                                 for t in release.test)

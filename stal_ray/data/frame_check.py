@@ -6,15 +6,15 @@ frame header at the front, the end-of-image marker at the back. That catches zer
 short by an interrupted copy, and other formats (PNG, HTML error pages saved as .jpg); it does not catch
 damage inside the entropy-coded data, which the decoder later shows as grey blocks.
 
-A frame that is a symbolic link (or in a folder that is one) is followed only when it resolves inside the
-release root: a link out of it would copy whatever it points at (a credentials file) into shards that may
-go to a shared bucket, so it is refused before its target is read.
+A frame that is a symbolic link is followed only when it resolves inside the release (its root or its
+image folders, which may be links to another disk): a link out of it would copy whatever it points at (a
+credentials file) into shards that may go to a shared bucket, so it is refused before its target is read.
 """
 
 import os
 from dataclasses import dataclass, field
 
-from stal_ray.data.mars import MarsFormatError
+from stal_ray.data.mars import SPLITS, MarsFormatError
 
 SOI = b"\xff\xd8\xff"  # start of image, then the first segment's marker
 EOI = b"\xff\xd9"  # end of image
@@ -45,45 +45,34 @@ def jpeg_problem(data: bytes) -> str | None:
 
 @dataclass
 class LinkGuard:
-    """Refuses frames of a local release that resolve outside its root; a no-op for object stores.
+    """Refuses frames of a local release that are links resolving outside it; a no-op for object stores.
 
-    Cheap at MARS scale: one lstat per frame, and a realpath per distinct folder and per frame that is a link.
+    "Inside" is under the release root or under its image folders (bbox_train/, bbox_test/), which may be
+    links themselves, e.g. to another disk. A frame is named by the release's name lists, so only a frame
+    that is itself a link can point at an arbitrary file; a linked folder holds only files named as frames.
+    Cheap at MARS scale: one lstat per frame, a realpath only for frames that are links.
     """
 
     root: str | None  # the release root on local disk, None for a remote release (no links there)
-    _real_root: str = ""
-    _folders: dict[str, bool] = field(default_factory=dict)  # folder -> resolves inside the root
+    _allowed: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.root is not None:
-            self._real_root = os.path.realpath(self.root)
+            folders = (self.root, *(os.path.join(self.root, f"bbox_{split}") for split in SPLITS))
+            self._allowed = tuple(sorted({os.path.realpath(folder) for folder in folders}))
 
     def check(self, relative: str) -> None:
-        """Raise UnsafeFrameError when the frame at `relative` (to the root) leaves the root."""
+        """Raise UnsafeFrameError when the frame at `relative` (to the root) is a link out of the release."""
         if self.root is None:
             return
         path = os.path.join(self.root, relative)
-        folder = os.path.dirname(path)
-        inside = self._folders.get(folder)
-        if inside is None:
-            inside = self._folders[folder] = self._inside(os.path.realpath(folder))
-        if not inside:
-            self._refuse(relative, folder)
-        try:
-            is_link = os.path.islink(path)
-        except OSError:
-            return  # a missing frame fails where it is read, with its own message
-        if is_link and not self._inside(os.path.realpath(path)):
-            self._refuse(relative, path)
-
-    def _inside(self, real: str) -> bool:
-        return real == self._real_root or real.startswith(self._real_root.rstrip(os.sep) + os.sep)
-
-    def _refuse(self, relative: str, link: str) -> None:
-        raise UnsafeFrameError(
-            f"frame {relative} resolves to {os.path.realpath(link)}, outside the release root {self.root} "
-            f"(through the link {link}); refusing to copy it into shards: replace the link with the frame "
-            "itself, or a link inside the release")
+        if os.path.islink(path):  # False for a missing frame, which fails where it is read
+            target = os.path.realpath(path)
+            if not any(target == a or target.startswith(a.rstrip(os.sep) + os.sep) for a in self._allowed):
+                raise UnsafeFrameError(
+                    f"frame {relative} resolves to {target}, outside the release root {self.root} (the frame "
+                    f"{path} is a link); refusing to copy it into shards: replace the link with the frame "
+                    "itself, or with a link inside the release")
 
 
 @dataclass

@@ -620,7 +620,8 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
         except FileNotFoundError:
             raise IncompleteDatasetError(
                 f"{uri}: {publish.POINTER} names version {version}, which has no {MANIFEST} (removed by "
-                f"hand?); {rerun} --overwrite") from None
+                f"hand, or replaced by a prepare with --drop-previous just now: retry); {rerun} --overwrite"
+            ) from None
         try:
             manifest = Manifest.from_json(text)
         except (ValueError, KeyError, TypeError) as error:
