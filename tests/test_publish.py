@@ -193,3 +193,14 @@ def test_lock_of_a_live_holder_is_refused_and_of_a_silent_one_taken_over(place):
     with publish.prepare_lock(fs, root, out):
         assert json.loads(fs.cat_file(lock))["pid"] == os.getpid()
     assert not fs.exists(lock)
+
+
+def test_held_lock_is_kept_fresh_by_its_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "HEARTBEAT_S", 0.1)
+    out = str(tmp_path / "mars")
+    fs, root = filesystem(out)
+    with publish.prepare_lock(fs, root, out):
+        first = json.loads(fs.cat_file(f"{root}/{publish.LOCK}"))["heartbeat"]
+        time.sleep(0.6)
+        assert json.loads(fs.cat_file(f"{root}/{publish.LOCK}"))["heartbeat"] > first
+    assert not os.path.exists(f"{root}/{publish.LOCK}")

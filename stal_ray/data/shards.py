@@ -230,7 +230,8 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
                 fs.pipe_file(manifest.manifest_path, manifest.to_json().encode())
                 publish.swap_pointer(fs, root, version, previous=current)
             except BaseException:
-                _remove_quietly(fs, base)
+                if not _is_current(fs, root, version):  # interrupted after the swap: it is published
+                    _remove_quietly(fs, base)
                 raise
             try:
                 publish.remove_unreferenced(fs, root, keep={version, current if keep_previous else None})
@@ -258,6 +259,15 @@ def _up_to_date(out: str, endpoint_url: str | None, source: dict, target_file_by
     logger.info("%s is up to date (same source, schema and file size); nothing written", out)
     existing.reused = True
     return existing
+
+
+def _is_current(fs, root: str, version: str) -> bool:
+    """Whether the pointer names `version`; True when that cannot be read (then nothing is removed: the next
+    prepare removes the version if it is not current)."""
+    try:
+        return publish.current_version(fs, root)[0] == version
+    except Exception:
+        return True
 
 
 def _versions(fs, root: str, out: str) -> tuple[str | None, str | None]:
