@@ -212,3 +212,32 @@ def test_missing_image_files_are_counted_and_shown(broken):
     assert f"bbox_train/{names[5][:4]}/{names[5]} (info/train_name.txt line 6)" in message
     assert "check_images=False" in message
     assert len(read_mars(str(broken), check_images=False).train) == TRAIN_TRACKLETS
+
+
+def test_empty_query_index_is_refused(broken):
+    scipy.io.savemat(broken / "info/query_IDX.mat", {"query_IDX": np.zeros((1, 0), np.uint16)})
+    with pytest.raises(MarsFormatError, match=r"info/query_IDX\.mat: query_IDX is empty.*1-based rows of"):
+        read_mars(str(broken))
+
+
+@pytest.mark.parametrize(("identity", "kind"), [(-1, "junk"), (0, "distractor")])
+def test_query_on_a_junk_or_distractor_row_is_refused(broken, identity, kind):
+    table = scipy.io.loadmat(broken / "info/tracks_test_info.mat")["track_test_info"]
+    row = int(np.flatnonzero(table[:, 2] == identity)[0]) + 1
+    query = scipy.io.loadmat(broken / "info/query_IDX.mat")["query_IDX"].ravel().tolist()
+    scipy.io.savemat(broken / "info/query_IDX.mat", {"query_IDX": np.array([query + [row]], np.uint16)})
+    expected = (rf"info/query_IDX\.mat entry {len(query) + 1}: query index {row} is "
+                rf"info/tracks_test_info\.mat row {row}, a {kind} \({identity}\) tracklet.*remove the entry")
+    with pytest.raises(MarsFormatError, match=expected):
+        read_mars(str(broken))
+
+
+@pytest.mark.parametrize("start", [0, 2], ids=["duplicate-row", "partial-overlap"])
+def test_overlapping_tracklet_ranges_are_refused(broken, start):
+    # a row inserted after row 1 over (part of) its frames: identities and cameras still agree with the names
+    save_table(broken, "train",
+               lambda t: np.vstack([t[:1], [[t[0, 0] + start, t[0, 1], t[0, 2], t[0, 3]]], t[1:]]))
+    expected = (rf"info/tracks_train_info\.mat rows 1 \(frames 1\.\.4\) and 2 \(frames {start + 1}\.\.4\) "
+                r"share frames of info/train_name\.txt.*fix the first/last columns")
+    with pytest.raises(MarsFormatError, match=expected):
+        read_mars(str(broken), check_images=False)

@@ -135,7 +135,8 @@ def test_corrupt_jpeg_is_skipped_and_counted(ray_cluster, dataset_uri, config, t
     corrupt = str(tmp_path / "corrupt")
     shutil.copytree(dataset_uri, corrupt)
     # truncate every frame of the first identity: whatever frames are sampled, its groups are corrupt
-    path = read_manifest(corrupt).paths("train")[0]
+    stored = read_manifest(corrupt)
+    path = stored.paths("train")[0]
     table = pq.read_table(path)
     field = table.schema.field("frames")
     frames = table.column("frames").to_pylist()
@@ -143,7 +144,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(ray_cluster, dataset_uri, config, t
     table = table.set_column(table.schema.get_field_index("frames"), field, pa.array(frames, field.type))
     pq.write_table(table, path)
     # the manifest records shard sizes: record the edited one's so read_manifest accepts it
-    manifest_path = os.path.join(corrupt, "manifest.json")
+    manifest_path = stored.manifest_path
     with open(manifest_path) as fh:
         manifest = json.load(fh)
     manifest["files"]["train"][0]["bytes"] = os.path.getsize(path)

@@ -134,13 +134,14 @@ def test_manifest_counts_and_checksums(release, written):
     assert stored.counts["train"] == {
         "identities": len(release.identities("train")), "tracklets": len(train),
         "frames": sum(len(t.frames) for t in train),
-        "frames_with_keypoints": sum(len(t.frames) for t in train), "skipped_tracklets": 0,
+        "frames_with_keypoints": sum(len(t.frames) for t in train), "skipped_tracklets": 0, "bad_frames": 0,
     }
     test = stored.counts["test"]
     assert test["tracklets"] == len(release.test) and test["queries"] == len(release.queries) > 0
     assert test["identities"] == len(release.identities("test"))
     assert test["frames"] == sum(len(t.frames) for t in release.test)
-    assert (test["junk_tracklets"], test["distractor_tracklets"]) == (2, 2)
+    assert (test["junk_tracklets"], test["distractor_tracklets"], test["bad_frames"]) == (2, 2, 0)
+    assert stored.bad_frames == []
     for split in ("train", "test"):
         for entry, path in zip(stored.files[split], stored.paths(split), strict=True):
             raw = open(path, "rb").read()
@@ -171,10 +172,17 @@ def test_other_settings_need_overwrite_which_rebuilds_cleanly(release, tmp_path)
         write_shards(release, out, target_file_bytes=10 * TARGET, progress=False)
     rebuilt = write_shards(release, out, target_file_bytes=10 * TARGET, overwrite=True, progress=False)
     assert not rebuilt.reused and len(rebuilt.files["train"]) < len(first.files["train"])
-    assert sorted(os.listdir(os.path.join(out, "train"))) == [posixpath.basename(f.path)
-                                                              for f in rebuilt.files["train"]]
-    assert read_manifest(out) == rebuilt
+    assert sorted(os.listdir(os.path.dirname(rebuilt.paths("train")[0]))) == \
+        [posixpath.basename(f.path) for f in rebuilt.files["train"]]
+    assert read_manifest(out) == rebuilt and rebuilt.version > first.version
     verify(out)
+    # the replaced version stays until the next prepare (jobs may still read it), then goes
+    assert all(os.path.exists(path) for path in first.paths("train"))
+    third = write_shards(release, out, target_file_bytes=TARGET, overwrite=True, progress=False)
+    assert sorted(os.listdir(os.path.join(out, "versions"))) == [rebuilt.version, third.version]
+    dropped = write_shards(release, out, target_file_bytes=10 * TARGET, overwrite=True, keep_previous=False,
+                           progress=False)
+    assert os.listdir(os.path.join(out, "versions")) == [dropped.version]
 
 
 def fail_after_first_file(monkeypatch):
@@ -196,8 +204,7 @@ def test_interrupted_write_leaves_no_complete_dataset(release, tmp_path, monkeyp
         fail_after_first_file(patch)
         with pytest.raises(OSError, match="injected"):
             write_shards(release, out, target_file_bytes=TARGET, progress=False)
-    assert not os.path.exists(os.path.join(out, "manifest.json"))
-    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    assert os.listdir(out) == ["versions"] and not os.listdir(os.path.join(out, "versions"))  # no lock either
     with pytest.raises(IncompleteDatasetError, match=f"{out}.*jobs/prepare_mars.py"):
         read_manifest(out)
     manifest = write_shards(release, out, target_file_bytes=TARGET, progress=False)
@@ -226,11 +233,15 @@ def test_readers_refuse_missing_and_corrupt_shards(release, tmp_path):
     os.remove(second)
     with pytest.raises(IncompleteDatasetError, match="part-00001.parquet is missing"):
         read_manifest(out)
-    with open(os.path.join(out, "manifest.json"), "w") as fh:
+    with open(manifest.manifest_path, "w") as fh:
         fh.write('{"schema_version": 1')  # cut short
     with pytest.raises(IncompleteDatasetError, match="unreadable"):
         read_manifest(out)
-    with pytest.raises(IncompleteDatasetError, match="no manifest.json"):
+    with open(os.path.join(out, "current.json"), "w") as fh:
+        fh.write('{"format": 1, "version": "../../etc"}')
+    with pytest.raises(IncompleteDatasetError, match="current.json names no version this code reads"):
+        read_manifest(out)
+    with pytest.raises(IncompleteDatasetError, match="no current.json or manifest.json"):
         read_manifest(str(tmp_path / "nothing-here"))
 
 
@@ -255,7 +266,7 @@ def test_s3_interrupted_write_is_incomplete(release, moto_server, make_bucket, m
         fail_after_first_file(patch)
         with pytest.raises(OSError, match="injected"):
             write_shards(release, out, target_file_bytes=TARGET, endpoint_url=moto_server, progress=False)
-    with pytest.raises(IncompleteDatasetError, match=f"{out}: no manifest.json"):
+    with pytest.raises(IncompleteDatasetError, match=f"{out}: no current.json or manifest.json"):
         read_manifest(out, endpoint_url=moto_server)
     fs, root = filesystem(out, endpoint_url=moto_server)
     assert not fs.exists(root)  # the temporary prefix is gone too
@@ -308,8 +319,9 @@ def test_local_uris(tmp_path):
 
 
 def test_manifest_is_plain_json(written):
-    data = json.loads(open(os.path.join(written.uri, "manifest.json")).read())
-    assert set(data) == {"schema_version", "created", "source", "target_file_bytes", "counts", "files"}
+    data = json.loads(open(written.manifest_path).read())
+    assert set(data) == {"schema_version", "created", "source", "target_file_bytes", "counts", "files",
+                         "bad_frames"}
     assert set(data["files"]["train"][0]) == {"path", "bytes", "sha256", "rows"}
 
 

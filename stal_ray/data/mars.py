@@ -101,7 +101,7 @@ def _read(fs, base: str, root: str, check_images: bool) -> MarsRelease:
         raise MarsFormatError(f"missing {', '.join(missing)}; {LAYOUT}")
 
     splits = {split: _read_split(fs, base, split) for split in SPLITS}
-    query_rows = _read_queries(fs, base, len(splits["test"][0]))
+    query_rows = _read_queries(fs, base, splits["test"][0])
     if check_images:
         for split, (_, names) in splits.items():
             _check_images(fs, base, split, names)
@@ -159,6 +159,7 @@ def _read_split(fs, base: str, split: str) -> tuple[np.ndarray, list[str]]:
     table = table.astype(np.int64)
     names, identity, camera = _read_names(fs, base, NAME_LISTS[split])
     _check_table(table, table_file, NAME_LISTS[split], names, identity, camera)
+    _check_overlaps(table, table_file, NAME_LISTS[split])
     return table, names
 
 
@@ -235,11 +236,38 @@ def _check_table(table, table_file, name_file, names, name_identity, name_camera
             )
 
 
-def _read_queries(fs, base: str, test_rows: int) -> np.ndarray:
-    """0-based test-table rows of the queries."""
+def _check_overlaps(table: np.ndarray, table_file: str, name_file: str) -> None:
+    """No two rows share a frame: a frame in two tracklets would be trained on twice, or be its own match."""
+    order = np.argsort(table[:, 0], kind="stable")
+    first, last = table[order, 0], table[order, 1]
+    # sorted by first frame, a row overlaps an earlier one iff it starts before the furthest end so far
+    reach = np.maximum.accumulate(last)
+    overlapping = np.flatnonzero(first[1:] <= reach[:-1])
+    if len(overlapping):
+        later = int(order[overlapping[0] + 1])
+        earlier = int(order[: overlapping[0] + 1][np.argmax(last[: overlapping[0] + 1])])
+        a, b = sorted((earlier, later))
+        raise MarsFormatError(
+            f"{table_file} rows {a + 1} (frames {table[a, 0]}..{table[a, 1]}) and {b + 1} (frames "
+            f"{table[b, 0]}..{table[b, 1]}) share frames of {name_file}; each frame belongs to one tracklet, "
+            "so fix the first/last columns of one of them (is the table from another release?)"
+        )
+
+
+def _read_queries(fs, base: str, test_table: np.ndarray) -> np.ndarray:
+    """0-based test-table rows of the queries: a non-empty list of distinct rows of person identities."""
+    test_rows = len(test_table)
     query = _load_mat(fs, base, QUERY_FILE, QUERY_VARIABLE)
     if query.ndim != 2 or min(query.shape) > 1:
         raise MarsFormatError(f"{QUERY_FILE}: {QUERY_VARIABLE} has shape {query.shape}; expected (1, N)")
+    if query.size == 0:
+        raise MarsFormatError(
+            f"{QUERY_FILE}: {QUERY_VARIABLE} is empty, so there is nothing to evaluate; it must list the "
+            f"1-based rows of {TRACK_TABLES['test'][0]} that are queries (the release's file has 1980)"
+        )
+    if not np.issubdtype(query.dtype, np.number) or (query != np.round(query)).any():
+        raise MarsFormatError(
+            f"{QUERY_FILE}: {QUERY_VARIABLE} must hold integer row numbers, got {query.dtype} values")
     query = query.ravel().astype(np.int64)
     bad = np.flatnonzero((query < 1) | (query > test_rows))
     if len(bad):
@@ -255,6 +283,16 @@ def _read_queries(fs, base: str, test_rows: int) -> np.ndarray:
                 f"{QUERY_FILE} entry {entry + 1}: query index {row} already listed at entry {seen[row] + 1}"
             )
         seen[row] = entry
+    identity = test_table[query - 1, 2]
+    bad = np.flatnonzero((identity == JUNK) | (identity == DISTRACTOR))
+    if len(bad):
+        entry = int(bad[0])
+        kind = "junk (-1)" if identity[entry] == JUNK else "distractor (0)"
+        raise MarsFormatError(
+            f"{QUERY_FILE} entry {entry + 1}: query index {int(query[entry])} is {TRACK_TABLES['test'][0]} "
+            f"row {int(query[entry])}, a {kind} tracklet with no true match; a query must be a person's "
+            f"tracklet: remove the entry (is {QUERY_VARIABLE} from another release, or 0-based?)"
+        )
     return query - 1
 
 

@@ -1,8 +1,10 @@
 """The prepared MARS data set: Parquet shards of JPEG bytes and a manifest, written atomically, read checked.
 
-Layout under <out> (a local directory or s3://bucket/prefix):
+Layout of one version of the data set, under <out>/versions/<ID>/ (stal_ray/data/publish.py: the pointer
+<out>/current.json names the current version, swapped in one step once a version is complete; a data set
+written before versions has this layout at <out> itself, and is read as it is):
 
-    manifest.json              written last: a data set without a valid one is incomplete and is refused
+    manifest.json              written last: a version without a valid one is incomplete and is refused
     train/part-00000.parquet   one row per training identity, ascending identity, files of ~target size
     test/part-00000.parquet    one row per test tracklet, in track-table order, files of ~target size
 
@@ -26,8 +28,14 @@ TEST_SCHEMA, one row per test tracklet (queries, gallery, junk -1 and distractor
 
 The manifest (JSON) holds schema_version, created (UTC, ISO 8601), source (release root, keypoints file,
 fingerprint of the release index and keypoint bytes), target_file_bytes, counts per split and, per file,
-its path relative to <out>, byte size, sha256 and row count. Readers take the file list from the manifest,
-never from a listing, so a stray or half-written file is never read.
+its path relative to the version folder, byte size, sha256 and row count, and bad_frames: the frames left
+out because they are not whole JPEG files (stal_ray/data/frame_check.py), each with its split, path,
+tracklet row and problem. Readers take the file list from the manifest, never from a listing, so a stray or
+half-written file is never read.
+
+Frames are checked as they are copied: a frame that resolves outside the release root (a symlink) refuses
+the run, naming it; a zero-byte, truncated or non-JPEG frame is dropped from its tracklet, listed and
+counted; more than max_bad_fraction of all frames bad, or a tracklet with no good frame left, refuses the run.
 """
 
 import concurrent.futures
@@ -36,8 +44,6 @@ import hashlib
 import json
 import logging
 import posixpath
-import re
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -46,10 +52,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile
 from tqdm import tqdm
 
-from stal_ray.data import storage
+from stal_ray.data import publish, storage
+from stal_ray.data.frame_check import MAX_BAD_FRACTION, BadFrames, BadFramesError, LinkGuard, jpeg_problem
 from stal_ray.data.mars import MarsFormatError, MarsRelease, Tracklet
 from stal_ray.data.storage import StorageError
 
@@ -85,7 +93,6 @@ _COMPRESSION = {"frames": "none", "tracklet": "zstd", "camera": "zstd", "frame_i
                 "keypoints": "zstd", "identity": "zstd", "is_query": "zstd"}
 # Row groups bound the memory of one read step (Ray Data reads a file row group by row group).
 _ROW_GROUP_BYTES = 32 << 20
-_PART = re.compile(r"part-\d{5}\.parquet")
 _READ_THREADS = 8  # frame reads overlap: cheap on local disk, a large win on network filesystems
 _PREPARE = "python jobs/prepare_mars.py --mars-root DIR --out {uri}"
 
@@ -118,19 +125,29 @@ class Manifest:
     target_file_bytes: int
     counts: dict[str, dict[str, int]]
     files: dict[str, list[ShardFile]]
-    uri: str = field(default="", compare=False)  # where it lives; not stored
+    bad_frames: list[dict] = field(default_factory=list)  # frames left out; absent from older manifests
+    uri: str = field(default="", compare=False)  # the data set's URI; not stored
+    version: str = field(default="", compare=False)  # version ID (publish.LEGACY: none); not stored
     reused: bool = field(default=False, compare=False)  # write_shards found it up to date; not stored
-    _root: str = field(default="", repr=False, compare=False)  # uri as a path of its filesystem
+    _root: str = field(default="", repr=False, compare=False)  # the version folder in its filesystem
+
+    _NOT_STORED = ("uri", "version", "reused", "_root")
 
     def paths(self, split: str) -> list[str]:
         """The split's shard paths inside the filesystem of storage.filesystem/arrow_filesystem(uri)."""
         return [posixpath.join(self._root, f.path) for f in self.files[split]]
 
     def uris(self, split: str) -> list[str]:
-        return [storage.join(self.uri, *f.path.split("/")) for f in self.files[split]]
+        return [storage.join(self.uri, *publish.version_parts(self.version), *f.path.split("/"))
+                for f in self.files[split]]
+
+    @property
+    def manifest_path(self) -> str:
+        """Where this manifest lives, in the filesystem of `paths`."""
+        return posixpath.join(self._root, MANIFEST)
 
     def to_json(self) -> str:
-        stored = {k: v for k, v in asdict(self).items() if k not in ("uri", "reused", "_root")}
+        stored = {k: v for k, v in asdict(self).items() if k not in self._NOT_STORED}
         return json.dumps(stored, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -138,7 +155,7 @@ class Manifest:
         data = json.loads(text)
         files = {split: [ShardFile(**entry) for entry in data["files"][split]] for split in SPLITS}
         return cls(data["schema_version"], data["created"], data["source"], data["target_file_bytes"],
-                   data["counts"], files)
+                   data["counts"], files, list(data.get("bad_frames", [])))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -146,64 +163,156 @@ class Manifest:
 
 def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None,
                  target_file_bytes: int = 128 << 20, overwrite: bool = False,
-                 endpoint_url: str | None = None, progress: bool = True) -> Manifest:
+                 endpoint_url: str | None = None, progress: bool = True,
+                 max_bad_fraction: float = MAX_BAD_FRACTION, keep_previous: bool = True,
+                 lock_wait_s: float = 0.0) -> Manifest:
     """Write `release` as Parquet shards and a manifest under `out`; returns the manifest.
 
     Keypoints come from `keypoints` (a Parquet file of KEYPOINTS_SCHEMA) or else release.keypoints_path,
-    joined by frame file name. Everything is written under <out>/.tmp-<uuid>/ and moved into place, the
-    manifest last, so an interrupted run never leaves a data set that looks complete (a complete one
-    already there stays readable until the final swap). Over a complete data set of the same source and
-    settings this is a no-op (manifest.reused is True); of another one it raises DatasetExistsError unless
-    overwrite=True.
+    joined by frame file name. The shards and the manifest go into a new version folder, published by one
+    swap of the pointer (stal_ray/data/publish.py), so readers see the previous data set whole until that
+    moment and the new one whole after it, wherever the run is interrupted. Over a complete data set of the
+    same source and settings this is a no-op (manifest.reused is True); of another one it raises
+    DatasetExistsError unless overwrite=True. keep_previous keeps the version it replaces until the next
+    prepare (for jobs still reading it); otherwise that is removed right after the swap. Another prepare
+    writing to `out` raises publish.PrepareLockedError, unless it finishes within lock_wait_s seconds (then
+    its data set is checked as above).
     """
     if target_file_bytes < 1:
         raise ValueError(f"target_file_bytes must be >= 1, got {target_file_bytes}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     keypoints = keypoints or release.keypoints_path
     fs, root = storage.filesystem(out, endpoint_url=endpoint_url)
     lookup, keypoint_values, keypoints_digest = _read_keypoints(keypoints, endpoint_url)
     source = {"release": release.root, "keypoints": keypoints,
               "fingerprint": _fingerprint(release, keypoints_digest)}
     with storage.errors(out, endpoint_url):
-        existing = _complete_manifest(out, endpoint_url)
-        if existing is not None and not overwrite:
-            differences = _differences(existing, source, target_file_bytes)
-            if not differences:
-                logger.info("%s is up to date (same source, schema and file size); nothing written", out)
-                existing.reused = True
-                return existing
-            raise DatasetExistsError(f"{out} already holds a complete data set with another "
-                                     f"{', '.join(differences)}; pass --overwrite (overwrite=True) to "
-                                     "rebuild it")
-        for stale in _temporaries(fs, root):  # left by a run that was killed
-            logger.info("removing %s, left by an interrupted run", stale)
-            fs.rm(stale, recursive=True)
-        tmp = posixpath.join(root, f".tmp-{uuid.uuid4().hex}")
-        try:
-            join = _KeypointJoin(lookup, keypoint_values)
-            train, skipped = _train_rows(release, join)
-            files = {
-                "train": _write_split(fs, tmp, "train", train, target_file_bytes,
-                                      _bar(progress, len(release.identities("train")), "train identities")),
-                "test": _write_split(fs, tmp, "test", _test_rows(release, join), target_file_bytes,
-                                     _bar(progress, len(release.test), "test tracklets")),
-            }
-            manifest = Manifest(
-                schema_version=SCHEMA_VERSION,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                source=source,
-                target_file_bytes=target_file_bytes,
-                counts=_counts(release, join, skipped),
-                files=files,
-                uri=out,
-                _root=root,
-            )
-            fs.makedirs(tmp, exist_ok=True)
-            fs.pipe_file(posixpath.join(tmp, MANIFEST), manifest.to_json().encode())
-            _publish(fs, root, tmp, files)
-        finally:
-            _remove_quietly(fs, tmp)
-    logger.info("wrote %s: %s", out, manifest.counts)
+        # checked before the lock (a reader of an up-to-date data set needs no write access) and again
+        # under it (another prepare may have published while this one waited)
+        up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes, release)
+        if up_to_date is not None:
+            return up_to_date
+        with publish.prepare_lock(fs, root, out, lock_wait_s):
+            up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes,
+                                                            release)
+            if up_to_date is not None:
+                return up_to_date
+            current, previous = _versions(fs, root, out)
+            publish.remove_unreferenced(fs, root, keep={current, previous})  # killed runs' leftovers
+            version = publish.new_version()
+            base = publish.version_root(root, version)
+            total = sum(len(t.frames) for t in (*release.train, *release.test))
+            reader = _FrameReader(release, BadFrames(total, max_bad_fraction))
+            try:
+                join = _KeypointJoin(lookup, keypoint_values)
+                train, skipped = _train_rows(reader, join)
+                bars = (_bar(progress, len(release.identities("train")), "train identities"),
+                        _bar(progress, len(release.test), "test tracklets"))
+                files = {
+                    "train": _write_split(fs, base, "train", train, target_file_bytes, bars[0]),
+                    "test": _write_split(fs, base, "test", _test_rows(reader, join), target_file_bytes,
+                                         bars[1]),
+                }
+                manifest = Manifest(
+                    schema_version=SCHEMA_VERSION,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    source=source,
+                    target_file_bytes=target_file_bytes,
+                    counts=_counts(release, join, skipped, reader.bad),
+                    files=files,
+                    bad_frames=reader.bad.found,
+                    uri=out,
+                    version=version,
+                    _root=base,
+                )
+                fs.makedirs(base, exist_ok=True)
+                fs.pipe_file(manifest.manifest_path, manifest.to_json().encode())
+                publish.swap_pointer(fs, root, version, previous=current)
+            except BaseException:
+                if not _is_current(fs, root, version):  # interrupted after the swap: it is published
+                    _remove_quietly(fs, base)
+                raise
+            try:
+                publish.remove_unreferenced(fs, root, keep={version, current if keep_previous else None})
+            except Exception as error:  # the new version is published: what is left goes next time
+                logger.warning("published %s, but could not remove older versions (%s); the next prepare "
+                               "removes them", out, error)
+    if reader.bad.found:
+        logger.warning("%s: left out %d bad frames (listed in the manifest's bad_frames): %s", out,
+                       len(reader.bad.found), reader.bad.summary())
+    logger.info("wrote %s version %s: %s", out, version, manifest.counts)
     return manifest
+
+
+def _up_to_date(out: str, endpoint_url: str | None, source: dict, target_file_bytes: int,
+                release: MarsRelease) -> Manifest | None:
+    """The complete data set at `out` when it is of this source and settings (reused), None when there is
+    none; DatasetExistsError when there is another one."""
+    existing = _complete_manifest(out, endpoint_url)
+    if existing is None:
+        return None
+    differences = _differences(existing, source, target_file_bytes, release)
+    if differences:
+        raise DatasetExistsError(f"{out} already holds a complete data set with another "
+                                 f"{', '.join(differences)}; pass --overwrite (overwrite=True) to rebuild it")
+    logger.info("%s is up to date (same source, schema and file size); nothing written", out)
+    existing.reused = True
+    return existing
+
+
+def _is_current(fs, root: str, version: str) -> bool:
+    """Whether the pointer names `version`; True when that cannot be read (then nothing is removed: the next
+    prepare removes the version if it is not current)."""
+    try:
+        return publish.current_version(fs, root)[0] == version
+    except Exception:
+        return True
+
+
+def _versions(fs, root: str, out: str) -> tuple[str | None, str | None]:
+    try:
+        return publish.current_version(fs, root)
+    except ValueError as error:  # a damaged pointer: nothing it names can be trusted to keep
+        logger.warning("%s: %s; replacing it", out, error)
+        return None, None
+
+
+class _FrameReader:
+    """Reads a release's frames for the shards: symlinks leaving the root refused, bad JPEGs set aside."""
+
+    def __init__(self, release: MarsRelease, bad: BadFrames):
+        self.release, self.bad = release, bad
+        fs, base = release._filesystem()
+        self.guard = LinkGuard(base if isinstance(fs, LocalFileSystem) else None)
+
+    def _read(self, path: str) -> bytes:
+        self.guard.check(path)  # before the read: a link out of the release is never opened
+        return self.release.read_frame(path)
+
+    def tracklets(self, tracklets: list[Tracklet], pool: concurrent.futures.Executor,
+                  ) -> list[tuple[list[str], list[bytes]]]:
+        """(paths, bytes) of each tracklet's good frames, in order; bad ones recorded in self.bad."""
+        data = list(pool.map(self._read, [p for t in tracklets for p in t.frames]))
+        kept, start = [], 0
+        for t in tracklets:
+            paths, frames = [], []
+            for path, frame in zip(t.frames, data[start:start + len(t.frames)], strict=True):
+                problem = jpeg_problem(frame)
+                if problem is None:
+                    paths.append(path)
+                    frames.append(frame)
+                else:
+                    self.bad.add(t.split, path, t.row, problem)
+            start += len(t.frames)
+            if not frames:
+                raise BadFramesError(message=(
+                    f"{t.split} tracklet in row {t.row + 1} of its track table has no whole JPEG frame "
+                    f"left (all {len(t.frames)} are bad; first {t.frames[0]}: "
+                    f"{jpeg_problem(data[start - len(t.frames)])}); replace its image files with good "
+                    "copies from the release"))
+            kept.append((paths, frames))
+        return kept
 
 
 @dataclass
@@ -270,8 +379,12 @@ def _complete_manifest(out: str, endpoint_url: str | None) -> Manifest | None:
         return None
 
 
-def _differences(existing: Manifest, source: dict, target_file_bytes: int) -> list[str]:
+def _differences(existing: Manifest, source: dict, target_file_bytes: int, release: MarsRelease) -> list[str]:
     differences = []
+    fixed = [entry["path"] for entry in existing.bad_frames if _now_good(release, entry["path"])]
+    if fixed:
+        differences.append(f"set of good frames ({len(fixed)} left out as bad then are whole JPEGs now, "
+                           f"first {fixed[0]})")
     if existing.schema_version != SCHEMA_VERSION:
         differences.append(f"schema version ({existing.schema_version}, this code writes {SCHEMA_VERSION})")
     if existing.source.get("fingerprint") != source["fingerprint"]:
@@ -283,16 +396,20 @@ def _differences(existing: Manifest, source: dict, target_file_bytes: int) -> li
     return differences
 
 
+def _now_good(release: MarsRelease, path: str) -> bool:
+    try:
+        return jpeg_problem(release.read_frame(path)) is None
+    except OSError:
+        return False
+
+
 def _bar(progress: bool, total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="row", disable=not progress, mininterval=1.0, leave=False)
 
 
-def _read_frames(release: MarsRelease, paths: list[str], pool: concurrent.futures.Executor) -> list[bytes]:
-    return list(pool.map(release.read_frame, paths))
-
-
-def _train_rows(release: MarsRelease, join: _KeypointJoin) -> tuple[Iterator[tuple[dict, int]], list[int]]:
+def _train_rows(reader: _FrameReader, join: _KeypointJoin) -> tuple[Iterator[tuple[dict, int]], list[int]]:
     """Rows of TRAIN_SCHEMA with their frame bytes, lazily, and (filled as it goes) skipped tracklet rows."""
+    release = reader.release
     by_identity: dict[int, list[Tracklet]] = {}
     skipped: list[int] = []
     for t in release.train:
@@ -308,9 +425,10 @@ def _train_rows(release: MarsRelease, join: _KeypointJoin) -> tuple[Iterator[tup
         with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
             for identity in sorted(by_identity):
                 tracklets = sorted(by_identity[identity], key=lambda t: t.row)
-                paths = [p for t in tracklets for p in t.frames]
-                frames = _read_frames(release, paths, pool)
-                lengths = [len(t.frames) for t in tracklets]
+                kept = reader.tracklets(tracklets, pool)
+                paths = [p for tracklet_paths, _ in kept for p in tracklet_paths]
+                frames = [f for _, tracklet_frames in kept for f in tracklet_frames]
+                lengths = [len(tracklet_paths) for tracklet_paths, _ in kept]
                 yield {
                     "identity": identity,
                     "frames": frames,
@@ -323,17 +441,17 @@ def _train_rows(release: MarsRelease, join: _KeypointJoin) -> tuple[Iterator[tup
     return rows(), skipped
 
 
-def _test_rows(release: MarsRelease, join: _KeypointJoin) -> Iterator[tuple[dict, int]]:
+def _test_rows(reader: _FrameReader, join: _KeypointJoin) -> Iterator[tuple[dict, int]]:
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-        for t in release.test:
-            frames = _read_frames(release, list(t.frames), pool)
+        for t in reader.release.test:
+            [(paths, frames)] = reader.tracklets([t], pool)
             yield {
                 "tracklet": t.row,
                 "identity": t.identity,
                 "camera": t.camera,
                 "is_query": t.is_query,
                 "frames": frames,
-                "keypoints": join("test", t.frames),
+                "keypoints": join("test", paths),
             }, sum(map(len, frames))
 
 
@@ -450,22 +568,25 @@ def _write_split(fs, tmp: str, split: str, rows: Iterator[tuple[dict, int]], tar
     return files
 
 
-def _counts(release: MarsRelease, join: _KeypointJoin, skipped: list[int]) -> dict[str, dict[str, int]]:
+def _counts(release: MarsRelease, join: _KeypointJoin, skipped: list[int],
+            bad: BadFrames) -> dict[str, dict[str, int]]:
     train = [t for t in release.train if t.identity > 0]
     test = release.test
     return {
         "train": {
             "identities": len({t.identity for t in train}),
             "tracklets": len(train),
-            "frames": sum(len(t.frames) for t in train),
+            "frames": sum(len(t.frames) for t in train) - bad.count("train"),
             "frames_with_keypoints": join.found["train"],
+            "bad_frames": bad.count("train"),
             "skipped_tracklets": len(skipped),
         },
         "test": {
             "identities": len({t.identity for t in test if t.identity > 0}),
             "tracklets": len(test),
-            "frames": sum(len(t.frames) for t in test),
+            "frames": sum(len(t.frames) for t in test) - bad.count("test"),
             "frames_with_keypoints": join.found["test"],
+            "bad_frames": bad.count("test"),
             "queries": sum(t.is_query for t in test),
             "junk_tracklets": sum(t.identity == -1 for t in test),
             "distractor_tracklets": sum(t.identity == 0 for t in test),
@@ -473,38 +594,14 @@ def _counts(release: MarsRelease, join: _KeypointJoin, skipped: list[int]) -> di
     }
 
 
-def _publish(fs, root: str, tmp: str, files: dict[str, list[ShardFile]]) -> None:
-    """Swap the finished files in: old manifest out first (so nothing half-swapped looks complete), old
-    shards out (a smaller rebuild must not leave extra ones), new shards in, manifest last."""
-    manifest = posixpath.join(root, MANIFEST)
-    if fs.exists(manifest):
-        fs.rm(manifest)
-    for split in SPLITS:
-        folder = posixpath.join(root, split)
-        if fs.exists(folder):
-            for path in fs.ls(folder, detail=False):
-                if _PART.fullmatch(posixpath.basename(path)):  # only ours: never a user's other files
-                    fs.rm(path)
-        fs.makedirs(folder, exist_ok=True)
-        for entry in files[split]:
-            fs.mv(posixpath.join(tmp, entry.path), posixpath.join(root, entry.path))
-    fs.mv(posixpath.join(tmp, MANIFEST), manifest)
-
-
 def _remove_quietly(fs, tmp: str) -> None:
-    """Remove the temporary prefix; a failure here must not hide the error that brought us here, and what
+    """Remove an unpublished version; a failure here must not hide the error that brought us here, and what
     is left is removed by the next run."""
     try:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
     except Exception as error:
         logger.warning("could not remove %s (%s); the next run removes it", tmp, error)
-
-
-def _temporaries(fs, root: str) -> list[str]:
-    if not fs.exists(root):
-        return []
-    return [p for p in fs.ls(root, detail=False) if posixpath.basename(p.rstrip("/")).startswith(".tmp-")]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -520,11 +617,21 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
     rerun = f"run {_PREPARE.format(uri=uri)}"
     with storage.errors(uri, endpoint_url):
         try:
-            text = fs.cat_file(posixpath.join(root, MANIFEST)).decode()
+            version, _ = publish.current_version(fs, root)
+        except ValueError as error:
+            raise IncompleteDatasetError(f"{uri}: {error}; {rerun} --overwrite") from None
+        if version is None:
+            raise IncompleteDatasetError(
+                f"{uri}: no {publish.POINTER} or {MANIFEST}, so not a complete prepared data set (never "
+                f"prepared, or the prepare run was interrupted); {rerun}")
+        base = publish.version_root(root, version)
+        try:
+            text = fs.cat_file(posixpath.join(base, MANIFEST)).decode()
         except FileNotFoundError:
             raise IncompleteDatasetError(
-                f"{uri}: no {MANIFEST}, so not a complete prepared data set (never prepared, or the "
-                f"prepare run was interrupted); {rerun}") from None
+                f"{uri}: {publish.POINTER} names version {version}, which has no {MANIFEST} (removed by "
+                f"hand, or replaced by a prepare with --drop-previous just now: retry); {rerun} --overwrite"
+            ) from None
         try:
             manifest = Manifest.from_json(text)
         except (ValueError, KeyError, TypeError) as error:
@@ -534,9 +641,9 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
             raise IncompleteDatasetError(
                 f"{uri}: written with schema version {manifest.schema_version}, this code reads "
                 f"{SCHEMA_VERSION}; {rerun} --overwrite")
-        manifest.uri, manifest._root = uri, root
+        manifest.uri, manifest.version, manifest._root = uri, version, base
         for split in SPLITS:
-            folder = posixpath.join(root, split)
+            folder = posixpath.join(base, split)
             listed = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(folder, detail=True)} \
                 if fs.exists(folder) else {}
             for entry in manifest.files[split]:
@@ -550,13 +657,13 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
 def verify(uri: str, *, endpoint_url: str | None = None) -> None:
     """Read every shard and check its sha256 against the manifest; CorruptDatasetError on a mismatch."""
     manifest = read_manifest(uri, endpoint_url=endpoint_url)
-    fs, root = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
+    fs, _ = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
     bad = []
     with storage.errors(uri, endpoint_url):
         for split in SPLITS:
-            for entry in manifest.files[split]:
+            for entry, path in zip(manifest.files[split], manifest.paths(split), strict=True):
                 digest = hashlib.sha256()
-                with fs.open(posixpath.join(root, entry.path), "rb") as fh:
+                with fs.open(path, "rb") as fh:
                     while chunk := fh.read(8 << 20):
                         digest.update(chunk)
                 if digest.hexdigest() != entry.sha256:

@@ -482,6 +482,7 @@ def ensure_synthetic_shards(cache_dir: str | None = None, **kwargs) -> str:
 
     release = ensure_synthetic_release(cache_dir, **kwargs)
     out = str(Path(release) / "shards")
-    # idempotent: a complete data set from the same release is reused, an interrupted one is rebuilt
-    write_shards(read_mars(release), out, progress=False)
+    # idempotent: a complete data set from the same release is reused, an interrupted one is rebuilt; jobs
+    # started together wait for the first one's prepare rather than fail
+    write_shards(read_mars(release), out, progress=False, lock_wait_s=600)
     return out
