@@ -9,7 +9,8 @@ from stal_ray.data.shards import write_shards
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mars-root", required=True, metavar="DIR",
                         help="the MARS release as shipped: bbox_train/, bbox_test/, info/")
     parser.add_argument("--out", required=True, metavar="URI",
