@@ -53,7 +53,7 @@ bench: venv
 	$(PY) bench/ranking.py
 
 lint: venv
-	$(VENV)/bin/ruff check stal_ray jobs tests bench
+	$(VENV)/bin/ruff check stal_ray jobs tests bench tools
 
 # The event files of every run under ~/ray_results (or LOGDIR=...), on http://localhost:6006
 LOGDIR ?= ~/ray_results
