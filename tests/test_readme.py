@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from stal_ray.config import load_config
@@ -19,9 +20,10 @@ def python_block(containing: str) -> str:
     return blocks[0]
 
 
-def test_load_and_embed_example_runs(tmp_path, monkeypatch):
-    config = load_config(None, ["model.backbone=tiny", "model.feature_dim=16", "model.pose_source=learned",
-                                "data.seq_len=2", "data.height=32", "data.width=16"])
+@pytest.mark.parametrize("pose_source", ["learned", "keypoints"])  # keypoints: the synthetic configs'
+def test_load_and_embed_example_runs(tmp_path, monkeypatch, pose_source):
+    config = load_config(None, ["model.backbone=tiny", "model.feature_dim=16", "data.seq_len=2",
+                                "data.height=32", "data.width=16", f"model.pose_source={pose_source}"])
     model = STAL.from_config(config, num_classes=3)
     save_model(str(tmp_path / "runs" / "stal" / "model.pt"), model, config, num_classes=3, labels=[2, 5, 9])
     monkeypatch.chdir(tmp_path)
