@@ -50,3 +50,11 @@ def test_events_reach_an_s3_run_folder(moto_server, make_bucket, tmp_path):
     (local / "tensorboard").mkdir(parents=True)
     fs.get_file(names[0], str(local / "tensorboard" / names[0].rsplit("/", 1)[1]))
     assert [step for step, _ in read_scalars(str(local))["loss/total"]] == [50, 100]
+
+
+def test_a_storage_failure_warns_and_training_goes_on(tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the run folder should be")
+    callback = TensorBoardCallback(str(blocked / "run"))
+    callback.after_report(None, [REPORT], None)  # no exception: the report is only not logged
+    assert "TensorBoard events of iteration 50 not written" in caplog.text

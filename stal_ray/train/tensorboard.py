@@ -7,6 +7,7 @@ the same files. `tensorboard --logdir <storage path>/<run name>` shows them.
 """
 
 import glob
+import logging
 import os
 import struct
 import tempfile
@@ -20,6 +21,8 @@ from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
 
 from stal_ray.data import storage
+
+logger = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder
 # metric name prefix -> TensorBoard section; everything else numeric goes to "train/"
@@ -82,9 +85,13 @@ class TensorBoardCallback(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if not metrics:
             return
-        if self._log is None:
-            self._log = RunLog(self.run_dir, self.endpoint_url)
-        self._log.write(metrics[0])
+        try:
+            if self._log is None:
+                self._log = RunLog(self.run_dir, self.endpoint_url)
+            self._log.write(metrics[0])
+        except OSError as error:  # StorageError included: lost logs must not stop a training run
+            logger.warning("TensorBoard events of iteration %s not written to %s: %s",
+                           metrics[0].get(STEP), self.run_dir, error)
 
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
