@@ -2,7 +2,8 @@
 
 Alone:              python jobs/train_mars.py                      (tiny model, embedded synthetic data)
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/train_mars.py \\
-                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-workers 8 --use-gpu
+                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-workers 8 \\
+                        --use-gpu --storage-path s3://bucket/ray_results
 A run started again with the same --name resumes from its latest checkpoint. --data needs --config.
 
 The run folder <storage path>/<name> holds config.yaml (the resolved settings), the checkpoints,
@@ -39,8 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "synthetic_tiny.yaml, on in the MARS configs)")
     parser.add_argument("--storage-path", metavar="URI", default=None,
                         help="where checkpoints and model.pt go, local or s3:// (train.storage_path; "
-                             "default: ~/ray_results). A cluster of more than one host needs s3:// or a "
-                             "shared mount: a local path is refused there")
+                             "default: the config's, else ~/ray_results). A cluster of more than one host "
+                             "needs s3:// or a shared mount: a local path is refused there")
     parser.add_argument("--name", default=None, help="run name; an existing run of this name is resumed "
                                                      "(default: stal-<backbone>-<YYYYmmdd-HHMMSS>)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")

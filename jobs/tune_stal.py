@@ -3,7 +3,8 @@ ranks the whole fusion-rate grid; prints the results table and writes results.cs
 
 Alone:              python jobs/tune_stal.py                       (tiny model, embedded synthetic data)
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/tune_stal.py \\
-                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-samples 16
+                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-samples 16 \\
+                        --storage-path s3://bucket/ray_results
 Interrupted:        the same command with --resume finishes the remaining trials.
 Watch:              tensorboard --logdir <storage>/<name>
 --data needs --config (the default config is the tiny model of the embedded synthetic data set).
@@ -40,8 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "the config's, 200 in synthetic_tiny.yaml, 150000 in the MARS configs)")
     parser.add_argument("--storage-path", metavar="URI", default=None,
                         help="where the search and its trials' runs go, local or s3:// (train.storage_path; "
-                             "default: ~/ray_results). A cluster of more than one host needs s3:// or a "
-                             "shared mount: a local path is refused there")
+                             "default: the config's, else ~/ray_results). A cluster of more than one host "
+                             "needs s3:// or a shared mount: a local path is refused there")
     parser.add_argument("--name", default=None,
                         help="search name (default: tune-<backbone>-<YYYYmmdd-HHMMSS>)")
     parser.add_argument("--resume", action="store_true", help="finish the interrupted search --name")
