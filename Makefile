@@ -2,21 +2,43 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch first, pinned to the CPU wheel on disk: anything that depends on torch would otherwise pull a CUDA build.
+# Every package at the version in requirements.lock, here, in CI (.ci/run) and on the cluster's nodes
+# (cluster/*.yaml install from the same file): pinned versions, so pip never backtracks. `make lock` renews it.
+LOCK := requirements.lock
+PIP := $(PY) -m pip install --quiet --constraint $(LOCK)
 TORCH_PIN ?= torch==2.13.0
-# Ray on a small machine: see DESIGN.md "Testing".
+# Where torch comes from, installed first so that nothing else picks its build. Without an NVIDIA GPU:
+# PyTorch's CPU index (a 200 MB wheel; PyPI's Linux wheel is a CUDA build that pulls GBs of nvidia-* wheels).
+# With one (nvidia-smi lists it): PyPI, whose torch 2.13.0 is built for CUDA 13 (NVIDIA driver >= 580). Set it:
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128    # CUDA 12.8, for an older driver
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu      # the CPU build on a GPU machine
+# A torch wheel that pip finds with no index at all (find-links in pip.conf, PIP_FIND_LINKS) is used first.
+TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+# Extras of the project installed into .venv (tensorboard: the viewer for the runs' event files).
+EXTRAS ?= test,tensorboard
+# Ray on a small machine: see docs/architecture.md, "Ray resources".
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: venv train test bench lint clean
+.PHONY: venv lock train test bench lint tensorboard clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PIP) --upgrade pip
+	$(PIP) --no-deps --no-index $(TORCH_PIN) 2>/dev/null || \
+	  $(PIP) --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PIN)
+	$(PIP) -e ".[$(EXTRAS)]"
 	touch $@
+
+# Resolve pyproject.toml afresh (newest versions its ranges allow, torch at TORCH_PIN) into requirements.lock;
+# run it on Linux x86_64 with Python 3.11, the platform the lock is tested on, then `make test`.
+# Needs no .venv: pip only resolves (--dry-run), whatever is installed.
+lock:
+	$(PYTHON) -m pip install --quiet --dry-run --ignore-installed --report $(LOCK).json pip $(TORCH_PIN) \
+	  -e ".[test,tensorboard]"
+	$(PYTHON) tools/lock.py $(LOCK).json > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm $(LOCK).json
 
 train: venv
 	$(PY) jobs/train_mars.py $(ARGS)
@@ -31,7 +53,12 @@ bench: venv
 	$(PY) bench/ranking.py
 
 lint: venv
-	$(VENV)/bin/ruff check stal_ray jobs tests bench
+	$(VENV)/bin/ruff check stal_ray jobs tests bench tools
+
+# The event files of every run under ~/ray_results (or LOGDIR=...), on http://localhost:6006
+LOGDIR ?= ~/ray_results
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

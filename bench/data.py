@@ -326,7 +326,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=8, help="T")
     parser.add_argument("--decode-concurrency", type=int, default=2, help="N decoding tasks at once")
     parser.add_argument("--num-cpus", type=int, default=8,
-                        help="logical CPUs given to ray.init (more than cores: DESIGN.md, testing notes)")
+                        help="logical CPUs given to ray.init (more than cores: docs/architecture.md)")
     parser.add_argument("--target-file-mb", type=float, default=32,
                         help="shard file size (prepare_mars: 128; see the module docstring)")
     parser.add_argument("--object-store-mb", type=int, default=2048,

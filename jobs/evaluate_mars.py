@@ -18,7 +18,8 @@ from stal_ray.ray_init import init_ray
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="model.pt written by jobs/train_mars.py, local or s3://")
     parser.add_argument("--data", metavar="URI", default=None,

@@ -12,7 +12,8 @@ _BAD_SHOWN = 20  # bad frames listed in the summary; the manifest lists them all
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mars-root", required=True, metavar="DIR",
                         help="the MARS release as shipped: bbox_train/, bbox_test/, info/")
     parser.add_argument("--out", required=True, metavar="URI",

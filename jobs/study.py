@@ -37,20 +37,25 @@ def _length(text: str) -> int | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, default="configs/study_occluded.yaml, the tiny CNN for 800 iterations")
     add_data_arguments(parser)
     parser.add_argument("--out", metavar="DIR", required=True,
                         help="report.md, results.json, the figures and the trained models (local or s3://)")
     parser.add_argument("--occlusion", type=float, default=0.5,
                         help="share of occluded frames of the synthetic data set made when --data is "
-                             "not given")
+                             "not given (default: 0.5)")
     parser.add_argument("--sequence-lengths", nargs="+", metavar="L", type=_length,
                         default=list(SEQUENCE_LENGTHS),
                         help="frames per query and gallery tracklet in the Fig. 11 heat map; `all` = every "
                              "frame (default: 1 2 4 8 16 all; the paper goes to 128 on long tracklets)")
-    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
-    parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="Ray Train workers of each training run (train.num_workers; default: the "
+                             "config's, 1 in study_occluded.yaml)")
+    parser.add_argument("--use-gpu", action="store_true", default=None,
+                        help="one GPU per worker (train.use_gpu; default: the config's, off in "
+                             "study_occluded.yaml)")
     args = parser.parse_args(argv)
     args.config = args.config or str(DEFAULT_CONFIG)
     if not 0 <= args.occlusion <= 1:

@@ -2,8 +2,12 @@
 
 Alone:              python jobs/train_mars.py                      (tiny model, embedded synthetic data)
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/train_mars.py \\
-                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-workers 8 --use-gpu
-A run started again with the same --name resumes from its latest checkpoint.
+                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-workers 8 \\
+                        --use-gpu --storage-path s3://bucket/ray_results
+A run started again with the same --name resumes from its latest checkpoint. --data needs --config.
+
+The run folder <storage path>/<name> holds config.yaml (the resolved settings), the checkpoints,
+tensorboard/ (tensorboard --logdir <run folder>), model.pt and metrics.json.
 """
 
 import argparse
@@ -24,18 +28,27 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, default="configs/synthetic_tiny.yaml, the tiny model for the synthetic data")
     add_data_arguments(parser)
-    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (train.num_workers)")
-    parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="Ray Train workers, one GPU each with --use-gpu (train.num_workers; default: "
+                             "the config's, 1 in synthetic_tiny.yaml, 4 in the MARS configs)")
+    parser.add_argument("--use-gpu", action="store_true", default=None,
+                        help="one GPU per worker (train.use_gpu; default: the config's, off in "
+                             "synthetic_tiny.yaml, on in the MARS configs)")
     parser.add_argument("--storage-path", metavar="URI", default=None,
-                        help="checkpoints and model.pt, local or s3:// (train.storage_path; shared storage "
-                             "on a multi-node cluster)")
+                        help="where checkpoints and model.pt go, local or s3:// (train.storage_path; "
+                             "default: the config's, else ~/ray_results). A cluster of more than one host "
+                             "needs s3:// or a shared mount: a local path is refused there")
     parser.add_argument("--name", default=None, help="run name; an existing run of this name is resumed "
-                                                     "(default: stal-<backbone>-<time>)")
+                                                     "(default: stal-<backbone>-<YYYYmmdd-HHMMSS>)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")
     args = parser.parse_args(argv)
+    if args.data and not args.config:
+        parser.error(f"--data {args.data} needs --config: without it the tiny model of the synthetic data "
+                     "set would train; pass e.g. --config configs/mars_resnet50.yaml")
     args.config = args.config or str(DEFAULT_CONFIG)
     return args
 

@@ -1,11 +1,13 @@
-"""Search λ, m_g, m_l with Ray Tune (ASHA), each trial a distributed STAL training run, every validation
-ranking the whole fusion-rate grid; prints the results table and writes results.csv and best.yaml.
+"""Search λ, m_g, m_l with Ray Tune (ASHA): each trial is a distributed STAL training run, each validation
+ranks the whole fusion-rate grid; prints the results table and writes results.csv and best.yaml.
 
 Alone:              python jobs/tune_stal.py                       (tiny model, embedded synthetic data)
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/tune_stal.py \\
-                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-samples 16
+                        --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-samples 16 \\
+                        --storage-path s3://bucket/ray_results
 Interrupted:        the same command with --resume finishes the remaining trials.
 Watch:              tensorboard --logdir <storage>/<name>
+--data needs --config (the default config is the tiny model of the embedded synthetic data set).
 """
 
 import argparse
@@ -26,20 +28,30 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, default="configs/synthetic_tiny.yaml, the tiny model for the synthetic data")
     add_data_arguments(parser)
-    parser.add_argument("--num-samples", type=int, default=None, help="trials (tune.num_samples)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="trials (tune.num_samples; default: the config's, 4 in synthetic_tiny.yaml, "
+                             "16 in the MARS configs)")
     # the training loop, like the paper (150000 iterations on MARS), counts iterations, not epochs
     parser.add_argument("--max-iterations", type=int, default=None,
-                        help="iterations of a trial that is never stopped early (train.iterations)")
+                        help="iterations of a trial that is never stopped early (train.iterations; default: "
+                             "the config's, 200 in synthetic_tiny.yaml, 150000 in the MARS configs)")
     parser.add_argument("--storage-path", metavar="URI", default=None,
-                        help="where the search and its trials' runs go, local or s3:// (train.storage_path)")
-    parser.add_argument("--name", default=None, help="search name (default: tune-<backbone>-<time>)")
+                        help="where the search and its trials' runs go, local or s3:// (train.storage_path; "
+                             "default: the config's, else ~/ray_results). A cluster of more than one host "
+                             "needs s3:// or a shared mount: a local path is refused there")
+    parser.add_argument("--name", default=None,
+                        help="search name (default: tune-<backbone>-<YYYYmmdd-HHMMSS>)")
     parser.add_argument("--resume", action="store_true", help="finish the interrupted search --name")
     args = parser.parse_args(argv)
     if args.resume and not args.name:
         parser.error("--resume needs the --name of the search to finish")
+    if args.data and not args.config:
+        parser.error(f"--data {args.data} needs --config: without it the tiny model of the synthetic data "
+                     "set would be tuned; pass e.g. --config configs/mars_resnet50.yaml")
     args.config = args.config or str(DEFAULT_CONFIG)
     return args
 

@@ -135,6 +135,8 @@ class TrainConfig:
     seed: int = 0
     # Ray Train storage, local path or fsspec URL; None = ~/ray_results
     storage_path: str | None = None
+    # a local storage_path is mounted at the same path on every node (NFS): allowed on a multi-node cluster
+    shared_storage: bool = False
 
 
 @dataclass
@@ -226,12 +228,13 @@ def with_overrides(config: "Config", overrides: Sequence[str], source: str = "ov
     return _build([(config.to_dict(), "config")] + [(_parse_override(o), source) for o in overrides])
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --config PATH and repeatable --set KEY=VALUE (stored in args.config and args.overrides)."""
+def add_config_arguments(parser: argparse.ArgumentParser, default: str = "the built-in defaults") -> None:
+    """Add --config PATH and repeatable --set KEY=VALUE (stored in args.config and args.overrides); `default`
+    names, for --help, what a job uses without --config (args.config stays None, so the job can tell)."""
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="PATH", default=None,
                        help="YAML file layered over the built-in defaults, e.g. "
-                            "configs/mars_bninception.yaml (default: built-in defaults)")
+                            f"configs/mars_bninception.yaml (default: {default})")
     group.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                        help="override one setting, e.g. --set train.lr=0.01 --set eval.ranks=[1,5]; "
                             "values are parsed as YAML; repeatable, applied after --config")
@@ -538,6 +541,7 @@ _RULES: dict[str, _Rule] = {
     "train.log_every": _int_at_least(1),
     "train.seed": _int_at_least(0),
     "train.storage_path": _path_or_null,
+    "train.shared_storage": lambda v: None,
     "eval.fusion_rate": _at_least(0),
     "eval.branch": _one_of(BRANCHES),
     "eval.protocol": _one_of(PROTOCOLS),

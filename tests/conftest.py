@@ -125,7 +125,8 @@ def small_release_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session. More logical CPUs than this machine's 2 cores: with
-    num_cpus=2, Ray Data stages and train workers starve each other and hang (DESIGN.md, testing notes)."""
+    num_cpus=2, Ray Data stages and train workers starve each other and hang (docs/architecture.md,
+    "Ray resources")."""
     import ray
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)

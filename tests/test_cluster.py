@@ -82,15 +82,22 @@ def pip_install_index(commands: list[str], pattern: str) -> int:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_setup_installs_torch_then_ray_then_project(name):
+def test_setup_installs_torch_then_the_project_from_the_lock(name):
     config = load(name)
     commands = config["setup_commands"]
     torch_pin = re.search(r"^TORCH_PIN \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     torch = pip_install_index(commands, re.escape(torch_pin) + r"(\s|$)")
-    ray_pin = pip_install_index(commands, re.escape(f'=={ray.__version__}"'))
     project = pip_install_index(commands, r"-e \.$")
-    assert torch < ray_pin < project
+    assert torch < project
     assert "cd ~/stal_ray " in commands[project]
+    # every package at the lock's version, on every node, as in the Makefile's .venv
+    for command in commands + config["head_setup_commands"]:
+        if "pip install" in command:
+            assert re.search(r"--constraint (~/stal_ray/)?requirements\.lock ", command), command
+    assert "--constraint requirements.lock" in commands[project]
+    # the lock pins the Ray these tests run (the client of `ray job submit` must be the cluster's) and torch
+    pins = (REPO / "requirements.lock").read_text().split()
+    assert f"ray=={ray.__version__}" in pins and torch_pin in pins
     # every node must find the environment's ray and python, also the entrypoints of `ray job submit`
     for start in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         venv_first = 'export PATH="$HOME/stal-venv/bin:$PATH"' in start
@@ -104,7 +111,7 @@ def test_file_mounts_hold_what_pip_install_needs(name):
         assert remote.startswith("~/stal_ray/")
         assert (REPO / local).exists(), f"{local} is not in the repository (ray up runs from its root)"
     readme = re.search(r'^readme = "([^"]+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    needed = {"pyproject.toml", readme, "stal_ray"}
+    needed = {"pyproject.toml", readme, "stal_ray", "requirements.lock"}
     assert needed <= {Path(local).as_posix() for local in mounts.values()}
 
 

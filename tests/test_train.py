@@ -11,6 +11,7 @@ from stal_ray.data.validation import ensure_validation_split
 from stal_ray.model.export import load_model, load_model_config
 from stal_ray.train.deepspeed import deepspeed_config
 from stal_ray.train.loop import seed_everything
+from stal_ray.train.tensorboard import read_scalars
 from stal_ray.train.trainer import NonFiniteLossError, build_trainer, train
 
 # Tiny everything: each run is a few optimiser steps of the tiny CNN on 32×16 frames.
@@ -55,6 +56,11 @@ def test_two_workers_train_under_deepspeed(ray_cluster, shards_uri, tmp_path, ze
     assert 0 < result.metrics["data_wait_share_run"] <= 1
     _, loaded_config, meta = load_model(result.model_path)
     assert loaded_config.train.zero_stage == zero_stage and meta["num_classes"] == 6
+    # the run folder holds the resolved settings and TensorBoard events of every report, the last at 4
+    assert load_config(f"{result.run_dir}/config.yaml").train.zero_stage == zero_stage
+    scalars = read_scalars(result.run_dir)
+    for tag in ("loss/total", "loss/triplet_local", "train/lr", "train/clips_per_s", "train/data_wait_share"):
+        assert scalars[tag][-1][0] == 4, tag
 
 
 def test_resumed_run_equals_uninterrupted_run(ray_cluster, shards_uri, tmp_path):

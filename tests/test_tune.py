@@ -16,6 +16,7 @@ from stal_ray.config import ConfigError, load_config
 from stal_ray.data.mars import read_mars
 from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.train.tensorboard import read_scalars
 from stal_ray.train.trainer import train
 from stal_ray.tune import RESULTS_FILE, SEARCHED, run_search
 
@@ -66,6 +67,9 @@ def test_search_stops_weak_trials_and_its_best_yaml_trains(ray_cluster, shards_u
     # every trial logs for TensorBoard: loss terms and the validation mAP per α
     events = list((tmp_path / "search").glob("*/events.out.tfevents*"))
     assert len(events) == 4
+    # and so does each trial's own Ray Train run, validation included
+    runs = [run for run in (tmp_path / "search" / "runs").iterdir() if run.is_dir()]
+    assert len(runs) == 4 and all("val/mAP" in read_scalars(str(run)) for run in runs)
 
     best = load_config(result.best_yaml, [f"train.storage_path={tmp_path}", "train.iterations=2"])
     top = result.rows[0]
@@ -87,6 +91,7 @@ def test_existing_search_needs_resume_and_bad_schedules_are_refused(ray_cluster,
 
 def test_interrupted_search_resumes_without_repeating_finished_trials(shards_uri, tmp_path):
     command = [sys.executable, str(REPO / "jobs" / "tune_stal.py"), "--data", shards_uri,
+               "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
                "--name", "resumable", "--storage-path", str(tmp_path), "--num-samples", "2",
                "--set", "tune.scheduler=fifo"]
     for override in OVERRIDES:

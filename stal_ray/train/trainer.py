@@ -7,14 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.train
+import yaml
 from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, ConfigError
 from stal_ray.data import shards, storage
 from stal_ray.data.pipeline import identity_labels
 from stal_ray.data.validation import ValidationSplit
+from stal_ray.evaluate.report import write_bytes
 from stal_ray.model.backbones import check_weights_choice
 from stal_ray.train.loop import MODEL_FILE, STOPPED, best_model_metric, train_loop_per_worker
+from stal_ray.train.tensorboard import TensorBoardCallback
+
+CONFIG_FILE = "config.yaml"  # the run's resolved settings, written into the run folder as it starts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,6 +76,28 @@ def check_data(config: Config, data: str, labels: list[int], *, endpoint_url: st
             "data.val_identities")
 
 
+def check_shared_storage(config: Config, nodes: list[dict] | None = None,
+                         this_node: str | None = None) -> None:
+    """Refuse a local storage path where the workers may run on other hosts: each would write checkpoints
+    and model.pt to its own disk, where the evaluation on the head node never finds them. Such a cluster
+    has alive nodes on more than one host, or a head node without CPUs (its workers are yet to start, as
+    in cluster/aws_gpu.yaml). nodes: ray.nodes() entries; this_node: the driver's node id."""
+    root = storage_root(config)
+    if ("://" in root and not root.startswith("file://")) or config.train.shared_storage:
+        return
+    nodes = ray.nodes() if nodes is None else nodes
+    this_node = ray.get_runtime_context().get_node_id() if this_node is None else this_node
+    alive = [node for node in nodes if node.get("Alive")]
+    hosts = {node["NodeManagerAddress"] for node in alive}
+    cpu_less_head = any(node["NodeID"] == this_node and not node["Resources"].get("CPU") for node in alive)
+    if len(hosts) > 1 or cpu_less_head:
+        where = f"{len(hosts)} hosts" if len(hosts) > 1 else "a head node without CPUs"
+        raise ConfigError(f"train.storage_path = {root} is a local path, but this Ray cluster has {where}: "
+                          "checkpoints and model.pt would stay on the workers' own disks; pass "
+                          "--storage-path s3://BUCKET/PREFIX (or set train.shared_storage=true for a path "
+                          "mounted on every node, such as NFS)")
+
+
 def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
                   exclude_identities: list[int] | None = None, faults: dict | None = None,
                   callbacks: list | None = None, validation: ValidationSplit | None = None) -> TorchTrainer:
@@ -79,6 +106,7 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     identities are left out of training and every report carries the validation metrics
     (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values)."""
     check_resources(config)
+    check_shared_storage(config)
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
     labels = identity_labels(data, endpoint_url=endpoint_url, **(
@@ -89,9 +117,10 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     # model.pt records the data it was trained on: evaluate_mars.py without --data evaluates that
     config = copy.deepcopy(config)
     config.data.root = data
+    run_dir = storage.join(root, name)
     loop_config = {
         "config": config.to_dict(), "data": data, "labels": labels, "endpoint_url": endpoint_url,
-        "run_dir": storage.join(root, name), "exclude_identities": exclude_identities, "faults": faults,
+        "run_dir": run_dir, "exclude_identities": exclude_identities, "faults": faults,
         "validation": validation.to_json() if validation is not None else None,
     }
     return TorchTrainer(
@@ -102,7 +131,7 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
             name=name, storage_path=root,
             checkpoint_config=checkpoint_config(config, validation is not None),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or ()), TensorBoardCallback(run_dir, endpoint_url)],
         ),
     )
 
@@ -124,6 +153,8 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
     fs, stopped = storage.filesystem(storage.join(run_dir, STOPPED), check=False)
     if fs.exists(stopped):
         fs.rm(stopped)  # from an earlier attempt under this name: this one starts from its last checkpoint
+    settings = yaml.safe_dump(trainer.train_loop_config["config"], sort_keys=False)  # data.root resolved
+    write_bytes(storage.join(run_dir, CONFIG_FILE), settings.encode())
     result = trainer.fit()
     if fs.exists(stopped):
         with fs.open(stopped) as note_file:
