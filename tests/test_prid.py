@@ -78,7 +78,8 @@ def test_split_inconsistent_with_the_release_is_named(root, split, message):
 
 
 def test_split_out_of_range_is_refused(root):
-    with pytest.raises(PridFormatError, match=re.escape("split 10 asked, but there are splits 0..9 in the seeded splits")):
+    message = "split 10 asked, but there are splits 0..9 in the seeded splits"
+    with pytest.raises(PridFormatError, match=re.escape(message)):
         read_prid(str(root), 10)
 
 

@@ -117,7 +117,8 @@ def dump_splits(splits: list[dict]) -> str:
 def _release(fs, base: str, root: str, sequences: dict, splits: list[dict], split: int,
              splits_name: str) -> PngRelease:
     if not 0 <= split < len(splits):
-        raise MarsFormatError(f"split {split} asked, but there are splits 0..{len(splits) - 1} in {splits_name}")
+        raise MarsFormatError(
+            f"split {split} asked, but there are splits 0..{len(splits) - 1} in {splits_name}")
     persons = {}
     for part in ("train", "test"):
         where = f"{splits_name}, split {split} {part}"
