@@ -12,6 +12,7 @@ from release_layouts import FRAME_SIZE, make_ilidsvid, make_prid
 from stal_ray.data.images import decode_frame
 from stal_ray.data.prid import MIN_FRAMES, SPLITS_FILE
 from stal_ray.data.shards import read_manifest, verify
+from stal_ray.evaluate.ranking import query_gallery_split
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_data.py"
 
@@ -35,6 +36,10 @@ def test_ilidsvid_split_is_prepared_into_shards_with_the_protocol_counts(tmp_pat
     persons = (1, 2, 4, 7, 9, 12)
     assert sorted(set(table.column("identity").to_pylist())) == sorted(persons[int(i) - 1]
                                                                        for i in ls_set[2, :3])
+    # the paper's protocol: queries are camera 1, the gallery camera 2 only (eval.protocol=torchreid)
+    identity, camera, is_query = (table.column(c).to_numpy() for c in ("identity", "camera", "is_query"))
+    query, gallery = query_gallery_split(identity, camera, is_query, "torchreid")
+    assert len(query) == len(gallery) == 3 and set(camera[gallery]) == {2} and set(camera[query]) == {1}
     pairs = set(zip(table.column("camera").to_pylist(), table.column("is_query").to_pylist(), strict=True))
     assert pairs == {(1, True), (2, False)}
     frame = table.column("frames")[0][0].as_py()
