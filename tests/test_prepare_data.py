@@ -1,6 +1,7 @@
 """jobs/prepare_data.py run as a user runs it on tiny iLIDS-VID and PRID-2011 releases."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from release_layouts import FRAME_SIZE, make_ilidsvid, make_prid
 from stal_ray.data.images import decode_frame
 from stal_ray.data.prid import MIN_FRAMES, SPLITS_FILE
 from stal_ray.data.shards import read_manifest, verify
+from stal_ray.data.source import resolve_data
+from stal_ray.data.storage import StorageError
 from stal_ray.evaluate.ranking import query_gallery_split
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_data.py"
@@ -80,6 +83,19 @@ def test_prid_split_file_given_is_used(tmp_path):
     assert read_manifest(str(out)).counts["test"]["identities"] == 1 and not (out / SPLITS_FILE).exists()
 
 
+def test_damaged_png_is_left_out_and_listed(tmp_path):
+    make_ilidsvid(tmp_path / "release")
+    frame = tmp_path / "release" / "i-LIDS-VID/sequences/cam1/person004/cam1_person004_00102.png"
+    frame.write_bytes(frame.read_bytes()[:60])
+    out = str(tmp_path / "out")
+    result = prepare("--dataset", "ilidsvid", "--root", str(tmp_path / "release"), "--out", out,
+                     "--max-bad-frames", "0.1")
+    assert result.returncode == 0, result.stderr
+    [bad] = read_manifest(out).bad_frames
+    assert bad["path"].endswith("cam1_person004_00102.png") and "a PNG" in bad["problem"]
+    assert "cam1_person004_00102.png" in result.stdout
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--dataset", "ilidsvid", "--split", "3"), "missing i-LIDS-VID/sequences/cam1"),
     (("--dataset", "mars", "--split", "1"), "--split and --split-file are for ilidsvid and prid2011"),
@@ -90,3 +106,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_release_given_as_data_says_how_to_prepare_it(tmp_path):
+    make_ilidsvid(tmp_path)
+    with pytest.raises(StorageError, match=re.escape("jobs/prepare_data.py --dataset ilidsvid --root")):
+        resolve_data(str(tmp_path))
