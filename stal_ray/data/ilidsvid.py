@@ -17,7 +17,6 @@ from stal_ray.data.png_release import PngRelease, sequence_frames
 SEQUENCES = "i-LIDS-VID/sequences"
 SPLIT_FILE, SPLIT_VARIABLE = "train-test people splits/train_test_splits_ilidsvid.mat", "ls_set"
 CAMERAS = (1, 2)
-NUM_SPLITS = 10
 LAYOUT = (f"an iLIDS-VID release holds {SEQUENCES}/cam1/personNNN/cam1_personNNN_FFFFF.png, the same under "
           f"cam2/, and '{SPLIT_FILE}'")
 _PERSON = re.compile(r"person(\d{3})")
