@@ -18,6 +18,7 @@ from stal_ray.data.mars import SPLITS, MarsFormatError
 
 SOI = b"\xff\xd8\xff"  # start of image, then the first segment's marker
 EOI = b"\xff\xd9"  # end of image
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # PNG releases are re-encoded as JPEG (png_release.py) unless damaged
 # Encoders and copy tools may pad the end of a file (zeros, a newline); the end marker is looked for in the
 # last bytes once padding is stripped.
 _PADDING = b"\x00\r\n\t "
@@ -36,6 +37,9 @@ def jpeg_problem(data: bytes) -> str | None:
     """Why `data` is not a whole JPEG file, or None when its markers are in place."""
     if not data:
         return "zero-byte file"
+    if data.startswith(PNG_SIGNATURE):
+        return (f"not a JPEG (starts with {bytes(data[:8])!r}: a PNG; in a PNG release, one too damaged or "
+                "truncated to be re-encoded)")
     if not data.startswith(SOI):
         return f"not a JPEG (starts with {bytes(data[:8])!r})"
     if not data[-_TAIL:].rstrip(_PADDING).endswith(EOI):

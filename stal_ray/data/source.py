@@ -19,6 +19,12 @@ def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
             raise storage.StorageError(
                 f"{uri} is a MARS release, not prepared shards: run `python jobs/prepare_mars.py --mars-root "
                 f"{uri} --out DIR` once, then pass --data DIR") from None
+        for folder, dataset in (("i-LIDS-VID", "ilidsvid"), ("prid_2011", "prid2011")):
+            if fs.exists(storage.join(path, folder)):
+                raise storage.StorageError(
+                    f"{uri} is a {folder} release, not prepared shards: run `python jobs/prepare_data.py "
+                    f"--dataset {dataset} --root {uri} --out DIR --split K` once, then pass --data DIR"
+                ) from None
         raise
     return uri
 
