@@ -51,8 +51,11 @@ def check_resources(config: Config) -> None:
     if train.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < train.num_workers:
-            raise ConfigError(f"train.use_gpu = true with train.num_workers = {train.num_workers}, but the "
-                              f"Ray cluster has {gpus:g} GPUs: add GPU nodes or lower --num-workers")
+            # not an error: an autoscaling cluster (cluster/aws_gpu.yaml starts with no GPU node) adds them
+            # once the workers ask; on a fixed cluster the run waits, and the warning says why
+            print(f"warning: train.use_gpu = true with train.num_workers = {train.num_workers}, but the Ray "
+                  f"cluster has {gpus:g} GPUs now: the workers wait until the autoscaler adds GPU nodes (on a "
+                  "fixed cluster, lower --num-workers)", flush=True)
 
 
 def check_data(config: Config, data: str, labels: list[int], *, endpoint_url: str | None = None) -> None:
