@@ -54,8 +54,8 @@ def check_resources(config: Config) -> None:
             # not an error: an autoscaling cluster (cluster/aws_gpu.yaml starts with no GPU node) adds them
             # once the workers ask; on a fixed cluster the run waits, and the warning says why
             print(f"warning: train.use_gpu = true with train.num_workers = {train.num_workers}, but the Ray "
-                  f"cluster has {gpus:g} GPUs now: the workers wait until the autoscaler adds GPU nodes (on a "
-                  "fixed cluster, lower --num-workers)", flush=True)
+                  f"cluster has {gpus:g} GPUs now: the workers wait until the autoscaler adds GPU nodes (on "
+                  "a fixed cluster, lower --num-workers)", flush=True)
 
 
 def check_data(config: Config, data: str, labels: list[int], *, endpoint_url: str | None = None) -> None:
