@@ -28,8 +28,8 @@ TRAINED_BRANCHES = ("both", "global", "local")
 PROTOCOLS = ("official", "torchreid")
 SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
-# ||ā|| of Eq. 8: "l1" (Σ_r ā^r; Eq. 12's gradient is the L1 form's) or "l2"
-PART_NORMS = ("l1", "l2")
+# ||ā|| of Eq. 8: "l2" (Euclidean) or "l1" (Σ_r ā^r, the form Eq. 12 differentiates)
+PART_NORMS = ("l2", "l1")
 NO_PRETRAINED = "none"  # model.pretrained: train the backbone from random weights, on purpose
 
 
@@ -58,8 +58,9 @@ class ModelConfig:
     stan_batchnorm: bool = True
     # the residual attention branch on the global branch (RAN, §III-B); false = the ablation without it
     residual_attention: bool = True
-    # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l1" (the form Eq. 12 differentiates) or "l2"
-    part_norm: str = "l1"
+    # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l2" (Euclidean; trains better, README) or "l1"
+    # (the form whose gradient Eq. 12 gives)
+    part_norm: str = "l2"
 
 
 @dataclass

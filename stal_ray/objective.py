@@ -20,18 +20,18 @@ def aggregate_temporal(f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btr,btrd->brd", a, f) / safe_divisor(a.sum(1))[..., None]
 
 
-def normalize_part_scores(a_bar: torch.Tensor, norm: str = "l1") -> torch.Tensor:
-    """Eq. 8's an^r = ā^r / ||ā||, ā (..., R) >= 0 -> (..., R). norm "l1": ||ā|| = Σ_r ā^r, the form whose
-    gradient Eq. 12 gives, (1 - an^r) / ||ā|| (the default); "l2": the Euclidean norm, whose gradient would
-    be (1 - (an^r)²) / ||ā||."""
-    if norm == "l1":
-        return a_bar / safe_divisor(a_bar.sum(-1, keepdim=True))
+def normalize_part_scores(a_bar: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """Eq. 8's an^r = ā^r / ||ā||, ā (..., R) >= 0 -> (..., R). norm "l2": the Euclidean norm (the default:
+    with the paper's margins it trains better, README "Choices the paper leaves open"); "l1": Σ_r ā^r, the
+    form whose gradient Eq. 12 gives, (1 - an^r) / ||ā||."""
     if norm == "l2":
         return a_bar / safe_divisor(torch.linalg.vector_norm(a_bar, dim=-1, keepdim=True))
+    if norm == "l1":
+        return a_bar / safe_divisor(a_bar.sum(-1, keepdim=True))
     raise ValueError(f"model.part_norm = {norm!r} is invalid: use one of {', '.join(PART_NORMS)}")
 
 
-def spatial_scores(a: torch.Tensor, norm: str = "l1") -> torch.Tensor:
+def spatial_scores(a: torch.Tensor, norm: str = "l2") -> torch.Tensor:
     """Eq. 8's weights: ā^r = mean_t a^{r,t}, returned as an^r = ā^r / ||ā||. a (B, T, R) -> (B, R)."""
     return normalize_part_scores(a.mean(1), norm)
 
@@ -61,7 +61,7 @@ def psi_distance(
 
 
 def local_distance(
-    f_i: torch.Tensor, a_i: torch.Tensor, f_j: torch.Tensor, a_j: torch.Tensor, norm: str = "l1"
+    f_i: torch.Tensor, a_i: torch.Tensor, f_j: torch.Tensor, a_j: torch.Tensor, norm: str = "l2"
 ) -> torch.Tensor:
     """d_l (Eq. 2) from frame-level part features f (N, T, R, D) and their scores a (N, T, R)."""
     f_i, an_i = aggregate_temporal(f_i, a_i), spatial_scores(a_i, norm)
@@ -154,7 +154,7 @@ class STALObjective(nn.Module):
         mining: str = "batch_hard",
         keypoint_weight: float = 0.0,
         branches: str = "both",
-        part_norm: str = "l1",
+        part_norm: str = "l2",
     ):
         super().__init__()
         if part_norm not in PART_NORMS:

@@ -48,7 +48,7 @@ def test_psi_matches_eq8_written_out(generator, part_norm):
     f_r = aggregate_temporal(f, a)
     a_bar = a.mean(1)
 
-    def norm_of(i):  # ||ā_i||: L1 by default (Eq. 12's gradient is the L1 form's; README)
+    def norm_of(i):  # ||ā_i||: L2 by default, L1 as Eq. 12 differentiates it (README)
         if part_norm == "l1":
             return sum(a_bar[i, r] for r in range(R))
         return sum(a_bar[i, r] ** 2 for r in range(R)) ** 0.5
@@ -63,9 +63,9 @@ def test_average_pooling_is_the_equal_score_special_case(generator):
     f, _ = clip_features(generator)
     equal = torch.full((B, T, R), 1.0 / (T * R))
     assert torch.allclose(aggregate_temporal(f, equal), f.mean(1), atol=1e-6)
-    # with equal scores every part weighs an_i^r an_j^r = 1/R²
+    # with equal scores every part weighs an_i^r an_j^r = 1/R
     pooled = f.mean(1)
-    expected = sum(torch.cdist(pooled[:, r], pooled[:, r]) for r in range(R)) / R**2
+    expected = sum(torch.cdist(pooled[:, r], pooled[:, r]) for r in range(R)) / R
     assert torch.allclose(local_distance(f, equal, f, equal), expected, atol=1e-5)
 
 

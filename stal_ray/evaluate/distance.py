@@ -57,7 +57,7 @@ class TrackletFeatures:
             index = torch.as_tensor(np.asarray(index) if not isinstance(index, Tensor) else index)
         return TrackletFeatures(**{field.name: getattr(self, field.name)[index] for field in fields(self)})
 
-    def parts(self, mode: str, part_norm: str = "l1") -> tuple[Tensor, Tensor]:
+    def parts(self, mode: str, part_norm: str = "l2") -> tuple[Tensor, Tensor]:
         """Part features f (N, R, D) and Eq. 8's weights an (N, R), ā / ||ā|| under model.part_norm, for a
         mode.
 
@@ -156,7 +156,7 @@ def _distances(query: TrackletFeatures, gallery: TrackletFeatures, mode: str, lo
 
 
 def branch_distances(query: TrackletFeatures, gallery: TrackletFeatures, mode: str = "stal", *,
-                     chunk_size: int = 512, device=None, part_norm: str = "l1") -> tuple[Tensor, Tensor]:
+                     chunk_size: int = 512, device=None, part_norm: str = "l2") -> tuple[Tensor, Tensor]:
     """(d_l, d_g), each (Nq, Ng) on the CPU in the features' dtype (fp32 at least): d_l by Eq. 8 with the
     mode's parts and weights (part_norm: the model's model.part_norm), d_g = ||g_i − g_j||. Computed on
     `device` (default: cuda if available), chunk_size query rows at a time."""
@@ -174,7 +174,7 @@ def fuse(d_l: Tensor, d_g: Tensor, mode: str, alpha: float) -> Tensor:
 
 
 def fused_distance(query: TrackletFeatures, gallery: TrackletFeatures, mode: str = "stal", alpha: float = 0.3,
-                   *, chunk_size: int = 512, device=None, part_norm: str = "l1") -> Tensor:
+                   *, chunk_size: int = 512, device=None, part_norm: str = "l2") -> Tensor:
     """fuse(branch_distances(...)), computing only the branches the mode uses."""
     d_l, d_g = _distances(query, gallery, mode, mode != "global", mode != "local", chunk_size, device,
                           part_norm)

@@ -29,7 +29,7 @@ def features_in_memory(model: torch.nn.Module, dataset: ray.data.Dataset, *,
 
 
 def fusion_sweep(feature_set: FeatureSet, fusion_rates: Iterable[float], *, protocol: str = "official",
-                 ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l1") -> dict[float, RankingResult]:
+                 ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l2") -> dict[float, RankingResult]:
     """CMC and mAP of the stal distance for every α in fusion_rates; d_l and d_g are computed once."""
     query_index, gallery_index = query_gallery_split(feature_set.identity, feature_set.camera,
                                                      feature_set.is_query, protocol)
@@ -60,7 +60,7 @@ def sweep_metrics(results: dict[float, RankingResult]) -> dict[str, float]:
 
 
 def validate(model: torch.nn.Module, dataset: ray.data.Dataset, fusion_rates: Iterable[float], *,
-             protocol: str = "official", batch_size: int = 32, part_norm: str = "l1") -> dict[str, float]:
+             protocol: str = "official", batch_size: int = 32, part_norm: str = "l2") -> dict[str, float]:
     """sweep_metrics of the model on a validation_dataset (the evaluation protocol, α grid)."""
     feature_set = features_in_memory(model, dataset, batch_size=batch_size)
     if not np.any(feature_set.is_query):

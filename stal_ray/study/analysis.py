@@ -20,7 +20,7 @@ class Ranker:
     """Query/gallery split of one FeatureSet under a protocol, and ranking of any distance over it."""
 
     def __init__(self, feature_set: FeatureSet, protocol: str = "official",
-                 ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l1"):
+                 ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l2"):
         self.feature_set, self.ranks, self.part_norm = feature_set, tuple(ranks), part_norm
         self.query, self.gallery = query_gallery_split(feature_set.identity, feature_set.camera,
                                                        feature_set.is_query, protocol)
@@ -66,7 +66,7 @@ def fusion_rates(ranker: Ranker, rates: Sequence[float]) -> dict[float, RankingR
 
 
 def sequence_lengths(feature_sets: Mapping[str, FeatureSet], alpha: float, protocol: str = "official",
-                     part_norm: str = "l1") -> tuple[list[str], np.ndarray]:
+                     part_norm: str = "l2") -> tuple[list[str], np.ndarray]:
     """Fig. 11: rank-1 of queries of length L_q against galleries of length L_g, every pair of the
     extractions given (label -> FeatureSet of the same tracklets). Returns (labels, (L_q, L_g) rank-1)."""
     labels = list(feature_sets)
