@@ -163,8 +163,8 @@ def test_trapezoid_ap_matches_the_official_code_on_tied_distances(seed, chunk_si
     g_pids[::17] = -1  # junk entries: the official code skips them, the official split drops them
     official_ap, official_cmc = official_evaluation(dist, g_pids, q_pids, g_cams, q_cams)
     kept = g_pids != -1
-    result = evaluate_ranking(dist[:, kept], q_pids, g_pids[kept], q_cams, g_cams[kept], chunk_size=chunk_size,
-                              ap="trapezoid")
+    result = evaluate_ranking(dist[:, kept], q_pids, g_pids[kept], q_cams, g_cams[kept],
+                              chunk_size=chunk_size, ap="trapezoid")
     answered = ~np.isnan(official_ap)  # the official code's AP of a query with no true match is 0/0
     assert result.skipped_queries == (~answered).sum() > 0
     np.testing.assert_allclose(result.average_precision, official_ap[answered], rtol=0, atol=1e-12)

@@ -61,7 +61,8 @@ def test_metrics_json_of_the_torchreid_protocol_names_the_step_rule(tmp_path):
     write_metrics(str(tmp_path), step, fusion_rate=0.3, protocol="torchreid", num_query=10, num_gallery=40,
                   num_test_ids=7, skipped=1)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["ap_rule"] == "step" and metrics["definitions"]["mAP"] == metrics["definitions"]["mAP_step"]
+    definitions = metrics["definitions"]
+    assert metrics["ap_rule"] == "step" and definitions["mAP"] == definitions["mAP_step"]
 
 
 def test_results_under_two_ap_rules_are_refused(tmp_path):

@@ -52,8 +52,8 @@ AP_DEFINITIONS = {
 }
 DEFINITIONS = {
     "mAP_step": AP_DEFINITIONS["step"],
-    "mINP": "fast-reid's mean inverse negative penalty: per query, its true matches over the rank of the last "
-            "(hardest) one",
+    "mINP": "fast-reid's mean inverse negative penalty: per query, its true matches over the rank of the "
+            "last (hardest) one",
     "cmc": "rank -> fraction of the evaluated queries with a true match within that rank",
     "percent": "the same numbers in percent, named as torchreid and fast-reid print them (Rank-k, mAP, mINP)",
     "ties": "tied distances rank in gallery order (a stable sort, as the official code's MATLAB sort)",
@@ -112,7 +112,9 @@ def format_table(results: Mapping) -> str:
     torchreid prints them, with a line saying which AP each column is."""
     rule = ap_rule_of(results)
     ranks = sorted({rank for result in results.values() for rank in result.cmc})
-    columns = [f"Rank-{rank}" for rank in ranks] + ["mAP"] + (["mAP_step"] if rule != "step" else []) + ["mINP"]
+    columns = [f"Rank-{rank}" for rank in ranks] + ["mAP", "mAP_step", "mINP"]
+    if rule == "step":  # mAP is the step rule itself
+        columns.remove("mAP_step")
     widths = [max(9, len(column) + 2) for column in columns]
     header = f"{'mode':<10}" + "".join(f"{column:>{width}}" for column, width in zip(columns, widths,
                                                                                       strict=True))
@@ -125,8 +127,8 @@ def format_table(results: Mapping) -> str:
     if rule == "step":
         lines.append("mAP: step rule (torchreid, fast-reid); mINP: fast-reid's; ties in gallery order")
     else:
-        lines.append("mAP: trapezoid rule of the official MARS code; mAP_step: step rule (torchreid, fast-reid); "
-                     "mINP: fast-reid's; ties in gallery order")
+        lines.append("mAP: trapezoid rule of the official MARS code; mAP_step: step rule (torchreid, "
+                     "fast-reid); mINP: fast-reid's; ties in gallery order")
     return "\n".join(lines)
 
 
