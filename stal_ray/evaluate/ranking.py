@@ -90,8 +90,9 @@ def evaluate_ranking(dist, q_pids, g_pids, q_cams, g_cams, ranks=(1, 5, 10, 20),
     is skipped (the official code has none such among MARS's queries). Gallery entries are ranked by distance
     with a stable sort: tied distances keep gallery order, as MATLAB's sort in the official code and numpy's
     stable argsort do, so the result never depends on the device or the chunk size. Nothing is sorted but
-    the true matches: a query's AP and CMC need only how many kept entries precede each of them, which one
-    binary search per gallery entry into the query's sorted matches gives for all queries of a chunk at once.
+    the true matches: a query's AP and CMC need only how many kept entries precede each of them, which binary
+    searches of every gallery entry into the query's sorted matches give for all queries of a chunk at once,
+    in the same time however many distances tie.
     """
     if ap not in AP_RULES:
         raise ValueError(f"ap {ap!r} is invalid: use one of {', '.join(AP_RULES)}")
@@ -169,18 +170,15 @@ def _rank_matches(dist, q_pids, g_pids, q_cams, g_cams) -> tuple[torch.Tensor, .
     positions[row, slot] = column
 
     # preceding[j]: how many of its query's true matches rank before gallery entry j. A binary search counts
-    # those at a smaller distance; an entry tied with matches follows those earlier in the gallery.
-    preceding = torch.searchsorted(thresholds, dist, side="left")  # in 0..most: the last pad is never less
-    tied = torch.nonzero(dist == thresholds.gather(1, preceding), as_tuple=True)
-    if len(tied[0]):
-        tie_row, tie_column = tied
-        window = preceding[tied][:, None] + torch.arange(most + 1, device=device)
-        inside = window <= most
-        window = window.clamp_max(most)
-        earlier = (thresholds[tie_row[:, None], window] == dist[tied][:, None]) & (
-            positions[tie_row[:, None], window] < tie_column[:, None]
-        )
-        preceding[tied] += (earlier & inside).sum(1)
+    # those at a smaller distance (`left`); an entry tied with matches also follows those earlier in the
+    # gallery, which a second binary search counts on keys (first slot of the match's distance, position):
+    # unique, ordered as the matches are, and one pass whatever the number of ties
+    left = torch.searchsorted(thresholds, dist, side="left")  # in 0..most: the last pad is never less
+    tied = dist == thresholds.gather(1, left)
+    stride = num_g + 1
+    match_keys = torch.searchsorted(thresholds, thresholds, side="left") * stride + positions
+    entry_keys = left * stride + torch.where(tied, torch.arange(num_g, device=device), -1)
+    preceding = torch.searchsorted(match_keys, entry_keys, side="left")
 
     # the k-th match is preceded by k matches and by the other identities' entries j with preceding[j] <= k;
     # entries of the query's identity in its own camera are out of the ranking, its matches counted by k
