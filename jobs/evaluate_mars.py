@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                         help="distances to rank by (default: all)")
     parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
-                        help="query/gallery protocol (default: the model's eval.protocol)")
+                        help="query/gallery protocol and AP rule: official (the MARS code's trapezoid mAP) "
+                             "or torchreid (step mAP) (default: the model's eval.protocol)")
     parser.add_argument("--save-distances", action="store_true",
                         help="also write distances.npz (the first mode's query x gallery matrix)")
     parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],

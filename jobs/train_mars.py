@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
         metrics = evaluate(result.model_path, data, result.run_dir, endpoint_url=args.endpoint_url)
         stal = metrics["modes"]["stal"]
-        print(f"test mAP {stal['mAP']:.1%}, rank-1 {stal['cmc']['1']:.1%}")
+        print(f"test mAP {stal['mAP']:.1%} ({metrics['ap_rule']} rule), mAP_step {stal['mAP_step']:.1%}, "
+              f"mINP {stal['mINP']:.1%}, Rank-1 {stal['cmc']['1']:.1%}")
     print(metrics_path)
     return 0
 

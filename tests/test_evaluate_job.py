@@ -22,8 +22,8 @@ from stal_ray.model.export import save_model
 from stal_ray.model.stal import STAL
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "evaluate_mars.py"
-TOP_LEVEL = {"model", "modes", "fusion_rate", "protocol", "num_query", "num_gallery", "num_test_ids",
-             "skipped_queries"}
+TOP_LEVEL = {"model", "modes", "ap_rule", "definitions", "fusion_rate", "protocol", "num_query",
+             "num_gallery", "num_test_ids", "skipped_queries"}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,17 @@ def test_evaluation_writes_the_agreed_metrics_and_pictures(first_run, model_path
     assert set(metrics) == TOP_LEVEL and returned == metrics
     assert list(metrics["modes"]) == list(MODES)
     for mode, values in metrics["modes"].items():
-        assert set(values) == {"mAP", "cmc"} and list(values["cmc"]) == ["1", "5", "10", "20"], mode
-        assert 0 <= values["mAP"] <= 1 and all(0 <= v <= 1 for v in values["cmc"].values())
+        assert set(values) == {"mAP", "mAP_step", "mINP", "cmc", "percent"}, mode
+        assert list(values["cmc"]) == ["1", "5", "10", "20"], mode
+        assert 0 <= values["mAP"] <= values["mAP_step"] <= 1 and 0 <= values["mINP"] <= 1
+        assert all(0 <= v <= 1 for v in values["cmc"].values())
+        assert values["percent"]["Rank-1"] == pytest.approx(100 * values["cmc"]["1"])
+        assert values["percent"]["mAP"] == pytest.approx(100 * values["mAP"])
         assert values["cmc"]["1"] <= values["cmc"]["20"]
     assert metrics["fusion_rate"] == 0.5 and metrics["protocol"] == "official"  # the model's eval settings
     assert metrics["model"] == {"path": model_path, "iteration": 7, "selected_by": "best val_mAP",
                                 "score": 0.5}
+    assert metrics["ap_rule"] == "trapezoid"  # the official MARS code's AP
     assert metrics["num_query"] > 0 and metrics["num_gallery"] > metrics["num_query"]
     assert 0 < metrics["num_test_ids"] <= 4
     for picture in ("cmc.png", "attention.png"):
@@ -114,11 +119,17 @@ def test_job_script_runs_in_a_process_that_already_has_ray(first_run, shards_uri
     # the features are reused: this tests the job's plumbing, not the extraction again
     shutil.copy(out / "features.parquet", tmp_path / "features.parquet")
     code = load_job().main(["--checkpoint", model_path, "--data", shards_uri, "--out", str(tmp_path),
-                     "--modes", "stal", "baseline", "--fusion-rate", "0.3"])
+                     "--modes", "stal", "baseline", "--fusion-rate", "0.3", "--protocol", "torchreid"])
     assert code == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "metrics.json")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == str(tmp_path / "metrics.json")
+    # the table as torchreid prints it, saying which AP its mAP is
+    assert any(line.split()[:5] == ["mode", "Rank-1", "Rank-5", "Rank-10", "Rank-20"] for line in printed)
+    assert any(line.startswith("mAP: step rule (torchreid, fast-reid)") for line in printed)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert list(metrics["modes"]) == ["stal", "baseline"] and metrics["fusion_rate"] == 0.3
+    assert metrics["protocol"] == "torchreid" and metrics["ap_rule"] == "step"
+    assert all(values["mAP"] == values["mAP_step"] for values in metrics["modes"].values())
     assert len(JOB.read_text().splitlines()) <= 80
 
 

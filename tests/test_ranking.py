@@ -1,21 +1,28 @@
-"""CMC and mAP: the vectorised ranking against torchreid's per-query loop, a hand-computed example, the
-query/gallery split of both protocols and the errors."""
+"""CMC, mAP and mINP: the vectorised ranking against torchreid's per-query loop (step AP, with fast-reid's
+INP) and against a transcription of the official MARS evaluation code (trapezoid AP) on the real MARS index
+tables, hand-computed examples, tied distances, the query/gallery split of both protocols and the errors."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 
-from stal_ray.evaluate.ranking import RankingResult, evaluate_ranking, query_gallery_split
+from stal_ray.evaluate.ranking import RankingResult, ap_rule, evaluate_ranking, query_gallery_split
+
+# the real index tables, as conftest.REAL_MARS_INFO (named here: bench/ranking.py imports this file)
+REAL_MARS_INFO = Path(__file__).parent / "data" / "mars_info"
 
 
 def reference_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
     """torchreid's eval_func (metrics/rank.py, eval_market1501) as it is written, a plain loop over queries,
-    with a stable sort so that ties keep gallery order. Returns (cmc_curve, per-query AP, skipped queries).
-    Also the reference of bench/ranking.py."""
+    with a stable sort so that ties keep gallery order, and the INP that fast-reid's copy of it adds. Returns
+    (cmc_curve, per-query AP, skipped queries, per-query INP). Also the reference of bench/ranking.py."""
     num_q, num_g = distmat.shape
     indices = np.argsort(distmat, axis=1, kind="stable")
     matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
-    all_cmc, all_ap, skipped = [], [], 0
+    all_cmc, all_ap, all_inp, skipped = [], [], [], 0
     for q_idx in range(num_q):
         q_pid, q_camid = q_pids[q_idx], q_camids[q_idx]
         order = indices[q_idx]
@@ -26,6 +33,8 @@ def reference_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50)
             skipped += 1
             continue
         cmc = raw_cmc.cumsum()
+        max_pos_idx = np.max(np.where(raw_cmc == 1))  # fast-reid: the hardest true match
+        all_inp.append(cmc[max_pos_idx] / (max_pos_idx + 1.0))
         cmc[cmc > 1] = 1
         all_cmc.append(cmc[:max_rank])
         num_rel = raw_cmc.sum()
@@ -33,7 +42,90 @@ def reference_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50)
         tmp_cmc = [x / (i + 1.0) for i, x in enumerate(tmp_cmc)]
         tmp_cmc = np.asarray(tmp_cmc) * raw_cmc
         all_ap.append(tmp_cmc.sum() / num_rel)
-    return np.asarray(all_cmc, dtype=np.float64).mean(0), np.asarray(all_ap), skipped
+    return np.asarray(all_cmc, dtype=np.float64).mean(0), np.asarray(all_ap), skipped, np.asarray(all_inp)
+
+
+def official_compute_ap(good_image, junk_image, index):
+    """utils/compute_AP.m of the official MARS evaluation code (github.com/liangzheng06/MARS-evaluation),
+    transcribed statement by statement into Python with 0-based positions. index: the gallery in ranking
+    order. Returns (ap, cmc), cmc over the ranking positions."""
+    cmc = np.zeros(len(index))
+    ngood = len(good_image)
+    good_image, junk_image = set(good_image.tolist()), set(junk_image.tolist())
+    old_recall, old_precision, ap = 0.0, 1.0, 0.0
+    intersect_size, j, good_now, njunk = 0, 0, 0, 0
+    for n, image in enumerate(index):
+        flag = 0
+        if image in good_image:
+            cmc[n - njunk:] = 1
+            flag = 1  # good image
+            good_now += 1
+        if image in junk_image:
+            njunk += 1
+            continue  # junk image
+        if flag == 1:
+            intersect_size += 1
+        recall = intersect_size / ngood if ngood else float("nan")  # MATLAB's 0/0
+        precision = intersect_size / (j + 1)
+        ap += (recall - old_recall) * ((old_precision + precision) / 2)
+        old_recall, old_precision = recall, precision
+        j += 1
+        if good_now == ngood:
+            return ap, cmc
+    return ap, cmc
+
+
+def official_evaluation(dist, label_gallery, label_query, cam_gallery, cam_query, max_rank=50):
+    """utils/evaluation_mars.m's loop over queries (without its per-camera-pair tables): the gallery is
+    every test tracklet, junk (-1) and the query's own-camera entries of its identity marked junk; MATLAB's
+    sort is stable. dist: (queries, gallery), the transpose of the MATLAB code's. Returns (per-query AP,
+    CMC curve to max_rank)."""
+    junk0 = np.flatnonzero(label_gallery == -1)
+    ap, cmc = np.zeros(len(dist)), np.zeros((len(dist), max_rank))
+    for k, score in enumerate(dist):
+        pos = np.flatnonzero(label_gallery == label_query[k])
+        good_image = pos[cam_gallery[pos] != cam_query[k]]
+        junk_image = np.concatenate([junk0, pos[cam_gallery[pos] == cam_query[k]]])
+        index = np.argsort(score, kind="stable")
+        ap[k], query_cmc = official_compute_ap(good_image, junk_image, index)
+        cmc[k] = query_cmc[:max_rank]
+    return ap, cmc.mean(0)
+
+
+def real_mars_test_split():
+    """Identities, cameras and the query flags of MARS's 12,180 test tracklets (the real index tables)."""
+    if not REAL_MARS_INFO.is_dir():
+        pytest.skip(f"the real MARS index files are not at {REAL_MARS_INFO}")
+    table = scipy.io.loadmat(REAL_MARS_INFO / "tracks_test_info.mat")["track_test_info"].astype(np.int64)
+    queries = scipy.io.loadmat(REAL_MARS_INFO / "query_IDX.mat")["query_IDX"].ravel().astype(np.int64) - 1
+    is_query = np.zeros(len(table), bool)
+    is_query[queries] = True
+    return table[:, 2], table[:, 3], is_query
+
+
+@pytest.mark.parametrize("distances", ["random", "tied"])
+def test_official_protocol_matches_the_official_mars_code_on_the_real_index(distances):
+    identities, cameras, is_query = real_mars_test_split()
+    queries, gallery = query_gallery_split(identities, cameras, is_query, "official")
+    queries = queries[::10]  # 198 of the 1980 queries, spread over the identities: the loops are slow
+    rng = np.random.default_rng(21)
+    if distances == "random":
+        dist = rng.random((len(queries), len(identities)))
+    else:  # 4 levels over 12,180 tracklets: thousands of ties per query, true matches among them
+        dist = rng.integers(0, 4, (len(queries), len(identities))).astype(np.float64)
+    official_ap, official_cmc = official_evaluation(dist, identities, identities[queries], cameras,
+                                                    cameras[queries])
+    result = evaluate_ranking(dist[:, gallery], identities[queries], identities[gallery], cameras[queries],
+                              cameras[gallery], ap=ap_rule("official"))
+    assert result.ap == "trapezoid" and result.skipped_queries == 0 and result.num_query == len(queries)
+    np.testing.assert_allclose(result.average_precision, official_ap, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.cmc_curve, official_cmc, rtol=0, atol=1e-12)
+    assert result.mAP == pytest.approx(official_ap.mean(), abs=1e-12)
+    # the step rule (torchreid's) over the same ranking is the other number, never below the official one
+    _, step_ap, _, _ = reference_evaluate(dist[:, gallery], identities[queries], identities[gallery],
+                                          cameras[queries], cameras[gallery])
+    assert result.mAP_step == pytest.approx(step_ap.mean(), abs=1e-12)
+    assert np.all(step_ap >= official_ap - 1e-12) and result.mAP_step > result.mAP
 
 
 def random_problem(seed: int, num_q: int = 40, num_g: int = 300, levels: int = 6):
@@ -55,23 +147,43 @@ def random_problem(seed: int, num_q: int = 40, num_g: int = 300, levels: int = 6
 @pytest.mark.parametrize("chunk_size", [7, 256])
 def test_matches_torchreid_loop_on_tied_distances(seed, chunk_size):
     dist, q_pids, g_pids, q_cams, g_cams = random_problem(seed)
-    cmc_curve, average_precision, skipped = reference_evaluate(dist, q_pids, g_pids, q_cams, g_cams)
+    cmc_curve, average_precision, skipped, inp = reference_evaluate(dist, q_pids, g_pids, q_cams, g_cams)
     result = evaluate_ranking(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=chunk_size)
     assert skipped > 0 and result.skipped_queries == skipped
     assert result.num_query == len(average_precision) == len(dist) - skipped
     np.testing.assert_allclose(result.average_precision, average_precision, rtol=1e-12)
+    np.testing.assert_allclose(result.inverse_negative_penalty, inp, rtol=1e-12)
     np.testing.assert_allclose(result.cmc_curve, cmc_curve, rtol=1e-12)
+    assert result.ap == "step" and result.mAP == result.mAP_step
     assert result.mAP == pytest.approx(average_precision.mean(), rel=1e-12)
+    assert result.mINP == pytest.approx(inp.mean(), rel=1e-12)
     assert result.cmc == {rank: pytest.approx(cmc_curve[rank - 1]) for rank in (1, 5, 10, 20)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk_size", [7, 256])
+def test_trapezoid_ap_matches_the_official_code_on_tied_distances(seed, chunk_size):
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(seed)
+    g_pids[::17] = -1  # junk entries: the official code skips them, the official split drops them
+    official_ap, official_cmc = official_evaluation(dist, g_pids, q_pids, g_cams, q_cams)
+    kept = g_pids != -1
+    result = evaluate_ranking(dist[:, kept], q_pids, g_pids[kept], q_cams, g_cams[kept],
+                              chunk_size=chunk_size, ap="trapezoid")
+    answered = ~np.isnan(official_ap)  # the official code's AP of a query with no true match is 0/0
+    assert result.skipped_queries == (~answered).sum() > 0
+    np.testing.assert_allclose(result.average_precision, official_ap[answered], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.cmc_curve * len(result.average_precision),
+                               official_cmc * len(dist), rtol=0, atol=1e-9)
 
 
 def test_matches_torchreid_loop_on_float32_distances_without_ties():
     rng = np.random.default_rng(3)
     _, q_pids, g_pids, q_cams, g_cams = random_problem(3)
     dist = rng.random((len(q_pids), len(g_pids)), dtype=np.float32)
-    cmc_curve, average_precision, _ = reference_evaluate(dist, q_pids, g_pids, q_cams, g_cams)
+    cmc_curve, average_precision, _, inp = reference_evaluate(dist, q_pids, g_pids, q_cams, g_cams)
     result = evaluate_ranking(torch.from_numpy(dist), q_pids, g_pids, q_cams, g_cams)
     np.testing.assert_allclose(result.average_precision, average_precision, rtol=1e-12)
+    np.testing.assert_allclose(result.inverse_negative_penalty, inp, rtol=1e-12)
     np.testing.assert_allclose(result.cmc_curve, cmc_curve, rtol=1e-12)
 
 
@@ -94,6 +206,60 @@ def test_hand_computed_example():
     assert result.cmc == pytest.approx({1: 0.0, 2: 2 / 4, 5: 3 / 4, 10: 1.0})
     assert result.num_query == 4 and result.skipped_queries == 1
     assert len(result.cmc_curve) == 50 and result.cmc_curve[5] == 1.0
+    # INP: the matches over the rank of the last one
+    np.testing.assert_allclose(result.inverse_negative_penalty, [2 / 4, 1 / 5, 1 / 6, 1 / 2])
+    assert result.mINP == pytest.approx(np.mean([2 / 4, 1 / 5, 1 / 6, 1 / 2]))
+    # trapezoid: per match, the mean of the precision one entry above it (0 before the first match) and at it
+    trapezoid = evaluate_ranking(dist, q_pids, g_pids, q_cams, g_cams, ranks=(1, 2, 5, 10), ap="trapezoid")
+    expected_trapezoid = [((0 + 1 / 2) / 2 + (1 / 3 + 2 / 4) / 2) / 2, 1 / 10, 1 / 12, 1 / 4]
+    np.testing.assert_allclose(trapezoid.average_precision, expected_trapezoid)
+    assert trapezoid.mAP == pytest.approx(np.mean(expected_trapezoid)) and trapezoid.ap == "trapezoid"
+    assert trapezoid.mAP_step == result.mAP and trapezoid.cmc == result.cmc and trapezoid.mINP == result.mINP
+
+
+def test_a_match_ranked_first_has_precision_one_before_it():
+    # matches at ranks 1 and 3: trapezoid ((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2) / 2, step (1 + 2 / 3) / 2
+    dist = np.array([[0.1, 0.2, 0.3, 0.4]])
+    ids = dict(q_pids=np.array([1]), g_pids=np.array([1, 2, 1, 3]), q_cams=np.array([1]),
+               g_cams=np.array([2, 2, 2, 2]))
+    result = evaluate_ranking(dist, **ids, ap="trapezoid")
+    assert result.mAP == pytest.approx((1 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert result.mAP_step == pytest.approx((1 + 2 / 3) / 2) and result.mINP == pytest.approx(2 / 3)
+
+
+def test_tied_distances_rank_in_gallery_order_on_every_input_kind():
+    # every distance equal: each query's ranking is the gallery order with its own-camera entries removed
+    g_pids = np.array([3, 1, 2, 1, 0, 1, 2])
+    g_cams = np.array([1, 1, 2, 3, 1, 2, 1])
+    q_pids, q_cams = np.array([1, 2, 1]), np.array([1, 1, 3])
+    dist = np.zeros((3, 7))
+    result = evaluate_ranking(dist, q_pids, g_pids, q_cams, g_cams, ap="trapezoid")
+    # query 0 (1, camera 1): 3, 2, 1*, 0, 1*, 2 -> matches at 3 and 5; query 1 (2, camera 1): 3, 1, 2*, 1,
+    # 0, 1 -> match at 3; query 2 (1, camera 3): 3, 1*, 2, 0, 1*, 2 -> matches at 2 and 5
+    np.testing.assert_allclose(result.inverse_negative_penalty, [2 / 5, 1 / 3, 2 / 5])
+    assert result.cmc_curve[:3].tolist() == [0.0, 1 / 3, 1.0]
+    expected = [((0 + 1 / 3) / 2 + (1 / 4 + 2 / 5) / 2) / 2, (0 + 1 / 3) / 2,
+                ((0 + 1 / 2) / 2 + (1 / 4 + 2 / 5) / 2) / 2]
+    np.testing.assert_allclose(result.average_precision, expected)
+    for variant in (dist.astype(np.float32), torch.zeros(3, 7, dtype=torch.int64), torch.zeros(3, 7)):
+        for chunk_size in (1, 2, 256):
+            again = evaluate_ranking(variant, q_pids, g_pids, q_cams, g_cams, ap="trapezoid",
+                                     chunk_size=chunk_size)
+            np.testing.assert_array_equal(again.average_precision, result.average_precision)
+            np.testing.assert_array_equal(again.cmc_curve, result.cmc_curve)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ranks_tied_distances_as_the_cpu_does():
+    identities, cameras, is_query = real_mars_test_split()
+    queries, gallery = query_gallery_split(identities, cameras, is_query, "official")
+    dist = torch.from_numpy(np.random.default_rng(5).integers(0, 3, (len(queries), len(gallery))))
+    ids = (identities[queries], identities[gallery], cameras[queries], cameras[gallery])
+    on_cpu = evaluate_ranking(dist.float(), *ids, ap="trapezoid")
+    on_cuda = evaluate_ranking(dist.float().cuda(), *ids, ap="trapezoid")
+    np.testing.assert_array_equal(on_cuda.average_precision, on_cpu.average_precision)
+    np.testing.assert_array_equal(on_cuda.cmc_curve, on_cpu.cmc_curve)
+    assert on_cuda.mINP == on_cpu.mINP and on_cuda.mAP_step == on_cpu.mAP_step
 
 
 def test_numpy_and_torch_inputs_give_one_result():
@@ -121,6 +287,12 @@ def test_nan_distance_is_an_error():
     dist[1, 2] = np.nan
     with pytest.raises(ValueError, match="NaN.*query 1, gallery entry 2"):
         evaluate_ranking(dist, np.array([1, 2]), np.array([1, 2, 3]), np.array([1, 1]), np.array([2, 2, 2]))
+
+
+def test_unknown_ap_rule_is_refused():
+    with pytest.raises(ValueError, match="'area'.*step, trapezoid"):
+        evaluate_ranking(np.zeros((1, 2)), np.array([1]), np.array([1, 2]), np.array([1]), np.array([2, 2]),
+                         ap="area")
 
 
 def test_identities_of_the_wrong_length_are_refused():
@@ -154,17 +326,22 @@ def test_protocols_rank_a_tiny_split(protocol, skipped):
     # tracklets on a line: distance = how far apart their positions are
     dist = np.abs(queries[:, None] - gallery[None, :]).astype(np.float64)
     result = evaluate_ranking(dist, IDENTITIES[queries], IDENTITIES[gallery], CAMERAS[queries],
-                              CAMERAS[gallery])
+                              CAMERAS[gallery], ap=ap_rule(protocol))
     assert result.skipped_queries == skipped and result.num_query == 3 - skipped
     if protocol == "official":
         # query 0: itself and 2 (its camera) dropped, 1 first. Query 3: 2 and 4 tie at distance 1, and 2 comes
-        # first in gallery order. Query 4: 3 first
-        np.testing.assert_allclose(result.average_precision, [1.0, 0.5, 1.0])
+        # first in gallery order: its match 4 is second, trapezoid AP (0 + 1/2) / 2. Query 4: 3 first
+        assert result.ap == "trapezoid"
+        np.testing.assert_allclose(result.average_precision, [1.0, 0.25, 1.0])
+        assert result.mAP_step == pytest.approx(2.5 / 3)
     else:
         # query 0 ranks 1 (distance 1) before 6; only identity 2's queries had no match left
+        assert result.ap == "step"
         np.testing.assert_allclose(result.average_precision, [1.0])
 
 
 def test_unknown_protocol_is_refused():
     with pytest.raises(ValueError, match="'market'.*official, torchreid"):
         query_gallery_split(IDENTITIES, CAMERAS, IS_QUERY, "market")
+    with pytest.raises(ValueError, match="'market'.*official, torchreid"):
+        ap_rule("market")

@@ -8,7 +8,7 @@ from test_distance import frame_level, tracklet_features
 
 from stal_ray.evaluate.distance import fused_distance
 from stal_ray.evaluate.features import FeatureSet
-from stal_ray.evaluate.ranking import RankingResult, evaluate_ranking, query_gallery_split
+from stal_ray.evaluate.ranking import RankingResult, ap_rule, evaluate_ranking, query_gallery_split
 from stal_ray.evaluate.validate import fusion_sweep, sweep_metrics
 
 
@@ -31,8 +31,10 @@ def test_sweep_equals_ranking_each_fused_distance(protocol):
     for alpha, result in results.items():
         distance = fused_distance(features.features[q], features.features[g], "stal", alpha)
         expected = evaluate_ranking(distance, features.identity[q], features.identity[g], features.camera[q],
-                                    features.camera[g])
+                                    features.camera[g], ap=ap_rule(protocol))
         assert result.mAP == pytest.approx(expected.mAP) and result.cmc == pytest.approx(expected.cmc)
+        # the protocol's AP rule: the official code's trapezoid or torchreid's step
+        assert result.ap == ap_rule(protocol) and (result.mAP < result.mAP_step) == (protocol == "official")
 
 
 def ranking(m_ap: float, rank1: float) -> RankingResult:

@@ -1,5 +1,6 @@
 """Evaluate a model file on a prepared test split: features (Ray Data), the fused distance per mode
-(d = d_l + α·d_g, d_l by Eq. 8), CMC and mAP under the MARS protocol, the report (metrics.json, plots)."""
+(d = d_l + α·d_g, d_l by Eq. 8), CMC, mAP (the protocol's AP rule, and the step rule beside it) and mINP
+under the MARS protocol, the report (metrics.json, plots)."""
 
 import io
 import logging
@@ -20,7 +21,7 @@ from stal_ray.evaluate.features import (
     save_features,
     tracklet_frames,
 )
-from stal_ray.evaluate.ranking import evaluate_ranking, query_gallery_split
+from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking, query_gallery_split
 from stal_ray.model.export import load_model_config
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
             distance = fuse(d_l, d_g, mode, fusion_rate)
             if mode == modes[0]:
                 first_distance = distance
-            results[mode] = evaluate_ranking(distance, *ids.values(), ranks=tuple(config.eval.ranks))
+            results[mode] = evaluate_ranking(distance, *ids.values(), ranks=tuple(config.eval.ranks),
+                                             ap=ap_rule(protocol))
     results = {mode: results[mode] for mode in modes}
 
     first = results[modes[0]]

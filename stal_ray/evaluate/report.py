@@ -43,15 +43,54 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+# what each number of metrics.json is; mAP's text depends on the AP rule of the protocol (ranking.AP_RULE_OF)
+AP_DEFINITIONS = {
+    "trapezoid": "mean AP by the trapezoid rule of the official MARS evaluation code (utils/compute_AP.m): "
+                 "per true match, the mean of the precision at the entry ranked just above it and at it",
+    "step": "mean AP by the step rule of torchreid and fast-reid: per query, the mean of the precision at "
+            "each true match",
+}
+DEFINITIONS = {
+    "mAP_step": AP_DEFINITIONS["step"],
+    "mINP": "fast-reid's mean inverse negative penalty: per query, its true matches over the rank of the "
+            "last (hardest) one",
+    "cmc": "rank -> fraction of the evaluated queries with a true match within that rank",
+    "percent": "the same numbers in percent, named as torchreid and fast-reid print them (Rank-k, mAP, mINP)",
+    "ties": "tied distances rank in gallery order (a stable sort, as the official code's MATLAB sort)",
+}
+
+
+def ap_rule_of(results: Mapping) -> str:
+    """The AP rule the results' mAP follows (they are ranked under one protocol, so one rule)."""
+    rules = {result.ap for result in results.values()}
+    if len(rules) != 1:
+        raise ValueError(f"the results mix AP rules {sorted(rules)}: rank every mode under one protocol")
+    return rules.pop()
+
+
+def familiar_metrics(result) -> dict[str, float]:
+    """A result as torchreid and fast-reid users read it: Rank-k, mAP, mAP_step, mINP, in percent."""
+    values = {f"Rank-{rank}": 100 * float(value) for rank, value in sorted(result.cmc.items())}
+    values.update({"mAP": 100 * float(result.mAP), "mAP_step": 100 * float(result.mAP_step),
+                   "mINP": 100 * float(result.mINP)})
+    return values
+
+
 def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query: int, num_gallery: int,
                  num_test_ids: int, skipped: int, model: Mapping | None = None) -> dict:
-    """The metrics.json document: per mode mAP and CMC at the reported ranks (fractions in [0, 1]), and
-    `model`: which model file was evaluated, from which iteration and why (model_provenance)."""
+    """The metrics.json document: per mode mAP (the protocol's AP rule), mAP_step, mINP and CMC at the
+    reported ranks as fractions in [0, 1], and the same in percent under torchreid/fast-reid names; and
+    `model`: which model file was evaluated, from which iteration and why (evaluate.model_provenance)."""
+    rule = ap_rule_of(results)
     return {
         "model": dict(model or {}),
-        "modes": {mode: {"mAP": float(result.mAP),
-                         "cmc": {str(rank): float(value) for rank, value in sorted(result.cmc.items())}}
+        "modes": {mode: {"mAP": float(result.mAP), "mAP_step": float(result.mAP_step),
+                         "mINP": float(result.mINP),
+                         "cmc": {str(rank): float(value) for rank, value in sorted(result.cmc.items())},
+                         "percent": familiar_metrics(result)}
                   for mode, result in results.items()},
+        "ap_rule": rule,
+        "definitions": {"mAP": AP_DEFINITIONS[rule], **DEFINITIONS},
         "fusion_rate": float(fusion_rate),
         "protocol": protocol,
         "num_query": int(num_query),
@@ -72,13 +111,27 @@ def write_metrics(out_dir: str, results: Mapping, fusion_rate: float, protocol: 
 
 
 def format_table(results: Mapping) -> str:
-    """mAP and CMC per mode as an aligned text table, in percent."""
+    """Rank-k, mAP (and mAP_step when mAP follows the trapezoid rule) and mINP per mode, in percent as
+    torchreid prints them, with a line saying which AP each column is."""
+    rule = ap_rule_of(results)
     ranks = sorted({rank for result in results.values() for rank in result.cmc})
-    header = f"{'mode':<10}{'mAP':>8}" + "".join(f"{f'rank-{rank}':>9}" for rank in ranks)
+    columns = [f"Rank-{rank}" for rank in ranks] + ["mAP", "mAP_step", "mINP"]
+    if rule == "step":  # mAP is the step rule itself
+        columns.remove("mAP_step")
+    widths = [max(9, len(column) + 2) for column in columns]
+    header = f"{'mode':<10}" + "".join(f"{column:>{width}}" for column, width in zip(columns, widths,
+                                                                                      strict=True))
     lines = [header, "-" * len(header)]
     for mode, result in results.items():
-        cells = "".join(f"{result.cmc[rank]:>9.1%}" if rank in result.cmc else f"{'-':>9}" for rank in ranks)
-        lines.append(f"{mode:<10}{result.mAP:>8.1%}{cells}")
+        values = familiar_metrics(result)
+        cells = "".join(f"{values[column]:>{width - 1}.1f}%" if column in values else f"{'-':>{width}}"
+                        for column, width in zip(columns, widths, strict=True))
+        lines.append(f"{mode:<10}{cells}")
+    if rule == "step":
+        lines.append("mAP: step rule (torchreid, fast-reid); mINP: fast-reid's; ties in gallery order")
+    else:
+        lines.append("mAP: trapezoid rule of the official MARS code; mAP_step: step rule (torchreid, "
+                     "fast-reid); mINP: fast-reid's; ties in gallery order")
     return "\n".join(lines)
 
 

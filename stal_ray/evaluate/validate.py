@@ -10,7 +10,7 @@ import torch
 
 from stal_ray.evaluate.distance import branch_distances, fuse
 from stal_ray.evaluate.features import ChunkFeatures, FeatureSet, TrackletSums
-from stal_ray.evaluate.ranking import RankingResult, evaluate_ranking, query_gallery_split
+from stal_ray.evaluate.ranking import RankingResult, ap_rule, evaluate_ranking, query_gallery_split
 
 
 def features_in_memory(model: torch.nn.Module, dataset: ray.data.Dataset, *,
@@ -30,14 +30,16 @@ def features_in_memory(model: torch.nn.Module, dataset: ray.data.Dataset, *,
 
 def fusion_sweep(feature_set: FeatureSet, fusion_rates: Iterable[float], *, protocol: str = "official",
                  ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l2") -> dict[float, RankingResult]:
-    """CMC and mAP of the stal distance for every α in fusion_rates; d_l and d_g are computed once."""
+    """CMC and mAP (the protocol's AP rule) of the stal distance for every α in fusion_rates; d_l and d_g are
+    computed once."""
     query_index, gallery_index = query_gallery_split(feature_set.identity, feature_set.camera,
                                                      feature_set.is_query, protocol)
     features = feature_set.features
     d_l, d_g = branch_distances(features[query_index], features[gallery_index], "stal", part_norm=part_norm)
     ids = (feature_set.identity[query_index], feature_set.identity[gallery_index],
            feature_set.camera[query_index], feature_set.camera[gallery_index])
-    return {float(alpha): evaluate_ranking(fuse(d_l, d_g, "stal", float(alpha)), *ids, ranks=tuple(ranks))
+    return {float(alpha): evaluate_ranking(fuse(d_l, d_g, "stal", float(alpha)), *ids, ranks=tuple(ranks),
+                                           ap=ap_rule(protocol))
             for alpha in fusion_rates}
 
 

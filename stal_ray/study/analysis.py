@@ -8,7 +8,7 @@ import torch
 
 from stal_ray.evaluate.distance import branch_distances, fuse
 from stal_ray.evaluate.features import FeatureSet
-from stal_ray.evaluate.ranking import RankingResult, evaluate_ranking, query_gallery_split
+from stal_ray.evaluate.ranking import RankingResult, ap_rule, evaluate_ranking, query_gallery_split
 from stal_ray.model.parts import PART_NAMES
 from stal_ray.objective import euclidean_distance
 from stal_ray.study.units import UnitScores
@@ -21,7 +21,8 @@ class Ranker:
 
     def __init__(self, feature_set: FeatureSet, protocol: str = "official",
                  ranks: Sequence[int] = (1, 5, 10, 20), part_norm: str = "l2"):
-        self.feature_set, self.ranks, self.part_norm = feature_set, tuple(ranks), part_norm
+        self.feature_set, self.ranks, self.ap = feature_set, tuple(ranks), ap_rule(protocol)
+        self.part_norm = part_norm
         self.query, self.gallery = query_gallery_split(feature_set.identity, feature_set.camera,
                                                        feature_set.is_query, protocol)
         self.ids = (feature_set.identity[self.query], feature_set.identity[self.gallery],
@@ -29,7 +30,7 @@ class Ranker:
         self._branches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rank(self, distance: torch.Tensor) -> RankingResult:
-        return evaluate_ranking(distance, *self.ids, ranks=self.ranks)
+        return evaluate_ranking(distance, *self.ids, ranks=self.ranks, ap=self.ap)
 
     def branches(self, attention: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(d_l, d_g) of the queries to the gallery under an attention mode, computed once."""

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stal_ray.config import Config
-from stal_ray.evaluate.ranking import RankingResult
-from stal_ray.evaluate.report import write_bytes
+from stal_ray.evaluate.ranking import RankingResult, ap_rule
+from stal_ray.evaluate.report import AP_DEFINITIONS, write_bytes
 from stal_ray.study.analysis import OcclusionSummary, paired_with
 from stal_ray.study.variants import VARIANTS
 
@@ -42,12 +42,14 @@ class StudyResults:
 
     def to_json(self) -> dict:
         def ranking(results):
-            return {str(k): {"mAP": r.mAP, "cmc": {str(rank): r.cmc.get(rank) for rank in RANKS}}
+            return {str(k): {"mAP": r.mAP, "mAP_step": r.mAP_step, "mINP": r.mINP,
+                             "cmc": {str(rank): r.cmc.get(rank) for rank in RANKS}}
                     for k, r in results.items()}
 
         return {
             "data": self.data, "command": self.command, "config": self.config.to_dict(),
-            "fusion_rate": self.alpha, "protocol": self.protocol, "num_query": self.num_query,
+            "fusion_rate": self.alpha, "protocol": self.protocol, "ap_rule": ap_rule(self.protocol),
+            "num_query": self.num_query,
             "num_gallery": self.num_gallery, "identities": self.identities,
             "train_seconds": self.train_seconds, "seconds": self.seconds,
             "attention_ablation": ranking(self.attention),
@@ -108,6 +110,8 @@ def write_report(path: str, r: StudyResults) -> str:
         f"Data: `{r.data}`: {r.num_query} queries, {r.num_gallery} gallery tracklets, {r.identities} test "
         f"identities, protocol {r.protocol}. Reproduce with:",
         "", f"    {r.command}", "",
+        f"mAP throughout is the {AP_DEFINITIONS[ap_rule(r.protocol)]} (results.json keeps the step-rule "
+        "`mAP_step` and `mINP` beside it).", "",
         f"Every model: backbone {c.model.backbone}, {c.train.iterations} iterations of P×K = "
         f"{c.data.identities_per_batch}×{c.data.clips_per_identity} clips of T = {c.data.seq_len} frames at "
         f"{c.data.height}×{c.data.width}, lr {c.train.lr} (×{c.train.gamma} every {c.train.lr_step}), "
