@@ -29,11 +29,13 @@ def results() -> dict[str, RankingResult]:
 
 
 def test_metrics_json_has_exactly_the_agreed_schema(tmp_path, results):
+    model = {"path": "run/model.pt", "iteration": 40, "selected_by": "best val_mAP", "score": 0.7}
     path = write_metrics(str(tmp_path / "out"), results, fusion_rate=0.3, protocol="official", num_query=10,
-                         num_gallery=40, num_test_ids=7, skipped=1)
+                         num_gallery=40, num_test_ids=7, skipped=1, model=model)
     assert path == str(tmp_path / "out" / "metrics.json")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     definitions = metrics.pop("definitions")
+    assert metrics.pop("model") == model
     assert metrics == {
         "modes": {"stal": {"mAP": 0.5, "mAP_step": 0.625, "mINP": 0.25,
                            "cmc": {"1": 0.6, "5": 0.9, "10": 0.9, "20": 0.9},
