@@ -1,12 +1,12 @@
 """Resuming never runs code planted in a checkpoint: every DeepSpeed file is read with weights_only=True."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 from test_train import make_config, shards_uri  # noqa: F401 (shards_uri is a fixture)
 
 from stal_ray.config import load_config
@@ -31,17 +31,20 @@ def plant(path: Path, marker: Path) -> None:
     torch.save({"module": Payload(marker)}, path)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def single_process_group():
-    """torch.distributed of one process (what Ray Train sets up for a worker), for DeepSpeed without Ray."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    """torch.distributed of one process and the variables DeepSpeed reads (what Ray Train sets up for a
+    worker), for DeepSpeed engines without Ray; one for the module, as DeepSpeed keeps the groups it made."""
+    port = free_port()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in dict(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port)).items():
+            env.setenv(name, value)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 TINY = ["model.backbone=tiny", "model.feature_dim=16", "data.seq_len=2", "data.height=32", "data.width=16"]
@@ -86,3 +89,25 @@ def test_resuming_from_a_planted_checkpoint_does_not_run_it(ray_cluster, shards_
                                         "refused to load"):
         train(make_config(storage, "train.iterations=4", "train.max_failures=0"), shards_uri, name="victim")
     assert not marker.exists(), "the planted payload ran on a worker"
+
+
+def test_the_state_of_fp16_and_bf16_optimisers_loads(tmp_path):
+    """What DeepSpeed's GPU-only optimisers add to a checkpoint (a dynamic loss scaler, fragment mappings)
+    passes the safe load; written here as they write it, since CPU tests cannot train in fp16."""
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from stal_ray.train.checkpoints import SafeCheckpointEngine
+
+    dynamic = CreateLossScaler(torch.half, 1, True, dict(init_scale=2**16, scale_window=1000, min_scale=1,
+                                                          delayed_shift=2, consecutive_hysteresis=False))
+    state = {"loss_scaler": dynamic, "static": CreateLossScaler(torch.bfloat16, 1, False, None),
+             "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [{"backbone.weight": fragment_address(numel=4, start=8)}],
+             "single_partition_of_fp32_groups": [torch.arange(4.0)]}
+    torch.save(state, tmp_path / "optim_states.pt")
+    loaded = SafeCheckpointEngine().load(str(tmp_path / "optim_states.pt"))
+    assert vars(loaded["loss_scaler"]) == vars(dynamic) and loaded["loss_scaler"].dynamic
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients
+    assert loaded["param_slice_mappings"][0]["backbone.weight"] == fragment_address(numel=4, start=8)

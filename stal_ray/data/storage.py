@@ -25,7 +25,7 @@ READ_TIMEOUT_S = 10
 # botocore attempts per request (first try included) and s3fs's own retry loop around them (it retries read
 # timeouts too). A server that accepts connections and never answers is given up on after
 # READ_TIMEOUT_S x BOTOCORE_ATTEMPTS x S3FS_RETRIES = 40 s plus about 2 s of backoff: a clear error within a
-# minute (AWS's default of 5 x 5 tries, or 30 s x 3 x 3 here before, meant minutes of silence).
+# minute (30 s x 4 x 3 here before was 393 s of silence).
 BOTOCORE_ATTEMPTS = 2
 S3FS_RETRIES = 2
 
@@ -144,7 +144,8 @@ def _s3(uri: str, endpoint_url: str | None, check: bool) -> tuple[fsspec.Abstrac
         config_kwargs={
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
-            "retries": {"max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"},
+            # total_max_attempts counts the first try; botocore's max_attempts would count retries only
+            "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"},
         },
         # another process (a finished prepare job, a Ray node) may have written since we last listed
         use_listings_cache=False,

@@ -39,12 +39,17 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
             with torch.serialization.safe_globals(_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UnsafeCheckpointError(
-                f"{path}: refused to load this checkpoint file: it holds objects other than tensors and "
-                f"training state ({reason}). It was not written by stal_ray's training loop (or was altered "
-                "afterwards); delete this checkpoint folder, or the run, to start from an earlier "
-                "checkpoint or from scratch") from None
+                f"{path}: refused to load: it holds more than tensors and training state ({_reason(error)}). "
+                "stal_ray's training loop did not write this file, or it was changed since: delete this "
+                "checkpoint folder to resume from the one before it, or the run's folder to start again") from None
+
+
+def _reason(error: Exception) -> str:
+    """The one paragraph of torch's weights_only message that says what was refused."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+    return next((p for p in paragraphs if not p.startswith(boilerplate)), type(error).__name__)
 
 
 def load_checkpoint(engine, directory: str, tag: str,
