@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
-from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data import storage
+from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.data.synthetic import ensure_synthetic_shards
 from stal_ray.ray_init import add_ray_arguments, init_ray

@@ -1,6 +1,6 @@
-"""Start Ray for a job: the cluster it is told to join (RAY_ADDRESS, `ray job submit`, --address), else a private
-local one. Never another job's cluster found on the machine: it would share that job's resources, lifetime and
-working directory."""
+"""Start Ray for a job: the cluster it is told to join (RAY_ADDRESS, `ray job submit`, --address), else a
+private local one. Never another job's cluster found on the machine: it would share that job's resources,
+lifetime and working directory."""
 
 import argparse
 import os

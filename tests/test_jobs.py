@@ -61,10 +61,11 @@ def test_relative_storage_data_and_pretrained_paths_become_absolute(name, tmp_pa
 
 def test_evaluate_and_study_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = job("evaluate_mars").parse_args(["--checkpoint", "runs/a/model.pt", "--data", "shards", "--out", "ev"])
+    evaluate = job("evaluate_mars")
+    args = evaluate.parse_args(["--checkpoint", "runs/a/model.pt", "--data", "shards", "--out", "ev"])
     assert (args.checkpoint, args.data, args.out) == (
         str(tmp_path / "runs/a/model.pt"), str(tmp_path / "shards"), str(tmp_path / "ev"))
-    args = job("evaluate_mars").parse_args(["--checkpoint", "s3://b/model.pt", "--out", "s3://b/ev"])
+    args = evaluate.parse_args(["--checkpoint", "s3://b/model.pt", "--out", "s3://b/ev"])
     assert (args.checkpoint, args.data, args.out) == ("s3://b/model.pt", None, "s3://b/ev")
     assert job("study").parse_args(["--out", "study"]).out == str(tmp_path / "study")
 

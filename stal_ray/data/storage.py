@@ -47,14 +47,14 @@ def endpoint_from_env() -> str | None:
 
 def endpoint_problem(url: str) -> str | None:
     """Why `url` cannot be an S3 endpoint, with the fix; None when it is an http(s)://host[:port] URL."""
+    fix = "give it as http(s)://host[:port], e.g. http://127.0.0.1:9000 or https://s3.eu-west-1.amazonaws.com"
     parts = urllib.parse.urlsplit(url)
     try:
         parts.port  # noqa: B018 (raises on a port that is not a number)
     except ValueError:
-        return f"{url!r} has an invalid port: give the endpoint as http(s)://host[:port], e.g. http://127.0.0.1:9000"
+        return f"{url!r} has an invalid port: {fix}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return (f"{url!r} is not an endpoint URL: give it as http(s)://host[:port], e.g. http://127.0.0.1:9000 "
-                "or https://s3.eu-west-1.amazonaws.com")
+        return f"{url!r} is not an endpoint URL: {fix}"
     return None
 
 

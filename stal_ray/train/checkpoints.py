@@ -42,7 +42,8 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
             raise UnsafeCheckpointError(
                 f"{path}: refused to load: it holds more than tensors and training state ({_reason(error)}). "
                 "stal_ray's training loop did not write this file, or it was changed since: delete this "
-                "checkpoint folder to resume from the one before it, or the run's folder to start again") from None
+                "checkpoint folder to resume from the one before it, or the run's folder to start again"
+            ) from None
 
 
 def _reason(error: Exception) -> str:
