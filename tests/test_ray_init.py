@@ -2,6 +2,7 @@
 left on the machine is not joined otherwise."""
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,8 +27,11 @@ def other_head():
     exactly what it started). RAY_TMPDIR is private to the test, so the cluster is "the one on this machine"
     only for the processes given that environment, and other Ray users on the host are not disturbed."""
     temp = tempfile.mkdtemp(prefix="ri", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # Ray >= 2.59 authenticates every connection to a cluster started with `ray start`: the head and the
+    # jobs share this test's own token
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-               RAY_TMPDIR=temp, PYTHONPATH=str(REPO))
+               RAY_TMPDIR=temp, PYTHONPATH=str(REPO), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(16))
     env.pop("RAY_ADDRESS", None)
     port = free_port()
     head = subprocess.Popen(
@@ -43,7 +47,7 @@ def other_head():
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start --head did not come up (exit code {head.poll()})")
             time.sleep(1)
-        yield f"127.0.0.1:{port}", env
+        yield address_file.read_text().strip(), env  # the address Ray advertises for the head
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -66,9 +70,7 @@ def port(address: str) -> str:
 
 def test_a_job_joins_a_cluster_only_when_told(other_head):
     address, env = other_head
-    # discoverable as "the cluster on this machine": what ray.init(address="auto") used to join
-    discoverable = (Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster").read_text().strip()
-    assert port(discoverable) == port(address)
+    # `address` is in RAY_TMPDIR's ray_current_cluster: the cluster that ray.init(address="auto") joins
     assert port(gcs_of_job(env)) != port(address), "a job with no address joined another job's cluster"
     assert port(gcs_of_job(env, address)) == port(address)  # --address
     assert port(gcs_of_job(dict(env, RAY_ADDRESS=address))) == port(address)  # as `ray job submit` sets it
