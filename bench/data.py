@@ -360,7 +360,7 @@ def main() -> None:
         counting = importlib.import_module("bench.data").CountingFileSystem
         fsspec.register_implementation("countfile", counting, clobber=True)
         os.environ[READ_LOG] = str(workdir / "reads.log")
-        ray.init(num_cpus=args.num_cpus, object_store_memory=args.object_store_mb << 20,
+        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=args.object_store_mb << 20,
                  include_dashboard=False, log_to_driver=False,
                  configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": REPO, READ_LOG: os.environ[READ_LOG]}})

@@ -116,7 +116,7 @@ def main() -> None:
     num_classes = 24
     torch.set_num_threads(args.threads)
     storage = tempfile.mkdtemp(prefix="bench-train-")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
 

@@ -10,11 +10,12 @@ import sys
 
 from stal_ray.config import PROTOCOLS, ConfigError
 from stal_ray.data import storage
+from stal_ray.data.source import endpoint_url
 from stal_ray.data.storage import StorageError
 from stal_ray.evaluate.distance import MODES
 from stal_ray.evaluate.evaluate import evaluate
 from stal_ray.evaluate.report import METRICS_FILE
-from stal_ray.ray_init import init_ray
+from stal_ray.ray_init import add_ray_arguments, init_ray
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,13 +39,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write distances.npz (the first mode's query x gallery matrix)")
     parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                         help="override an eval or data setting, e.g. --set eval.batch_size=64")
-    parser.add_argument("--endpoint-url", metavar="URL", default=None, help="S3-compatible endpoint")
-    return parser.parse_args(argv)
+    parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
+                        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    add_ray_arguments(parser)
+    args = parser.parse_args(argv)
+    # read and written by Ray tasks, whose working directory is the cluster's
+    args.checkpoint, args.data, args.out = map(storage.absolute, (args.checkpoint, args.data, args.out))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    init_ray()  # joins `ray job submit`'s cluster, or an already started Ray in this process
+    init_ray(args.address)
     try:
         evaluate(args.checkpoint, args.data, args.out, config_overrides=args.overrides,
                  fusion_rate=args.fusion_rate, modes=args.modes, protocol=args.protocol,

@@ -7,6 +7,7 @@ import sys
 from stal_ray.data.frame_check import MAX_BAD_FRACTION
 from stal_ray.data.mars import MarsFormatError, read_mars
 from stal_ray.data.shards import write_shards
+from stal_ray.data.source import endpoint_url
 
 _BAD_SHOWN = 20  # bad frames listed in the summary; the manifest lists them all
 
@@ -23,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keypoints", metavar="FILE", default=None,
                         help="Parquet file of keypoints by frame name (default: the release's "
                              "info/keypoints.parquet when present, else none)")
-    parser.add_argument("--endpoint-url", metavar="URL", default=None,
+    parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
                         help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or STAL_S3_ENDPOINT, else "
                              "AWS); credentials come from the usual AWS environment variables")
     parser.add_argument("--overwrite", action="store_true",

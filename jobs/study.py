@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
+from stal_ray.data import storage
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.data.synthetic import ensure_synthetic_shards
-from stal_ray.ray_init import init_ray
+from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.study.run import SEQUENCE_LENGTHS, run_study
 from stal_ray.train.trainer import NonFiniteLossError
 
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, default="configs/study_occluded.yaml, the tiny CNN for 800 iterations")
     add_data_arguments(parser)
+    add_ray_arguments(parser)
     parser.add_argument("--out", metavar="DIR", required=True,
                         help="report.md, results.json, the figures and the trained models (local or s3://)")
     parser.add_argument("--occlusion", type=float, default=0.5,
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "study_occluded.yaml)")
     args = parser.parse_args(argv)
     args.config = args.config or str(DEFAULT_CONFIG)
+    args.out = storage.absolute(args.out)  # written by Ray tasks
     if not 0 <= args.occlusion <= 1:
         parser.error(f"--occlusion is a share of frames in [0, 1], got {args.occlusion}")
     return args
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = config_from_args(args, SHORTCUTS)
-        init_ray()
+        init_ray(args.address)
         uri = args.data or config.data.root
         data = (resolve_data(uri, endpoint_url=args.endpoint_url) if uri
                 else ensure_synthetic_shards(occlusion=args.occlusion, **SYNTHETIC))

@@ -18,7 +18,7 @@ from pathlib import Path
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
-from stal_ray.ray_init import init_ray
+from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.train.trainer import NonFiniteLossError, train
 
 # flags that stand for a setting
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, default="configs/synthetic_tiny.yaml, the tiny model for the synthetic data")
     add_data_arguments(parser)
+    add_ray_arguments(parser)
     parser.add_argument("--num-workers", type=int, default=None,
                         help="Ray Train workers, one GPU each with --use-gpu (train.num_workers; default: "
                              "the config's, 1 in synthetic_tiny.yaml, 4 in the MARS configs)")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = config_from_args(args, SHORTCUTS)
-        init_ray()
+        init_ray(args.address)
         data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
         name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"training run {name!r} on {data}")

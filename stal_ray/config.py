@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from stal_ray.data import storage
+
 # Allowed values of the string settings; other modules import these instead of repeating them.
 BACKBONES = ("bninception", "resnet50", "tiny")
 POSE_SOURCES = ("keypoints", "learned", "prior")
@@ -202,6 +204,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}
+# settings that are local paths or URLs
+PATH_SETTINGS = ("model.pretrained", "data.root", "train.storage_path")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -249,7 +253,12 @@ def config_from_args(args: argparse.Namespace, shortcuts: Mapping[str, str] | No
     for dest, key in (shortcuts or {}).items():
         if getattr(args, dest, None) is not None:
             overrides.append(f"{key}={getattr(args, dest)}")
-    return load_config(getattr(args, "config", None), overrides)
+    config = load_config(getattr(args, "config", None), overrides)
+    # Ray tasks run in the cluster's working directory, not the job's: local paths are resolved here
+    for dotted in PATH_SETTINGS:
+        section, key = dotted.split(".")
+        setattr(getattr(config, section), key, storage.absolute(getattr(getattr(config, section), key)))
+    return config
 
 
 def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None) -> list[tuple[Mapping, str]]:

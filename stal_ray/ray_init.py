@@ -1,5 +1,8 @@
-"""Start or join Ray from a job: the cluster of `ray job submit` / `ray start`, else a local one."""
+"""Start Ray for a job: the cluster it is told to join (RAY_ADDRESS, `ray job submit`, --address), else a
+private local one. Never another job's cluster found on the machine: it would share that job's resources,
+lifetime and working directory."""
 
+import argparse
 import os
 import sys
 
@@ -11,14 +14,24 @@ import ray.data
 LOCAL_MIN_CPUS = 8
 
 
-def init_ray(**kwargs) -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`) or started with `ray start` on this
-    host; otherwise start a local one with at least LOCAL_MIN_CPUS logical CPUs."""
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """--address ADDRESS (args.address): the Ray cluster to join."""
+    parser.add_argument("--address", metavar="ADDRESS", default=None,
+                        help="Ray cluster to join, e.g. 10.0.0.5:6379 or auto (the cluster `ray start` "
+                             "started on this host); default: RAY_ADDRESS (set by `ray job submit`), else a "
+                             "private local Ray that ends with this job")
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Join the cluster at `address`, else at RAY_ADDRESS (which `ray job submit` sets for its jobs); with
+    neither, start a private local Ray with at least LOCAL_MIN_CPUS logical CPUs (address="local": a bare
+    ray.init() would attach to any cluster `ray start` left on this machine)."""
     # progress bars where someone watches a terminal; in a job's log file they are lines of escape codes
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     if ray.is_initialized():
         return
-    try:
-        ray.init(address="auto", **kwargs)
-    except ConnectionError:
-        ray.init(num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), **kwargs)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), **kwargs)

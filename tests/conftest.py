@@ -129,7 +129,9 @@ def ray_cluster():
     "Ray resources")."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # "local": never a cluster that `ray start` left on this machine (a bare ray.init() would join it)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray

@@ -7,10 +7,12 @@ from stal_ray.data.synthetic import ensure_synthetic_shards
 
 
 def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
-    """URI of prepared shards: `uri` checked (a complete data set with a manifest), or when None the
-    embedded synthetic data set, generated and sharded into the cache on first use."""
+    """URI of prepared shards: `uri` checked (a complete data set with a manifest; a local path made
+    absolute), or when None the embedded synthetic data set, generated and sharded into the cache on first
+    use."""
     if uri is None:
         return ensure_synthetic_shards()
+    uri = storage.absolute(uri)  # read by Ray tasks, whose working directory is the cluster's
     try:
         shards.read_manifest(uri, endpoint_url=endpoint_url)
     except shards.IncompleteDatasetError:
@@ -34,4 +36,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="URI", default=None,
                         help="prepared shards (jobs/prepare_mars.py), local or s3:// "
                              "(default: data.root, else the embedded synthetic data set)")
-    parser.add_argument("--endpoint-url", metavar="URL", default=None, help="S3-compatible endpoint")
+    parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
+                        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+
+
+def endpoint_url(text: str) -> str:
+    """argparse type of --endpoint-url: an http(s)://host[:port] URL, refused with the fix otherwise."""
+    reason = storage.endpoint_problem(text)
+    if reason:
+        raise argparse.ArgumentTypeError(reason)
+    return text

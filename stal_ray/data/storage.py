@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import urllib.parse
 from collections.abc import Iterator
 
 import fsspec
@@ -17,14 +18,16 @@ logger = logging.getLogger(__name__)
 # reads the first two itself; STAL_S3_ENDPOINT is ours, for setups that must not redirect other AWS tools.
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "STAL_S3_ENDPOINT")
 
-# Short enough that a wrong endpoint fails in seconds, long enough for a 256 MB part upload on a slow link:
-# read_timeout bounds one socket read, not a whole request.
+# Short enough that a wrong endpoint fails in seconds. read_timeout bounds one wait for the server (its answer
+# to a request, or the next bytes of one), not the upload of a part: S3 answers in well under a second.
 CONNECT_TIMEOUT_S = 2
-READ_TIMEOUT_S = 30
-# botocore attempts per request (first try included) and s3fs's own retry loop around them; AWS's default
-# of 5 x 5 with exponential backoff turns a typo in the endpoint into a minute of silence.
-BOTOCORE_ATTEMPTS = 3
-S3FS_RETRIES = 3
+READ_TIMEOUT_S = 10
+# botocore attempts per request (first try included) and s3fs's own retry loop around them (it retries read
+# timeouts too). A server that accepts connections and never answers is given up on after
+# READ_TIMEOUT_S x BOTOCORE_ATTEMPTS x S3FS_RETRIES = 40 s plus about 2 s of backoff: a clear error within a
+# minute (30 s x 4 x 3 here before was 393 s of silence).
+BOTOCORE_ATTEMPTS = 2
+S3FS_RETRIES = 2
 
 _CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment "
                      "of this process and of every Ray node")
@@ -39,6 +42,19 @@ def endpoint_from_env() -> str | None:
     for name in ENDPOINT_VARIABLES:
         if os.environ.get(name):
             return os.environ[name]
+    return None
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why `url` cannot be an S3 endpoint, with the fix; None when it is an http(s)://host[:port] URL."""
+    fix = "give it as http(s)://host[:port], e.g. http://127.0.0.1:9000 or https://s3.eu-west-1.amazonaws.com"
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return f"{url!r} has an invalid port: {fix}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an endpoint URL: {fix}"
     return None
 
 
@@ -87,6 +103,14 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts) if "://" in uri else os.path.join(uri, *parts)
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (and ~ expanded) against this process's working directory; URLs as they
+    are. For every path a job hands to Ray tasks, whose working directory is the cluster's, not the job's."""
+    if uri is None or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 @contextlib.contextmanager
 def errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
     """Turn S3 client, network and permission errors raised inside into a StorageError naming `uri`."""
@@ -112,12 +136,16 @@ def _s3(uri: str, endpoint_url: str | None, check: bool) -> tuple[fsspec.Abstrac
     bucket = uri.split("://", 1)[1].split("/", 1)[0]
     if not bucket:
         raise StorageError(f"{uri}: no bucket name; expected s3://bucket/prefix")
+    if endpoint_url and endpoint_problem(endpoint_url):
+        raise StorageError(f"{uri}: endpoint {endpoint_problem(endpoint_url)} (from --endpoint-url or "
+                           f"{'/'.join(ENDPOINT_VARIABLES)})")
     fs = _S3FileSystem(
         endpoint_url=endpoint_url,
         config_kwargs={
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
-            "retries": {"max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"},
+            # total_max_attempts counts the first try; botocore's max_attempts would count retries only
+            "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"},
         },
         # another process (a finished prepare job, a Ray node) may have written since we last listed
         use_listings_cache=False,
@@ -135,6 +163,7 @@ def _s3(uri: str, endpoint_url: str | None, check: bool) -> tuple[fsspec.Abstrac
 
 def _translate(error: Exception, uri: str, endpoint_url: str | None) -> StorageError | None:
     """A StorageError with the likely fix for a known failure, None for anything else."""
+    endpoint_url = endpoint_url or endpoint_from_env()
     where = f"endpoint {endpoint_url}" if endpoint_url else "the default AWS endpoint"
     names = {cls.__name__ for cls in type(error).__mro__}
     text = str(error)

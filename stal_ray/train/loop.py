@@ -30,6 +30,7 @@ from stal_ray.evaluate.validate import validate
 from stal_ray.model.export import save_model
 from stal_ray.model.stal import STAL
 from stal_ray.objective import STALObjective
+from stal_ray.train.checkpoints import load_checkpoint
 from stal_ray.train.deepspeed import build_engine
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            _, client_state = engine.load_checkpoint(directory, tag=ENGINE_TAG)
+            _, client_state = load_checkpoint(engine, directory, tag=ENGINE_TAG, source=checkpoint.path)
         state = LoopState(**client_state["loop_state"])
         if rank == 0:
             print(f"resuming at iteration {state.step}, epoch {state.epoch}, "
