@@ -1,15 +1,10 @@
 """Turn a MARS release into Parquet shards and a manifest on local disk or s3:// (stal_ray/data/shards.py)."""
 
 import argparse
-import logging
 import sys
 
-from stal_ray.data.frame_check import MAX_BAD_FRACTION
-from stal_ray.data.mars import MarsFormatError, read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.source import endpoint_url
-
-_BAD_SHOWN = 20  # bad frames listed in the summary; the manifest lists them all
+from stal_ray.data.mars import read_mars
+from stal_ray.data.prepare import add_shard_arguments, check_shard_arguments, prepare
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -17,65 +12,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mars-root", required=True, metavar="DIR",
                         help="the MARS release as shipped: bbox_train/, bbox_test/, info/")
-    parser.add_argument("--out", required=True, metavar="URI",
-                        help="output folder or s3://bucket/prefix; each prepare publishes a new version "
-                             "there (versions/<ID>/) by swapping current.json, so readers see the old or the "
-                             "new data set whole")
-    parser.add_argument("--keypoints", metavar="FILE", default=None,
-                        help="Parquet file of keypoints by frame name (default: the release's "
-                             "info/keypoints.parquet when present, else none)")
-    parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
-                        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or STAL_S3_ENDPOINT, else "
-                             "AWS); credentials come from the usual AWS environment variables")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="rebuild even when --out already holds a complete data set")
-    parser.add_argument("--drop-previous", action="store_true",
-                        help="remove the version this prepare replaces right after the swap (default: keep "
-                             "it until the next prepare, so jobs still reading it finish)")
-    parser.add_argument("--target-file-mb", metavar="N", type=float, default=128,
-                        help="approximate size of one shard file in MiB (default: 128)")
-    parser.add_argument("--max-bad-frames", metavar="FRACTION", type=float, default=MAX_BAD_FRACTION,
-                        help="zero-byte, truncated or non-JPEG frames are left out of their tracklets and "
-                             "listed; above this share of all frames the run is refused (default: "
-                             f"{MAX_BAD_FRACTION})")
+    add_shard_arguments(parser)
     args = parser.parse_args(argv)
-    if args.target_file_mb <= 0:
-        parser.error(f"--target-file-mb must be > 0, got {args.target_file_mb}")
-    if not 0 <= args.max_bad_frames <= 1:
-        parser.error(f"--max-bad-frames must be a fraction in [0, 1], got {args.max_bad_frames}")
+    check_shard_arguments(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    try:
-        release = read_mars(args.mars_root)
-        manifest = write_shards(release, args.out, keypoints=args.keypoints, overwrite=args.overwrite,
-                                target_file_bytes=max(1, int(args.target_file_mb * 2**20)),
-                                endpoint_url=args.endpoint_url, progress=sys.stderr.isatty(),
-                                max_bad_fraction=args.max_bad_frames, keep_previous=not args.drop_previous)
-    except (MarsFormatError, OSError) as error:  # StorageError is an OSError; all are the user's to fix
-        print(f"prepare_mars: error: {error}", file=sys.stderr)
-        return 2
-    state = "already up to date, nothing written" if manifest.reused else "written"
-    print(f"{args.out}: {state} (version {manifest.version})")
-    for split, counts in manifest.counts.items():
-        files = manifest.files[split]
-        queries = f" ({counts['queries']} queries)" if "queries" in counts else ""
-        print(f"  {split}: {counts['identities']} identities, {counts['tracklets']} tracklets{queries}, "
-              f"{counts['frames']} frames ({counts['frames_with_keypoints']} with keypoints, "
-              f"{counts.get('bad_frames', 0)} bad frames left out) in "
-              f"{len(files)} files, {sum(f.bytes for f in files) / 2**20:.1f} MiB")
-    bad = manifest.bad_frames
-    if bad:
-        print(f"  {len(bad)} bad frames left out of their tracklets (the manifest's bad_frames lists all):")
-        for entry in bad[:_BAD_SHOWN]:
-            print(f"    {entry['path']} ({entry['split']} track table row {entry['tracklet'] + 1}): "
-                  f"{entry['problem']}")
-        if len(bad) > _BAD_SHOWN:
-            print(f"    ... and {len(bad) - _BAD_SHOWN} more")
-    return 0
+    return prepare("prepare_mars", lambda: read_mars(args.mars_root), args)
 
 
 if __name__ == "__main__":
