@@ -149,6 +149,13 @@ class EvalConfig:
     batch_size: int = 32
     # CMC ranks to report
     ranks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    # k-reciprocal re-ranking of each mode's distance (Zhong et al., CVPR 2017; not in the STAL paper)
+    rerank: bool = False
+    # its k1 (k-reciprocal neighbours), k2 (local query expansion) and λ (weight of the original distance),
+    # Zhong et al.'s values
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
 
 
 @dataclass
@@ -543,6 +550,10 @@ _RULES: dict[str, _Rule] = {
     "eval.protocol": _one_of(PROTOCOLS),
     "eval.batch_size": _int_at_least(1),
     "eval.ranks": _nonempty_list(_int_at_least(1), "integers >= 1"),
+    "eval.rerank": lambda v: None,
+    "eval.rerank_k1": _int_at_least(1),
+    "eval.rerank_k2": _int_at_least(1),
+    "eval.rerank_lambda": _interval(0, 1, closed_low=True, closed_high=True),
     "tune.num_samples": _int_at_least(1),
     "tune.local_weight": _search_range(low_exclusive=False),
     "tune.margin_global": _search_range(low_exclusive=True),

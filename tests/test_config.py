@@ -32,6 +32,9 @@ def test_defaults_load_and_validate():
     train = config.train
     assert (train.margin_global, train.margin_local, train.local_weight) == (1.2, 0.8, 0.3)
     assert config.eval.fusion_rate == 0.3 and config.data.seq_len == 8
+    # beyond the paper, off by default; Zhong et al.'s k1, k2, λ when on
+    assert not config.eval.rerank
+    assert (config.eval.rerank_k1, config.eval.rerank_k2, config.eval.rerank_lambda) == (20, 6, 0.3)
     assert Config().validate() == config
 
 
@@ -110,6 +113,9 @@ def test_empty_yaml_and_empty_section_keep_defaults(tmp_path):
     ("eval:\n  ranks: [1, 0]\n", "eval.ranks", "[1, 0]"),
     ("data:\n  val_identities: 1.0\n", "data.val_identities", "1.0"),
     ("train:\n  use_gpu: maybe\n", "train.use_gpu", "maybe"),
+    ("eval:\n  rerank: yes please\n", "eval.rerank", "yes please"),
+    ("eval:\n  rerank_k1: 0\n", "eval.rerank_k1", "0"),
+    ("eval:\n  rerank_lambda: 1.5\n", "eval.rerank_lambda", "1.5"),
 ])
 def test_bad_yaml_value_names_file_key_and_value(tmp_path, yaml_text, key, value):
     path = write(tmp_path, yaml_text)

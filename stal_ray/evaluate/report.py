@@ -44,7 +44,8 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query: int, num_gallery: int,
-                 num_test_ids: int, skipped: int, model: Mapping | None = None) -> dict:
+                 num_test_ids: int, skipped: int, model: Mapping | None = None, *,
+                 rerank: Mapping | None = None) -> dict:
     """The metrics.json document: per mode mAP and CMC at the reported ranks (fractions in [0, 1]), and
     `model`: which model file was evaluated, from which iteration and why (model_provenance)."""
     return {
@@ -58,15 +59,18 @@ def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query:
         "num_gallery": int(num_gallery),
         "num_test_ids": int(num_test_ids),
         "skipped_queries": int(skipped),
+        # only when the distances were re-ranked (eval.rerank): its k1, k2 and lambda
+        **({"rerank": dict(rerank)} if rerank else {}),
     }
 
 
 def write_metrics(out_dir: str, results: Mapping, fusion_rate: float, protocol: str, num_query: int,
-                  num_gallery: int, num_test_ids: int, skipped: int, model: Mapping | None = None) -> str:
+                  num_gallery: int, num_test_ids: int, skipped: int, model: Mapping | None = None, *,
+                  rerank: Mapping | None = None) -> str:
     """Write out_dir/metrics.json (metrics_dict) and return its path."""
     path = storage.join(out_dir, METRICS_FILE)
     document = metrics_dict(results, fusion_rate, protocol, num_query, num_gallery, num_test_ids, skipped,
-                            model)
+                            model, rerank=rerank)
     write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
     return path
 
