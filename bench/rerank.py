@@ -43,14 +43,14 @@ def clustered_features(identity: np.ndarray, centres: torch.Tensor, global_centr
                             part_scores=torch.rand(len(identity), f.shape[1], generator=generator) + 0.1)
 
 
-def timed(device: torch.device, step, *args, **kwargs):
-    """step(*args, **kwargs) and its seconds."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed(on: torch.device, step, *args, **kwargs):
+    """step(*args, **kwargs) and its seconds, waiting for the device `on` at both ends."""
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
     start = time.perf_counter()
     result = step(*args, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
     return result, time.perf_counter() - start
 
 
