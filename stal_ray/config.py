@@ -26,6 +26,9 @@ BRANCHES = ("fused", "global", "local")
 # which branches' terms of Eq. 3 train (the branch ablation of §IV-C2 trains each branch alone)
 TRAINED_BRANCHES = ("both", "global", "local")
 PROTOCOLS = ("official", "torchreid")
+# beyond the paper (its SGD and step decay are the defaults): train.optimizer and train.lr_schedule
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("step", "cosine")
 SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
 # ||ā|| of Eq. 8: "l1" (Σ_r ā^r; Eq. 12's gradient is the L1 form's) or "l2"
@@ -86,6 +89,15 @@ class DataConfig:
 class TrainConfig:
     # SGD learning rate (paper §III-E: 0.001)
     lr: float = 0.001
+    # "sgd" (paper, with momentum) or "adam" (β 0.9, 0.999; Luo et al. 2019 use it with lr 3.5e-4)
+    optimizer: str = "sgd"
+    # "step" (lr × gamma every lr_step iterations, paper) or "cosine" (from lr down to 0 at the last
+    # iteration, after the warm-up)
+    lr_schedule: str = "step"
+    # iterations of linear warm-up from 0.1 × lr to lr (0 = none, paper; Luo et al. 2019 warm up)
+    warmup_iterations: int = 0
+    # ε of label smoothing in the softmax (Eq. 5) and consistency (Eq. 6) terms (0 = none, paper)
+    label_smoothing: float = 0.0
     # SGD momentum (paper §III-E: 0.9)
     momentum: float = 0.9
     # L2 weight decay (paper §III-E: 0.0002)
@@ -521,6 +533,10 @@ _RULES: dict[str, _Rule] = {
     "data.decode_concurrency": _int_at_least(1),
     "data.val_identities": _interval(0, 1, closed_low=True, closed_high=False),
     "train.lr": _positive,
+    "train.optimizer": _one_of(OPTIMIZERS),
+    "train.lr_schedule": _one_of(LR_SCHEDULES),
+    "train.warmup_iterations": _int_at_least(0),
+    "train.label_smoothing": _interval(0, 1, closed_low=True, closed_high=False),
     "train.momentum": _interval(0, 1, closed_low=True, closed_high=False),
     "train.weight_decay": _at_least(0),
     "train.lr_step": _int_at_least(1),
