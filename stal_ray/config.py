@@ -63,6 +63,9 @@ class ModelConfig:
     residual_attention: bool = True
     # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l1" (the form Eq. 12 differentiates) or "l2"
     part_norm: str = "l1"
+    # BNNeck: a BatchNorm (shift frozen at 0) before the identity classifiers of Eq. 5 and 6, the triplets
+    # and the test distances on the features before it (false = none, paper; Luo et al. 2019)
+    bnneck: bool = False
 
 
 @dataclass
@@ -524,6 +527,7 @@ _RULES: dict[str, _Rule] = {
     "model.stan_batchnorm": lambda v: None,
     "model.residual_attention": lambda v: None,
     "model.part_norm": _one_of(PART_NORMS),
+    "model.bnneck": lambda v: None,
     "data.root": _path_or_null,
     "data.seq_len": _int_at_least(1),
     "data.height": _int_at_least(16),

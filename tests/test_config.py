@@ -35,6 +35,7 @@ def test_defaults_load_and_validate():
     # beyond the paper, each off by default: the paper's SGD, step decay, no warm-up, no label smoothing
     assert (train.optimizer, train.lr_schedule, train.warmup_iterations, train.label_smoothing) == (
         "sgd", "step", 0, 0.0)
+    assert not config.model.bnneck
     # beyond the paper, off by default; Zhong et al.'s k1, k2, λ when on
     assert not config.eval.rerank
     assert (config.eval.rerank_k1, config.eval.rerank_k2, config.eval.rerank_lambda) == (20, 6, 0.3)
@@ -116,6 +117,7 @@ def test_empty_yaml_and_empty_section_keep_defaults(tmp_path):
     ("eval:\n  ranks: [1, 0]\n", "eval.ranks", "[1, 0]"),
     ("data:\n  val_identities: 1.0\n", "data.val_identities", "1.0"),
     ("train:\n  use_gpu: maybe\n", "train.use_gpu", "maybe"),
+    ("model:\n  bnneck: 1\n", "model.bnneck", "1"),
     ("train:\n  optimizer: lamb\n", "train.optimizer", "lamb"),
     ("train:\n  lr_schedule: linear\n", "train.lr_schedule", "linear"),
     ("train:\n  warmup_iterations: -1\n", "train.warmup_iterations", "-1"),

@@ -44,11 +44,12 @@ def build_optimizer(model: nn.Module, config) -> tuple[torch.optim.Optimizer, La
     train.weight_decay, and the LearningRateFactor schedule, stepped once per optimiser step (DeepSpeed
     steps the scheduler with the optimiser)."""
     train = config.train
+    parameters = [p for p in model.parameters() if p.requires_grad]  # not BNNeck's frozen shift
     if train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+        optimizer = torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum,
                                     weight_decay=train.weight_decay)
     elif train.optimizer == "adam":  # β = (0.9, 0.999), torch's and Luo et al.'s
-        optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
     else:
         raise ValueError(f"train.optimizer = {train.optimizer!r} is invalid: use one of "
                          f"{', '.join(OPTIMIZERS)}")
