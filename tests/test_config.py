@@ -57,6 +57,24 @@ def test_synthetic_tiny_is_small():
     assert config.data.root is None and not config.train.use_gpu
 
 
+@pytest.mark.parametrize("strong, base", [("synthetic_strong.yaml", "synthetic_tiny.yaml"),
+                                          ("mars_resnet50_strong.yaml", "mars_resnet50.yaml")])
+def test_strong_configs_are_their_base_with_every_switch_beyond_the_paper_on(strong, base):
+    config, paper = load_config(CONFIGS / strong), load_config(CONFIGS / base)
+    assert config.model.bnneck and config.eval.rerank
+    train = config.train
+    assert (train.optimizer, train.lr_schedule, train.label_smoothing) == ("adam", "cosine", 0.1)
+    assert 0 < train.warmup_iterations < train.iterations
+    switched = {"model": {"bnneck"}, "eval": {"rerank"},
+                "train": {"optimizer", "lr", "weight_decay", "warmup_iterations", "lr_schedule",
+                          "label_smoothing"}}
+    # everything else as the paper recipe it builds on
+    for section, values in paper.to_dict().items():
+        for key, value in values.items():
+            if key not in switched.get(section, ()):
+                assert config.to_dict()[section][key] == value, f"{section}.{key}"
+
+
 def test_mars_resnet50_inherits_from_bninception():
     base = load_config(CONFIGS / "mars_bninception.yaml")
     config = load_config(CONFIGS / "mars_resnet50.yaml")
