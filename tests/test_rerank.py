@@ -58,6 +58,13 @@ def test_equals_plain_reference(k1, k2, lambda_value):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-6)
 
 
+def test_fewer_tracklets_than_k1_and_k2():
+    q_g, q_q, g_g = euclidean_blocks(2, 4, seed=5)
+    expected = reference_rerank(q_g.numpy(), q_q.numpy(), g_g.numpy(), 20, 6, 0.3)
+    ours = k_reciprocal_distance(q_g, q_q, g_g, 20, 6, 0.3)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-6)
+
+
 def test_float32_and_one_jaccard_step_per_query(monkeypatch):
     """float32 distances (what evaluation passes) and Jaccard sums split into the smallest steps agree too."""
     import stal_ray.evaluate.rerank as rerank
