@@ -28,6 +28,9 @@ BRANCHES = ("fused", "global", "local")
 # which branches' terms of Eq. 3 train (the branch ablation of §IV-C2 trains each branch alone)
 TRAINED_BRANCHES = ("both", "global", "local")
 PROTOCOLS = ("official", "torchreid")
+# beyond the paper (its SGD and step decay are the defaults): train.optimizer and train.lr_schedule
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("step", "cosine")
 SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
 # ||ā|| of Eq. 8: "l2" (Euclidean) or "l1" (Σ_r ā^r, the form Eq. 12 differentiates)
@@ -63,6 +66,9 @@ class ModelConfig:
     # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l2" (Euclidean; trains better, README) or "l1"
     # (the form whose gradient Eq. 12 gives)
     part_norm: str = "l2"
+    # BNNeck: a BatchNorm (shift frozen at 0) before the identity classifiers of Eq. 5 and 6, the triplets
+    # and the test distances on the features before it (false = none, paper; Luo et al. 2019)
+    bnneck: bool = False
 
 
 @dataclass
@@ -89,6 +95,15 @@ class DataConfig:
 class TrainConfig:
     # SGD learning rate (paper §III-E: 0.001)
     lr: float = 0.001
+    # "sgd" (paper, with momentum) or "adam" (β 0.9, 0.999; Luo et al. 2019 use it with lr 3.5e-4)
+    optimizer: str = "sgd"
+    # "step" (lr × gamma every lr_step iterations, paper) or "cosine" (from lr down to 0 at the last
+    # iteration, after the warm-up)
+    lr_schedule: str = "step"
+    # iterations of linear warm-up from 0.1 × lr to lr (0 = none, paper; Luo et al. 2019 warm up)
+    warmup_iterations: int = 0
+    # ε of label smoothing in the softmax (Eq. 5) and consistency (Eq. 6) terms (0 = none, paper)
+    label_smoothing: float = 0.0
     # SGD momentum (paper §III-E: 0.9)
     momentum: float = 0.9
     # L2 weight decay (paper §III-E: 0.0002)
@@ -154,6 +169,13 @@ class EvalConfig:
     batch_size: int = 32
     # CMC ranks to report
     ranks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    # k-reciprocal re-ranking of each mode's distance (Zhong et al., CVPR 2017; not in the STAL paper)
+    rerank: bool = False
+    # its k1 (k-reciprocal neighbours), k2 (local query expansion) and λ (weight of the original distance),
+    # Zhong et al.'s values
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
 
 
 @dataclass
@@ -518,6 +540,7 @@ _RULES: dict[str, _Rule] = {
     "model.stan_batchnorm": lambda v: None,
     "model.residual_attention": lambda v: None,
     "model.part_norm": _one_of(PART_NORMS),
+    "model.bnneck": lambda v: None,
     "data.root": _path_or_null,
     "data.seq_len": _int_at_least(1),
     "data.height": _int_at_least(16),
@@ -527,6 +550,10 @@ _RULES: dict[str, _Rule] = {
     "data.decode_concurrency": _int_at_least(1),
     "data.val_identities": _interval(0, 1, closed_low=True, closed_high=False),
     "train.lr": _positive,
+    "train.optimizer": _one_of(OPTIMIZERS),
+    "train.lr_schedule": _one_of(LR_SCHEDULES),
+    "train.warmup_iterations": _int_at_least(0),
+    "train.label_smoothing": _interval(0, 1, closed_low=True, closed_high=False),
     "train.momentum": _interval(0, 1, closed_low=True, closed_high=False),
     "train.weight_decay": _at_least(0),
     "train.lr_step": _int_at_least(1),
@@ -557,6 +584,10 @@ _RULES: dict[str, _Rule] = {
     "eval.protocol": _one_of(PROTOCOLS),
     "eval.batch_size": _int_at_least(1),
     "eval.ranks": _nonempty_list(_int_at_least(1), "integers >= 1"),
+    "eval.rerank": lambda v: None,
+    "eval.rerank_k1": _int_at_least(1),
+    "eval.rerank_k2": _int_at_least(1),
+    "eval.rerank_lambda": _interval(0, 1, closed_low=True, closed_high=True),
     "tune.num_samples": _int_at_least(1),
     "tune.local_weight": _search_range(low_exclusive=False),
     "tune.margin_global": _search_range(low_exclusive=True),

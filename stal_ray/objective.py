@@ -100,18 +100,22 @@ def triplet_loss(
     raise ValueError(f"train.mining = {mining!r} is invalid: use one of {', '.join(MINING)}")
 
 
-def softmax_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Eq. 5, as the negative log-likelihood of the identity of g: logits (B, C)."""
-    return F.cross_entropy(logits, labels)
+def softmax_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Eq. 5, as the negative log-likelihood of the identity of g: logits (B, C). label_smoothing ε > 0
+    (beyond the paper; Luo et al. 2019) targets (1 − ε) on the identity plus ε/C on every class."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
-def consistency_loss(part_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def consistency_loss(part_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+                     ) -> torch.Tensor:
     """Eq. 6: every f^{r,t} alone must predict the clip's identity. part_logits (B, T, R, C).
 
     Averaged (not summed) over r and t so that it weighs as much as Eq. 5 whatever T and R are.
+    label_smoothing as in softmax_loss.
     """
     b, t, r, _ = part_logits.shape
-    return F.cross_entropy(part_logits.flatten(0, 2), labels.repeat_interleave(t * r))
+    return F.cross_entropy(part_logits.flatten(0, 2), labels.repeat_interleave(t * r),
+                           label_smoothing=label_smoothing)
 
 
 def keypoint_loss(joints: torch.Tensor, keypoints: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
@@ -155,8 +159,12 @@ class STALObjective(nn.Module):
         keypoint_weight: float = 0.0,
         branches: str = "both",
         part_norm: str = "l2",
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing = {label_smoothing!r} is invalid: must be in [0, 1)")
+        self.label_smoothing = label_smoothing
         if part_norm not in PART_NORMS:
             raise ValueError(f"model.part_norm = {part_norm!r} is invalid: use one of "
                              f"{', '.join(PART_NORMS)}")
@@ -181,6 +189,7 @@ class STALObjective(nn.Module):
             keypoint_weight=config.model.keypoint_supervision,
             branches=train.branches,
             part_norm=config.model.part_norm,
+            label_smoothing=train.label_smoothing,
         )
 
     def forward(self, out, labels: torch.Tensor, keypoints: torch.Tensor | None = None) -> ObjectiveTerms:
@@ -192,8 +201,8 @@ class STALObjective(nn.Module):
         triplet_global = triplet_loss(global_distance(out.g, out.g), labels, self.margin_global, self.mining)
         d_l = local_distance(out.f, out.a, out.f, out.a, self.part_norm)
         triplet_local = triplet_loss(d_l, labels, self.margin_local, self.mining)
-        softmax = softmax_loss(out.global_logits, labels)
-        consistency = consistency_loss(out.part_logits, labels)
+        softmax = softmax_loss(out.global_logits, labels, self.label_smoothing)
+        consistency = consistency_loss(out.part_logits, labels, self.label_smoothing)
         keypoint = out.g.new_zeros(())
         if self.keypoint_weight > 0 and keypoints is not None:
             keypoint = keypoint_loss(out.joints, keypoints, out.image_size)

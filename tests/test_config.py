@@ -32,6 +32,13 @@ def test_defaults_load_and_validate():
     train = config.train
     assert (train.margin_global, train.margin_local, train.local_weight) == (1.2, 0.8, 0.3)
     assert config.eval.fusion_rate == 0.3 and config.data.seq_len == 8
+    # beyond the paper, each off by default: the paper's SGD, step decay, no warm-up, no label smoothing
+    assert (train.optimizer, train.lr_schedule, train.warmup_iterations, train.label_smoothing) == (
+        "sgd", "step", 0, 0.0)
+    assert not config.model.bnneck
+    # beyond the paper, off by default; Zhong et al.'s k1, k2, λ when on
+    assert not config.eval.rerank
+    assert (config.eval.rerank_k1, config.eval.rerank_k2, config.eval.rerank_lambda) == (20, 6, 0.3)
     assert Config().validate() == config
 
 
@@ -48,6 +55,24 @@ def test_synthetic_tiny_is_small():
     assert (config.data.identities_per_batch, config.data.clips_per_identity) == (4, 2)
     assert (config.train.iterations, config.train.lr, config.train.lr_step) == (200, 0.01, 100)
     assert config.data.root is None and not config.train.use_gpu
+
+
+@pytest.mark.parametrize("strong, base", [("synthetic_strong.yaml", "synthetic_tiny.yaml"),
+                                          ("mars_resnet50_strong.yaml", "mars_resnet50.yaml")])
+def test_strong_configs_are_their_base_with_every_switch_beyond_the_paper_on(strong, base):
+    config, paper = load_config(CONFIGS / strong), load_config(CONFIGS / base)
+    assert config.model.bnneck and config.eval.rerank
+    train = config.train
+    assert (train.optimizer, train.lr_schedule, train.label_smoothing) == ("adam", "cosine", 0.1)
+    assert 0 < train.warmup_iterations < train.iterations
+    switched = {"model": {"bnneck"}, "eval": {"rerank"},
+                "train": {"optimizer", "lr", "weight_decay", "warmup_iterations", "lr_schedule",
+                          "label_smoothing"}}
+    # everything else as the paper recipe it builds on
+    for section, values in paper.to_dict().items():
+        for key, value in values.items():
+            if key not in switched.get(section, ()):
+                assert config.to_dict()[section][key] == value, f"{section}.{key}"
 
 
 def test_mars_resnet50_inherits_from_bninception():
@@ -110,6 +135,14 @@ def test_empty_yaml_and_empty_section_keep_defaults(tmp_path):
     ("eval:\n  ranks: [1, 0]\n", "eval.ranks", "[1, 0]"),
     ("data:\n  val_identities: 1.0\n", "data.val_identities", "1.0"),
     ("train:\n  use_gpu: maybe\n", "train.use_gpu", "maybe"),
+    ("model:\n  bnneck: 1\n", "model.bnneck", "1"),
+    ("train:\n  optimizer: lamb\n", "train.optimizer", "lamb"),
+    ("train:\n  lr_schedule: linear\n", "train.lr_schedule", "linear"),
+    ("train:\n  warmup_iterations: -1\n", "train.warmup_iterations", "-1"),
+    ("train:\n  label_smoothing: 1.0\n", "train.label_smoothing", "1.0"),
+    ("eval:\n  rerank: yes please\n", "eval.rerank", "yes please"),
+    ("eval:\n  rerank_k1: 0\n", "eval.rerank_k1", "0"),
+    ("eval:\n  rerank_lambda: 1.5\n", "eval.rerank_lambda", "1.5"),
 ])
 def test_bad_yaml_value_names_file_key_and_value(tmp_path, yaml_text, key, value):
     path = write(tmp_path, yaml_text)

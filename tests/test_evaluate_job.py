@@ -99,6 +99,31 @@ def test_a_second_evaluation_reuses_the_saved_features(first_run, shards_uri, mo
     assert list(metrics["modes"]) == ["global", "stal"] and metrics["fusion_rate"] == 0.0
 
 
+def test_rerank_switch_reranks_every_mode_and_says_so(first_run, shards_uri, model_path, monkeypatch,
+                                                      tmp_path):
+    out, plain = first_run
+    shutil.copy(out / "features.parquet", tmp_path / "features.parquet")
+    calls = []
+    original = evaluate_module.reranked_distance
+
+    def spy(distance, query, gallery, mode, *args, **kwargs):
+        calls.append((mode, kwargs["k1"], kwargs["k2"], kwargs["lambda_value"]))
+        reranked = original(distance, query, gallery, mode, *args, **kwargs)
+        assert not torch.equal(reranked, distance)
+        return reranked
+
+    monkeypatch.setattr(evaluate_module, "reranked_distance", spy)
+    metrics = evaluate(model_path, shards_uri, str(tmp_path), modes=("stal", "global"), save_distances=True,
+                       config_overrides=["eval.rerank=true", "eval.rerank_k1=4", "eval.rerank_k2=2"])
+    assert calls == [("stal", 4, 2, 0.3), ("global", 4, 2, 0.3)]
+    assert metrics["rerank"] == {"k1": 4, "k2": 2, "lambda": 0.3}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    saved = np.load(tmp_path / "distances.npz")["dist"]
+    assert saved.shape == (metrics["num_query"], metrics["num_gallery"])
+    assert saved.min() >= 0 and saved.max() <= 1  # d* mixes d_J and the normalised squared distance
+    assert "rerank" not in plain
+
+
 def test_settings_the_model_fixes_cannot_be_overridden(model_path, shards_uri, tmp_path):
     with pytest.raises(ValueError, match="data.seq_len is fixed by the model file"):
         evaluate(model_path, shards_uri, str(tmp_path), config_overrides=["data.seq_len=8"])

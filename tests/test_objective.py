@@ -15,6 +15,7 @@ from stal_ray.objective import (
     global_distance,
     local_distance,
     psi_distance,
+    softmax_loss,
     spatial_scores,
     triplet_loss,
 )
@@ -132,6 +133,40 @@ def test_consistency_averages_every_part_and_frame(generator):
         [F.cross_entropy(logits[:, t, r], labels) for t in range(T) for r in range(R)]
     ).mean()
     assert torch.allclose(consistency_loss(logits, labels), expected, atol=1e-6)
+
+
+def smoothed_cross_entropy(logits, labels, epsilon):
+    """−Σ_c q_c log p_c with q = (1 − ε)·one-hot + ε/C (Szegedy et al. 2016; Luo et al. 2019), written out."""
+    classes = logits.shape[-1]
+    q = (1 - epsilon) * F.one_hot(labels, classes).to(logits.dtype) + epsilon / classes
+    return -(q * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def test_label_smoothing_of_the_softmax_and_consistency_terms(generator):
+    logits = torch.randn(B, 9, generator=generator, dtype=torch.float64)
+    part_logits = torch.randn(B, T, R, 9, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 9, (B,), generator=generator)
+    smoothed = softmax_loss(logits, labels, 0.1)
+    assert smoothed.item() == pytest.approx(smoothed_cross_entropy(logits, labels, 0.1).item(), rel=1e-12)
+    assert smoothed.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item())
+    assert smoothed.item() != pytest.approx(softmax_loss(logits, labels).item())  # the paper's, ε = 0
+    expected = torch.stack([smoothed_cross_entropy(part_logits[:, t, r], labels, 0.1)
+                            for t in range(T) for r in range(R)]).mean()
+    assert consistency_loss(part_logits, labels, 0.1).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_objective_takes_label_smoothing_from_the_config(generator):
+    from stal_ray.config import load_config
+
+    out, labels = bf16_batch(generator)
+    plain = STALObjective.from_config(load_config())(out, labels)
+    smoothed = STALObjective.from_config(load_config(None, ["train.label_smoothing=0.2"]))(out, labels)
+    want = F.cross_entropy(out.global_logits.float(), labels, label_smoothing=0.2)
+    assert smoothed.softmax.item() == pytest.approx(want.item(), rel=1e-6)
+    assert smoothed.softmax.item() != pytest.approx(plain.softmax.item())
+    assert smoothed.triplet_global.item() == plain.triplet_global.item()  # triplets are untouched
+    with pytest.raises(ValueError, match="train.label_smoothing = 1.0 is invalid"):
+        STALObjective(label_smoothing=1.0)
 
 
 def test_an_all_zero_score_map_gives_zero_weights_not_nan(generator):

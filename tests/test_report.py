@@ -58,6 +58,16 @@ def test_metrics_json_has_exactly_the_agreed_schema(tmp_path, results):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.json"]  # no temporary file left
 
 
+def test_metrics_json_names_the_rerank_settings_only_when_reranked(tmp_path, results):
+    common = dict(fusion_rate=0.3, protocol="official", num_query=10, num_gallery=40, num_test_ids=7,
+                  skipped=1)
+    write_metrics(str(tmp_path / "on"), results, **common, rerank={"k1": 20, "k2": 6, "lambda": 0.3})
+    write_metrics(str(tmp_path / "off"), results, **common)
+    assert json.loads((tmp_path / "on" / "metrics.json").read_text())["rerank"] == {"k1": 20, "k2": 6,
+                                                                                     "lambda": 0.3}
+    assert "rerank" not in json.loads((tmp_path / "off" / "metrics.json").read_text())
+
+
 def test_metrics_json_of_the_torchreid_protocol_names_the_step_rule(tmp_path):
     step = {"stal": result(0.5, [0.6, 0.9], ap="step")}
     write_metrics(str(tmp_path), step, fusion_rate=0.3, protocol="torchreid", num_query=10, num_gallery=40,

@@ -183,3 +183,46 @@ def test_without_residual_attention_the_global_branch_reads_the_low_level_map():
     out = model(clips)
     low = model.backbone.low(clips.flatten(0, 1))
     assert torch.allclose(out.g_frames.flatten(0, 1), model.backbone.high(low))
+
+
+def test_bnneck_normalises_only_what_the_classifiers_read(tmp_path):
+    from stal_ray.model.export import load_model, save_model
+    from stal_ray.train.optimizer import build_optimizer
+
+    torch.manual_seed(0)
+    kwargs = dict(backbone="tiny", num_classes=4, seq_len=2, image_size=(64, 32), feature_dim=8,
+                  pose_source="prior")
+    model, plain = STAL(**kwargs, bnneck=True), STAL(**kwargs)
+    plain.load_state_dict(model.state_dict(), strict=False)  # the same weights, without the necks
+    clips = torch.randn(6, 2, 3, 64, 32)
+    out, reference = model(clips), plain(clips)
+    # triplets and test distances see the features before the neck: the same as without it
+    assert torch.equal(out.g, reference.g) and torch.equal(out.f, reference.f)
+    # the classifiers see them batch-normalised (batch statistics in training), with no shift
+    g = out.g.detach()
+    normalised = (g - g.mean(0)) / torch.sqrt(g.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(out.global_logits, model.global_classifier(normalised))
+    f = out.f.detach().flatten(0, 1)  # (B·T, R, D): each part's channels normalised over B·T frames
+    normalised = (f - f.mean(0)) / torch.sqrt(f.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(out.part_logits, model.part_classifiers(normalised).view(6, 2, 6, 4))
+    assert not torch.allclose(out.global_logits, reference.global_logits)
+    # the frozen shift is left out of the optimiser and stays 0
+    config = load_config(None, ["model.bnneck=true"])
+    optimizer, _ = build_optimizer(model, config)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(model.global_neck.bias) not in optimised and id(model.global_neck.weight) in optimised
+    # from the config, through a model file and back
+    config = load_config(None, ["model.bnneck=true", "model.backbone=tiny", "model.pose_source=prior",
+                                "model.feature_dim=8", "data.seq_len=2", "data.height=64", "data.width=32"])
+    built = STAL.from_config(config, 4)
+    assert built.global_neck is not None and built.part_neck.num_features == 6 * 8
+    save_model(str(tmp_path / "model.pt"), built, config, num_classes=4)
+    loaded, loaded_config, _ = load_model(str(tmp_path / "model.pt"))
+    assert loaded_config.model.bnneck and loaded.global_neck is not None
+
+
+def test_without_bnneck_there_is_no_neck():
+    model = STAL(backbone="tiny", num_classes=4, seq_len=2, image_size=(64, 32), feature_dim=8,
+                 pose_source="prior")
+    assert model.global_neck is None and model.part_neck is None
+    assert not any("neck" in key for key in model.state_dict())  # model files of before still load

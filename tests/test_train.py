@@ -63,6 +63,20 @@ def test_two_workers_train_under_deepspeed(ray_cluster, shards_uri, tmp_path, ze
         assert scalars[tag][-1][0] == 4, tag
 
 
+def test_training_beyond_the_paper_with_bnneck_adam_warm_up_cosine_and_label_smoothing(ray_cluster,
+                                                                                      shards_uri, tmp_path):
+    config = make_config(tmp_path, "train.iterations=4", "train.optimizer=adam", "train.lr_schedule=cosine",
+                         "train.warmup_iterations=8", "train.label_smoothing=0.1", "model.bnneck=true")
+    result = train(config, shards_uri, name="beyond")
+    assert result.metrics["iteration"] == 4
+    assert result.metrics["lr"] == pytest.approx(0.01 * (0.1 + 0.9 * 4 / 8))  # half-way through the warm-up
+    for term in ("triplet_global", "triplet_local", "softmax", "consistency", "total"):
+        assert torch.isfinite(torch.tensor(result.metrics[f"loss_{term}"]))
+    _, loaded_config, _ = load_model(result.model_path)
+    assert (loaded_config.train.optimizer, loaded_config.train.label_smoothing) == ("adam", 0.1)
+    assert loaded_config.model.bnneck
+
+
 def test_resumed_run_equals_uninterrupted_run(ray_cluster, shards_uri, tmp_path):
     deterministic = ("train.deterministic=true", "train.checkpoint_every=100")
     whole = train(make_config(tmp_path, "train.iterations=6", *deterministic), shards_uri, name="whole")

@@ -22,6 +22,7 @@ from stal_ray.evaluate.features import (
     tracklet_frames,
 )
 from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking, query_gallery_split
+from stal_ray.evaluate.rerank import reranked_distance
 from stal_ray.model.export import load_model_config
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
         d_l, d_g = branch_distances(query, gallery, attention, part_norm=config.model.part_norm)
         for mode in (m for m in modes if _ATTENTION_OF.get(m, m) == attention):
             distance = fuse(d_l, d_g, mode, fusion_rate)
+            if config.eval.rerank:
+                distance = _reranked(distance, query, gallery, mode, fusion_rate, config)
             if mode == modes[0]:
                 first_distance = distance
             results[mode] = evaluate_ranking(distance, *ids.values(), ranks=tuple(config.eval.ranks),
@@ -85,8 +88,11 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     first = results[modes[0]]
     # identities a query or gallery entry belongs to; junk (-1) and distractors (0) are nobody
     num_test_ids = len(set(np.concatenate([ids["q_pids"], ids["g_pids"]]).tolist()) - {-1, 0})
+    rerank = ({"k1": config.eval.rerank_k1, "k2": config.eval.rerank_k2, "lambda": config.eval.rerank_lambda}
+              if config.eval.rerank else None)
     metrics_path = report.write_metrics(out_dir, results, fusion_rate, protocol, len(query_index),
-                                        len(gallery_index), num_test_ids, first.skipped_queries, provenance)
+                                        len(gallery_index), num_test_ids, first.skipped_queries, provenance,
+                                        rerank=rerank)
     report.plot_cmc(storage.join(out_dir, report.CMC_FILE), results)
     report.plot_attention(storage.join(out_dir, report.ATTENTION_FILE), feature_set.sample_scores,
                           feature_set.sample_frames, _captions(feature_set))
@@ -103,7 +109,17 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     print(report.format_table(results))
     print(f"metrics: {metrics_path}")
     return report.metrics_dict(results, fusion_rate, protocol, len(query_index), len(gallery_index),
-                               num_test_ids, first.skipped_queries, provenance)
+                               num_test_ids, first.skipped_queries, provenance, rerank=rerank)
+
+
+def _reranked(distance, query, gallery, mode: str, fusion_rate: float, config: Config):
+    """eval.rerank: the mode's distance re-ranked by k-reciprocal encoding (stal_ray.evaluate.rerank)."""
+    settings = config.eval
+    print(f"re-ranking {mode} (k1={settings.rerank_k1}, k2={settings.rerank_k2}, "
+          f"lambda={settings.rerank_lambda})")
+    return reranked_distance(distance, query, gallery, mode, fusion_rate, part_norm=config.model.part_norm,
+                             k1=settings.rerank_k1, k2=settings.rerank_k2,
+                             lambda_value=settings.rerank_lambda)
 
 
 def model_provenance(model_path: str, meta: dict) -> dict:

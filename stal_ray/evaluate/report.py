@@ -77,10 +77,12 @@ def familiar_metrics(result) -> dict[str, float]:
 
 
 def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query: int, num_gallery: int,
-                 num_test_ids: int, skipped: int, model: Mapping | None = None) -> dict:
+                 num_test_ids: int, skipped: int, model: Mapping | None = None, *,
+                 rerank: Mapping | None = None) -> dict:
     """The metrics.json document: per mode mAP (the protocol's AP rule), mAP_step, mINP and CMC at the
-    reported ranks as fractions in [0, 1], and the same in percent under torchreid/fast-reid names; and
-    `model`: which model file was evaluated, from which iteration and why (evaluate.model_provenance)."""
+    reported ranks as fractions in [0, 1], and the same in percent under torchreid/fast-reid names;
+    `model`: which model file was evaluated, from which iteration and why (evaluate.model_provenance); and
+    `rerank`, only when the distances were re-ranked."""
     rule = ap_rule_of(results)
     return {
         "model": dict(model or {}),
@@ -97,15 +99,18 @@ def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query:
         "num_gallery": int(num_gallery),
         "num_test_ids": int(num_test_ids),
         "skipped_queries": int(skipped),
+        # only when the distances were re-ranked (eval.rerank): its k1, k2 and lambda
+        **({"rerank": dict(rerank)} if rerank else {}),
     }
 
 
 def write_metrics(out_dir: str, results: Mapping, fusion_rate: float, protocol: str, num_query: int,
-                  num_gallery: int, num_test_ids: int, skipped: int, model: Mapping | None = None) -> str:
+                  num_gallery: int, num_test_ids: int, skipped: int, model: Mapping | None = None, *,
+                  rerank: Mapping | None = None) -> str:
     """Write out_dir/metrics.json (metrics_dict) and return its path."""
     path = storage.join(out_dir, METRICS_FILE)
     document = metrics_dict(results, fusion_rate, protocol, num_query, num_gallery, num_test_ids, skipped,
-                            model)
+                            model, rerank=rerank)
     write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
     return path
 

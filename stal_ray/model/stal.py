@@ -41,6 +41,7 @@ class STAL(nn.Module):
         part_size: int = 8,
         stan_batchnorm: bool = True,
         residual_attention: bool = True,
+        bnneck: bool = False,
     ):
         super().__init__()
         self.seq_len, self.image_size, self.part_size = seq_len, tuple(image_size), part_size
@@ -59,6 +60,12 @@ class STAL(nn.Module):
             self.global_classifier = nn.Linear(self.backbone.global_dim, num_classes)
             # one classifier per part, shared over frames (Eq. 6)
             self.part_classifiers = PartLinear(NUM_PARTS, feature_dim, num_classes)
+        # BNNeck (beyond the paper; Luo et al., "Bag of tricks", CVPR-W 2019): the classifiers read batch-
+        # normalised features, the triplets and the test distances the features before it
+        self.global_neck = self.part_neck = None
+        if num_classes > 0 and bnneck:
+            self.global_neck = _neck(self.backbone.global_dim)
+            self.part_neck = _neck(NUM_PARTS * feature_dim)  # each part's D channels normalised on their own
 
     @classmethod
     def from_config(cls, config, num_classes: int) -> "STAL":
@@ -74,6 +81,7 @@ class STAL(nn.Module):
             part_size=model.part_size,
             stan_batchnorm=model.stan_batchnorm,
             residual_attention=model.residual_attention,
+            bnneck=model.bnneck,
         )
         if model.pretrained and model.pretrained != NO_PRETRAINED:
             stal.load_pretrained(model.pretrained)
@@ -121,8 +129,13 @@ class STAL(nn.Module):
 
         global_logits = part_logits = None
         if self.global_classifier is not None:
-            global_logits = self.global_classifier(g)
-            part_logits = self.part_classifiers(f.flatten(0, 1)).view(b, t, NUM_PARTS, -1)
+            parts = f.flatten(0, 1)  # (B·T, R, D)
+            if self.global_neck is not None:
+                global_logits = self.global_classifier(self.global_neck(g))
+                parts = self.part_neck(parts.flatten(1)).view_as(parts)
+            else:
+                global_logits = self.global_classifier(g)
+            part_logits = self.part_classifiers(parts).view(b, t, NUM_PARTS, -1)
         return STALOutput(
             g=g,
             g_frames=g_frames,
@@ -135,3 +148,11 @@ class STAL(nn.Module):
             part_logits=part_logits,
             image_size=self.image_size,
         )
+
+
+def _neck(channels: int) -> nn.BatchNorm1d:
+    """BNNeck's BatchNorm, its shift frozen at 0 (Luo et al.: a bias would keep the classes' features apart
+    from the origin the triplets measure around)."""
+    neck = nn.BatchNorm1d(channels)
+    neck.bias.requires_grad_(False)
+    return neck

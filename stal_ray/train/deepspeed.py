@@ -1,10 +1,12 @@
-"""The DeepSpeed engine of a training worker: its config from TrainConfig, the paper's SGD and step decay."""
+"""The DeepSpeed engine of a training worker: its config from TrainConfig, the optimiser and schedule of
+stal_ray.train.optimizer (the paper's SGD and step decay by default)."""
 
 import logging
 from typing import Any
 
-import torch
 from torch import nn
+
+from stal_ray.train.optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +44,16 @@ def deepspeed_config(config, *, on_gpu: bool) -> dict[str, Any]:
     return ds
 
 
-def paper_optimizer(model: nn.Module, config) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
-    """SGD with momentum 0.9, lr 0.001, weight decay 2e-4 and step decay γ = 0.5 (paper §III-E), stepped once
-    per optimiser step (DeepSpeed steps the scheduler with the optimiser)."""
-    train = config.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                                weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_step, gamma=train.gamma)
-    return optimizer, scheduler
-
-
 def build_engine(model: nn.Module, config, *, on_gpu: bool):
-    """deepspeed.initialize over the model, the paper's optimiser and schedule -> (engine, scheduler)."""
+    """deepspeed.initialize over the model, its optimiser and schedule (build_optimizer) -> (engine,
+    scheduler)."""
     import deepspeed  # here: importing it probes the accelerator, which the driver never needs
 
     if config.train.sync_batchnorm:
         # statistics over the global batch, not one worker's share of it (torch runs this on GPUs only;
         # the trainer refuses it on CPU before any worker starts)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer, scheduler = paper_optimizer(model, config)
+    optimizer, scheduler = build_optimizer(model, config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config, on_gpu=on_gpu), dist_init_required=False)
