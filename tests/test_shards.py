@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import free_port
 
-from stal_ray.data import shards
+from stal_ray.data import shard_files, shards
 from stal_ray.data.mars import read_mars
 from stal_ray.data.shards import (
     TEST_SCHEMA,
@@ -187,7 +187,7 @@ def test_other_settings_need_overwrite_which_rebuilds_cleanly(release, tmp_path)
 
 def fail_after_first_file(monkeypatch):
     closed = []
-    close = shards._PartWriter.close
+    close = shard_files.PartWriter.close
 
     def failing_close(self):
         if closed:
@@ -195,7 +195,7 @@ def fail_after_first_file(monkeypatch):
         closed.append(self)
         return close(self)
 
-    monkeypatch.setattr(shards._PartWriter, "close", failing_close)
+    monkeypatch.setattr(shard_files.PartWriter, "close", failing_close)
 
 
 def test_interrupted_write_leaves_no_complete_dataset(release, tmp_path, monkeypatch):

@@ -39,7 +39,6 @@ counted; more than max_bad_fraction of all frames bad, or a tracklet with no goo
 """
 
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import logging
@@ -53,12 +52,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.spec import AbstractBufferedFile
 from tqdm import tqdm
 
 from stal_ray.data import publish, storage
 from stal_ray.data.frame_check import MAX_BAD_FRACTION, BadFrames, BadFramesError, LinkGuard, jpeg_problem
 from stal_ray.data.mars import MarsFormatError, MarsRelease, Tracklet
+from stal_ray.data.shard_files import ShardFile, write_split
 from stal_ray.data.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -88,11 +87,6 @@ TEST_SCHEMA = pa.schema([
 ])
 SCHEMAS = {"train": TRAIN_SCHEMA, "test": TEST_SCHEMA}
 
-# JPEG does not compress further: storing frames plain saves the reader's CPU; the small columns get zstd.
-_COMPRESSION = {"frames": "none", "tracklet": "zstd", "camera": "zstd", "frame_index": "zstd",
-                "keypoints": "zstd", "identity": "zstd", "is_query": "zstd"}
-# Row groups bound the memory of one read step (Ray Data reads a file row group by row group).
-_ROW_GROUP_BYTES = 32 << 20
 _READ_THREADS = 8  # frame reads overlap: cheap on local disk, a large win on network filesystems
 _PREPARE = "python jobs/prepare_mars.py --mars-root DIR --out {uri}"
 
@@ -107,14 +101,6 @@ class DatasetExistsError(StorageError):
 
 class CorruptDatasetError(StorageError):
     """A shard whose bytes differ from its manifest entry."""
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    path: str  # relative to the data set root, '/'-separated
-    bytes: int
-    sha256: str
-    rows: int
 
 
 @dataclass
@@ -210,9 +196,9 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
                 bars = (_bar(progress, len(release.identities("train")), "train identities"),
                         _bar(progress, len(release.test), "test tracklets"))
                 files = {
-                    "train": _write_split(fs, base, "train", train, target_file_bytes, bars[0]),
-                    "test": _write_split(fs, base, "test", _test_rows(reader, join), target_file_bytes,
-                                         bars[1]),
+                    "train": write_split(fs, base, "train", TRAIN_SCHEMA, train, target_file_bytes, bars[0]),
+                    "test": write_split(fs, base, "test", TEST_SCHEMA, _test_rows(reader, join),
+                                        target_file_bytes, bars[1]),
                 }
                 manifest = Manifest(
                     schema_version=SCHEMA_VERSION,
@@ -453,119 +439,6 @@ def _test_rows(reader: _FrameReader, join: _KeypointJoin) -> Iterator[tuple[dict
                 "frames": frames,
                 "keypoints": join("test", paths),
             }, sum(map(len, frames))
-
-
-def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows (scalars, per-frame lists, per-frame numpy arrays, keypoint arrays or None) as one table."""
-    lengths = np.array([len(row["frames"]) for row in rows])
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    columns = []
-    for f in schema:
-        values = [row[f.name] for row in rows]
-        if f.name == "frames":
-            column = pa.ListArray.from_arrays(offsets, pa.array([b for v in values for b in v], pa.binary()))
-        elif f.name == "keypoints":  # all rows have them (nulls for frames without) or none has
-            if values[0] is None:
-                column = pa.nulls(len(rows), f.type)
-            else:
-                column = pa.ListArray.from_arrays(offsets, pa.concat_arrays(values))
-        elif pa.types.is_list(f.type):
-            column = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(values), f.type.value_type))
-        else:
-            column = pa.array(values, f.type)
-        columns.append(column.cast(f.type))
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-class _HashingFile:
-    """A write-only file object that hashes and counts what passes through it."""
-
-    def __init__(self, raw):
-        self.raw, self.sha256, self.size, self.closed = raw, hashlib.sha256(), 0, False
-
-    def write(self, data) -> int:
-        data = memoryview(data)
-        self.sha256.update(data)
-        self.size += data.nbytes
-        return self.raw.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.raw.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True  # the owner closes self.raw: that is where an upload completes or fails
-
-
-class _PartWriter:
-    """One shard file under construction, written row group by row group."""
-
-    def __init__(self, fs, path: str, relative: str, schema: pa.Schema):
-        self.fs, self.relative, self.schema, self.rows = fs, relative, schema, 0
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        self.raw = fs.open(path, "wb")
-        self.file = _HashingFile(self.raw)
-        self.writer = pq.ParquetWriter(self.file, schema, compression=_COMPRESSION,
-                                       use_dictionary=["identity", "camera", "tracklet", "is_query"])
-
-    def add(self, rows: list[dict]) -> None:
-        self.writer.write_table(_table(rows, self.schema), row_group_size=len(rows))
-        self.rows += len(rows)
-
-    def close(self) -> ShardFile:
-        self.writer.close()
-        self.raw.close()
-        return ShardFile(self.relative, self.file.size, self.file.sha256.hexdigest(), self.rows)
-
-    def abort(self) -> None:
-        # cleaning up after an error that is already on its way up: a second one would only hide it
-        with contextlib.suppress(Exception):
-            self.writer.close()
-        with contextlib.suppress(Exception):
-            if isinstance(self.raw, AbstractBufferedFile):
-                # an object store: abort the upload rather than complete a truncated object
-                self.raw.discard()
-                self.raw.closed = True  # or its __del__ would try to finish the upload
-            else:
-                self.raw.close()
-
-
-def _write_split(fs, tmp: str, split: str, rows: Iterator[tuple[dict, int]], target_file_bytes: int,
-                 bar: tqdm) -> list[ShardFile]:
-    """Stream rows into files of about target_file_bytes of frames (a file closes once it reaches it)."""
-    row_group_bytes = min(_ROW_GROUP_BYTES, target_file_bytes)
-    files: list[ShardFile] = []
-    part, buffer, buffered, file_bytes = None, [], 0, 0
-    try:
-        with bar:
-            for row, nbytes in rows:
-                if part is None:
-                    relative = f"{split}/part-{len(files):05d}.parquet"
-                    part = _PartWriter(fs, posixpath.join(tmp, relative), relative, SCHEMAS[split])
-                buffer.append(row)
-                buffered += nbytes
-                file_bytes += nbytes
-                bar.update()
-                if buffered >= row_group_bytes or file_bytes >= target_file_bytes:
-                    part.add(buffer)
-                    buffer, buffered = [], 0
-                if file_bytes >= target_file_bytes:
-                    files.append(part.close())
-                    part, file_bytes = None, 0
-            if buffer:
-                part.add(buffer)
-            if part is not None:
-                files.append(part.close())
-                part = None
-    finally:
-        if part is not None:
-            part.abort()
-    return files
 
 
 def _counts(release: MarsRelease, join: _KeypointJoin, skipped: list[int],
