@@ -11,8 +11,8 @@ import re
 import fsspec
 import numpy as np
 
-from stal_ray.data.mars import MarsFormatError, Tracklet, _load_mat
-from stal_ray.data.png_release import PngRelease, sequence_frames
+from stal_ray.data.mars import MarsFormatError, _load_mat
+from stal_ray.data.png_release import PngRelease, sequence_frames, two_camera_release
 
 SEQUENCES = "i-LIDS-VID/sequences"
 SPLIT_FILE, SPLIT_VARIABLE = "train-test people splits/train_test_splits_ilidsvid.mat", "ls_set"
@@ -52,16 +52,9 @@ def _read(fs, base: str, root: str, split: int) -> PngRelease:
     }
     is_test = np.zeros(len(persons), bool)
     is_test[test_positions] = True
-    tracklets = {"train": [], "test": []}
-    for position, person in enumerate(persons):
-        split_name = "test" if is_test[position] else "train"
-        for camera in CAMERAS:
-            rows = tracklets[split_name]
-            rows.append(Tracklet(split_name, len(rows), person, camera, sequences[person, camera],
-                                 is_query=split_name == "test" and camera == 1))
-    release = PngRelease(root, tracklets["train"], tracklets["test"], None)
-    release._fs = (fs, base)
-    return release
+    split_persons = {"train": [p for p, test in zip(persons, is_test, strict=True) if not test],
+                     "test": [p for p, test in zip(persons, is_test, strict=True) if test]}
+    return two_camera_release(root, fs, base, split_persons, lambda person, camera: sequences[person, camera])
 
 
 def _persons(fs, base: str) -> list[int]:

@@ -9,10 +9,11 @@ damaged) is passed on as it is, so the shard writer leaves it out and lists it a
 
 import io
 import re
+from collections.abc import Callable, Iterable, Mapping
 
 from PIL import Image
 
-from stal_ray.data.mars import MarsFormatError, MarsRelease
+from stal_ray.data.mars import MarsFormatError, MarsRelease, Tracklet
 
 JPEG_QUALITY = 95
 _MISSING_SHOWN = 5
@@ -23,6 +24,23 @@ class PngRelease(MarsRelease):
 
     def read_frame(self, path: str) -> bytes:
         return png_to_jpeg(super().read_frame(path))
+
+
+def two_camera_release(root: str, fs, base: str, persons: Mapping[str, Iterable[int]],
+                       sequence_of: Callable[[int, int], tuple[str, ...]]) -> PngRelease:
+    """The release of a two-camera data set (iLIDS-VID, PRID-2011): for every person of each split
+    ({"train": [...], "test": [...]}), one tracklet per camera 1 and 2 (sequence_of(person, camera): its
+    frame paths); a test person's camera-1 sequence is its query, as both data sets' protocol says."""
+    tracklets = {"train": [], "test": []}
+    for split, numbers in persons.items():
+        rows = tracklets[split]
+        for person in numbers:
+            for camera in (1, 2):
+                rows.append(Tracklet(split, len(rows), person, camera, sequence_of(person, camera),
+                                     is_query=split == "test" and camera == 1))
+    release = PngRelease(root, tracklets["train"], tracklets["test"], None)
+    release._fs = (fs, base)
+    return release
 
 
 def png_to_jpeg(data: bytes) -> bytes:

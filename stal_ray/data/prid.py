@@ -14,8 +14,8 @@ import re
 import fsspec
 import numpy as np
 
-from stal_ray.data.mars import MarsFormatError, Tracklet
-from stal_ray.data.png_release import PngRelease, sequence_frames
+from stal_ray.data.mars import MarsFormatError
+from stal_ray.data.png_release import PngRelease, sequence_frames, two_camera_release
 
 SEQUENCES = "prid_2011/multi_shot"
 CAMERAS = {"a": 1, "b": 2}  # folder cam_<letter> -> camera number in the shards
@@ -139,13 +139,6 @@ def _release(fs, base: str, root: str, sequences: dict, splits: list[dict], spli
     if both := set(persons["train"]) & set(persons["test"]):
         raise MarsFormatError(f"{splits_name}, split {split}: person_{min(both):04d} is in both train and "
                               "test; the halves must be disjoint")
-    tracklets = {"train": [], "test": []}
-    for part, numbers in persons.items():
-        for person in numbers:
-            for letter, camera in CAMERAS.items():
-                rows = tracklets[part]
-                rows.append(Tracklet(part, len(rows), person, camera, sequences[letter, person],
-                                     is_query=part == "test" and camera == 1))
-    release = PngRelease(root, tracklets["train"], tracklets["test"], None)
-    release._fs = (fs, base)
-    return release
+    letter_of = {camera: letter for letter, camera in CAMERAS.items()}
+    return two_camera_release(root, fs, base, persons,
+                              lambda person, camera: sequences[letter_of[camera], person])
