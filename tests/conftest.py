@@ -1,6 +1,9 @@
 """Shared fixtures: a MARS index at the real scale (real track tables, name lists written to agree)."""
 
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +140,13 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+def stop_process_group(process, timeout: float = 60) -> None:
+    """End a process started with start_new_session=True and everything it started (e.g. `ray start
+    --head --block`): SIGTERM to its group, SIGKILL if it has not gone within `timeout` seconds."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)

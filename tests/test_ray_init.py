@@ -4,7 +4,6 @@ left on the machine is not joined otherwise."""
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,11 +48,7 @@ def other_head():
             time.sleep(1)
         yield address_file.read_text().strip(), env  # the address Ray advertises for the head
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head)
         shutil.rmtree(temp, ignore_errors=True)
 
 
