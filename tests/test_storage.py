@@ -45,14 +45,19 @@ def fake_credentials(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_a_server_that_never_answers_fails_within_a_minute(silent_server, fake_credentials):
+def test_a_server_that_never_answers_fails_within_a_minute(silent_server, fake_credentials, monkeypatch):
+    # the defaults give up after READ_TIMEOUT_S x BOTOCORE_ATTEMPTS x S3FS_RETRIES seconds of waiting, plus
+    # backoff; the test waits on a 2 s read timeout instead of 10 s, and checks the defaults' sum separately
+    waited = storage.READ_TIMEOUT_S * storage.BOTOCORE_ATTEMPTS * storage.S3FS_RETRIES
+    assert waited <= 45, f"the defaults wait {waited} s for a silent server before the error"
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 2)
     url, accepted = silent_server
     start = time.monotonic()
     with pytest.raises(StorageError, match=f"s3://bucket/mars: endpoint {url} stopped answering"):
         filesystem("s3://bucket/mars", endpoint_url=url)
     elapsed = time.monotonic() - start
     assert accepted, "the request never reached the server: this test is of a silent server, not a dead one"
-    assert elapsed < 60, f"{elapsed:.0f} s before the error"
+    assert elapsed < 2 * storage.BOTOCORE_ATTEMPTS * storage.S3FS_RETRIES + 15, f"{elapsed:.0f} s before the error"
 
 
 @pytest.mark.parametrize("url", ["not-a-url", "127.0.0.1:9000", "ftp://host", "http://", "http://host:port"])

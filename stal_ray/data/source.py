@@ -3,7 +3,6 @@
 import argparse
 
 from stal_ray.data import shards, storage
-from stal_ray.data.synthetic import ensure_synthetic_shards
 
 
 def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
@@ -11,6 +10,10 @@ def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
     absolute), or when None the embedded synthetic data set, generated and sharded into the cache on first
     use."""
     if uri is None:
+        # imported here: the generator draws with the model's joint layout (torch), which a job given a
+        # prepared data set (e.g. prepare_mars.py) has no need to load
+        from stal_ray.data.synthetic import ensure_synthetic_shards
+
         return ensure_synthetic_shards()
     uri = storage.absolute(uri)  # read by Ray tasks, whose working directory is the cluster's
     try:
