@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from stal_ray.data.storage import StorageError
+from stal_ray.data.source import endpoint_url
+from stal_ray.data.storage import StorageError, absolute
 from stal_ray.ray_init import add_ray_arguments, init_ray
 
 
@@ -24,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="GPUs per model worker (default 0: CPU workers, one per CPU)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="model workers (default: one per GPU with --num-gpus, else one per CPU)")
-    parser.add_argument("--endpoint-url", default=None, metavar="URL",
+    parser.add_argument("--endpoint-url", default=None, metavar="URL", type=endpoint_url,
                         help="S3-compatible endpoint for s3:// URIs (e.g. MinIO)")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--num-gpus must be >= 0, got {args.num_gpus}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    args.data = absolute(args.data)  # Ray tasks run in the cluster's working directory
+    if "://" not in args.model and args.model.endswith((".onnx", ".tflite")):
+        args.model = absolute(args.model)
     return args
 
 
