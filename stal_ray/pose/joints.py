@@ -3,12 +3,15 @@
 BlazePose (33 landmarks) and COCO-style models (17 keypoints: RTMPose, and the first 17 of COCO-WholeBody's
 133 and of Halpe's 26) have shoulders, elbows, wrists, hips, knees and ankles, but no head top or neck:
 
-* neck = the midpoint of the two shoulders (confidence: the lower of the two); Halpe-26's own neck when
-  the model has it.
-* head top = the head's centre (mean of nose, eyes and ears) extrapolated away from the neck by 0.8 of the
-  neck-to-centre distance: in an adult of 170 cm the crown is ~14 cm above that centre and the shoulder line
-  ~16 cm below it (vertex 170, eyes ~158, acromion ~139 cm). Confidence: the lower of the head points' mean
-  and the neck's. Halpe-26's own head top when the model has it.
+* neck: MPII's upper neck (the paper's estimator is MPII-trained), between the shoulder line and the head:
+  the shoulder midpoint S moved toward the head's centre C (mean of nose, eyes and ears) by NECK_SHARE of
+  S->C. Confidence: the lower of the two shoulders'. Halpe-26's own neck when the model has it.
+* head top = C extrapolated away from S by HEAD_TOP_EXTENT of S->C. Confidence: the lower of the head points'
+  mean and the neck's. Halpe-26's own head top when the model has it.
+
+Both shares are anthropometric: in an adult of 170 cm the acromion (shoulder line) is at ~139 cm, the upper
+neck just below the chin at ~145, the centre of eyes, ears and nose at ~156 and the vertex at 170, so the
+upper neck sits ~0.35 and the crown ~0.8 of S->C beyond S and C.
 """
 
 import numpy as np
@@ -31,7 +34,8 @@ COCO_POINTS = {
 }  # fmt: skip
 HALPE_HEAD, HALPE_NECK = 17, 18  # Halpe-26: the first 17 are COCO's, then head top, neck, hip centre
 HEAD_POINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear")
-HEAD_TOP_EXTENT = 0.8  # crown above the head's centre, in neck-to-centre distances (module docstring)
+NECK_SHARE = 0.35  # upper neck from the shoulder midpoint toward the head's centre (module docstring)
+HEAD_TOP_EXTENT = 0.8  # crown beyond the head's centre, in shoulder-midpoint-to-centre distances
 
 
 def points_for(landmarks: int) -> dict[str, int]:
@@ -55,11 +59,12 @@ def to_joints(landmarks: np.ndarray) -> np.ndarray:
             out[..., j, :] = landmarks[..., points[name], :]
     neck_index, top_index = JOINT_NAMES.index("neck"), JOINT_NAMES.index("head_top")
     left, right = landmarks[..., points["left_shoulder"], :], landmarks[..., points["right_shoulder"], :]
-    neck = np.concatenate([(left[..., :2] + right[..., :2]) / 2,
-                           np.minimum(left[..., 2:], right[..., 2:])], axis=-1)
+    shoulders = (left[..., :2] + right[..., :2]) / 2
     head = landmarks[..., [points[name] for name in HEAD_POINTS], :]
     centre = head[..., :2].mean(axis=-2)
-    top = centre + HEAD_TOP_EXTENT * (centre - neck[..., :2])
+    neck = np.concatenate([shoulders + NECK_SHARE * (centre - shoulders),
+                           np.minimum(left[..., 2:], right[..., 2:])], axis=-1)
+    top = centre + HEAD_TOP_EXTENT * (centre - shoulders)
     top_confidence = np.minimum(head[..., 2].mean(axis=-1), neck[..., 2])
     out[..., neck_index, :] = neck
     out[..., top_index, :] = np.concatenate([top, top_confidence[..., None]], axis=-1)
