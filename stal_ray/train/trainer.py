@@ -71,7 +71,8 @@ def check_data(config: Config, data: str, labels: list[int], *,
         raise ConfigError(
             f"model.pose_source = keypoints, but {data} has no keypoints (0 of {counts['frames']} training "
             "frames): set model.pose_source=learned (a keypoint head) or prior (the canonical pose), or "
-            "prepare the data set with keypoints (jobs/prepare_mars.py --keypoints FILE)")
+            f"estimate them (python jobs/estimate_pose.py --data {data}), or prepare the data set with "
+            "keypoints (jobs/prepare_mars.py --keypoints FILE)")
     if len(labels) < p * workers:
         raise ConfigError(
             f"data.identities_per_batch = {p} with train.num_workers = {workers} needs at least "
