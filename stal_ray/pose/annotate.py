@@ -184,7 +184,8 @@ def _run(manifest: shards.Manifest, model: PoseModel, fs, base: str, state: dict
                         fn_kwargs={"filesystem": _read_filesystem(manifest.uri, endpoint_url)})
     ds = ds.map_batches(PoseEstimator, batch_size=_ROWS_PER_BATCH, batch_format="pyarrow",
                         fn_constructor_kwargs={"model": model, "threads": threads, "use_gpu": num_gpus > 0},
-                        concurrency=workers, num_cpus=0 if num_gpus else threads, num_gpus=num_gpus or None)
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if num_gpus else threads,
+                        num_gpus=num_gpus or None)
     results: dict[str, dict[int, pa.Array]] = {}
     bad: dict[str, int] = {}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
