@@ -42,13 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from stal_ray.pose.annotate import estimate_pose
-        from stal_ray.pose.models import UnknownModelError, load_model
-    except ImportError as error:
-        print(f"estimate_pose: error: {error}; install the pose extra: pip install -e \".[pose]\"",
-              file=sys.stderr)
-        return 2
+    from stal_ray.pose.annotate import estimate_pose
+    from stal_ray.pose.models import UnknownModelError, load_model
+
     try:
         model = load_model(args.model, endpoint_url=args.endpoint_url)
         init_ray(args.address)

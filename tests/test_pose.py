@@ -156,3 +156,17 @@ def test_a_model_that_is_neither_known_nor_a_model_file_is_refused(tmp_path):
         load_model("rtmpose")
     with pytest.raises(UnknownModelError, match="no such file"):
         load_model(str(tmp_path / "missing.onnx"))
+
+
+def test_without_the_pose_extra_the_job_says_which_extra_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from stal_ray.pose.models import UnknownModelError, load_model
+
+    find_spec, missing = importlib.util.find_spec, ("ai_edge_litert", "onnxruntime")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else find_spec(name, *a))
+    with pytest.raises(UnknownModelError, match=r"needs ai_edge_litert.*pip install -e \".\[pose\]\""):
+        load_model()
+    with pytest.raises(UnknownModelError, match="needs onnxruntime.*pose extra"):
+        load_model(str(tmp_path / "model.onnx"))

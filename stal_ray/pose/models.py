@@ -115,16 +115,31 @@ def _checked(content: bytes, where: str) -> bytes:
     return content
 
 
+_RUNTIMES = {"blazepose": "ai_edge_litert", "onnx": "onnxruntime"}
+
+
+def _check_runtime(kind: str) -> None:
+    """The package that runs `kind` is importable here (and so, on a cluster built from the same lock, on
+    the workers); else UnknownModelError naming the extra."""
+    import importlib.util
+
+    if importlib.util.find_spec(_RUNTIMES[kind]) is None:
+        raise UnknownModelError(f"running a {kind} model needs {_RUNTIMES[kind]}, which is not installed: "
+                                'install the pose extra (pip install -e ".[pose]")')
+
+
 def load_model(model: str = BLAZEPOSE, *, endpoint_url: str | None = None) -> PoseModel:
     """A model by name (MODEL_NAMES), or a .tflite (BlazePose landmark layout) or .onnx (SimCC) file by
     local path or fsspec URL (https://, s3://)."""
     if model == BLAZEPOSE:
+        _check_runtime("blazepose")
         content, source = blazepose_bytes()
         return PoseModel("blazepose", BLAZEPOSE, content, hashlib.sha256(content).hexdigest(), source)
     kind = {".tflite": "blazepose", ".onnx": "onnx"}.get(Path(model.split("?")[0]).suffix.lower())
     if kind is None:
         raise UnknownModelError(f"--model {model}: use {' or '.join(MODEL_NAMES)}, or a path or URL of a "
                                 ".tflite (BlazePose landmark model) or .onnx (SimCC top-down model) file")
+    _check_runtime(kind)
     from stal_ray.data import storage
 
     fs, path = storage.filesystem(model, endpoint_url=endpoint_url, check=False)
