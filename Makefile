@@ -14,8 +14,9 @@ TORCH_PIN ?= torch==2.13.0
 #   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu      # the CPU build on a GPU machine
 # A torch wheel that pip finds with no index at all (find-links in pip.conf, PIP_FIND_LINKS) is used first.
 TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,https://download.pytorch.org/whl/cpu)
-# Extras of the project installed into .venv (tensorboard: the viewer for the runs' event files).
-EXTRAS ?= test,tensorboard
+# Extras of the project installed into .venv (tensorboard: the viewer for the runs' event files; pose: the
+# pose models of jobs/estimate_pose.py, ~70 MB of wheels, ~220 MB installed with the test extra's additions).
+EXTRAS ?= test,tensorboard,pose
 # Ray on a small machine: see docs/architecture.md, "Ray resources".
 export RAY_DEDUP_LOGS ?= 0
 
@@ -36,7 +37,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 # Needs no .venv: pip only resolves (--dry-run), whatever is installed.
 lock:
 	$(PYTHON) -m pip install --quiet --dry-run --ignore-installed --report $(LOCK).json pip $(TORCH_PIN) \
-	  -e ".[test,tensorboard]"
+	  -e ".[test,tensorboard,pose]"
 	$(PYTHON) tools/lock.py $(LOCK).json > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm $(LOCK).json
 

@@ -18,6 +18,9 @@ from stal_ray.data import storage
 # Allowed values of the string settings; other modules import these instead of repeating them.
 BACKBONES = ("bninception", "resnet50", "tiny")
 POSE_SOURCES = ("keypoints", "learned", "prior")
+# model.keypoint_supervision when unset, the learned pose head trains on data with keypoints: the loss is a
+# squared error in crop fractions (objective.keypoint_loss), so a joint 10% of the crop off weighs 0.1
+KEYPOINT_SUPERVISION = 10.0
 ATTENTION_MODES = ("stal", "tan", "san", "baseline")
 MINING = ("batch_hard", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -53,8 +56,10 @@ class ModelConfig:
     feature_dim: int = 1024
     # where the 14 joints of Eq. 7 come from: "keypoints" given in the data, "learned" head, "prior" pose
     pose_source: str = "learned"
-    # weight of a loss pulling learned joints to given keypoints (0 = pure ReID refinement)
-    keypoint_supervision: float = 0.0
+    # weight of a loss pulling learned joints to given keypoints (0 = pure ReID refinement); null (default):
+    # KEYPOINT_SUPERVISION when pose_source is learned and the training data has keypoints (e.g. estimated by
+    # jobs/estimate_pose.py), else 0 (resolved by resolve_keypoint_supervision as training starts)
+    keypoint_supervision: float | None = None
     # side of the ROI-pooled part map (paper §III-E: 8x8)
     part_size: int = 8
     # ablation switch (paper §IV-C): "stal" both, "tan" temporal only, "san" spatial only, "baseline" all 1
@@ -231,6 +236,22 @@ PATH_SETTINGS = ("model.pretrained", "data.root", "train.storage_path")
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
+
+def resolve_keypoint_supervision(model: ModelConfig, frames_with_keypoints: int) -> tuple[float, str]:
+    """model.keypoint_supervision as set, or when unset (null) KEYPOINT_SUPERVISION for the learned pose head
+    on training data with keypoints and 0 otherwise; with a line saying which and why."""
+    if model.keypoint_supervision is not None:
+        weight = model.keypoint_supervision
+        return weight, f"model.keypoint_supervision = {weight:g} (set)"
+    if model.pose_source == "learned" and frames_with_keypoints:
+        return KEYPOINT_SUPERVISION, (
+            f"model.keypoint_supervision = {KEYPOINT_SUPERVISION:g}: the learned pose head trains toward the "
+            f"data's keypoints ({frames_with_keypoints} training frames have them; set "
+            "model.keypoint_supervision=0 for pure ReID refinement)")
+    why = "the data has no keypoints" if model.pose_source == "learned" else \
+        f"model.pose_source = {model.pose_source} has no pose head to supervise"
+    return 0.0, f"model.keypoint_supervision = 0: {why}"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -534,7 +555,7 @@ _RULES: dict[str, _Rule] = {
     "model.pretrained": _path_or_null,
     "model.feature_dim": _int_at_least(1),
     "model.pose_source": _one_of(POSE_SOURCES),
-    "model.keypoint_supervision": _at_least(0),
+    "model.keypoint_supervision": lambda v: None if v is None else _at_least(0)(v),
     "model.part_size": _int_at_least(1),
     "model.attention": _one_of(ATTENTION_MODES),
     "model.stan_batchnorm": lambda v: None,

@@ -186,7 +186,7 @@ class STALObjective(nn.Module):
             margin_local=train.margin_local,
             local_weight=train.local_weight,
             mining=train.mining,
-            keypoint_weight=config.model.keypoint_supervision,
+            keypoint_weight=config.model.keypoint_supervision or 0.0,  # null: unresolved, none
             branches=train.branches,
             part_norm=config.model.part_norm,
             label_smoothing=train.label_smoothing,

@@ -17,8 +17,9 @@ REQUIRED = {
     "train_mars": [], "tune_stal": [], "study": ["--out", "study"],
     "evaluate_mars": ["--checkpoint", "model.pt", "--out", "eval"],
     "prepare_mars": ["--mars-root", "release", "--out", "shards"],
+    "estimate_pose": ["--data", "shards"],
 }
-RAY_JOBS = ("train_mars", "tune_stal", "study", "evaluate_mars")
+RAY_JOBS = ("train_mars", "tune_stal", "study", "evaluate_mars", "estimate_pose")
 
 
 def job(name: str):

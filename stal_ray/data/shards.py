@@ -112,6 +112,8 @@ class Manifest:
     counts: dict[str, dict[str, int]]
     files: dict[str, list[ShardFile]]
     bad_frames: list[dict] = field(default_factory=list)  # frames left out; absent from older manifests
+    # the model whose joints the keypoints column holds (stal_ray/pose/annotate.py); absent when none did
+    pose: dict | None = None
     uri: str = field(default="", compare=False)  # the data set's URI; not stored
     version: str = field(default="", compare=False)  # version ID (publish.LEGACY: none); not stored
     reused: bool = field(default=False, compare=False)  # write_shards found it up to date; not stored
@@ -134,6 +136,8 @@ class Manifest:
 
     def to_json(self) -> str:
         stored = {k: v for k, v in asdict(self).items() if k not in self._NOT_STORED}
+        if stored["pose"] is None:
+            del stored["pose"]
         return json.dumps(stored, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -141,7 +145,7 @@ class Manifest:
         data = json.loads(text)
         files = {split: [ShardFile(**entry) for entry in data["files"][split]] for split in SPLITS}
         return cls(data["schema_version"], data["created"], data["source"], data["target_file_bytes"],
-                   data["counts"], files, list(data.get("bad_frames", [])))
+                   data["counts"], files, list(data.get("bad_frames", [])), data.get("pose"))
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -179,6 +179,6 @@ class PoseSource(nn.Module):
         if keypoints is None:
             raise ValueError(
                 "model.pose_source = 'keypoints' needs keypoints (B, T, 14, 3) with every clip; the data set "
-                "has none: prepare it with keypoints, or set model.pose_source=learned (or prior)"
+                "has none: estimate them (jobs/estimate_pose.py), or set model.pose_source=learned (or prior)"
             )
         return keypoints.to(low_map.dtype)

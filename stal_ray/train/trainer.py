@@ -10,7 +10,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from stal_ray.config import Config, ConfigError
+from stal_ray.config import Config, ConfigError, resolve_keypoint_supervision
 from stal_ray.data import shards, storage
 from stal_ray.data.pipeline import identity_labels
 from stal_ray.data.validation import ValidationSplit
@@ -58,7 +58,8 @@ def check_resources(config: Config) -> None:
                   "a fixed cluster, lower --num-workers)", flush=True)
 
 
-def check_data(config: Config, data: str, labels: list[int], *, endpoint_url: str | None = None) -> None:
+def check_data(config: Config, data: str, labels: list[int], *,
+               endpoint_url: str | None = None) -> dict[str, int]:
     """Settings the prepared data set cannot train, refused in the driver before any worker starts.
 
     A tracklet shorter than data.seq_len is not refused: restricted random sampling repeats its frames in
@@ -70,13 +71,15 @@ def check_data(config: Config, data: str, labels: list[int], *, endpoint_url: st
         raise ConfigError(
             f"model.pose_source = keypoints, but {data} has no keypoints (0 of {counts['frames']} training "
             "frames): set model.pose_source=learned (a keypoint head) or prior (the canonical pose), or "
-            "prepare the data set with keypoints (jobs/prepare_mars.py --keypoints FILE)")
+            f"estimate them (python jobs/estimate_pose.py --data {data}), or prepare the data set with "
+            "keypoints (jobs/prepare_mars.py --keypoints FILE)")
     if len(labels) < p * workers:
         raise ConfigError(
             f"data.identities_per_batch = {p} with train.num_workers = {workers} needs at least "
             f"{p * workers} training identities (each worker's batches hold {p} distinct ones), but {data} "
             f"leaves {len(labels)} for training: lower data.identities_per_batch or --num-workers, or lower "
             "data.val_identities")
+    return counts
 
 
 def check_shared_storage(config: Config, nodes: list[dict] | None = None,
@@ -114,12 +117,15 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
     labels = identity_labels(data, endpoint_url=endpoint_url, **(
         {"exclude_identities": exclude_identities} if exclude_identities else {}))
-    check_data(config, data, labels, endpoint_url=endpoint_url)
+    counts = check_data(config, data, labels, endpoint_url=endpoint_url)
     train = config.train
     root = storage_root(config)
     # model.pt records the data it was trained on: evaluate_mars.py without --data evaluates that
     config = copy.deepcopy(config)
     config.data.root = data
+    config.model.keypoint_supervision, why = resolve_keypoint_supervision(
+        config.model, counts.get("frames_with_keypoints", 0))
+    print(why, flush=True)
     run_dir = storage.join(root, name)
     loop_config = {
         "config": config.to_dict(), "data": data, "labels": labels, "endpoint_url": endpoint_url,
