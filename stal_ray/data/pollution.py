@@ -30,6 +30,14 @@ def settings(seed: int, box: int = BOX) -> dict:
                     "frame's path"}
 
 
+def summary(polluted: dict | None) -> str:
+    """A few words for messages: "none", or the box, frame size and seed."""
+    if not polluted:
+        return "none"
+    height, width = polluted["reference_size"]
+    return f"{polluted['box']}x{polluted['box']} box per {height}x{width} frame, seed {polluted['seed']}"
+
+
 def box_of(path: str, height: int, width: int, polluted: dict) -> tuple[int, int, int, int]:
     """(top, left, box height, box width) of the black box in the frame at `path` of this size."""
     reference_height, reference_width = polluted["reference_size"]

@@ -15,7 +15,8 @@ PROTOCOL_OF = {"mars": MARS, "ilidsvid": TWO_CAMERA, "prid2011": TWO_CAMERA}
 NAMES = {"mars": "MARS", "ilidsvid": "iLIDS-VID", "prid2011": "PRID-2011"}
 _QUERY_GALLERY = {
     MARS: ("the query_IDX tracklets", "the test tracklets, as eval.protocol says"),
-    TWO_CAMERA: ("the camera-1 sequence of each test person", "the camera-2 sequence of each test person"),
+    TWO_CAMERA: ("the camera-1 (iLIDS-VID cam1, PRID-2011 cam_a) sequence of each test person",
+                 "the camera-2 (cam2, cam_b) sequence of each test person"),
 }
 _EVAL_PROTOCOL = {TWO_CAMERA: "torchreid"}  # the eval.protocol whose gallery is the data set's
 

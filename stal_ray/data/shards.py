@@ -380,8 +380,8 @@ def _differences(existing: Manifest, source: dict, target_file_bytes: int, relea
                  dataset: dict) -> list[str]:
     differences = []
     if existing.dataset.get("pollution") != dataset.get("pollution"):
-        differences.append(f"pollution ({existing.dataset.get('pollution')}, asked "
-                           f"{dataset.get('pollution')})")
+        differences.append(f"pollution ({pollution.summary(existing.dataset.get('pollution'))}, asked "
+                           f"{pollution.summary(dataset.get('pollution'))})")
     fixed = [entry["path"] for entry in existing.bad_frames if _now_good(release, entry["path"])]
     if fixed:
         differences.append(f"set of good frames ({len(fixed)} left out as bad then are whole JPEGs now, "
