@@ -122,7 +122,8 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     config.data.root = data
     run_dir = storage.join(root, name)
     # and which data set that is (data/protocol.py): evaluating it on another one is a cross-dataset test
-    described = {"uri": data, **shards.read_manifest(data, endpoint_url=endpoint_url).dataset}
+    dataset = shards.read_manifest(data, endpoint_url=endpoint_url).dataset
+    described = {"uri": data, **{key: dataset.get(key) for key in ("name", "split", "pollution")}}
     loop_config = {
         "config": config.to_dict(), "data": data, "dataset": described, "labels": labels,
         "endpoint_url": endpoint_url,
