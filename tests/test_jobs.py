@@ -17,8 +17,9 @@ REQUIRED = {
     "train_mars": [], "tune_stal": [], "study": ["--out", "study"],
     "evaluate_mars": ["--checkpoint", "model.pt", "--out", "eval"],
     "prepare_mars": ["--mars-root", "release", "--out", "shards"],
+    "splits": ["--dataset", "ilidsvid", "--root", "release", "--out", "splits"],
 }
-RAY_JOBS = ("train_mars", "tune_stal", "study", "evaluate_mars")
+RAY_JOBS = ("train_mars", "tune_stal", "study", "evaluate_mars", "splits")
 
 
 def job(name: str):
