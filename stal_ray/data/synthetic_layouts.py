@@ -66,8 +66,9 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     if layout not in LAYOUTS[1:]:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS[1:])} here (mars: "
                          f"write_synthetic_release), got {layout!r}")
-    if persons < 2 or persons % 2:
-        raise ValueError(f"persons must be even and >= 2 (the splits halve them), got {persons}")
+    if persons < 2 or persons % 2 or persons > 798:
+        raise ValueError(f"persons must be even, >= 2 (the splits halve them) and <= 798 (3-digit iLIDS-VID "
+                         f"person numbers with gaps), got {persons}")
     _validate(persons, 1, 2, (1, 1), tuple(frames_per_tracklet), height, width, occlusion, 0, 0)
     root = Path(out)
     if root.exists() and any(root.iterdir()):
