@@ -40,7 +40,7 @@ _FIXED_BY_MODEL = ("data.seq_len", "data.height", "data.width")
 def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_overrides=(),
              fusion_rate: float | None = None, modes=MODES, protocol: str | None = None,
              save_distances: bool = False, features_path: str | None = None, endpoint_url: str | None = None,
-             use_gpu: bool | None = None, concurrency: int | None = None) -> dict:
+             use_gpu: bool | None = None, concurrency: int | None = None, cpu_share: float = 0.5) -> dict:
     """Evaluate `model_path` (stal_ray.model.export) on the test split at `data_uri` (prepared shards; None:
     the embedded synthetic data set) and write the report into out_dir; returns the metrics.json document.
 
@@ -48,6 +48,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     eval.batch_size=64, data.decode_concurrency=4) on top. fusion_rate (α) and protocol default to the
     config's eval settings. Features are saved to features_path (default out_dir/features.parquet) and
     reused by a later call for the same model file and data set, which then reads nothing else.
+    cpu_share: the share of a node's CPUs a CPU feature actor takes (its PyTorch threads; the rest decodes);
+    evaluations running side by side (jobs/splits.py --parallel) divide it between them.
     """
     config, meta = load_model_config(model_path)
     provenance = model_provenance(model_path, meta)
@@ -64,7 +66,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
         print(f"evaluating on {data_uri}, the data set the model was trained on")
     features_path = features_path or storage.join(out_dir, FEATURES_FILE)
 
-    feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency)
+    feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency,
+                            cpu_share)
     # iLIDS-VID and PRID-2011 rank camera 1 against camera 2 whatever eval.protocol says (data/protocol.py)
     described = data_protocol.of_manifest(feature_set.source.get("dataset"))
     protocol = data_protocol.eval_protocol(described, protocol, config.eval.protocol)
@@ -155,7 +158,7 @@ def _with_overrides(config: Config, overrides, model_path: str) -> Config:
 
 
 def _features(model_path: str, data_uri: str, config: Config, features_path: str, endpoint_url: str | None,
-              use_gpu: bool | None, concurrency: int | None) -> FeatureSet:
+              use_gpu: bool | None, concurrency: int | None, cpu_share: float = 0.5) -> FeatureSet:
     """The saved features when they came from this model file and data set, else extracted and saved."""
     fs, path = storage.filesystem(model_path, endpoint_url=endpoint_url, check=False)
     with storage.errors(model_path, endpoint_url):
@@ -181,7 +184,7 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
         concurrency = max(1, gpus)  # one actor per GPU
     # a CPU actor's PyTorch threads: half of a node, the rest decodes frames
     node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=2)
-    num_cpus = 1 if gpus else max(1, int(node_cpus) // 2)
+    num_cpus = 1 if gpus else max(1, int(node_cpus * cpu_share))
     # checked only now: reused features need no access to the data set at all
     data_uri_checked = resolve_data(data_uri, endpoint_url=endpoint_url)
     described = shards.read_manifest(data_uri_checked, endpoint_url=endpoint_url).dataset

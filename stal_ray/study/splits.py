@@ -72,7 +72,8 @@ def run_splits(config: Config, data: SplitData, out: str, splits: list[int], *, 
                 source.ensure_splits(splits[0])
         task = ray.remote(num_cpus=0)(run_split)
         with ThreadPoolExecutor(parallel) as pool:  # at most `parallel` splits in flight
-            results = list(pool.map(lambda k: ray.get(task.remote(config, data, out, k, cross)), splits))
+            results = list(pool.map(lambda k: ray.get(task.remote(config, data, out, k, cross, parallel)),
+                                    splits))
     else:
         results = [run_split(config, data, out, k, cross) for k in splits]
     summary = summarise(dict(zip(splits, results, strict=True)), data, cross, command,
@@ -84,9 +85,12 @@ def run_splits(config: Config, data: SplitData, out: str, splits: list[int], *, 
     return storage.join(out, SUMMARY_JSON)
 
 
-def run_split(config: Config, data: SplitData, out: str, split: int, cross: SplitData | None) -> dict:
+def run_split(config: Config, data: SplitData, out: str, split: int, cross: SplitData | None,
+              side_by_side: int = 1) -> dict:
     """{"test": metrics.json of split `split`'s model on its own test split, "cross": on the cross data set's
-    split (None without one)}; each read back when an earlier run wrote it."""
+    split (None without one)}; each read back when an earlier run wrote it. side_by_side: splits running at
+    once, which share the nodes' CPUs in their evaluations (else their feature actors hold every CPU and the
+    reading tasks of each wait on the others')."""
     from stal_ray.evaluate.evaluate import evaluate  # Ray Data and plotting: only where a split runs
     from stal_ray.train.trainer import train
 
@@ -103,10 +107,11 @@ def run_split(config: Config, data: SplitData, out: str, split: int, cross: Spli
     print(f"splits: training split {split} on {shards}", flush=True)
     trained = train(split_config, shards, name=f"split-{split}", endpoint_url=data.endpoint_url)
     if results["test"] is None:
-        results["test"] = evaluate(trained.model_path, shards, run_dir, endpoint_url=data.endpoint_url)
+        results["test"] = evaluate(trained.model_path, shards, run_dir, endpoint_url=data.endpoint_url,
+                                   cpu_share=0.5 / side_by_side)
     if cross is not None and results["cross"] is None:
         results["cross"] = evaluate(trained.model_path, cross.prepare(split), cross_dir,
-                                    endpoint_url=cross.endpoint_url)
+                                    endpoint_url=cross.endpoint_url, cpu_share=0.5 / side_by_side)
     return results
 
 
