@@ -1,4 +1,5 @@
-"""Evaluate a trained STAL model on the MARS test split: CMC and mAP per mode, metrics.json and plots.
+"""Evaluate a trained STAL model on a test split (MARS, iLIDS-VID, PRID-2011; another data set than the
+model's is a cross-dataset test): CMC and mAP per mode, metrics.json and plots.
 
 Alone:              python jobs/evaluate_mars.py --checkpoint runs/stal/model.pt --out eval/
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/evaluate_mars.py \\
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="distances to rank by (default: all)")
     parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
                         help="query/gallery protocol and AP rule: official (the MARS code's trapezoid mAP) "
-                             "or torchreid (step mAP) (default: the model's eval.protocol)")
+                             "or torchreid (step mAP) (default: the model's eval.protocol); iLIDS-VID and "
+                             "PRID-2011 are always ranked camera 1 against camera 2 (torchreid)")
     parser.add_argument("--save-distances", action="store_true",
                         help="also write distances.npz (the first mode's query x gallery matrix)")
     parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return read_release(args.dataset, args.root, split=args.split or 0, split_file=args.split_file,
                             out=args.out, endpoint_url=args.endpoint_url)
 
-    return prepare("prepare_data", read, args)
+    split = None if args.dataset == "mars" else args.split or 0
+    return prepare("prepare_data", read, args, dataset=args.dataset, split=split)
 
 
 if __name__ == "__main__":

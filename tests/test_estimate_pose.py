@@ -13,7 +13,10 @@ from conftest import SMALL_RELEASE  # noqa: E402
 from test_jobs import job  # noqa: E402
 
 from stal_ray.config import KEYPOINT_SUPERVISION, load_config  # noqa: E402
-from stal_ray.data import publish  # noqa: E402
+from stal_ray.data import (
+    protocol,  # noqa: E402
+    publish,  # noqa: E402
+)
 from stal_ray.data.mars import read_mars  # noqa: E402
 from stal_ray.data.shards import read_manifest, verify, write_shards  # noqa: E402
 from stal_ray.data.synthetic import write_synthetic_release  # noqa: E402
@@ -36,7 +39,9 @@ def prepared(tmp_path_factory) -> str:
     # a JPEG's first segment and end marker (prepare's check keeps it) around bytes no decoder reads
     first.write_bytes(first.read_bytes()[:20] + bytes(200) + b"\xff\xd9")
     out = str(root / "shards")
-    write_shards(read_mars(release), out, target_file_bytes=20_000, progress=False)
+    # a recorded split (not MARS's default entry), which the joints' version must keep
+    write_shards(read_mars(release), out, target_file_bytes=20_000, progress=False,
+                 dataset=protocol.describe("mars", split=1))
     return out
 
 
@@ -76,6 +81,7 @@ def test_joints_are_added_in_place_resumed_after_an_interruption_and_a_rerun_is_
     assert after.version == result.manifest.version != before.version
     assert after.pose["model"]["sha256"] == model.sha256 and after.pose["model"]["name"] == "blazepose-full"
     assert after.pose["unreadable_frames"] == {"train": 1, "test": 0}
+    assert after.dataset == before.dataset and after.dataset["split"] == 1
     for split in ("train", "test"):
         counts = after.counts[split]
         assert counts["frames"] == frames[split]

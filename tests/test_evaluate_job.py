@@ -22,7 +22,7 @@ from stal_ray.model.export import save_model
 from stal_ray.model.stal import STAL
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "evaluate_mars.py"
-TOP_LEVEL = {"model", "modes", "ap_rule", "definitions", "fusion_rate", "protocol", "num_query",
+TOP_LEVEL = {"model", "dataset", "modes", "ap_rule", "definitions", "fusion_rate", "protocol", "num_query",
              "num_gallery", "num_test_ids", "skipped_queries"}
 
 

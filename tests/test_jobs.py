@@ -18,8 +18,9 @@ REQUIRED = {
     "evaluate_mars": ["--checkpoint", "model.pt", "--out", "eval"],
     "prepare_mars": ["--mars-root", "release", "--out", "shards"],
     "estimate_pose": ["--data", "shards"],
+    "splits": ["--dataset", "ilidsvid", "--root", "release", "--out", "splits"],
 }
-RAY_JOBS = ("train_mars", "tune_stal", "study", "evaluate_mars", "estimate_pose")
+RAY_JOBS = ("train_mars", "tune_stal", "study", "evaluate_mars", "estimate_pose", "splits")
 
 
 def job(name: str):

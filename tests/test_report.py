@@ -36,6 +36,7 @@ def test_metrics_json_has_exactly_the_agreed_schema(tmp_path, results):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     definitions = metrics.pop("definitions")
     assert metrics.pop("model") == model
+    assert metrics.pop("dataset") == {}  # evaluate() fills it: data.protocol.cross_dataset
     assert metrics == {
         "modes": {"stal": {"mAP": 0.5, "mAP_step": 0.625, "mINP": 0.25,
                            "cmc": {"1": 0.6, "5": 0.9, "10": 0.9, "20": 0.9},

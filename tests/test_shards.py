@@ -321,7 +321,8 @@ def test_local_uris(tmp_path):
 def test_manifest_is_plain_json(written):
     data = json.loads(open(written.manifest_path).read())
     assert set(data) == {"schema_version", "created", "source", "target_file_bytes", "counts", "files",
-                         "bad_frames"}
+                         "bad_frames", "dataset"}
+    assert data["dataset"]["name"] == "mars" and data["dataset"]["pollution"] is None
     assert set(data["files"]["train"][0]) == {"path", "bytes", "sha256", "rows"}
 
 

@@ -5,6 +5,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from stal_ray.data import pollution, protocol
 from stal_ray.data.frame_check import MAX_BAD_FRACTION
 from stal_ray.data.mars import MarsFormatError, MarsRelease
 from stal_ray.data.shards import write_shards
@@ -14,8 +15,8 @@ _BAD_SHOWN = 20  # bad frames listed in the summary; the manifest lists them all
 
 
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
-    """--out, --keypoints, --endpoint-url, --overwrite, --drop-previous, --target-file-mb and
-    --max-bad-frames."""
+    """--out, --keypoints, --endpoint-url, --overwrite, --drop-previous, --target-file-mb, --max-bad-frames,
+    --pollute and --pollute-seed."""
     parser.add_argument("--out", required=True, metavar="URI",
                         help="output folder or s3://bucket/prefix, one per data set (and split); each "
                              "prepare publishes a new version there (versions/<ID>/) by swapping "
@@ -37,6 +38,12 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
                         help="zero-byte, truncated or non-JPEG frames are left out of their tracklets and "
                              "listed; above this share of all frames the run is refused (default: "
                              f"{MAX_BAD_FRACTION})")
+    parser.add_argument("--pollute", action="store_true",
+                        help="the paper's polluted data (Table VII): a black box of 25x25 pixels per 128x64 "
+                             "frame (scaled to the frame size) at a random place in every training and test "
+                             "frame, recorded in the manifest")
+    parser.add_argument("--pollute-seed", type=int, default=0, metavar="N",
+                        help="with --pollute: the seed of the boxes' places (default: 0)")
 
 
 def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -44,22 +51,33 @@ def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(f"--target-file-mb must be > 0, got {args.target_file_mb}")
     if not 0 <= args.max_bad_frames <= 1:
         parser.error(f"--max-bad-frames must be a fraction in [0, 1], got {args.max_bad_frames}")
+    if args.pollute_seed != 0 and not args.pollute:
+        parser.error("--pollute-seed needs --pollute")
 
 
-def prepare(job: str, read_release: Callable[[], MarsRelease], args: argparse.Namespace) -> int:
+def prepare(job: str, read_release: Callable[[], MarsRelease], args: argparse.Namespace, *,
+            dataset: str = "mars", split: int | None = None) -> int:
     """Read the release, write its shards as add_shard_arguments' options say, print the summary; 2 with one
-    line naming the problem when the release or the storage is at fault."""
+    line naming the problem when the release or the storage is at fault. The manifest describes the data
+    set as `dataset` (split `split`) with its protocol (stal_ray.data.protocol) and pollution."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    described = protocol.describe(dataset, split,
+                                  pollution.settings(args.pollute_seed) if args.pollute else None)
     try:
         manifest = write_shards(read_release(), args.out, keypoints=args.keypoints, overwrite=args.overwrite,
                                 target_file_bytes=max(1, int(args.target_file_mb * 2**20)),
                                 endpoint_url=args.endpoint_url, progress=sys.stderr.isatty(),
-                                max_bad_fraction=args.max_bad_frames, keep_previous=not args.drop_previous)
+                                max_bad_fraction=args.max_bad_frames, keep_previous=not args.drop_previous,
+                                dataset=described)
     except (MarsFormatError, OSError) as error:  # StorageError is an OSError; all are the user's to fix
         print(f"{job}: error: {error}", file=sys.stderr)
         return 2
     state = "already up to date, nothing written" if manifest.reused else "written"
     print(f"{args.out}: {state} (version {manifest.version})")
+    print(f"  {protocol.NAMES[dataset]}{'' if split is None else f' split {split}'}: queries are "
+          f"{described['query']}, the gallery {described['gallery']}"
+          + (f"; polluted (seed {args.pollute_seed}): {described['pollution']['what']}"
+             if args.pollute else ""))
     for split, counts in manifest.counts.items():
         files = manifest.files[split]
         queries = f" ({counts['queries']} queries)" if "queries" in counts else ""

@@ -30,8 +30,9 @@ The manifest (JSON) holds schema_version, created (UTC, ISO 8601), source (relea
 fingerprint of the release index and keypoint bytes), target_file_bytes, counts per split and, per file,
 its path relative to the version folder, byte size, sha256 and row count, and bad_frames: the frames left
 out because they are not whole JPEG files (stal_ray/data/frame_check.py), each with its split, path,
-tracklet row and problem. Readers take the file list from the manifest, never from a listing, so a stray or
-half-written file is never read.
+tracklet row and problem, and dataset: which data set and split it is, its test protocol and the pollution
+drawn into its frames (stal_ray/data/protocol.py). Readers take the file list from the manifest, never from
+a listing, so a stray or half-written file is never read.
 
 Frames are checked as they are copied: a frame that resolves outside the release root (a symlink) refuses
 the run, naming it; a zero-byte, truncated or non-JPEG frame is dropped from its tracklet, listed and
@@ -54,7 +55,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from stal_ray.data import publish, storage
+from stal_ray.data import pollution, protocol, publish, storage
 from stal_ray.data.frame_check import MAX_BAD_FRACTION, BadFrames, BadFramesError, LinkGuard, jpeg_problem
 from stal_ray.data.mars import MarsFormatError, MarsRelease, Tracklet
 from stal_ray.data.shard_files import ShardFile, write_split
@@ -114,6 +115,9 @@ class Manifest:
     bad_frames: list[dict] = field(default_factory=list)  # frames left out; absent from older manifests
     # the model whose joints the keypoints column holds (stal_ray/pose/annotate.py); absent when none did
     pose: dict | None = None
+    # what the data set is and how its test split is ranked (stal_ray.data.protocol.describe); absent from
+    # older manifests, which are MARS's
+    dataset: dict = field(default_factory=protocol.describe)
     uri: str = field(default="", compare=False)  # the data set's URI; not stored
     version: str = field(default="", compare=False)  # version ID (publish.LEGACY: none); not stored
     reused: bool = field(default=False, compare=False)  # write_shards found it up to date; not stored
@@ -145,7 +149,8 @@ class Manifest:
         data = json.loads(text)
         files = {split: [ShardFile(**entry) for entry in data["files"][split]] for split in SPLITS}
         return cls(data["schema_version"], data["created"], data["source"], data["target_file_bytes"],
-                   data["counts"], files, list(data.get("bad_frames", [])), data.get("pose"))
+                   data["counts"], files, list(data.get("bad_frames", [])), pose=data.get("pose"),
+                   dataset=protocol.of_manifest(data.get("dataset")))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -155,7 +160,7 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
                  target_file_bytes: int = 128 << 20, overwrite: bool = False,
                  endpoint_url: str | None = None, progress: bool = True,
                  max_bad_fraction: float = MAX_BAD_FRACTION, keep_previous: bool = True,
-                 lock_wait_s: float = 0.0) -> Manifest:
+                 lock_wait_s: float = 0.0, dataset: dict | None = None) -> Manifest:
     """Write `release` as Parquet shards and a manifest under `out`; returns the manifest.
 
     Keypoints come from `keypoints` (a Parquet file of KEYPOINTS_SCHEMA) or else release.keypoints_path,
@@ -166,13 +171,16 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
     DatasetExistsError unless overwrite=True. keep_previous keeps the version it replaces until the next
     prepare (for jobs still reading it); otherwise that is removed right after the swap. Another prepare
     writing to `out` raises publish.PrepareLockedError, unless it finishes within lock_wait_s seconds (then
-    its data set is checked as above).
+    its data set is checked as above). `dataset` (stal_ray.data.protocol.describe; default MARS's) goes into
+    the manifest; its `pollution` settings, when set, black out a box of every frame
+    (stal_ray.data.pollution).
     """
     if target_file_bytes < 1:
         raise ValueError(f"target_file_bytes must be >= 1, got {target_file_bytes}")
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     keypoints = keypoints or release.keypoints_path
+    dataset = dataset or protocol.describe()
     fs, root = storage.filesystem(out, endpoint_url=endpoint_url)
     lookup, keypoint_values, keypoints_digest = _read_keypoints(keypoints, endpoint_url)
     source = {"release": release.root, "keypoints": keypoints,
@@ -180,12 +188,13 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
     with storage.errors(out, endpoint_url):
         # checked before the lock (a reader of an up-to-date data set needs no write access) and again
         # under it (another prepare may have published while this one waited)
-        up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes, release)
+        up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes, release,
+                                                        dataset)
         if up_to_date is not None:
             return up_to_date
         with publish.prepare_lock(fs, root, out, lock_wait_s):
             up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes,
-                                                            release)
+                                                            release, dataset)
             if up_to_date is not None:
                 return up_to_date
             current, previous = _versions(fs, root, out)
@@ -193,7 +202,7 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
             version = publish.new_version()
             base = publish.version_root(root, version)
             total = sum(len(t.frames) for t in (*release.train, *release.test))
-            reader = _FrameReader(release, BadFrames(total, max_bad_fraction))
+            reader = _FrameReader(release, BadFrames(total, max_bad_fraction), dataset.get("pollution"))
             try:
                 join = _KeypointJoin(lookup, keypoint_values)
                 train, skipped = _train_rows(reader, join)
@@ -212,6 +221,7 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
                     counts=_counts(release, join, skipped, reader.bad),
                     files=files,
                     bad_frames=reader.bad.found,
+                    dataset=dataset,
                     uri=out,
                     version=version,
                     _root=base,
@@ -236,13 +246,13 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
 
 
 def _up_to_date(out: str, endpoint_url: str | None, source: dict, target_file_bytes: int,
-                release: MarsRelease) -> Manifest | None:
+                release: MarsRelease, dataset: dict) -> Manifest | None:
     """The complete data set at `out` when it is of this source and settings (reused), None when there is
     none; DatasetExistsError when there is another one."""
     existing = _complete_manifest(out, endpoint_url)
     if existing is None:
         return None
-    differences = _differences(existing, source, target_file_bytes, release)
+    differences = _differences(existing, source, target_file_bytes, release, dataset)
     if differences:
         raise DatasetExistsError(f"{out} already holds a complete data set with another "
                                  f"{', '.join(differences)}; pass --overwrite (overwrite=True) to rebuild it")
@@ -271,14 +281,15 @@ def _versions(fs, root: str, out: str) -> tuple[str | None, str | None]:
 class _FrameReader:
     """Reads a release's frames for the shards: symlinks leaving the root refused, bad JPEGs set aside."""
 
-    def __init__(self, release: MarsRelease, bad: BadFrames):
-        self.release, self.bad = release, bad
+    def __init__(self, release: MarsRelease, bad: BadFrames, polluted: dict | None = None):
+        self.release, self.bad, self.polluted = release, bad, polluted
         fs, base = release._filesystem()
         self.guard = LinkGuard(base if isinstance(fs, LocalFileSystem) else None)
 
     def _read(self, path: str) -> bytes:
         self.guard.check(path)  # before the read: a link out of the release is never opened
-        return self.release.read_frame(path)
+        frame = self.release.read_frame(path)
+        return frame if self.polluted is None else pollution.pollute(frame, path, self.polluted)
 
     def tracklets(self, tracklets: list[Tracklet], pool: concurrent.futures.Executor,
                   ) -> list[tuple[list[str], list[bytes]]]:
@@ -369,8 +380,12 @@ def _complete_manifest(out: str, endpoint_url: str | None) -> Manifest | None:
         return None
 
 
-def _differences(existing: Manifest, source: dict, target_file_bytes: int, release: MarsRelease) -> list[str]:
+def _differences(existing: Manifest, source: dict, target_file_bytes: int, release: MarsRelease,
+                 dataset: dict) -> list[str]:
     differences = []
+    if existing.dataset.get("pollution") != dataset.get("pollution"):
+        differences.append(f"pollution ({pollution.summary(existing.dataset.get('pollution'))}, asked "
+                           f"{pollution.summary(dataset.get('pollution'))})")
     fixed = [entry["path"] for entry in existing.bad_frames if _now_good(release, entry["path"])]
     if fixed:
         differences.append(f"set of good frames ({len(fixed)} left out as bad then are whole JPEGs now, "

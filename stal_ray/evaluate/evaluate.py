@@ -9,7 +9,8 @@ import numpy as np
 import ray
 
 from stal_ray.config import PROTOCOLS, Config, _parse_override, config_from_dict
-from stal_ray.data import storage
+from stal_ray.data import protocol as data_protocol
+from stal_ray.data import shards, storage
 from stal_ray.data.pipeline import evaluation_dataset
 from stal_ray.data.source import resolve_data
 from stal_ray.evaluate import report
@@ -39,7 +40,7 @@ _FIXED_BY_MODEL = ("data.seq_len", "data.height", "data.width")
 def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_overrides=(),
              fusion_rate: float | None = None, modes=MODES, protocol: str | None = None,
              save_distances: bool = False, features_path: str | None = None, endpoint_url: str | None = None,
-             use_gpu: bool | None = None, concurrency: int | None = None) -> dict:
+             use_gpu: bool | None = None, concurrency: int | None = None, cpu_share: float = 0.5) -> dict:
     """Evaluate `model_path` (stal_ray.model.export) on the test split at `data_uri` (prepared shards; None:
     the embedded synthetic data set) and write the report into out_dir; returns the metrics.json document.
 
@@ -47,24 +48,32 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     eval.batch_size=64, data.decode_concurrency=4) on top. fusion_rate (α) and protocol default to the
     config's eval settings. Features are saved to features_path (default out_dir/features.parquet) and
     reused by a later call for the same model file and data set, which then reads nothing else.
+    cpu_share: the share of a node's CPUs a CPU feature actor takes (its PyTorch threads; the rest decodes);
+    evaluations running side by side (jobs/splits.py --parallel) divide it between them.
     """
     config, meta = load_model_config(model_path)
     provenance = model_provenance(model_path, meta)
     config = _with_overrides(config, config_overrides, model_path)
     fusion_rate = config.eval.fusion_rate if fusion_rate is None else float(fusion_rate)
-    protocol = protocol or config.eval.protocol
     modes = tuple(modes)
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown or not modes:
         raise ValueError(f"modes {list(modes)} are invalid: use one or more of {', '.join(MODES)}")
-    if protocol not in PROTOCOLS:
+    if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is invalid: use one of {', '.join(PROTOCOLS)}")
     if data_uri is None:  # the data the model was trained on (None: the embedded synthetic data set)
         data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url)
         print(f"evaluating on {data_uri}, the data set the model was trained on")
     features_path = features_path or storage.join(out_dir, FEATURES_FILE)
 
-    feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency)
+    feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency,
+                            cpu_share)
+    # iLIDS-VID and PRID-2011 rank camera 1 against camera 2 whatever eval.protocol says (data/protocol.py)
+    described = data_protocol.of_manifest(feature_set.source.get("dataset"))
+    protocol = data_protocol.eval_protocol(described, protocol, config.eval.protocol)
+    dataset = data_protocol.cross_dataset(meta.get("extra", {}).get("data"), described)
+    if "note" in dataset:
+        print(dataset["note"])
     query_index, gallery_index = query_gallery_split(feature_set.identity, feature_set.camera,
                                                      feature_set.is_query, protocol)
     query, gallery = feature_set.features[query_index], feature_set.features[gallery_index]
@@ -92,7 +101,7 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
               if config.eval.rerank else None)
     metrics_path = report.write_metrics(out_dir, results, fusion_rate, protocol, len(query_index),
                                         len(gallery_index), num_test_ids, first.skipped_queries, provenance,
-                                        rerank=rerank)
+                                        rerank=rerank, dataset=dataset)
     report.plot_cmc(storage.join(out_dir, report.CMC_FILE), results)
     report.plot_attention(storage.join(out_dir, report.ATTENTION_FILE), feature_set.sample_scores,
                           feature_set.sample_frames, _captions(feature_set))
@@ -109,7 +118,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     print(report.format_table(results))
     print(f"metrics: {metrics_path}")
     return report.metrics_dict(results, fusion_rate, protocol, len(query_index), len(gallery_index),
-                               num_test_ids, first.skipped_queries, provenance, rerank=rerank)
+                               num_test_ids, first.skipped_queries, provenance, rerank=rerank,
+                               dataset=dataset)
 
 
 def _reranked(distance, query, gallery, mode: str, fusion_rate: float, config: Config):
@@ -148,7 +158,7 @@ def _with_overrides(config: Config, overrides, model_path: str) -> Config:
 
 
 def _features(model_path: str, data_uri: str, config: Config, features_path: str, endpoint_url: str | None,
-              use_gpu: bool | None, concurrency: int | None) -> FeatureSet:
+              use_gpu: bool | None, concurrency: int | None, cpu_share: float = 0.5) -> FeatureSet:
     """The saved features when they came from this model file and data set, else extracted and saved."""
     fs, path = storage.filesystem(model_path, endpoint_url=endpoint_url, check=False)
     with storage.errors(model_path, endpoint_url):
@@ -165,7 +175,7 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
         except ValueError as error:
             logger.warning("extracting again: %s", error)
         else:
-            if saved.source == source:
+            if {k: v for k, v in saved.source.items() if k != "dataset"} == source:
                 print(f"reusing features from {features_path}")
                 return saved
             print(f"{features_path} came from another model file or data set: extracting again")
@@ -174,17 +184,18 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
         concurrency = max(1, gpus)  # one actor per GPU
     # a CPU actor's PyTorch threads: half of a node, the rest decodes frames
     node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=2)
-    num_cpus = 1 if gpus else max(1, int(node_cpus) // 2)
+    num_cpus = 1 if gpus else max(1, int(node_cpus * cpu_share))
     # checked only now: reused features need no access to the data set at all
-    dataset = evaluation_dataset(resolve_data(data_uri, endpoint_url=endpoint_url), config,
-                                 endpoint_url=endpoint_url)
+    data_uri_checked = resolve_data(data_uri, endpoint_url=endpoint_url)
+    described = shards.read_manifest(data_uri_checked, endpoint_url=endpoint_url).dataset
+    dataset = evaluation_dataset(data_uri_checked, config, endpoint_url=endpoint_url)
     feature_set = extract_features(dataset, model_path, batch_size=config.eval.batch_size, use_gpu=use_gpu,
                                    concurrency=concurrency, num_cpus=num_cpus,
                                    keep_scores_for=SAMPLED_TRACKLETS)
     positions = {t: report.shown_frames(len(s)) for t, s in feature_set.sample_scores.items()}
     feature_set.sample_frames = tracklet_frames(data_uri, positions, data.height, data.width,
                                                 endpoint_url=endpoint_url)
-    feature_set.source = source
+    feature_set.source = {**source, "dataset": described}  # what the data set is, read with its features
     save_features(feature_set, features_path)
     return feature_set
 

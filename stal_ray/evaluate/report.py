@@ -78,14 +78,16 @@ def familiar_metrics(result) -> dict[str, float]:
 
 def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query: int, num_gallery: int,
                  num_test_ids: int, skipped: int, model: Mapping | None = None, *,
-                 rerank: Mapping | None = None) -> dict:
+                 rerank: Mapping | None = None, dataset: Mapping | None = None) -> dict:
     """The metrics.json document: per mode mAP (the protocol's AP rule), mAP_step, mINP and CMC at the
     reported ranks as fractions in [0, 1], and the same in percent under torchreid/fast-reid names;
     `model`: which model file was evaluated, from which iteration and why (evaluate.model_provenance); and
-    `rerank`, only when the distances were re-ranked."""
+    `rerank`, only when the distances were re-ranked; `dataset`: the evaluated data set, its protocol,
+    what the model was trained on and whether this is a cross-dataset test (data.protocol.cross_dataset)."""
     rule = ap_rule_of(results)
     return {
         "model": dict(model or {}),
+        "dataset": dict(dataset or {}),
         "modes": {mode: {"mAP": float(result.mAP), "mAP_step": float(result.mAP_step),
                          "mINP": float(result.mINP),
                          "cmc": {str(rank): float(value) for rank, value in sorted(result.cmc.items())},
@@ -106,11 +108,11 @@ def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query:
 
 def write_metrics(out_dir: str, results: Mapping, fusion_rate: float, protocol: str, num_query: int,
                   num_gallery: int, num_test_ids: int, skipped: int, model: Mapping | None = None, *,
-                  rerank: Mapping | None = None) -> str:
+                  rerank: Mapping | None = None, dataset: Mapping | None = None) -> str:
     """Write out_dir/metrics.json (metrics_dict) and return its path."""
     path = storage.join(out_dir, METRICS_FILE)
     document = metrics_dict(results, fusion_rate, protocol, num_query, num_gallery, num_test_ids, skipped,
-                            model, rerank=rerank)
+                            model, rerank=rerank, dataset=dataset)
     write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
     return path
 

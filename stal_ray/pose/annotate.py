@@ -246,6 +246,7 @@ def _publish(fs, root: str, manifest: shards.Manifest, model: PoseModel, state: 
         files={split: [ShardFile(**done[f.path]["file"]) for f in manifest.files[split]]
                for split in shards.SPLITS},
         bad_frames=manifest.bad_frames,
+        dataset=manifest.dataset,  # what the data set is and its protocol: unchanged by the joints
         pose={"model": model.describe(), "from_version": manifest.version, "unreadable_frames": unreadable,
               "joints": "stal_ray.model.parts.JOINT_NAMES, (x, y, confidence) in frame pixels",
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},

@@ -203,6 +203,8 @@ def _save_model(loop_config: dict[str, Any], model, step: int, selected_by: str,
     config = config_from_dict(loop_config["config"])
     labels = loop_config["labels"]
     extra = {"iteration": step, "selected_by": selected_by}
+    if loop_config.get("dataset"):  # the data set trained on (data/protocol.py), for cross-dataset reports
+        extra["data"] = loop_config["dataset"]
     if score is not None:
         extra["score"] = score
     save_model(storage.join(loop_config["run_dir"], MODEL_FILE), model, config, num_classes=len(labels),

@@ -127,8 +127,12 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
         config.model, counts.get("frames_with_keypoints", 0))
     print(why, flush=True)
     run_dir = storage.join(root, name)
+    # and which data set that is (data/protocol.py): evaluating it on another one is a cross-dataset test
+    dataset = shards.read_manifest(data, endpoint_url=endpoint_url).dataset
+    described = {"uri": data, **{key: dataset.get(key) for key in ("name", "split", "pollution")}}
     loop_config = {
-        "config": config.to_dict(), "data": data, "labels": labels, "endpoint_url": endpoint_url,
+        "config": config.to_dict(), "data": data, "dataset": described, "labels": labels,
+        "endpoint_url": endpoint_url,
         "run_dir": run_dir, "exclude_identities": exclude_identities, "faults": faults,
         "validation": validation.to_json() if validation is not None else None,
     }

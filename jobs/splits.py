@@ -1,0 +1,104 @@
+"""Train and evaluate STAL on every random split of iLIDS-VID or PRID-2011 (the paper's §IV-A protocol) and
+average: summary.json and summary.md with the mean and standard deviation of rank-1/5/10/20 and mAP.
+
+Alone:              python jobs/splits.py --dataset ilidsvid --root /data/iLIDS-VID --out splits/ilidsvid \\
+                        --config configs/ilidsvid_bninception.yaml --set model.pretrained=WEIGHTS
+On a Ray cluster:   ray job submit --working-dir . -- python jobs/splits.py --dataset prid2011 \\
+                        --root s3://bucket/PRID2011 --out s3://bucket/splits/prid --parallel 5 \\
+                        --config configs/prid2011_bninception.yaml --use-gpu
+Cross-dataset (Table VI): --cross-dataset prid2011 --cross-root DIR also evaluates each split's model on the
+other data set's split. Polluted (Table VII): --pollute. Started again with the same --out, it resumes.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from stal_ray.config import ConfigError, add_config_arguments, config_from_args
+from stal_ray.data import storage
+from stal_ray.data.mars import MarsFormatError
+from stal_ray.data.source import endpoint_url
+from stal_ray.data.storage import StorageError
+from stal_ray.ray_init import add_ray_arguments, init_ray
+from stal_ray.study.splits import SplitData, run_splits
+from stal_ray.train.trainer import NonFiniteLossError
+
+SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_two_camera_tiny.yaml"
+TWO_CAMERA = ("ilidsvid", "prid2011")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, default="configs/synthetic_two_camera_tiny.yaml, the tiny CNN for the "
+                                         "synthetic releases")
+    add_ray_arguments(parser)
+    parser.add_argument("--dataset", required=True, choices=TWO_CAMERA)
+    parser.add_argument("--root", required=True, metavar="DIR", help="the release as shipped (local or s3://)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="shards, runs, summary.json and summary.md (local or s3://)")
+    parser.add_argument("--splits", type=int, default=10, metavar="N",
+                        help="run splits 0..N-1 (default: 10, as the paper)")
+    parser.add_argument("--split-file", metavar="FILE", default=None,
+                        help="prid2011: splits in torchreid's splits_prid2011.json format (default: "
+                             "OUT/data/splits_prid2011.json, written from 10 seeded splits on first use)")
+    parser.add_argument("--pollute", action="store_true",
+                        help="the polluted data of Table VII: a random black box in every frame")
+    parser.add_argument("--pollute-seed", type=int, default=0, metavar="N",
+                        help="with --pollute: the seed of the boxes' places (default: 0)")
+    parser.add_argument("--cross-dataset", choices=TWO_CAMERA, default=None,
+                        help="also evaluate each split's model on this data set's split (Table VI)")
+    parser.add_argument("--cross-root", metavar="DIR", default=None, help="with --cross-dataset: its release")
+    parser.add_argument("--parallel", type=int, default=1, metavar="P",
+                        help="splits run side by side, each a Ray task with its own Ray Train run "
+                             "(default: 1; a cluster needs the resources of P training runs)")
+    parser.add_argument("--num-workers", type=int, default=None, help="train.num_workers of each run")
+    parser.add_argument("--use-gpu", action="store_true", default=None, help="train.use_gpu")
+    parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
+                        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    args = parser.parse_args(argv)
+    if args.splits < 1 or args.parallel < 1:
+        parser.error("--splits and --parallel must be >= 1")
+    if (args.cross_dataset is None) != (args.cross_root is None):
+        parser.error("--cross-dataset and --cross-root go together")
+    if args.cross_dataset == args.dataset:
+        parser.error(f"--cross-dataset {args.cross_dataset} is the training data set; name the other one")
+    if args.split_file is not None and "prid2011" not in (args.dataset, args.cross_dataset):
+        parser.error("--split-file is for prid2011")
+    if args.pollute_seed != 0 and not args.pollute:
+        parser.error("--pollute-seed needs --pollute")
+    args.config = args.config or str(DEFAULT_CONFIG)
+    # read and written by Ray tasks, whose working directory is the cluster's
+    args.root, args.out, args.cross_root, args.split_file = map(
+        storage.absolute, (args.root, args.out, args.cross_root, args.split_file))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    data_out = storage.join(args.out, "data")
+    data = SplitData(args.dataset, args.root, data_out,
+                     split_file=args.split_file if args.dataset == "prid2011" else None,
+                     pollute_seed=args.pollute_seed if args.pollute else None, endpoint_url=args.endpoint_url)
+    cross = None if args.cross_dataset is None else SplitData(
+        args.cross_dataset, args.cross_root, storage.join(args.out, "cross-data"),
+        split_file=args.split_file if args.cross_dataset == "prid2011" else None,
+        endpoint_url=args.endpoint_url)  # the paper tests across data sets unpolluted
+    try:
+        config = config_from_args(args, SHORTCUTS)
+        init_ray(args.address)
+        summary = run_splits(config, data, args.out, list(range(args.splits)),
+                             command="python jobs/splits.py " + shlex.join(argv), cross=cross,
+                             parallel=args.parallel)
+    except (ConfigError, StorageError, MarsFormatError, NonFiniteLossError) as error:
+        print(f"splits: error: {error}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Synthetic releases in the iLIDS-VID and PRID-2011 layouts as shipped (PNG sequences, split file).
+
+`write_ilidsvid_release` and `write_prid_release` lay out given PNG frames exactly as the readers
+(stal_ray/data/ilidsvid.py, prid.py) expect; `write_layout` fills them with the learnable pedestrians of
+stal_ray/data/synthetic.py, one sequence per person and camera (cameras 1 and 2, or A and B):
+
+* ilidsvid: persons numbered with gaps (every fifth number left out, as the real release skips numbers),
+  frame numbers from 1, and `ls_set` with 10 seeded permutations of the sorted person folders;
+* prid2011: `persons` seen by both cameras with at least prid.MIN_FRAMES frames each (the persons the
+  protocol keeps), then PRID_SHORT persons in both cameras with fewer frames (left out by the protocol) and
+  PRID_B_ONLY persons seen by camera B alone, as in the release (385 persons in A, 749 in B, 200 in both).
+
+`python -m stal_ray.data.synthetic OUT --layout ilidsvid|prid2011` writes one.
+"""
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+from stal_ray.data import ilidsvid, prid
+
+LAYOUTS = ("mars", "ilidsvid", "prid2011")
+SPLITS = 10
+PRID_SHORT, PRID_B_ONLY = 2, 2
+
+
+def write_ilidsvid_release(root: str | Path, sequences: Mapping[tuple[int, int], Sequence[bytes]], *,
+                           first_frame: int = 1, splits: int = SPLITS, seed: int = 0) -> np.ndarray:
+    """An iLIDS-VID release under `root`: (person, camera 1|2) -> PNG bytes of its frames; every person in
+    both cameras. Returns ls_set, `splits` seeded permutations of 1..persons (float64, as shipped)."""
+    root = Path(root)
+    for (person, camera), frames in sequences.items():
+        folder = root / ilidsvid.SEQUENCES / f"cam{camera}" / f"person{person:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, png in enumerate(frames, start=first_frame):
+            (folder / f"cam{camera}_person{person:03d}_{number:05d}.png").write_bytes(png)
+    persons = len({person for person, _ in sequences})
+    rng = np.random.default_rng(seed)
+    ls_set = np.stack([rng.permutation(persons) + 1 for _ in range(splits)]).astype(np.float64)
+    split_file = root / ilidsvid.SPLIT_FILE
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(split_file, {ilidsvid.SPLIT_VARIABLE: ls_set})
+    return ls_set
+
+
+def write_prid_release(root: str | Path, sequences: Mapping[tuple[str, int], Sequence[bytes]]) -> None:
+    """A PRID-2011 multi-shot release under `root`: (camera letter a|b, person) -> PNG bytes of its frames."""
+    for (letter, person), frames in sequences.items():
+        folder = Path(root) / prid.SEQUENCES / f"cam_{letter}" / f"person_{person:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, png in enumerate(frames, start=1):
+            (folder / f"{number:04d}.png").write_bytes(png)
+
+
+def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_tracklet: tuple[int, int] = (8, 16),
+                 height: int = 64, width: int = 32, occlusion: float = 0.2, seed: int = 0) -> str:
+    """A synthetic release in `layout` (ilidsvid or prid2011) under `out` (new or empty); returns its path.
+    `persons`: persons in both cameras that the protocol keeps (even, so the splits halve them); PRID-2011's
+    have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says."""
+    from stal_ray.data.synthetic import _render, _Track, _validate  # the MARS generator's pedestrians
+
+    if layout not in LAYOUTS[1:]:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS[1:])} here (mars: "
+                         f"write_synthetic_release), got {layout!r}")
+    if persons < 2 or persons % 2 or persons > 798:
+        raise ValueError(f"persons must be even, >= 2 (the splits halve them) and <= 798 (3-digit iLIDS-VID "
+                         f"person numbers with gaps), got {persons}")
+    _validate(persons, 1, 2, (1, 1), tuple(frames_per_tracklet), height, width, occlusion, 0, 0)
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty; the synthetic release needs a new or empty folder")
+    low, high = frames_per_tracklet
+    if layout == "prid2011":
+        low, high = max(low, prid.MIN_FRAMES), max(high, prid.MIN_FRAMES)
+    rng = np.random.default_rng([seed, 5])
+
+    def sequence(person: int, camera: int, frames: int) -> list[bytes]:
+        track = _Track("train", person, camera, camera, frames)  # number: its own noise per camera
+        return [_png(jpeg) for jpeg in _render(track, seed, (height, width), occlusion)[0]]
+
+    if layout == "ilidsvid":
+        numbers = [n for n in range(1, 2 * persons + 1) if n % 5][:persons]  # gaps, as in the release
+        write_ilidsvid_release(root, {(p, c): sequence(p, c, int(rng.integers(low, high + 1)))
+                                      for p in numbers for c in (1, 2)}, seed=seed)
+        return str(root)
+    short = range(persons + 1, persons + PRID_SHORT + 1)
+    b_only = range(persons + PRID_SHORT + 1, persons + PRID_SHORT + PRID_B_ONLY + 1)
+    sequences = {}
+    for person in range(1, persons + PRID_SHORT + PRID_B_ONLY + 1):
+        for letter, camera in prid.CAMERAS.items():
+            if person in b_only and letter == "a":
+                continue
+            frames = prid.MIN_FRAMES - 1 - camera if person in short else int(rng.integers(low, high + 1))
+            sequences[letter, person] = sequence(person, camera, frames)
+    write_prid_release(root, sequences)
+    return str(root)
+
+
+def _png(jpeg: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(jpeg)) as image:
+        image.convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
