@@ -31,7 +31,6 @@ BIN = Path(sys.executable).parent
 HOST_USER = "stal-host"
 SSHD = "/usr/sbin/sshd"
 PACKAGES = ("openssh-server", "rsync", "python3-venv")  # the host's SSH server, Ray's file copy, the venv
-DASHBOARD = "http://127.0.0.1:8265"  # the head's job API (Ray's default port, on the head's localhost)
 
 
 def privilege() -> list[str]:
@@ -166,21 +165,26 @@ SetEnv {" ".join(f'{name}="{value}"' for name, value in environment.items())}
         shutil.rmtree(keys, ignore_errors=True)
 
 
-def launch_copy(user: str, key: Path, directory: Path) -> Path:
+def launch_copy(user: str, key: Path, directory: Path) -> tuple[Path, dict[str, int]]:
     """cluster/local.yaml with the addresses (head 127.0.0.1, no workers), the user and the key changed, and
-    the head's dashboard agent moved off Ray's default port 52365, which this test session's own Ray holds
-    (the agent would start without its HTTP server, and the job API would find "No available agent")."""
+    (path, ports) of the copy. The head's ports move off Ray's defaults to free ones: this test session's own
+    Ray holds the dashboard agent's 52365 (the head's agent would start without its HTTP server, and the job
+    API would answer "No available agent"), and another Ray on this machine may hold 6379 or 8265 (a
+    submission to 8265 would go to that cluster)."""
     config = yaml.safe_load((REPO / "cluster" / "local.yaml").read_text())
     config["provider"]["head_ip"] = "127.0.0.1"
     config["provider"]["worker_ips"] = []
     config["min_workers"] = config["max_workers"] = 0  # "at most len(worker_ips)"
     config["auth"] = {"ssh_user": user, "ssh_private_key": str(key)}
+    ports = {"port": free_port(), "dashboard-port": free_port(), "dashboard-agent-listen-port": free_port()}
     start = config["head_start_ray_commands"]
     [head] = [i for i, command in enumerate(start) if "ray start --head" in command]
-    start[head] += f" --dashboard-agent-listen-port={free_port()}"
+    assert " --port=6379 " in start[head]
+    start[head] = start[head].replace(" --port=6379 ", " ") + "".join(
+        f" --{option}={port}" for option, port in ports.items())
     path = directory / "local.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return path, ports
 
 
 def ray(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -193,7 +197,8 @@ def ray(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_local_yaml_launches_trains_and_stops(ssh_host, tmp_path):
     user, key, root = ssh_host
-    cluster = str(launch_copy(user, key, tmp_path))
+    cluster, ports = launch_copy(user, key, tmp_path)
+    cluster, dashboard = str(cluster), f"http://127.0.0.1:{ports['dashboard-port']}"
     name = f"launch-{os.getpid()}"
     started = time.monotonic()
     try:
@@ -205,7 +210,7 @@ def test_local_yaml_launches_trains_and_stops(ssh_host, tmp_path):
         # with "No available agent" (and nothing runs), so that one answer is retried
         deadline = time.monotonic() + 120
         while True:
-            job = ray("job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
+            job = ray("job", "submit", "--address", dashboard, "--working-dir", ".", "--",
                       "python", "jobs/train_mars.py", "--name", name,
                       "--set", "train.iterations=1", "--set", "train.checkpoint_every=1", timeout=900)
             output = job.stdout + job.stderr
@@ -226,4 +231,4 @@ def test_local_yaml_launches_trains_and_stops(ssh_host, tmp_path):
     while (left := ray_processes()) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, f"still running after ray down: {left}"
-    assert not port_open(6379) and not port_open(8265)
+    assert not any(port_open(port) for port in ports.values()), ports
