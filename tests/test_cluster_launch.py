@@ -203,8 +203,7 @@ def test_local_yaml_launches_trains_and_stops(ssh_host, tmp_path):
     started = time.monotonic()
     try:
         up = ray("up", "-y", cluster, timeout=1800)
-        up_seconds = time.monotonic() - started
-        print(f"ray up took {up_seconds:.0f} s")
+        print(f"ray up: {time.monotonic() - started:.0f} s")
         assert up.returncode == 0, (up.stdout + up.stderr)[-6000:]
         # the head's job agent registers a little after `ray up` returns: until then a submission is refused
         # with "No available agent" (and nothing runs), so that one answer is retried
@@ -217,13 +216,16 @@ def test_local_yaml_launches_trains_and_stops(ssh_host, tmp_path):
             if "No available agent" not in output or time.monotonic() > deadline:
                 break
             time.sleep(2)
+        print(f"ray up + ray job submit: {time.monotonic() - started:.0f} s")
         assert job.returncode == 0 and "succeeded" in output, output[-6000:]
         # the job prints where metrics.json is: the host's ~/ray_results/<name>/ (the default storage path)
         home = pwd.getpwnam(user).pw_dir
         metrics = re.findall(rf"^({re.escape(home)}/\S*/{name}/metrics\.json)$", output, re.M)
         assert metrics and as_root(root, f"test -s {metrics[-1]}").returncode == 0, output[-6000:]
     finally:
+        stopping = time.monotonic()
         down = ray("down", "-y", cluster, timeout=600)
+        print(f"ray down: {time.monotonic() - stopping:.0f} s")
         # the run's files on the host (the venv stays, as on a user's host)
         as_root(root, f"rm -rf ~{user}/ray_results/{name}")
     assert down.returncode == 0, (down.stdout + down.stderr)[-6000:]
