@@ -106,8 +106,8 @@ def ray_processes() -> list[str]:
 
 @pytest.fixture(scope="module")
 def ssh_host():
-    """(user, private key) of an SSH server on 127.0.0.1:22 that lets only HOST_USER in, with this test's
-    key."""
+    """(user, private key, prefix that runs a command as root) of an SSH server on 127.0.0.1:22 that lets
+    only HOST_USER in, with this test's key."""
     root = privilege()
     install_packages(root)
     if port_open(22):
