@@ -237,3 +237,15 @@ def test_readme_job_commands_parse(job):
             module.parse_args(args)
         except SystemExit:
             pytest.fail(f"jobs/{job} rejects the README's arguments {args}")
+
+
+def test_aws_file_installs_and_starts_the_head_as_the_launched_local_file():
+    """What tests/test_cluster_launch.py runs of local.yaml is what aws_gpu.yaml runs on its nodes too: the
+    same copies, the same setup commands and the same head start but for the AWS file's object manager port
+    (cluster/README.md, "Launched here")."""
+    aws, local = load("aws_gpu.yaml"), load("local.yaml")
+    for key in ("file_mounts", "rsync_exclude", "initialization_commands", "setup_commands"):
+        assert aws[key] == local[key], key
+    aws_head = aws["head_start_ray_commands"]
+    assert [command.replace(" --object-manager-port=8076", "") for command in aws_head] == \
+        local["head_start_ray_commands"]
