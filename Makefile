@@ -20,7 +20,7 @@ EXTRAS ?= test,tensorboard,pose
 # Ray on a small machine: see docs/architecture.md, "Ray resources".
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: venv lock train test bench lint tensorboard clean
+.PHONY: venv lock train test test-cluster bench lint tensorboard clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ train: venv
 
 test: venv
 	$(PY) -m pytest -q tests $(ARGS)
+
+# cluster/local.yaml launched over SSH on 127.0.0.1 (`ray up`, a job, `ray down`): it adds the account stal-host
+# and an sshd on port 22 to this machine (root or passwordless sudo), so `make test` skips it unless CI runs it
+test-cluster: venv
+	STAL_TEST_CLUSTER_LAUNCH=1 $(PY) -m pytest -q -s tests/test_cluster_launch.py $(ARGS)
 
 bench: venv
 	$(PY) bench/model.py $(ARGS)

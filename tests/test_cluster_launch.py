@@ -7,7 +7,10 @@ stop the session's Ray (and any other Ray of that user). The account and its hom
 user's host: the first launch installs ~/stal-venv from requirements.lock, later ones find it installed.
 Ray's SSH runner always connects to port 22 (auth has no port), so the test's sshd listens on 127.0.0.1:22.
 Needs root or passwordless sudo (a user account, an sshd; Debian's openssh-server, rsync and python3-venv are
-installed with apt-get when missing; .ci/run installs them)."""
+installed with apt-get when missing; .ci/run installs them).
+
+It changes the machine (a user account, port 22), so it runs only when asked: STAL_TEST_CLUSTER_LAUNCH=1, which
+.ci/run and `make test-cluster` set."""
 
 import configparser
 import os
@@ -35,6 +38,10 @@ PACKAGES = ("openssh-server", "rsync", "python3-venv")  # the host's SSH server,
 
 def privilege() -> list[str]:
     """The prefix that runs a command as root: none as root, `sudo -n` with passwordless sudo; else skip."""
+    if os.environ.get("STAL_TEST_CLUSTER_LAUNCH") != "1":
+        pytest.skip(f"launching cluster/local.yaml adds the account {HOST_USER} and an sshd on 127.0.0.1:22 "
+                    "to this machine: set STAL_TEST_CLUSTER_LAUNCH=1 to run it (.ci/run and make "
+                    "test-cluster do)")
     if os.geteuid() == 0:
         return []
     if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
