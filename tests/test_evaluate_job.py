@@ -1,6 +1,7 @@
 """Evaluation end to end on a local Ray cluster: a saved tiny model and synthetic shards in, metrics.json with
 the agreed schema, cmc.png, attention.png and distances.npz out; features reused; jobs/evaluate_mars.py."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -97,6 +98,28 @@ def test_a_second_evaluation_reuses_the_saved_features(first_run, shards_uri, mo
     metrics = evaluate(model_path, shards_uri, str(out), modes=("global", "stal"), fusion_rate=0.0)
     assert "reusing features" in capsys.readouterr().out
     assert list(metrics["modes"]) == ["global", "stal"] and metrics["fusion_rate"] == 0.0
+
+
+def test_features_of_an_earlier_version_of_the_data_set_are_not_reused(first_run, shards_uri, model_path,
+                                                                       monkeypatch, capsys):
+    """The same URI prepared again (e.g. --pollute --overwrite, or joints added) is another data set."""
+    out, _ = first_run
+    read_manifest = evaluate_module.shards.read_manifest
+
+    def republished(*args, **kwargs):
+        return dataclasses.replace(read_manifest(*args, **kwargs), version="v-prepared-again")
+
+    class Extracted(Exception):
+        pass
+
+    def extraction(*args, **kwargs):
+        raise Extracted
+
+    monkeypatch.setattr(evaluate_module.shards, "read_manifest", republished)
+    monkeypatch.setattr(evaluate_module, "extract_features", extraction)
+    with pytest.raises(Extracted):
+        evaluate(model_path, shards_uri, str(out), modes=("stal",))
+    assert "came from another model file or data set: extracting again" in capsys.readouterr().out
 
 
 def test_rerank_switch_reranks_every_mode_and_says_so(first_run, shards_uri, model_path, monkeypatch,

@@ -164,7 +164,12 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     with storage.errors(model_path, endpoint_url):
         model_key = fs.ukey(path)  # size and modification time (ETag on S3): a retrained model is seen
     data = config.data
+    # the data set's version too: a data set prepared again at the same URI (e.g. --pollute --overwrite, or
+    # joints added by estimate_pose.py) is another data set, whose features must be extracted again
+    data_uri = resolve_data(data_uri, endpoint_url=endpoint_url)
+    manifest = shards.read_manifest(data_uri, endpoint_url=endpoint_url)
     source = {"model": model_path, "model_key": model_key, "data": data_uri,
+              "data_version": f"{manifest.version} {manifest.created}",
               "seq_len": data.seq_len, "height": data.height, "width": data.width}
     features_fs, features_local = storage.filesystem(features_path, endpoint_url=endpoint_url, check=False)
     with storage.errors(features_path, endpoint_url):
@@ -185,10 +190,8 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     # a CPU actor's PyTorch threads: half of a node, the rest decodes frames
     node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=2)
     num_cpus = 1 if gpus else max(1, int(node_cpus * cpu_share))
-    # checked only now: reused features need no access to the data set at all
-    data_uri_checked = resolve_data(data_uri, endpoint_url=endpoint_url)
-    described = shards.read_manifest(data_uri_checked, endpoint_url=endpoint_url).dataset
-    dataset = evaluation_dataset(data_uri_checked, config, endpoint_url=endpoint_url)
+    described = manifest.dataset
+    dataset = evaluation_dataset(data_uri, config, endpoint_url=endpoint_url)
     feature_set = extract_features(dataset, model_path, batch_size=config.eval.batch_size, use_gpu=use_gpu,
                                    concurrency=concurrency, num_cpus=num_cpus,
                                    keep_scores_for=SAMPLED_TRACKLETS)
