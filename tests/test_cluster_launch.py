@@ -9,8 +9,8 @@ Ray's SSH runner always connects to port 22 (auth has no port), so the test's ss
 Needs root or passwordless sudo (a user account, an sshd; Debian's openssh-server, rsync and python3-venv are
 installed with apt-get when missing; .ci/run installs them).
 
-It changes the machine (a user account, port 22), so it runs only when asked: STAL_TEST_CLUSTER_LAUNCH=1, which
-.ci/run and `make test-cluster` set."""
+It changes the machine (a user account, port 22), so it runs only when asked: STAL_TEST_CLUSTER_LAUNCH=1,
+which .ci/run and `make test-cluster` set."""
 
 import configparser
 import os
