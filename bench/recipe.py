@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import ray  # noqa: E402
+
 from stal_ray.config import load_config  # noqa: E402
 from stal_ray.data.synthetic import ensure_synthetic_shards  # noqa: E402
 from stal_ray.evaluate.evaluate import evaluate  # noqa: E402
@@ -55,6 +57,8 @@ def run(recipe: str, seed: int, iterations: int, data: str, out: Path, extra: li
     name = f"{recipe}-seed{seed}-{iterations}"
     model_path, seconds = out / "runs" / name / "model.pt", None
     if not model_path.exists():  # a finished run is evaluated again, not retrained
+        if not ray.is_initialized():
+            init_ray(None)
         start = time.time()
         model_path = train(config, data, name=name).model_path
         seconds = round(time.time() - start, 1)
@@ -94,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.workdir)
     data = ensure_synthetic_shards(str(work / "cache"), **UNSEEN)
-    init_ray(None)
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     for seed in args.seeds:
