@@ -45,7 +45,8 @@ RERANKING = {"": ["eval.rerank=false"], "+rerank": ["eval.rerank=true"],
              "+rerank k1=6": ["eval.rerank=true", "eval.rerank_k1=6", "eval.rerank_k2=3"]}
 
 
-def run(recipe: str, seed: int, iterations: int, data: str, out: Path, extra: list[str]) -> dict:
+def run(recipe: str, seed: int, iterations: int, data: str, out: Path, extra: list[str],
+        variant: str = "") -> dict:
     # the schedules scaled to the run: the paper recipe halves the rate every quarter (as
     # configs/study_occluded.yaml at 800 iterations), the strong one warms up for a tenth (as at 200)
     scaled = {"paper": [f"train.lr_step={max(1, iterations // 4)}"],
@@ -54,7 +55,7 @@ def run(recipe: str, seed: int, iterations: int, data: str, out: Path, extra: li
                  f"train.checkpoint_every={iterations}", f"train.log_every={max(1, iterations // 4)}",
                  f"train.storage_path={out / 'runs'}", *extra]
     config = load_config(RECIPES[recipe], overrides)
-    name = f"{recipe}-seed{seed}-{iterations}"
+    name = f"{recipe}{variant}-seed{seed}-{iterations}"
     model_path, seconds = out / "runs" / name / "model.pt", None
     if not model_path.exists():  # a finished run is evaluated again, not retrained
         if not ray.is_initialized():
@@ -70,7 +71,8 @@ def run(recipe: str, seed: int, iterations: int, data: str, out: Path, extra: li
             cells[f"{mode}{suffix}"] = {
                 "mAP": metrics["modes"][mode]["mAP"], "rank1": metrics["modes"][mode]["cmc"]["1"]}
         queries = metrics["num_query"]
-    return {"recipe": recipe, "seed": seed, "iterations": iterations, "train_seconds": seconds,
+    return {"recipe": recipe + variant, "settings": extra, "seed": seed, "iterations": iterations,
+            "train_seconds": seconds,
             "queries": queries, "cells": cells}
 
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every run, e.g. data.decode_concurrency=1")
+    parser.add_argument("--variant", default="", help="a name for runs with --set settings, e.g. "
+                        "'-no-augment': the recipe's row and run are named <recipe><variant>")
     parser.add_argument("--workdir", default="/tmp/stal-recipe", help="runs, features and the data set")
     parser.add_argument("--out", default="bench/results/recipe.json")
     args = parser.parse_args(argv)
@@ -102,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     for seed in args.seeds:
         for recipe in args.recipes:
-            key = (recipe, seed, args.iterations)
+            key = (recipe + args.variant, seed, args.iterations)
             rows = [r for r in rows if (r["recipe"], r["seed"], r["iterations"]) != key]
-            rows.append(run(recipe, seed, args.iterations, data, work, args.overrides))
+            rows.append(run(recipe, seed, args.iterations, data, work, args.overrides, args.variant))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"data": UNSEEN, "rows": rows}, indent=1) + "\n")  # after every run
             print(table(rows), flush=True)
