@@ -78,12 +78,12 @@ def run(recipe: str, seed: int, iterations: int, data: str, out: Path, extra: li
 
 def table(rows: list[dict]) -> str:
     columns = [f"{mode}{suffix}" for suffix in RERANKING for mode in MODES]
-    lines = ["| recipe | seed | " + " | ".join(f"{c} mAP / R1" for c in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = ["| recipe | iterations | seed | " + " | ".join(f"{c} mAP / R1" for c in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for row in rows:
         cells = [f"{row['cells'][c]['mAP']:.1%} / {row['cells'][c]['rank1']:.1%}"
                  if c in row["cells"] else "–" for c in columns]
-        lines.append(f"| {row['recipe']} | {row['seed']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['recipe']} | {row['iterations']} | {row['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
