@@ -52,6 +52,7 @@ REPO = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, REPO)
 
 from stal_ray.config import Config  # noqa: E402
+from stal_ray.data.augment import Augmentation  # noqa: E402
 from stal_ray.data.images import decode_frames  # noqa: E402
 from stal_ray.data.mars import read_mars  # noqa: E402
 from stal_ray.data.pipeline import (  # noqa: E402
@@ -249,17 +250,24 @@ def sampled_frames(uri: str, config: Config, epoch: int) -> list[list[bytes]]:
     return [[f for g in groups[i:i + size] for f in g] for i in range(0, len(groups), size)]
 
 
-def bare_loop(calls: list[list[bytes]], height: int, width: int) -> dict:
+def bare_loop(calls: list[list[bytes]], height: int, width: int, config: Config | None = None) -> dict:
+    """Decode (and, given a config with augmentation switches on, augment as the pipeline does) every
+    call's frames in this process."""
     frames = sum(map(len, calls))
+    augment = Augmentation.from_config(config, epoch=0) if config is not None else None
     wall, cpu = time.perf_counter(), time.process_time()
     corrupt = 0
     for jpegs in calls:
-        _, ok = decode_frames(jpegs, height, width)
+        images, ok = decode_frames(jpegs, height, width)
         corrupt += int((~ok).sum())
+        if augment is not None:
+            clips = images.reshape(-1, config.data.clips_per_identity, config.data.seq_len, height, width, 3)
+            keypoints = np.zeros((*clips.shape[:3], 14, 3), np.float32)
+            augment(clips, keypoints, np.arange(len(clips)), np.zeros(len(clips), np.int64))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert corrupt == 0, f"{corrupt} frames failed to decode"
-    return {"name": "bare decode loop (1 process)", "frames": frames, "wall_s": wall, "cpu_s": cpu,
-            "driver_cpu_s": cpu}
+    name = "bare decode loop (1 process)" if augment is None else "bare decode + augment (1 process)"
+    return {"name": name, "frames": frames, "wall_s": wall, "cpu_s": cpu, "driver_cpu_s": cpu}
 
 
 def median(runs: list[dict]) -> dict:
@@ -333,6 +341,10 @@ def main() -> None:
                         help="Ray object store size (see the module docstring)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each measurement; the one of median CPU time is reported")
+    parser.add_argument("--augment", action="store_true",
+                        help="the training stream augments as configs/mars_resnet50_strong.yaml does "
+                             "(flip, pad 10 and crop, colour jitter 0.2, random erasing 0.5); the goal stays "
+                             "against the bare decoding loop; a bare loop that augments is shown beside it")
     parser.add_argument("--workdir", default=None, help="keep the data set here (default: a temporary dir)")
     parser.add_argument("--out", default="bench/results/data.json")
     args = parser.parse_args()
@@ -342,6 +354,8 @@ def main() -> None:
     data.height, data.width, data.seq_len = args.height, args.width, args.seq_len
     data.identities_per_batch, data.clips_per_identity = args.identities_per_batch, args.clips_per_identity
     data.decode_concurrency = args.decode_concurrency
+    if args.augment:
+        data.flip, data.crop_padding, data.color_jitter, data.random_erasing = True, 10, 0.2, 0.5
     config.validate()
 
     with tempfile.TemporaryDirectory(prefix="stal-bench-data-") as temporary:
@@ -382,6 +396,8 @@ def main() -> None:
                                  pipeline_epoch(shards, config, epoch=0, normalize=normalize, exclude=few)))
                 epochs[normalize] = median([f for f, _ in runs]), median([s for _, s in runs])
             bare = median(bares)
+            augmented = median([bare_loop(calls, data.height, data.width, config)
+                                for _ in range(args.repeats)]) if args.augment else None
             reads = bytes_read(shards, config, os.environ[READ_LOG])
         finally:
             ray.shutdown()
@@ -399,6 +415,11 @@ def main() -> None:
     if rows[1]["frames"] != bare["frames"]:
         raise SystemExit(f"the pipeline delivered {rows[1]['frames']} frames, the bare loop decoded "
                          f"{bare['frames']}: they must be the same frames")
+    if augmented is not None:
+        rows.append(augmented)
+        augmented.update(frames_per_s=augmented["frames"] / augmented["wall_s"],
+                         cores=augmented["cpu_s"] / augmented["wall_s"],
+                         frames_per_core_s=augmented["frames"] / augmented["cpu_s"])
     ratios = {row["name"]: row["frames_per_core_s"] / bare["frames_per_core_s"] for row in rows[1:]}
     goal_row = "pipeline uint8: marginal"
     ratio = ratios[goal_row]
@@ -407,7 +428,8 @@ def main() -> None:
           f"{args.frame_height}x{args.frame_width} JPEG ({mean_jpeg / 1024:.1f} KiB mean) in "
           f"{reads['files']} shards, decoded to {data.height}x{data.width}; P={data.identities_per_batch} "
           f"K={data.clips_per_identity} T={data.seq_len}; {data.decode_concurrency} decoding tasks, "
-          f"ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here")
+          f"ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here"
+          + ("; augmented (flip, pad 10, jitter 0.2, erasing 0.5)" if args.augment else ""))
     print(f"{'':<34}{'frames':>8}{'wall s':>8}{'frames/s':>10}{'CPU s':>8}{'driver':>8}{'cores':>7}"
           f"{'frames/core-s':>15}{'of bare':>9}")
     for row in rows:

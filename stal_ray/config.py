@@ -33,7 +33,7 @@ TRAINED_BRANCHES = ("both", "global", "local")
 PROTOCOLS = ("official", "torchreid")
 # beyond the paper (its SGD and step decay are the defaults): train.optimizer and train.lr_schedule
 OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("step", "cosine")
+LR_SCHEDULES = ("step", "cosine", "multistep")
 SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
 # ||ā|| of Eq. 8: "l2" (Euclidean) or "l1" (Σ_r ā^r, the form Eq. 12 differentiates)
@@ -94,6 +94,20 @@ class DataConfig:
     decode_concurrency: int = 2
     # fraction of training identities held out as the Tune validation split (never the test split)
     val_identities: float = 0.1
+    # Training augmentation (data.augment), none in the paper (§IV-A), each off by default; every clip gets
+    # one draw for all of its T frames. Mirror half of the clips left-right (keypoints mirrored, left and
+    # right joints swapped)
+    flip: bool = False
+    # pad each clip by this many pixels of zeros and crop H x W back at a random offset (0 = off; Luo et
+    # al. 2019: 10 at 256 x 128)
+    crop_padding: int = 0
+    # colour jitter strength s: brightness and contrast x U(1 - s, 1 + s), per-channel gains (a camera's
+    # cast) x U(1 - s/2, 1 + s/2) (0 = off)
+    color_jitter: float = 0.0
+    # random erasing (Zhong et al., AAAI 2020): probability that a clip gets one rectangle (2-40% of the
+    # frame, aspect 0.3-3.3) of a random colour, the same in its T frames; joints under it count as hidden
+    # (0 = off)
+    random_erasing: float = 0.0
 
 
 @dataclass
@@ -102,9 +116,12 @@ class TrainConfig:
     lr: float = 0.001
     # "sgd" (paper, with momentum) or "adam" (β 0.9, 0.999; Luo et al. 2019 use it with lr 3.5e-4)
     optimizer: str = "sgd"
-    # "step" (lr × gamma every lr_step iterations, paper) or "cosine" (from lr down to 0 at the last
-    # iteration, after the warm-up)
+    # "step" (lr × gamma every lr_step iterations, paper), "cosine" (from lr down to 0 at the last
+    # iteration, after the warm-up) or "multistep" (lr × gamma at each of lr_milestones)
     lr_schedule: str = "step"
+    # iterations at which "multistep" multiplies the learning rate by gamma, increasing (Luo et al. 2019:
+    # epochs 40 and 70 of 120, gamma 0.1)
+    lr_milestones: list[int] = field(default_factory=list)
     # iterations of linear warm-up from 0.1 × lr to lr (0 = none, paper; Luo et al. 2019 warm up)
     warmup_iterations: int = 0
     # ε of label smoothing in the softmax (Eq. 5) and consistency (Eq. 6) terms (0 = none, paper)
@@ -550,6 +567,11 @@ def _nonempty_list(item: _Rule, what: str) -> _Rule:
     return lambda v: None if v and all(item(x) is None for x in v) else f"must be a non-empty list of {what}"
 
 
+def _increasing(v: list[int]) -> str | None:
+    ok = all(x >= 1 for x in v) and all(a < b for a, b in zip(v, v[1:], strict=False))
+    return None if ok else "must be a list of increasing integers >= 1 (iterations), e.g. [4000, 7000]"
+
+
 _RULES: dict[str, _Rule] = {
     "model.backbone": _one_of(BACKBONES),
     "model.pretrained": _path_or_null,
@@ -570,10 +592,15 @@ _RULES: dict[str, _Rule] = {
     "data.clips_per_identity": _int_at_least(2),
     "data.decode_concurrency": _int_at_least(1),
     "data.val_identities": _interval(0, 1, closed_low=True, closed_high=False),
+    "data.flip": lambda v: None,
+    "data.crop_padding": _int_at_least(0),
+    "data.color_jitter": _interval(0, 1, closed_low=True, closed_high=False),
+    "data.random_erasing": _interval(0, 1, closed_low=True, closed_high=True),
     "train.lr": _positive,
     "train.optimizer": _one_of(OPTIMIZERS),
     "train.lr_schedule": _one_of(LR_SCHEDULES),
     "train.warmup_iterations": _int_at_least(0),
+    "train.lr_milestones": _increasing,
     "train.label_smoothing": _interval(0, 1, closed_low=True, closed_high=False),
     "train.momentum": _interval(0, 1, closed_low=True, closed_high=False),
     "train.weight_decay": _at_least(0),
@@ -641,3 +668,8 @@ def _validate(config: Config, origin: Mapping[str, tuple[str, Any]], default_sou
             if reason:
                 raise ConfigError(f"{source}: {dotted} = {_show(written)} is invalid: {reason}")
             setattr(section, key, coerced)
+    train = config.train
+    if train.lr_schedule == "multistep" and not train.lr_milestones:
+        source, _ = origin.get("train.lr_schedule", (default_source, None))
+        raise ConfigError(f"{source}: train.lr_schedule = 'multistep' needs train.lr_milestones, the "
+                          "iterations to decay at: set e.g. train.lr_milestones=[4000,7000]")

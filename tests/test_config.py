@@ -65,7 +65,10 @@ def test_strong_configs_are_their_base_with_every_switch_beyond_the_paper_on(str
     train = config.train
     assert (train.optimizer, train.lr_schedule, train.label_smoothing) == ("adam", "cosine", 0.1)
     assert 0 < train.warmup_iterations < train.iterations
+    data = config.data
+    assert data.flip and data.crop_padding > 0 and data.color_jitter > 0 and data.random_erasing == 0.5
     switched = {"model": {"bnneck"}, "eval": {"rerank"},
+                "data": {"flip", "crop_padding", "color_jitter", "random_erasing"},
                 "train": {"optimizer", "lr", "weight_decay", "warmup_iterations", "lr_schedule",
                           "label_smoothing"}}
     # everything else as the paper recipe it builds on

@@ -1,12 +1,13 @@
 """The optimiser and learning-rate schedule: the paper's SGD and step decay by default (as torch's StepLR),
-Adam, linear warm-up and cosine decay as switches, the learning rate at given iterations, resumption."""
+Adam, linear warm-up, cosine and multi-step decay as switches, the learning rate at given iterations,
+resumption."""
 
 import math
 
 import pytest
 import torch
 
-from stal_ray.config import load_config
+from stal_ray.config import ConfigError, load_config
 from stal_ray.train.optimizer import LearningRateFactor, build_optimizer
 
 
@@ -93,3 +94,27 @@ def test_a_resumed_schedule_continues_where_it_stopped():
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="train.lr_schedule = 'linear' is invalid"):
         LearningRateFactor("linear", 10, 5, 0.5, 0)
+
+
+def test_multistep_decays_by_gamma_at_each_milestone_after_the_warm_up():
+    rates = learning_rates(["train.lr=0.01", "train.lr_schedule=multistep", "train.lr_milestones=[10,15]",
+                            "train.gamma=0.1", "train.warmup_iterations=4"], 20)
+    reference_optimizer = torch.optim.SGD(model().parameters(), lr=0.01)
+    multi_step = torch.optim.lr_scheduler.MultiStepLR(reference_optimizer, milestones=[10, 15], gamma=0.1)
+    expected = []
+    for _ in range(20):
+        expected.append(multi_step.get_last_lr()[0])
+        reference_optimizer.step()
+        multi_step.step()
+    assert rates[4:] == pytest.approx(expected[4:], rel=1e-12)
+    assert (rates[9], rates[10], rates[15]) == pytest.approx((0.01, 0.001, 0.0001))
+    assert rates[0] == pytest.approx(0.001)  # warm-up from 0.1 × lr still applies
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lr_schedule=multistep"], "needs train.lr_milestones"),
+    (["train.lr_schedule=multistep", "train.lr_milestones=[20,10]"], "increasing integers"),
+])
+def test_multistep_without_increasing_milestones_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

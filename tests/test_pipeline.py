@@ -1,6 +1,7 @@
 """Tests of data.images and data.pipeline on a local Ray cluster: batches, coverage, corrupt frames, the
 validation split's streams."""
 
+import copy
 import dataclasses
 import io
 import json
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from stal_ray.config import Config
+from stal_ray.data.augment import Augmentation
 from stal_ray.data.images import decode_frames
 from stal_ray.data.mars import read_mars
 from stal_ray.data.pipeline import (
@@ -89,6 +91,26 @@ def test_batches_hold_p_distinct_identities_of_k_clips(epoch, dataset_uri):
         assert len(counts) == P or index == len(epoch) - 1
         assert batch["clips"].shape == (len(counts) * K, T, 3, H, W)
         assert [labels[label] for label in batch["labels"].tolist()] == batch["identities"].tolist()
+
+
+def test_augmentation_in_the_stream_is_each_plain_groups_augmentation(ray_cluster, dataset_uri, config):
+    """The decoding tasks augment each group as data.augment does on its own (whatever batch it is
+    decoded in), and with the switches off leave it as decoded."""
+    augmented = copy.deepcopy(config)
+    augmented.data.flip, augmented.data.crop_padding, augmented.data.random_erasing = True, 2, 0.5
+    augmented.data.color_jitter = 0.2
+    plain = {(row["identity"], row["group"]): row for row in training_dataset(dataset_uri, config).take_all()}
+    rows = training_dataset(dataset_uri, augmented).take_all()
+    assert len(rows) == len(plain)
+    augmentation = Augmentation.from_config(augmented, epoch=0)
+    for row in rows:
+        base = plain[(row["identity"], row["group"])]
+        clips, keypoints = augmentation(base["clips"][None].copy(), base["keypoints"][None].copy(),
+                                        np.array([row["identity"]]), np.array([row["group"]]))
+        np.testing.assert_array_equal(row["clips"], clips[0])
+        np.testing.assert_array_equal(row["keypoints"], keypoints[0])
+    assert sum(not np.array_equal(row["clips"], plain[(row["identity"], row["group"])]["clips"])
+               for row in rows) > len(rows) // 2
 
 
 def test_keypoints_are_scaled_to_the_resized_frame(epoch):

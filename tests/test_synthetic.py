@@ -186,3 +186,22 @@ def test_command_line_writes_a_readable_release(tmp_path):
     release = read_mars(str(out))
     assert (len(release.train), len(release.test), len(release.queries)) == (2 * 2 + 1, 2 * 2 + 1, 2)
     assert release.identities("train") == [1, 2, 3] and release.identities("test") == [4, 5]
+
+
+def test_alternate_style_keeps_the_layout_and_changes_colours_and_casts(tiny, tmp_path):
+    """The style no config was tuned on: the same tracklets, names and keypoints' layout, other pixels
+    (clothing from outside the default palette, stronger camera casts), and its own bytes every time."""
+    alternate = Path(write_synthetic_release(str(tmp_path / "alternate"), **TINY, style="alternate"))
+    files, default = release_files(alternate), release_files(tiny)
+    assert set(files) == set(default)
+    assert files == release_files(Path(write_synthetic_release(str(tmp_path / "again"), **TINY,
+                                                               style="alternate")))
+    jpegs = [path for path in files if path.endswith(".jpg")]
+    assert all(files[path] != default[path] for path in jpegs)
+    # muted random colours: no identity of the alternate style wears a colour of the default palette
+    looks = [synthetic._appearance(0, identity, "alternate") for identity in range(1, 40)]
+    assert not {colour for look in looks for colour in (look.upper, look.lower)} & set(synthetic._PALETTE)
+    casts = np.array([synthetic._camera(0, camera, "alternate").cast for camera in range(1, 40)])
+    assert casts.min() < 0.8 and casts.max() > 1.2  # beyond the default style's 0.8-1.2
+    with pytest.raises(ValueError, match="style = 'neon' is invalid"):
+        write_synthetic_release(str(tmp_path / "bad"), **TINY, style="neon")

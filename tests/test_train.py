@@ -43,8 +43,8 @@ def state_dict(path: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-# ZeRO stage 2 (optimiser states and gradients partitioned); two workers at stage 0 train in
-# test_a_killed_worker_is_replaced_and_training_finishes, and every ZeRO stage's checkpoint in test_checkpoints
+# ZeRO stage 2 (optimiser states and gradients partitioned); two workers at stage 0 train in the killed-worker
+# test below, and every ZeRO stage's checkpoint is loaded in test_checkpoints
 @pytest.mark.parametrize("zero_stage", [2])
 def test_two_workers_train_under_deepspeed(ray_cluster, shards_uri, tmp_path, zero_stage):
     config = make_config(tmp_path, "train.num_workers=2", "train.iterations=4",

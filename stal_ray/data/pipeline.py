@@ -33,6 +33,7 @@ from botocore.credentials import RefreshableCredentials
 from ray.data.expressions import col
 
 from stal_ray.data import shards, storage
+from stal_ray.data.augment import Augmentation
 from stal_ray.data.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.images import decode_frames_with_sizes
 from stal_ray.data.sampling import identity_groups, sequence_of_length
@@ -68,24 +69,27 @@ def identity_labels(uri: str, *, endpoint_url: str | None = None,
 
 def _identity_groups(rows: pa.RecordBatch | pa.Table, *, clips_per_identity: int, seq_len: int, seed: int,
                      epoch: int, labels: dict[int, int]) -> pa.Table:
-    """Identity rows -> their groups of K clips: label, identity, tracklets (K,), and the K·T chosen frames'
-    JPEG bytes and keypoints (frames.StoredRows.table; only those travel on to decoding)."""
+    """Identity rows -> their groups of K clips: label, identity, group (its number among the identity's
+    groups: what seeds its augmentation), tracklets (K,), and the K·T chosen frames' JPEG bytes and keypoints
+    (frames.StoredRows.table; only those travel on to decoding)."""
     stored = StoredRows(rows)
     tracklet_of_frame = stored.per_frame("tracklet")
-    chosen, columns = [], {"label": [], "identity": [], "tracklets": []}
+    chosen, columns = [], {"label": [], "identity": [], "group": [], "tracklets": []}
     for row, identity in enumerate(stored.column("identity").tolist()):
         start = stored.starts[row]
         own = tracklet_of_frame[start:start + stored.lengths[row]]
         # seeded by (seed, epoch, identity): reproducible whatever order files are read in, new every epoch
         rng = np.random.default_rng([seed, epoch, identity])
-        for group in identity_groups(own, clips_per_identity, seq_len, rng):
+        for number, group in enumerate(identity_groups(own, clips_per_identity, seq_len, rng)):
             chosen.append(start + group.reshape(-1))
             columns["label"].append(labels[identity])
             columns["identity"].append(identity)
+            columns["group"].append(number)
             columns["tracklets"].append(own[group[:, 0]])
     return stored.table(np.array(chosen).reshape(-1, clips_per_identity * seq_len), {
         "label": np.array(columns["label"], dtype=np.int64),
         "identity": np.array(columns["identity"], dtype=np.int64),
+        "group": np.array(columns["group"], dtype=np.int64),
         "tracklets": np.array(columns["tracklets"], dtype=np.int32).reshape(-1, clips_per_identity)})
 
 
@@ -142,9 +146,10 @@ def _chunk_table(stored: StoredRows, parts: list[tuple[np.ndarray, dict[str, Any
                          for name, values in columns.items()})
 
 
-def _decode_clips(batch: pa.Table, *, height: int, width: int,
-                  clip_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Ray Data task: every row's frames -> uint8 (*clip_shape, H, W, 3), keypoints scaled to (H, W)."""
+def _decode_clips(batch: pa.Table, *, height: int, width: int, clip_shape: tuple[int, ...],
+                  augment: Augmentation | None = None) -> dict[str, np.ndarray]:
+    """Ray Data task: every row's frames -> uint8 (*clip_shape, H, W, 3), keypoints scaled to (H, W);
+    training groups augmented when `augment` is given (data.augment)."""
     rows = batch.num_rows
     jpegs = pc.list_flatten(batch.column("frames")).to_pylist()
     images, ok, sizes = decode_frames_with_sizes(jpegs, height, width)
@@ -162,6 +167,9 @@ def _decode_clips(batch: pa.Table, *, height: int, width: int,
     out["keypoints"] = keypoints.reshape(rows, *clip_shape, JOINTS, 3)
     out["has_keypoints"] = has_keypoints
     out["corrupt_frames"] = (~ok).reshape(rows, -1).sum(axis=1)
+    if augment is not None:
+        out["clips"], out["keypoints"] = augment(out["clips"], out["keypoints"], out["identity"],
+                                                 out["group"])
     return out
 
 
@@ -236,11 +244,12 @@ def decode_batch_size(data, clip_shape: tuple[int, ...]) -> int:
     return max(1, math.ceil(_BLOCK_BYTES / row_bytes))
 
 
-def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...]) -> ray.data.Dataset:
+def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
+            augment: Augmentation | None = None) -> ray.data.Dataset:
     # Tasks, not an actor pool: Ray reuses its worker processes for tasks, while actors are new processes
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
     ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
-                                                      clip_shape=clip_shape),
+                                                      clip_shape=clip_shape, augment=augment),
                         batch_size=decode_batch_size(data, clip_shape), batch_format="pyarrow",
                         compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency))
     # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
@@ -267,7 +276,7 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
                      exclude_identities: Iterable[int] | None = None) -> ray.data.Dataset:
     """Rows = groups of K clips of one identity: clips uint8 (K, T, H, W, 3), keypoints (K, T, 14, 3) in
     the resized frame's pixels, has_keypoints, label (0..N-1 over sorted training identities), identity,
-    tracklets (K,), corrupt_frames (a group with any is skipped and counted by `training_batches`).
+    group, tracklets (K,), corrupt_frames (a group with any is skipped and counted by `training_batches`).
 
     exclude_identities (the validation split's held-out identities) are left out of the rows and, unless
     `labels` is given, of the labels. Build one per epoch (epoch= changes the sampled frames); shard it across
@@ -291,7 +300,8 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
         filesystem=_read_filesystem(uri, endpoint_url), exclude=exclude,
         clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
         epoch=epoch, labels={identity: label for label, identity in enumerate(labels)}))
-    return _decode(ds, data, (data.clips_per_identity, data.seq_len))
+    return _decode(ds, data, (data.clips_per_identity, data.seq_len),
+                   augment=Augmentation.from_config(config, epoch))
 
 
 def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None,

@@ -57,12 +57,16 @@ def write_prid_release(root: str | Path, sequences: Mapping[tuple[str, int], Seq
 
 
 def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_tracklet: tuple[int, int] = (8, 16),
-                 height: int = 64, width: int = 32, occlusion: float = 0.2, seed: int = 0) -> str:
+                 height: int = 64, width: int = 32, occlusion: float = 0.2, seed: int = 0,
+                 style: str = "default") -> str:
     """A synthetic release in `layout` (ilidsvid or prid2011) under `out` (new or empty); returns its path.
     `persons`: persons in both cameras that the protocol keeps (even, so the splits halve them); PRID-2011's
-    have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says."""
-    from stal_ray.data.synthetic import _render, _Track, _validate  # the MARS generator's pedestrians
+    have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says. `style`: the pedestrians' and
+    cameras' look (stal_ray.data.synthetic.STYLES)."""
+    from stal_ray.data.synthetic import STYLES, _render, _Track, _validate  # the MARS generator's pedestrians
 
+    if style not in STYLES:
+        raise ValueError(f"style = {style!r} is invalid: use one of {', '.join(STYLES)}")
     if layout not in LAYOUTS[1:]:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS[1:])} here (mars: "
                          f"write_synthetic_release), got {layout!r}")
@@ -80,7 +84,7 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
 
     def sequence(person: int, camera: int, frames: int) -> list[bytes]:
         track = _Track("train", person, camera, camera, frames)  # number: its own noise per camera
-        return [_png(jpeg) for jpeg in _render(track, seed, (height, width), occlusion)[0]]
+        return [_png(jpeg) for jpeg in _render(track, seed, (height, width), occlusion, style)[0]]
 
     if layout == "ilidsvid":
         numbers = [n for n in range(1, 2 * persons + 1) if n % 5][:persons]  # gaps, as in the release

@@ -1,8 +1,9 @@
 """The optimiser and learning-rate schedule: the paper's SGD with step decay (§III-E) by default; Adam, linear
 warm-up and cosine decay as switches beyond the paper (Luo et al., "Bag of tricks and a strong baseline for
 deep person re-identification", CVPR-W 2019, use Adam with warm-up; cosine decay: Loshchilov and Hutter,
-"SGDR", ICLR 2017)."""
+"SGDR", ICLR 2017; multi-step decay at given milestones: Luo et al.'s own schedule)."""
 
+import bisect
 import math
 
 import torch
@@ -17,16 +18,22 @@ WARMUP_START = 0.1
 
 class LearningRateFactor:
     """The factor on train.lr after `step` optimiser steps: linear warm-up from WARMUP_START to 1 over
-    warmup_iterations, times the decay: γ^⌊step / lr_step⌋ ("step", the paper's) or, after the warm-up,
-    ½(1 + cos(π·progress)) down to 0 at the last iteration ("cosine"). A class, not a closure, so that
-    LambdaLR's state_dict (in DeepSpeed's checkpoints) holds it."""
+    warmup_iterations, times the decay: γ^⌊step / lr_step⌋ ("step", the paper's), γ^(milestones passed)
+    ("multistep": γ from each of `milestones` on) or, after the warm-up, ½(1 + cos(π·progress)) down to 0 at
+    the last iteration ("cosine"). A class, not a closure, so that LambdaLR's state_dict (in DeepSpeed's
+    checkpoints) holds it."""
 
-    def __init__(self, schedule: str, iterations: int, lr_step: int, gamma: float, warmup_iterations: int):
+    def __init__(self, schedule: str, iterations: int, lr_step: int, gamma: float, warmup_iterations: int,
+                 milestones: tuple[int, ...] | list[int] = ()):
         if schedule not in LR_SCHEDULES:
             raise ValueError(f"train.lr_schedule = {schedule!r} is invalid: use one of "
                              f"{', '.join(LR_SCHEDULES)}")
+        if schedule == "multistep" and not milestones:
+            raise ValueError("train.lr_schedule = 'multistep' needs train.lr_milestones, the iterations to "
+                             "decay at, e.g. train.lr_milestones=[4000,7000]")
         self.schedule, self.iterations, self.lr_step, self.gamma = schedule, iterations, lr_step, gamma
         self.warmup_iterations = warmup_iterations
+        self.milestones = sorted(int(m) for m in milestones)
 
     def __call__(self, step: int) -> float:
         warmup = 1.0
@@ -34,6 +41,8 @@ class LearningRateFactor:
             warmup = WARMUP_START + (1 - WARMUP_START) * step / self.warmup_iterations
         if self.schedule == "step":
             return warmup * self.gamma ** (step // self.lr_step)
+        if self.schedule == "multistep":
+            return warmup * self.gamma ** bisect.bisect_right(self.milestones, step)
         decaying = max(1, self.iterations - self.warmup_iterations)
         progress = min(1.0, max(0, step - self.warmup_iterations) / decaying)
         return warmup * 0.5 * (1 + math.cos(math.pi * progress))
@@ -54,5 +63,5 @@ def build_optimizer(model: nn.Module, config) -> tuple[torch.optim.Optimizer, La
         raise ValueError(f"train.optimizer = {train.optimizer!r} is invalid: use one of "
                          f"{', '.join(OPTIMIZERS)}")
     factor = LearningRateFactor(train.lr_schedule, train.iterations, train.lr_step, train.gamma,
-                                train.warmup_iterations)
+                                train.warmup_iterations, train.lr_milestones)
     return optimizer, LambdaLR(optimizer, factor)
