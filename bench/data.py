@@ -2,7 +2,9 @@
 
 (a) Throughput. Epochs of training_dataset -> training_batches on a local Ray (decode_concurrency = N
 tasks), counting the frames delivered (clips x T), against one process that only decodes and resizes the
-same JPEG frames with data.images.decode_frames: the frames the epoch samples, found by running the
+same JPEG frames with data.images.decode_frames, the fastest decoder measured (libjpeg-turbo through
+simplejpeg, bench/decode.py; the bilinear resize to 224x224 is PIL's and costs more than decoding, so
+--height 256 --width 128, ResNet-50's input, is the decoder-bound case): the frames the epoch samples, found by running the
 pipeline's own sampling on the stored rows (bytes in memory before the clock starts). Cores used = CPU
 seconds over wall seconds: the pipeline's summed over this process and every Ray process it started (read
 from /proc every 0.05 s, so a process that exits is counted up to its last reading: see CpuMeter), the bare
