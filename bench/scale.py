@@ -8,8 +8,8 @@ are 256x128 JPEGs of MARS's size (bench/mars_frames.py, ~11.5 KiB) from a pool o
 hard-linked into place so that generation is not what is timed (frame i of the name list is pool frame
 i mod pool size, so neighbouring frames differ).
 
-Per size, each stage runs in its own process (its peak RSS is its own) under /tmp/ray-study.lock, taken per
-size and released between sizes so that other long runs get turns:
+Per size, each stage runs in its own process (its peak RSS is its own) under /tmp/ray-study.lock (--lock),
+taken per stage and released in between so that other long runs get turns:
 
 * prepare: write_shards(read_mars(release)) as jobs/prepare_mars.py does (one process, reading threads):
   wall and CPU time, bytes read and written (/proc/self/io rchar, wchar), peak RSS.
@@ -321,6 +321,45 @@ def run_stage(name: str, args, release: Path, shards: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------- the stream's deferred groups
+
+def deferred_groups(every: int) -> dict:
+    """Peak groups the training stream's driver holds back (TrainingBatches' deferred list: a group whose
+    identity is already in the batch being filled), simulated on the scaled index with the real class: each
+    identity's ~frames/(K*T) groups arrive together, as one shard row expands into all of them, identities in
+    random order. No frames: a group here is a placeholder of the real one's metadata."""
+    from stal_ray.data import pipeline
+
+    table = scaled_index(every)["train"]
+    identities, inverse = np.unique(table[:, 2], return_inverse=True)
+    frames = np.bincount(inverse, weights=table[:, 1] - table[:, 0] + 1)
+    groups = np.maximum(1, np.round(frames / (K * SEQ_LEN))).astype(int)
+
+    class Source:
+        def iter_batches(self, **_):
+            for i in np.random.default_rng(0).permutation(len(identities)):
+                n = groups[i]
+                yield {"label": np.full(n, i), "identity": np.full(n, identities[i]),
+                       "corrupt_frames": np.zeros(n, int), "clips": np.zeros((n, 1, 1, 1, 1, 3), np.uint8),
+                       "tracklets": np.zeros((n, 1), np.int32), "has_keypoints": np.zeros(n, bool),
+                       "keypoints": np.zeros((n, 1, 1, 14, 3), np.float32)}
+
+    batches = pipeline.training_batches(Source(), P, seed=0, drop_last=False, normalize=False)
+    peak, refill = 0, batches._refill
+
+    def counting_refill(current, deferred):
+        nonlocal peak
+        peak = max(peak, len(deferred))
+        return refill(current, deferred)
+
+    batches._refill = counting_refill
+    count = sum(1 for _ in batches)
+    group_mb = K * SEQ_LEN * HEIGHT * WIDTH * 3 / 2**20
+    return {"groups": int(groups.sum()), "batches": count, "full_batches_possible": int(groups.sum()) // P,
+            "peak_deferred_groups": peak, "peak_deferred_mb": peak * group_mb,
+            "largest_identity_groups": int(groups.max())}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def reference(pool: list[Path]) -> dict:
@@ -344,19 +383,20 @@ def measure_size(every: int, args, workdir: Path, pool: list[Path]) -> dict:
     sizes = write_release(release, scaled_index(every), pool)
     print(f"1/{every}: release of {sizes['frames']} frames linked in {time.perf_counter() - started:.0f} s",
           flush=True)
-    row = {"every": every, "release": sizes}
-    with open(args.lock, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # per size: other long runs get turns in between
-        try:
-            row["reference"] = reference(pool)
-            for stage in ("prepare", "epoch", "eval"):
-                if stage in args.skip:
-                    continue
+    row = {"every": every, "release": sizes, "deferred": deferred_groups(every)}
+    for stage in ("reference", "prepare", "epoch", "eval"):
+        if stage in args.skip:
+            continue
+        with open(args.small_lock if args.small_lock and every >= 16 else args.lock, "a") as lock:
+            # per stage: other runs get turns in between (the shards stay, and nothing else writes there)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
                 started = time.perf_counter()
-                row[stage] = run_stage(stage, args, release, shards)
+                row[stage] = reference(pool) if stage == "reference" else run_stage(stage, args, release,
+                                                                                     shards)
                 print(f"1/{every}: {stage} done in {time.perf_counter() - started:.0f} s", flush=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     if not args.keep:
         shutil.rmtree(release, ignore_errors=True)
         shutil.rmtree(shards, ignore_errors=True)
@@ -387,6 +427,8 @@ FIGURES = [
     ("epoch of reference", "epoch.of_reference", "{:.0%}"),
     ("epoch read/stored", "epoch.read_per_stored", "{:.2f}"),
     ("epoch driver RSS MB", "epoch.driver_peak_rss_mb", "{:.0f}"),
+    ("stream deferred groups*", "deferred.peak_deferred_groups", "{:.0f}"),
+    ("stream deferred MB*", "deferred.peak_deferred_mb", "{:.0f}"),
     ("epoch worker RSS MB", "epoch.worker_peak_rss_mb", "{:.0f}"),
     ("epoch worker private MB", "epoch.worker_peak_private_mb", "{:.0f}"),
     ("eval frames", "eval.frames", "{:.0f}"),
@@ -440,10 +482,14 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=2048, help="distinct frames in the pool")
     parser.add_argument("--workdir", default="/tmp/scale-work", help="release, shards (removed per size)")
     parser.add_argument("--keep", action="store_true", help="keep each size's release and shards")
-    parser.add_argument("--skip", nargs="*", default=[], choices=sorted(STAGES), help="stages not run")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["reference", *sorted(STAGES)],
+                        help="stages not run")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to ray.init")
     parser.add_argument("--object-store-mb", type=int, default=1024, help="Ray object store size")
-    parser.add_argument("--lock", default=STUDY_LOCK, help="held per size (HELPERS.md: long runs)")
+    parser.add_argument("--lock", default=STUDY_LOCK, help="held per stage (HELPERS.md: long runs)")
+    parser.add_argument("--small-lock", default=None,
+                        help="held instead for sizes of 1/16 and below, whose stages take under ~3 minutes "
+                             "each (e.g. /tmp/ray-heavy.lock, the short runs' lock)")
     parser.add_argument("--out", default="bench/results/scale.json")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--release", help=argparse.SUPPRESS)
@@ -470,6 +516,14 @@ def main() -> None:
           f"({rows[0]['reference']['mean_jpeg_kib']:.1f} KiB mean); decoded to {HEIGHT}x{WIDTH}, "
           f"T={SEQ_LEN}; ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here")
     print(table(rows))
+    full = deferred_groups(1)
+    gib = full["peak_deferred_mb"] / 1024
+    print(f"* simulated on the index (deferred_groups), no frames; at full MARS: "
+          f"{full['peak_deferred_groups']} groups held back at the peak ({gib:.1f} GiB of 256x128 clips; the "
+          f"largest identity has {full['largest_identity_groups']} groups), {full['batches']} batches for "
+          f"{full['groups']} groups ({full['full_batches_possible']} full ones possible)")
+    result["deferred_full"] = full
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 
