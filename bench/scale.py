@@ -375,7 +375,7 @@ def reference(pool: list[Path]) -> dict:
             "mean_jpeg_kib": float(np.mean([len(d) for d in data]) / 1024)}
 
 
-def measure_size(every: int, args, workdir: Path, pool: list[Path]) -> dict:
+def measure_size(every: int, args, workdir: Path, pool: list[Path], save) -> dict:
     release, shards = workdir / f"release-1of{every}", workdir / f"shards-1of{every}"
     shutil.rmtree(release, ignore_errors=True)
     shutil.rmtree(shards, ignore_errors=True)
@@ -395,6 +395,7 @@ def measure_size(every: int, args, workdir: Path, pool: list[Path]) -> dict:
                 row[stage] = reference(pool) if stage == "reference" else run_stage(stage, args, release,
                                                                                      shards)
                 print(f"1/{every}: {stage} done in {time.perf_counter() - started:.0f} s", flush=True)
+                save(row)  # after every stage: a later failure or interruption keeps the rest
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     if not args.keep:
@@ -448,10 +449,10 @@ FIGURES = [
 
 
 def derive(row: dict) -> None:
-    if "prepare" in row:
+    if "prepare" in row and "bytes_read" in row["prepare"]:
         row["prepare"]["gb_read"] = row["prepare"]["bytes_read"] / 1e9
         row["prepare"]["gb_written"] = row["prepare"]["bytes_written"] / 1e9
-    if "epoch" in row:
+    if "epoch" in row and "reference" in row:
         row["epoch"]["of_reference"] = (row["epoch"]["frames_per_core_s"]
                                         / row["reference"]["frames_per_core_s"])
     if "eval" in row:
@@ -504,14 +505,18 @@ def main() -> None:
     sizes = sorted(set(args.sizes + ([1] if args.full else [])), reverse=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict] = []
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("stage", "release", "shards")},
+              "reference": "data.images.decode_frames to 256x128 on the pool, one process",
+              "cores_here": psutil.cpu_count(), "rows": rows}
+
+    def save(row: dict) -> None:
+        derive(row)
+        out.write_text(json.dumps({**result, "rows": [*rows, row]}, indent=2))
+
     for every in sizes:
-        rows.append(measure_size(every, args, workdir, pool))
+        rows.append(measure_size(every, args, workdir, pool, save))
         derive(rows[-1])
-        result = {"config": {k: v for k, v in vars(args).items() if k not in ("stage", "release", "shards")},
-                  "reference": "data.images.decode_frames to 256x128 on the pool, one process",
-                  "cores_here": psutil.cpu_count(), "rows": rows}
-        out.write_text(json.dumps(result, indent=2))  # after every size: a later failure keeps the rest
     print(f"MARS structure at {', '.join(f'1/{k}' for k in sizes)}; {len(pool)} distinct 256x128 frames "
           f"({rows[0]['reference']['mean_jpeg_kib']:.1f} KiB mean); decoded to {HEIGHT}x{WIDTH}, "
           f"T={SEQ_LEN}; ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here")
