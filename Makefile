@@ -54,6 +54,7 @@ test-cluster: venv
 
 bench: venv
 	$(PY) bench/model.py $(ARGS)
+	$(PY) bench/decode.py
 	$(PY) bench/data.py
 	$(PY) bench/train.py
 	$(PY) bench/ranking.py

@@ -1,13 +1,15 @@
 """Benchmark: the Ray Data training stream against a bare decoding loop (frames/s per core), and bytes read.
 
-(a) Throughput. Epochs of training_dataset -> training_batches on a local Ray (decode_concurrency = N
-tasks), counting the frames delivered (clips x T), against one process that only decodes and resizes the
-same JPEG frames with data.images.decode_frames: the frames the epoch samples, found by running the
-pipeline's own sampling on the stored rows (bytes in memory before the clock starts). Cores used = CPU
-seconds over wall seconds: the pipeline's summed over this process and every Ray process it started (read
-from /proc every 0.05 s, so a process that exits is counted up to its last reading: see CpuMeter), the bare
-loop's from its own process time. Frames per core = frames per CPU-second. Each measurement is run
---repeats times and the run of median CPU time is reported.
+(a) Throughput. Epochs of training_dataset -> training_batches on a local Ray (decode_concurrency = N tasks),
+counting the frames delivered (clips x T), against one process that only decodes and resizes the same JPEG
+frames with data.images.decode_frames, the fastest decoder measured (libjpeg-turbo through simplejpeg,
+bench/decode.py; the bilinear resize to 224x224 is PIL's and costs more than decoding, so --height 256 --width
+128, ResNet-50's input, is the decoder-bound case): the frames the epoch samples, found by running the
+pipeline's own sampling on the stored rows (bytes in memory before the clock starts). Cores used = CPU seconds
+over wall seconds: the pipeline's summed over this process and every Ray process it started (read from /proc
+every 0.05 s, so a process that exits is counted up to its last reading: see CpuMeter), the bare loop's from
+its own process time. Frames per core = frames per CPU-second. Each measurement is run --repeats times and the
+run of median CPU time is reported.
 Each epoch also pays a constant (planning, first reads, the pipeline filling) that a MARS epoch of
 ~500k frames amortises and this small data set cannot, so an epoch over P identities only (exclude_identities)
 is timed as well and the goal is on the marginal cost, full epoch minus that one. The goal compares like with
