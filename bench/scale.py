@@ -30,6 +30,7 @@ data.images.decode_frames to 256x128 (frames per CPU-second).
 """
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -54,7 +55,6 @@ from stal_ray.data import mars  # noqa: E402
 from stal_ray.data.images import decode_frames  # noqa: E402
 
 MARS_INFO = REPO / "tests" / "data" / "mars_info"
-STUDY_LOCK = "/tmp/ray-study.lock"
 HEIGHT, WIDTH, SEQ_LEN, P, K = 256, 128, 8, 8, 4
 # the tiny model's own input (configs/synthetic_tiny.yaml): at 256x128 its CPU forward, not decoding or the
 # stream, would be what the evaluation times (~20 frames/s on the shared 2-core machine)
@@ -323,17 +323,21 @@ def run_stage(name: str, args, release: Path, shards: Path) -> dict:
 
 # ------------------------------------------------------------------- the stream's deferred groups
 
-def deferred_groups(every: int) -> dict:
+def deferred_groups(every: int, max_groups: int | None) -> dict:
     """Peak groups the training stream's driver holds back (TrainingBatches' deferred list: a group whose
     identity is already in the batch being filled), simulated on the scaled index with the real class: each
-    identity's ~frames/(K*T) groups arrive together, as one shard row expands into all of them, identities in
-    random order. No frames: a group here is a placeholder of the real one's metadata."""
+    identity's groups (sampling.identity_groups: ~frames/(K*T), enough for every tracklet, at most
+    `max_groups`, data.max_groups_per_identity) arrive together, as one shard row expands into all of them,
+    identities in random order. No frames: a group here is a placeholder of the real one's metadata."""
     from stal_ray.data import pipeline
 
     table = scaled_index(every)["train"]
     identities, inverse = np.unique(table[:, 2], return_inverse=True)
     frames = np.bincount(inverse, weights=table[:, 1] - table[:, 0] + 1)
-    groups = np.maximum(1, np.round(frames / (K * SEQ_LEN))).astype(int)
+    tracklets = np.bincount(inverse)
+    groups = np.maximum(np.maximum(1, np.round(frames / (K * SEQ_LEN))), np.ceil(tracklets / K)).astype(int)
+    if max_groups is not None:
+        groups = np.minimum(groups, max_groups)
 
     class Source:
         def iter_batches(self, **_):
@@ -375,6 +379,21 @@ def reference(pool: list[Path]) -> dict:
             "mean_jpeg_kib": float(np.mean([len(d) for d in data]) / 1024)}
 
 
+@contextlib.contextmanager
+def _held(lock_path: str | None):
+    """An exclusive flock on lock_path for the block (none when None): heavy jobs on a shared machine take
+    turns."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def measure_size(every: int, args, workdir: Path, pool: list[Path], save) -> dict:
     release, shards = workdir / f"release-1of{every}", workdir / f"shards-1of{every}"
     shutil.rmtree(release, ignore_errors=True)
@@ -383,21 +402,18 @@ def measure_size(every: int, args, workdir: Path, pool: list[Path], save) -> dic
     sizes = write_release(release, scaled_index(every), pool)
     print(f"1/{every}: release of {sizes['frames']} frames linked in {time.perf_counter() - started:.0f} s",
           flush=True)
-    row = {"every": every, "release": sizes, "deferred": deferred_groups(every)}
+    cap = _config().data.max_groups_per_identity
+    row = {"every": every, "release": sizes, "deferred": deferred_groups(every, cap),
+           "deferred_uncapped": deferred_groups(every, None)}
     for stage in ("reference", "prepare", "epoch", "eval"):
         if stage in args.skip:
             continue
-        with open(args.small_lock if args.small_lock and every >= 16 else args.lock, "a") as lock:
+        with _held(args.small_lock if args.small_lock and every >= 16 else args.lock):
             # per stage: other runs get turns in between (the shards stay, and nothing else writes there)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                started = time.perf_counter()
-                row[stage] = reference(pool) if stage == "reference" else run_stage(stage, args, release,
-                                                                                     shards)
-                print(f"1/{every}: {stage} done in {time.perf_counter() - started:.0f} s", flush=True)
-                save(row)  # after every stage: a later failure or interruption keeps the rest
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            started = time.perf_counter()
+            row[stage] = reference(pool) if stage == "reference" else run_stage(stage, args, release, shards)
+            print(f"1/{every}: {stage} done in {time.perf_counter() - started:.0f} s", flush=True)
+            save(row)  # after every stage: a later failure or interruption keeps the rest
     if not args.keep:
         shutil.rmtree(release, ignore_errors=True)
         shutil.rmtree(shards, ignore_errors=True)
@@ -430,6 +446,8 @@ FIGURES = [
     ("epoch driver RSS MB", "epoch.driver_peak_rss_mb", "{:.0f}"),
     ("stream deferred groups*", "deferred.peak_deferred_groups", "{:.0f}"),
     ("stream deferred MB*", "deferred.peak_deferred_mb", "{:.0f}"),
+    ("  uncapped: deferred groups*", "deferred_uncapped.peak_deferred_groups", "{:.0f}"),
+    ("  uncapped: deferred MB*", "deferred_uncapped.peak_deferred_mb", "{:.0f}"),
     ("epoch worker RSS MB", "epoch.worker_peak_rss_mb", "{:.0f}"),
     ("epoch worker private MB", "epoch.worker_peak_private_mb", "{:.0f}"),
     ("eval frames", "eval.frames", "{:.0f}"),
@@ -487,7 +505,8 @@ def main() -> None:
                         help="stages not run")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to ray.init")
     parser.add_argument("--object-store-mb", type=int, default=1024, help="Ray object store size")
-    parser.add_argument("--lock", default=STUDY_LOCK, help="held per stage (HELPERS.md: long runs)")
+    parser.add_argument("--lock", default=None, metavar="FILE",
+                        help="a file flocked per stage, so other heavy jobs on a shared machine take turns")
     parser.add_argument("--small-lock", default=None,
                         help="held instead for sizes of 1/16 and below, whose stages take under ~3 minutes "
                              "each (e.g. /tmp/ray-heavy.lock, the short runs' lock)")

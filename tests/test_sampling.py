@@ -82,3 +82,30 @@ def test_a_sequence_of_length_l_is_drawn_as_the_paper_tests_sequence_lengths(num
         assert len(set(positions.tolist())) == length
     else:  # every frame, the rest repeats
         assert set(positions.tolist()) == set(range(num_frames))
+
+
+def test_a_large_identity_gives_at_most_max_groups_and_other_frames_next_epoch():
+    # like MARS's largest identities: thousands of frames in many tracklets
+    lengths = [40 + 17 * i for i in range(60)]
+    tracklet_of_frame = frames_of(lengths)
+    uncapped = identity_groups(tracklet_of_frame, 4, 8, np.random.default_rng(0))
+    assert len(uncapped) == round(len(tracklet_of_frame) / 32) > 32
+    epochs = [identity_groups(tracklet_of_frame, 4, 8, np.random.default_rng([0, epoch, 7]), max_groups=32)
+              for epoch in range(2)]
+    for groups in epochs:
+        assert len(groups) == 32
+        for group in groups:  # still K clips of K different tracklets, T sorted frames each
+            assert group.shape == (4, 8) and len(set(tracklet_of_frame[group[:, 0]])) == 4
+            assert (np.diff(group, axis=1) >= 0).all()
+    taken = [set(np.concatenate(groups).ravel()) for groups in epochs]
+    assert len(taken[0] ^ taken[1]) > len(taken[0]) // 2  # the next epoch mostly sees other frames
+    # clips in proportion to frames: the longest tracklets give the most
+    per_tracklet = np.bincount(tracklet_of_frame[np.concatenate(epochs[0])[:, 0]] - 10, minlength=60)
+    assert per_tracklet[-10:].sum() > per_tracklet[:10].sum()
+
+
+def test_a_small_identity_is_not_changed_by_the_cap():
+    tracklet_of_frame = frames_of([12, 20, 9])
+    plain = identity_groups(tracklet_of_frame, 2, 4, np.random.default_rng(3))
+    capped = identity_groups(tracklet_of_frame, 2, 4, np.random.default_rng(3), max_groups=32)
+    assert len(plain) == len(capped) and all((a == b).all() for a, b in zip(plain, capped, strict=True))

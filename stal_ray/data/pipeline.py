@@ -68,7 +68,7 @@ def identity_labels(uri: str, *, endpoint_url: str | None = None,
 
 
 def _identity_groups(rows: pa.RecordBatch | pa.Table, *, clips_per_identity: int, seq_len: int, seed: int,
-                     epoch: int, labels: dict[int, int]) -> pa.Table:
+                     epoch: int, labels: dict[int, int], max_groups: int | None = None) -> pa.Table:
     """Identity rows -> their groups of K clips: label, identity, group (its number among the identity's
     groups: what seeds its augmentation), tracklets (K,), and the K·T chosen frames' JPEG bytes and keypoints
     (frames.StoredRows.table; only those travel on to decoding)."""
@@ -80,7 +80,7 @@ def _identity_groups(rows: pa.RecordBatch | pa.Table, *, clips_per_identity: int
         own = tracklet_of_frame[start:start + stored.lengths[row]]
         # seeded by (seed, epoch, identity): reproducible whatever order files are read in, new every epoch
         rng = np.random.default_rng([seed, epoch, identity])
-        for number, group in enumerate(identity_groups(own, clips_per_identity, seq_len, rng)):
+        for number, group in enumerate(identity_groups(own, clips_per_identity, seq_len, rng, max_groups)):
             chosen.append(start + group.reshape(-1))
             columns["label"].append(labels[identity])
             columns["identity"].append(identity)
@@ -299,7 +299,8 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
     ds = ds.map_batches(_file_groups, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
         filesystem=_read_filesystem(uri, endpoint_url), exclude=exclude,
         clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
-        epoch=epoch, labels={identity: label for label, identity in enumerate(labels)}))
+        epoch=epoch, labels={identity: label for label, identity in enumerate(labels)},
+        max_groups=data.max_groups_per_identity))
     return _decode(ds, data, (data.clips_per_identity, data.seq_len),
                    augment=Augmentation.from_config(config, epoch))
 

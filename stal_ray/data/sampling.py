@@ -64,11 +64,12 @@ def _tracklet_clips(num_frames: int, clips: int, seq_len: int, rng: np.random.Ge
 
 
 def identity_groups(tracklet_of_frame: np.ndarray, clips_per_identity: int, seq_len: int,
-                    rng: np.random.Generator) -> list[np.ndarray]:
+                    rng: np.random.Generator, max_groups: int | None = None) -> list[np.ndarray]:
     """One identity's frames (tracklet_of_frame[i]: tracklet of its frame i) cut into groups of K clips.
 
-    Returns about frames / (K·T) groups (at least 1, and enough for one clip of every tracklet), each a
-    (K, T) array of sorted frame indices per clip.
+    Returns about frames / (K·T) groups (at least 1, and enough for one clip of every tracklet), at most
+    `max_groups` when given (then the clips are spread over the tracklets in proportion to their frames,
+    and the rng, new every epoch, picks which frames), each a (K, T) array of sorted frame indices per clip.
     The K clips of a group come from K different tracklets where the identity has K of them; every frame is
     used about once per epoch. An identity with one tracklet still gives K clips, of disjoint frames where
     the tracklet has enough.
@@ -84,6 +85,8 @@ def identity_groups(tracklet_of_frame: np.ndarray, clips_per_identity: int, seq_
     frames = np.array([len(p) for p in positions])
     # enough groups for one clip of every tracklet, else short tracklets of a person would never be seen
     groups = max(1, round(len(tracklet_of_frame) / (k * seq_len)), math.ceil(len(tracklets) / k))
+    if max_groups is not None:
+        groups = min(groups, max_groups)
     counts = _allocate(frames, groups * k, cap=groups if len(tracklets) >= k else None)
     clips = [positions[t][_tracklet_clips(frames[t], counts[t], seq_len, rng)] if counts[t] else None
              for t in range(len(tracklets))]
