@@ -540,13 +540,16 @@ def main() -> None:
           f"({rows[0]['reference']['mean_jpeg_kib']:.1f} KiB mean); decoded to {HEIGHT}x{WIDTH}, "
           f"T={SEQ_LEN}; ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here")
     print(table(rows))
-    full = deferred_groups(1)
-    gib = full["peak_deferred_mb"] / 1024
-    print(f"* simulated on the index (deferred_groups), no frames; at full MARS: "
-          f"{full['peak_deferred_groups']} groups held back at the peak ({gib:.1f} GiB of 256x128 clips; the "
-          f"largest identity has {full['largest_identity_groups']} groups), {full['batches']} batches for "
-          f"{full['groups']} groups ({full['full_batches_possible']} full ones possible)")
-    result["deferred_full"] = full
+    cap = _config().data.max_groups_per_identity
+    full, uncapped = deferred_groups(1, cap), deferred_groups(1, None)
+    print(f"* simulated on the index (deferred_groups), no frames; at full MARS with "
+          f"data.max_groups_per_identity = {cap}: {full['peak_deferred_groups']} groups held back at the "
+          f"peak ({full['peak_deferred_mb'] / 1024:.2f} GiB of 256x128 clips), {full['batches']} batches for "
+          f"{full['groups']} groups ({full['full_batches_possible']} full ones possible); uncapped: "
+          f"{uncapped['peak_deferred_groups']} ({uncapped['peak_deferred_mb'] / 1024:.1f} GiB; the largest "
+          f"identity has {uncapped['largest_identity_groups']} groups), {uncapped['batches']} batches for "
+          f"{uncapped['groups']} groups ({uncapped['full_batches_possible']} full ones possible)")
+    result["deferred_full"], result["deferred_full_uncapped"] = full, uncapped
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
