@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from stal_ray.config import ATTENTION_MODES
+from stal_ray.config import ATTENTION_MODES, STAN_FCS
 from stal_ray.model.backbones import ConvBNReLU
 
 
@@ -16,7 +16,10 @@ class STAN(nn.Module):
     paper does not say; without it the scores stayed within 0.5 ± 0.05 on occluded synthetic data (the
     conv outputs, and so the FC's logits, start tiny), and a larger STAN learning rate instead pushed them
     to 0 or 1 within 50 steps, not tracking occlusion. With it occluded units score lower than clean ones.
-    It reads the low-level maps of all T frames of a clip; the FC sees the whole clip, so it can rank frames.
+    It reads the low-level maps of all T frames of a clip. With `fc` "clip" (the default) one FC sees the
+    whole clip, so it can rank frames, but each position has its own weights: the same frame scores
+    differently at another position. "frame" applies one FC to each frame's pooled map (its output over the
+    T frames is still the T×R map): position-independent, every frame trains the same weights.
     `mode` reproduces the paper's ablation: "stal" (both), "tan" (temporal scores only: one score per frame),
     "san" (spatial scores only: one per part), "baseline" (all scores equal).
     """
@@ -30,12 +33,15 @@ class STAN(nn.Module):
         mode: str = "stal",
         widths: tuple[int, int, int] = (32, 32, 32),
         batchnorm: bool = True,
+        fc: str = "clip",
     ):
         super().__init__()
         if mode not in ATTENTION_MODES:
             allowed = ", ".join(ATTENTION_MODES)
             raise ValueError(f"model.attention = {mode!r} is invalid: use one of {allowed}")
-        self.mode, self.seq_len, self.num_parts = mode, seq_len, num_parts
+        if fc not in STAN_FCS:
+            raise ValueError(f"model.stan_fc = {fc!r} is invalid: use one of {', '.join(STAN_FCS)}")
+        self.mode, self.seq_len, self.num_parts, self.fc = mode, seq_len, num_parts, fc
         if mode == "baseline":  # no parameters that would never receive a gradient
             return
         c1, c2, c3 = widths
@@ -47,7 +53,10 @@ class STAN(nn.Module):
                 layers += [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.ReLU(inplace=True)]
         self.texture = nn.Sequential(*layers, nn.MaxPool2d(7, stride=7, ceil_mode=True))
         pooled = math.ceil(map_size[0] / 7) * math.ceil(map_size[1] / 7)
-        self.scores = nn.Linear(seq_len * c3 * pooled, seq_len * num_parts)
+        if fc == "clip":
+            self.scores = nn.Linear(seq_len * c3 * pooled, seq_len * num_parts)
+        else:  # the same FC for every frame: a frame's scores do not depend on where it sits in the clip
+            self.scores = nn.Linear(c3 * pooled, num_parts)
 
     def raw_scores(self, low_maps: torch.Tensor) -> torch.Tensor:
         """low_maps (B, T, C, h, w) -> positive sigmoid scores (B, T, R) before the L1 normalisation.
@@ -60,7 +69,8 @@ class STAN(nn.Module):
             raise ValueError(f"STAN was built for clips of T = {self.seq_len} frames, got {t}")
         if self.mode == "baseline":
             return low_maps.new_ones((b, t, self.num_parts))
-        texture = self.texture(low_maps.flatten(0, 1)).reshape(b, -1)
+        texture = self.texture(low_maps.flatten(0, 1))  # (B·T, c3, ...)
+        texture = texture.reshape(b, -1) if self.fc == "clip" else texture.flatten(1)
         s = torch.sigmoid(self.scores(texture)).view(b, t, self.num_parts)
         if self.mode == "tan":
             s = s.mean(2, keepdim=True).expand_as(s)
