@@ -122,6 +122,8 @@ def test_occlusion_summary_compares_hidden_units_with_visible_units_of_their_par
     assert summary.within_part_ratio == pytest.approx(0.7 / 1.1)
     assert (summary.pairs_compared, summary.pairs_lower) == (2, 2)
     assert summary.raw_percentiles == pytest.approx((0.125, 0.575))
+    # frames (mean score over parts): half hidden 1.0 and 0.9, clean 1.0 and 1.2
+    assert summary.frame_ratio == pytest.approx(0.95 / 1.1)
     assert analysis.most_occluded(units, 1) == [1]  # a tie on share: the lower tracklet id first
 
 

@@ -135,6 +135,11 @@ def write_report(path: str, r: StudyResults) -> str:
             f"and lower in {occlusion.pairs_lower} of {occlusion.pairs_compared} (tracklet, part) pairs with "
             f"both. Over all units, {_score(occlusion.hidden_mean)} vs {_score(occlusion.visible_mean)} "
             f"({occlusion.hidden_units} hidden units), which also reflects which parts STAN values (§3).")
+        lines.append(
+            f"- Temporal attention: a frame with at least half of its parts hidden gets "
+            f"{_score(occlusion.frame_ratio)}× the score of a frame with none hidden (a frame's score is the "
+            f"mean over its parts, what `tan` weighs frames by); "
+            f"{_verdict(occlusion.frame_ratio < 1)} that it scores lower.")
     else:
         lines.append("- The data set carries no keypoints (or no part is ever hidden), so there is no "
                      "occlusion "
@@ -216,10 +221,12 @@ def write_report(path: str, r: StudyResults) -> str:
         summary = r.occlusion.get(name)
         low, high = summary.raw_percentiles if summary else (math.nan, math.nan)
         ratio = summary.within_part_ratio if summary else math.nan
-        rows.append([name, _pct(results["stal"].mAP), _pct(results["baseline"].mAP),
-                     f"{_score(low)} – {_score(high)}", _score(ratio)])
-    headers = ["model", "stal mAP (%)", "baseline mAP (%)", "raw scores, 5th – 95th percentile",
-               "hidden / visible score, same part"]
+        frames = summary.frame_ratio if summary else math.nan
+        rows.append([name, _pct(results["stal"].mAP), _pct(results["tan"].mAP), _pct(results["baseline"].mAP),
+                     f"{_score(low)} – {_score(high)}", _score(ratio), _score(frames)])
+    headers = ["model", "stal mAP (%)", "tan mAP (%)", "baseline mAP (%)",
+               "raw scores, 5th – 95th percentile", "hidden / visible score, same part",
+               "occluded / clean frame score"]
     lines += [_table(headers, rows), ""]
     descriptions = {v.name: v.description for v in VARIANTS}
     models = "; ".join(f"`{name}`: {descriptions.get(name, name)}" for name in r.train_seconds)
