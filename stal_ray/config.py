@@ -62,10 +62,10 @@ class ModelConfig:
     attention: str = "stal"
     # BatchNorm after each STAN conv (see model.attention.STAN; false = the bare convs)
     stan_batchnorm: bool = True
-    # STAN's FC to the T×R map: "clip" one FC over the whole clip's T pooled maps (each frame's score depends
-    # on its position and on the other frames), "frame" one FC from a frame's pooled map to its R scores,
-    # shared by the T positions (docs/attention.md)
-    stan_fc: str = "clip"
+    # STAN's FC to the T×R map: "frame" one FC from a frame's pooled map to its R scores, shared by the T
+    # positions (position-free: temporal attention learns occlusion, docs/attention.md); "clip" one FC over
+    # the whole clip's T pooled maps (the first STAN: each frame's score depends on its position)
+    stan_fc: str = "frame"
     # the residual attention branch on the global branch (RAN, §III-B); false = the ablation without it
     residual_attention: bool = True
     # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l2" (Euclidean; trains better, README) or "l1"

@@ -163,7 +163,7 @@ def test_the_study_job_writes_every_table_and_figure(ray_cluster, occluded_shard
 
     report = (out / "report.md").read_text()
     for heading in ("Attention ablation", "Branch ablation", "Body parts", "Fusion rate", "Attention maps",
-                    "STAN with and without BatchNorm"):
+                    "STAN: BatchNorm, and one FC"):
         assert heading in report
     for picture in ("attention_ablation", "branch_ablation", "parts_cmc", "parts_attention", "fusion_rate",
                     "sequence_length", "attention_maps"):
@@ -179,6 +179,7 @@ def test_the_study_job_writes_every_table_and_figure(ray_cluster, occluded_shard
     assert results["sequence_length"]["labels"] == ["1", "4", "all"]
     assert np.asarray(results["sequence_length"]["rank1"]).shape == (3, 3)
     assert results["has_keypoints"] and results["occlusion"]["stal"]["hidden_units"] > 0
+    assert set(results["stan_batchnorm"]) == {"stan_clip_fc", "stan_no_bn", "stal"}
     # the same model through the evaluation job ranks the same
     metrics = evaluate(str(out / "runs" / "stal" / "model.pt"), occluded_shards, str(tmp_path / "eval"))
     for mode in ("stal", "baseline", "tan", "san", "global", "local"):

@@ -13,13 +13,13 @@ class STAN(nn.Module):
     """7×7 conv, two 3×3 convs, 7×7 max-pool, FC to T×R, sigmoid, L1 normalisation over the T×R map.
 
     With `batchnorm` (the default) each conv is followed by BatchNorm, as every conv of the backbones is. The
-    paper does not say; without it the scores stayed within 0.5 ± 0.05 on occluded synthetic data (the
-    conv outputs, and so the FC's logits, start tiny), and a larger STAN learning rate instead pushed them
-    to 0 or 1 within 50 steps, not tracking occlusion. With it occluded units score lower than clean ones.
-    It reads the low-level maps of all T frames of a clip. With `fc` "clip" (the default) one FC sees the
-    whole clip, so it can rank frames, but each position has its own weights: the same frame scores
-    differently at another position. "frame" applies one FC to each frame's pooled map (its output over the
-    T frames is still the T×R map): position-independent, every frame trains the same weights.
+    paper does not say; without it the raw scores stay within 0.5 ± 0.07 (the conv outputs, and so the FC's
+    logits, start tiny) and track nothing (docs/attention.md).
+    It reads the low-level maps of all T frames of a clip. With `fc` "frame" (the default) one FC maps each
+    frame's pooled map to its R scores, the same FC at every position; over the T frames that is the
+    paper's FC "whose output is T × R". "clip" (the first STAN) is one FC over the whole clip: each
+    position has its own weights, so the same frame scores differently at another position, and it learns
+    positions more than occlusion (docs/attention.md).
     `mode` reproduces the paper's ablation: "stal" (both), "tan" (temporal scores only: one score per frame),
     "san" (spatial scores only: one per part), "baseline" (all scores equal).
     """
@@ -33,7 +33,7 @@ class STAN(nn.Module):
         mode: str = "stal",
         widths: tuple[int, int, int] = (32, 32, 32),
         batchnorm: bool = True,
-        fc: str = "clip",
+        fc: str = "frame",
     ):
         super().__init__()
         if mode not in ATTENTION_MODES:

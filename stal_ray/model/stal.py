@@ -40,7 +40,7 @@ class STAL(nn.Module):
         attention: str = "stal",
         part_size: int = 8,
         stan_batchnorm: bool = True,
-        stan_fc: str = "clip",
+        stan_fc: str = "frame",
         residual_attention: bool = True,
         bnneck: bool = False,
     ):

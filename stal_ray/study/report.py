@@ -202,19 +202,16 @@ def write_report(path: str, r: StudyResults) -> str:
                                                                          f"{e['units']}",
                  _score(e["hidden_mean"]), _score(e["visible_mean"])] for e in r.examples]),
         "", "![attention maps](attention_maps.png)", "",
-        "## 6. STAN with and without BatchNorm",
+        "## 6. STAN: BatchNorm, and one FC per frame or over the clip",
         "",
-        "The first STAN had bare convolutions: its conv outputs, and so its FC's logits, start small, "
-        "and the "
-        "only gradient that reaches it is λ times the local triplet term, which is zero once that term's "
-        "margin "
-        "holds. In short runs its maps stayed near uniform (`stal` ranked exactly as `baseline`), and a "
-        "larger "
-        "STAN learning rate pushed the sigmoids to 0 or 1 instead of tracking occlusion. BatchNorm after "
-        "each "
-        "STAN conv (as after every backbone conv) is now the default; `model.stan_batchnorm=false` "
-        "trains the "
-        "bare version, here side by side with the same data and seed:", "",
+        "Without BatchNorm after its convs (`model.stan_batchnorm=false`) STAN's conv outputs, and so its "
+        "FC's logits, stay small and its maps near uniform. With one FC over the whole clip "
+        "(`model.stan_fc=clip`, the first STAN) each position has its own weights: the FC learns where a "
+        "frame sits more than what it shows, and temporal attention barely tracks occlusion; one FC shared "
+        "by the frames (`frame`) is position-free (docs/attention.md has the diagnosis). The models "
+        "trained here, side by side with the same data and seed (`stal` with the configured STAN, "
+        f"`model.stan_fc={c.model.stan_fc}`, `model.stan_batchnorm={str(c.model.stan_batchnorm).lower()}`):",
+        "",
     ]
     rows = []
     for name, results in r.before_after.items():

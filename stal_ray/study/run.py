@@ -16,6 +16,8 @@ from stal_ray.study.variants import VARIANTS, train_variants
 # Fig. 11's lengths (the paper goes to 128 on iLIDS-VID; None = every frame of the tracklet)
 SEQUENCE_LENGTHS = (1, 2, 4, 8, 16, None)
 FUSION_RATES = tuple(round(0.1 * i, 1) for i in range(11))  # Fig. 8: 0 to 1 by 0.1
+# the models of the STAN comparison (report section 6): their unit scores are extracted
+STAN_VARIANTS = ("stan_clip_fc", "stan_no_bn", "stal")
 ATTENTION_EXAMPLES = 4  # tracklets in the Fig. 12 figure
 REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
 
@@ -38,7 +40,7 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     print("study: extracting test features", flush=True)
     features, units = {}, {}
     for name, variant in trained.items():
-        if name in ("stal", "stan_no_bn"):  # the occlusion comparison needs their unit scores
+        if name in STAN_VARIANTS:  # the occlusion comparison needs their unit scores
             features[name], units[name] = extract_with_units(test_split(), variant.model_path, **stream)
         else:
             features[name] = extract_features(test_split(), variant.model_path, **stream)
@@ -68,7 +70,7 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     results.occlusion = {name: analysis.occlusion_summary(u) for name, u in units.items()}
     results.has_keypoints = units["stal"].has_keypoints
     results.before_after = {name: analysis.attention_ablation(rankers[name], alpha)
-                            for name in ("stan_no_bn", "stal") if name in rankers}
+                            for name in STAN_VARIANTS if name in rankers}
 
     print("study: sequence lengths", flush=True)
     by_length = {}
