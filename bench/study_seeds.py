@@ -26,6 +26,14 @@ def figures(results: dict) -> list[float]:
             occlusion.get("within_part_ratio", float("nan")), occlusion.get("frame_ratio", float("nan"))]
 
 
+def _cell(value: float, spread: float | None, index: int) -> str:
+    digits = 1 if index < 6 else 3
+    text = "–" if np.isnan(value) else f"{value:.{digits}f}"
+    if spread is None or np.isnan(value):
+        return text
+    return text if np.isnan(spread) else f"{text} ± {spread:.{digits}f}"
+
+
 def main(folders: list[str]) -> None:
     groups = defaultdict(list)
     print("| study | queries | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 2))
@@ -33,15 +41,14 @@ def main(folders: list[str]) -> None:
         results = json.loads((Path(folder) / "results.json").read_text())
         row = figures(results)
         print(f"| {Path(folder).name} | {results['num_query']} | "
-              + " | ".join(f"{v:.1f}" if i < 6 else f"{v:.3f}" for i, v in enumerate(row)) + " |")
+              + " | ".join(_cell(v, None, i) for i, v in enumerate(row)) + " |")
         groups[Path(folder).name.rsplit("-s", 1)[0]].append(row)
     print("\n| group | studies | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 2))
     for group, rows in groups.items():
         values = np.asarray(rows)
         spread = values.std(0, ddof=1) if len(values) > 1 else np.full(values.shape[1], np.nan)
         print(f"| {group} | {len(values)} | " + " | ".join(
-            (f"{m:.1f} ± {s:.1f}" if i < 6 else f"{m:.3f} ± {s:.3f}")
-            for i, (m, s) in enumerate(zip(values.mean(0), spread, strict=True))) + " |")
+            _cell(m, s, i) for i, (m, s) in enumerate(zip(values.mean(0), spread, strict=True))) + " |")
 
 
 if __name__ == "__main__":
