@@ -331,6 +331,9 @@ def write_synthetic_release(
     and the first tracklet of training identity 1 has min(frames_per_tracklet[0], 7) frames (fewer than the
     paper's T = 8 unless the range forbids it). So with fixed ranges (a, a) and (n, n), the training split
     holds (identities - 1) * a + 1 tracklets and the test split test_identities * a + junk + distractors.
+    `occlusion` is the share of frames with something in front of the person, and `occluders` what that is
+    (stal_ray.data.occluders): "boxes", a random box in each occluded frame, or "moving", bursts of
+    contiguous frames behind a post, a car or a passer-by; a joint the occluder covers has confidence 0.
     Same arguments, same bytes. progress: a tqdm bar (None: when stderr is a terminal).
     """
     _validate(
