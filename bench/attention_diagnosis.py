@@ -12,7 +12,7 @@ prints for each, as markdown rows:
   frames with >= 3 hidden parts over frames with none (the temporal figure: one score per frame);
 * test mAP of baseline, tan, san, stal (d_l + 0.3 d_g; every test tracklet a query).
 
-    PYTHONPATH=$PWD python bench/attention_diagnosis.py --steps 400 --variants default no_bn frame ...
+    PYTHONPATH=$PWD python bench/attention_diagnosis.py --steps 240 --variants clip frame ...
 """
 
 import argparse
@@ -33,13 +33,13 @@ from stal_ray.study.units import _units, hidden_parts
 
 T, SIZE = 4, (64, 32)
 VARIANTS = {  # name: (STAL keyword arguments, objective keyword arguments, consistency on)
-    "default": ({}, {}, True),
-    "no_bn": ({"stan_batchnorm": False}, {}, True),
-    "frame": ({"stan_fc": "frame"}, {}, True),
+    "clip": ({"stan_fc": "clip"}, {}, True),  # the first STAN: one FC over the whole clip
+    "clip_no_bn": ({"stan_fc": "clip", "stan_batchnorm": False}, {}, True),
+    "frame": ({"stan_fc": "frame"}, {}, True),  # the default since issue 17
     "frame_no_bn": ({"stan_fc": "frame", "stan_batchnorm": False}, {}, True),
-    "all_triplets": ({}, {"mining": "all"}, True),
-    "no_consistency": ({}, {}, False),
-    "frame_all": ({"stan_fc": "frame"}, {"mining": "all"}, True),
+    "clip_all_triplets": ({"stan_fc": "clip"}, {"mining": "all"}, True),
+    "clip_no_consistency": ({"stan_fc": "clip"}, {}, False),
+    "frame_all_triplets": ({"stan_fc": "frame"}, {"mining": "all"}, True),
 }
 
 
