@@ -14,17 +14,20 @@ from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.data import storage
+from stal_ray.data.occluders import OCCLUDER_STYLES
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.data.synthetic import ensure_synthetic_shards
 from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.study.run import SEQUENCE_LENGTHS, run_study
+from stal_ray.study.variants import VARIANTS
 from stal_ray.train.trainer import NonFiniteLossError
 
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "study_occluded.yaml"
 # the synthetic data set of the study when no --data is given: like the paper's "polluted" data (Table VII),
 # most frames with an occluder, and enough test identities for the ablations to separate
+# (occluders "moving": bursts of frames behind a post, a car or a passer-by, stal_ray.data.occluders)
 SYNTHETIC = dict(identities=60, test_identities=50, frames_per_tracklet=(10, 24))
 
 
@@ -48,6 +51,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--occlusion", type=float, default=0.5,
                         help="share of occluded frames of the synthetic data set made when --data is "
                              "not given (default: 0.5)")
+    parser.add_argument("--occluders", choices=OCCLUDER_STYLES, default="moving",
+                        help="what occludes the synthetic data set's frames: moving (default; bursts of "
+                             "contiguous frames behind a post, a car or a passer-by) or boxes (a random "
+                             "box in each occluded frame, the first generator's)")
+    parser.add_argument("--synthetic-seed", type=int, default=0,
+                        help="generator seed of the synthetic data set (default 0; another seed is held-out "
+                             "data of the same kind: other colours, cameras and occluders)")
+    parser.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS],
+                        default=[v.name for v in VARIANTS],
+                        help="the models to train (default: all; stal is always trained); the report leaves "
+                             "out the comparisons of the others")
     parser.add_argument("--sequence-lengths", nargs="+", metavar="L", type=_length,
                         default=list(SEQUENCE_LENGTHS),
                         help="frames per query and gallery tracklet in the Fig. 11 heat map; `all` = every "
@@ -74,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.address)
         uri = args.data or config.data.root
         data = (resolve_data(uri, endpoint_url=args.endpoint_url) if uri
-                else ensure_synthetic_shards(occlusion=args.occlusion, **SYNTHETIC))
+                else ensure_synthetic_shards(occlusion=args.occlusion, occluders=args.occluders,
+                                             seed=args.synthetic_seed, **SYNTHETIC))
         print(f"study on {data}, into {args.out}")
         command = "python jobs/study.py " + shlex.join(argv)
         report = run_study(config, data, args.out, command=command, endpoint_url=args.endpoint_url,
-                           sequence_lengths=args.sequence_lengths)
+                           sequence_lengths=args.sequence_lengths,
+                           variants=tuple(v for v in VARIANTS if v.name in {"stal", *args.variants}))
     except (ConfigError, StorageError, NonFiniteLossError) as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
 # ||ā|| of Eq. 8: "l2" (Euclidean) or "l1" (Σ_r ā^r, the form Eq. 12 differentiates)
 PART_NORMS = ("l2", "l1")
+STAN_FCS = ("clip", "frame")
 NO_PRETRAINED = "none"  # model.pretrained: train the backbone from random weights, on purpose
 
 
@@ -66,6 +67,10 @@ class ModelConfig:
     attention: str = "stal"
     # BatchNorm after each STAN conv (see model.attention.STAN; false = the bare convs)
     stan_batchnorm: bool = True
+    # STAN's FC to the T×R map: "frame" one FC from a frame's pooled map to its R scores, shared by the T
+    # positions (position-free: temporal attention learns occlusion, docs/attention.md); "clip" one FC over
+    # the whole clip's T pooled maps (the first STAN: each frame's score depends on its position)
+    stan_fc: str = "frame"
     # the residual attention branch on the global branch (RAN, §III-B); false = the ablation without it
     residual_attention: bool = True
     # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l2" (Euclidean; trains better, README) or "l1"
@@ -587,6 +592,7 @@ _RULES: dict[str, _Rule] = {
     "model.part_size": _int_at_least(1),
     "model.attention": _one_of(ATTENTION_MODES),
     "model.stan_batchnorm": lambda v: None,
+    "model.stan_fc": _one_of(STAN_FCS),
     "model.residual_attention": lambda v: None,
     "model.part_norm": _one_of(PART_NORMS),
     "model.bnneck": lambda v: None,

@@ -63,3 +63,19 @@ def test_normalising_scores_that_all_underflowed_gives_zeros_not_nan():
     from stal_ray.model.attention import normalize_scores
 
     assert torch.equal(normalize_scores(torch.zeros(2, T, R)), torch.zeros(2, T, R))
+
+
+def test_frame_fc_scores_a_frame_the_same_at_every_position_and_clip_fc_does_not():
+    torch.manual_seed(0)
+    maps = torch.randn(2, T, C, 14, 14)
+    order = torch.tensor([2, 0, 3, 1])  # frame order[t] moves to position t
+    for fc, position_free in (("frame", True), ("clip", False)):
+        stan = STAN(C, (14, 14), T, R, fc=fc).eval()
+        with torch.no_grad():
+            same = torch.allclose(stan.raw_scores(maps[:, order]), stan.raw_scores(maps)[:, order], atol=1e-6)
+        assert same == position_free, fc
+
+
+def test_unknown_fc_is_rejected():
+    with pytest.raises(ValueError, match="model.stan_fc"):
+        STAN(C, (14, 14), T, R, fc="shared")

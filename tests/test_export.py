@@ -76,3 +76,16 @@ def test_config_and_meta_are_read_without_building_the_model(trained, tmp_path):
     save_model(path, model, config, num_classes=3, labels=[1, 2, 3])
     loaded_config, meta = load_model_config(path)
     assert loaded_config.data.seq_len == 2 and meta["num_classes"] == 3 and meta["labels"] == [1, 2, 3]
+
+
+def test_a_file_written_before_model_stan_fc_existed_loads_with_the_clip_fc(tmp_path):
+    config = load_config(None, OVERRIDES + ["model.stan_fc=clip"])
+    model = STAL.from_config(config, num_classes=3).eval()
+    path = tmp_path / "model.pt"
+    save_model(str(path), model, config, num_classes=3, labels=[1, 2, 3])
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["model"]["stan_fc"]  # as the files of earlier versions
+    torch.save(payload, path)
+    loaded, loaded_config, _ = load_model(str(path))
+    assert loaded_config.model.stan_fc == "clip"
+    assert_same_outputs(model, loaded)

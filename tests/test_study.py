@@ -122,6 +122,8 @@ def test_occlusion_summary_compares_hidden_units_with_visible_units_of_their_par
     assert summary.within_part_ratio == pytest.approx(0.7 / 1.1)
     assert (summary.pairs_compared, summary.pairs_lower) == (2, 2)
     assert summary.raw_percentiles == pytest.approx((0.125, 0.575))
+    # frames (mean score over parts): half hidden 1.0 and 0.9, clean 1.0 and 1.2
+    assert summary.frame_ratio == pytest.approx(0.95 / 1.1)
     assert analysis.most_occluded(units, 1) == [1]  # a tie on share: the lower tracklet id first
 
 
@@ -154,14 +156,16 @@ def test_the_study_job_writes_every_table_and_figure(ray_cluster, occluded_shard
     settings = ["model.feature_dim=32", "data.seq_len=2", "data.height=32", "data.width=16",
                 "data.identities_per_batch=2", "data.decode_concurrency=1", "train.iterations=4",
                 "train.checkpoint_every=4", "train.log_every=2"]
-    argv = ["--data", occluded_shards, "--out", str(out), "--sequence-lengths", "1", "4", "all"]
+    # the STAN variants (stan_no_bn, stan_clip_fc) left out: the same code path as stal, two trainings less
+    argv = ["--data", occluded_shards, "--out", str(out), "--sequence-lengths", "1", "4", "all",
+            "--variants", "global_alone", "local_alone", "no_ran"]
     argv += [a for s in settings for a in ("--set", s)]
     assert job.main(argv) == 0
     assert capsys.readouterr().out.strip().endswith(str(out / "report.md"))
 
     report = (out / "report.md").read_text()
     for heading in ("Attention ablation", "Branch ablation", "Body parts", "Fusion rate", "Attention maps",
-                    "STAN with and without BatchNorm"):
+                    "STAN: BatchNorm, and one FC"):
         assert heading in report
     for picture in ("attention_ablation", "branch_ablation", "parts_cmc", "parts_attention", "fusion_rate",
                     "sequence_length", "attention_maps"):
@@ -177,6 +181,8 @@ def test_the_study_job_writes_every_table_and_figure(ray_cluster, occluded_shard
     assert results["sequence_length"]["labels"] == ["1", "4", "all"]
     assert np.asarray(results["sequence_length"]["rank1"]).shape == (3, 3)
     assert results["has_keypoints"] and results["occlusion"]["stal"]["hidden_units"] > 0
+    assert set(results["stan_batchnorm"]) == {"stal"} and set(results["train_seconds"]) == {
+        "stal", "global_alone", "local_alone", "no_ran"}
     # the same model through the evaluation job ranks the same
     metrics = evaluate(str(out / "runs" / "stal" / "model.pt"), occluded_shards, str(tmp_path / "eval"))
     for mode in ("stal", "baseline", "tan", "san", "global", "local"):

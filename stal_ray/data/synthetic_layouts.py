@@ -58,11 +58,11 @@ def write_prid_release(root: str | Path, sequences: Mapping[tuple[str, int], Seq
 
 def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_tracklet: tuple[int, int] = (8, 16),
                  height: int = 64, width: int = 32, occlusion: float = 0.2, seed: int = 0,
-                 style: str = "default") -> str:
+                 style: str = "default", occluders: str = "boxes") -> str:
     """A synthetic release in `layout` (ilidsvid or prid2011) under `out` (new or empty); returns its path.
     `persons`: persons in both cameras that the protocol keeps (even, so the splits halve them); PRID-2011's
-    have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says. `style`: the pedestrians' and
-    cameras' look (stal_ray.data.synthetic.STYLES)."""
+    have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says. `style` (the pedestrians' and
+    cameras' look) and `occluders` as for stal_ray.data.synthetic.write_synthetic_release."""
     from stal_ray.data.synthetic import STYLES, _render, _Track, _validate  # the MARS generator's pedestrians
 
     if style not in STYLES:
@@ -73,7 +73,7 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     if persons < 2 or persons % 2 or persons > 798:
         raise ValueError(f"persons must be even, >= 2 (the splits halve them) and <= 798 (3-digit iLIDS-VID "
                          f"person numbers with gaps), got {persons}")
-    _validate(persons, 1, 2, (1, 1), tuple(frames_per_tracklet), height, width, occlusion, 0, 0)
+    _validate(persons, 1, 2, (1, 1), tuple(frames_per_tracklet), height, width, occlusion, 0, 0, occluders)
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic release needs a new or empty folder")
@@ -84,7 +84,7 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
 
     def sequence(person: int, camera: int, frames: int) -> list[bytes]:
         track = _Track("train", person, camera, camera, frames)  # number: its own noise per camera
-        return [_png(jpeg) for jpeg in _render(track, seed, (height, width), occlusion, style)[0]]
+        return [_png(jpeg) for jpeg in _render(track, seed, (height, width), occlusion, style, occluders)[0]]
 
     if layout == "ilidsvid":
         numbers = [n for n in range(1, 2 * persons + 1) if n % 5][:persons]  # gaps, as in the release

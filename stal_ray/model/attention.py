@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from stal_ray.config import ATTENTION_MODES
+from stal_ray.config import ATTENTION_MODES, STAN_FCS
 from stal_ray.model.backbones import ConvBNReLU
 
 
@@ -13,10 +13,13 @@ class STAN(nn.Module):
     """7×7 conv, two 3×3 convs, 7×7 max-pool, FC to T×R, sigmoid, L1 normalisation over the T×R map.
 
     With `batchnorm` (the default) each conv is followed by BatchNorm, as every conv of the backbones is. The
-    paper does not say; without it the scores stayed within 0.5 ± 0.05 on occluded synthetic data (the
-    conv outputs, and so the FC's logits, start tiny), and a larger STAN learning rate instead pushed them
-    to 0 or 1 within 50 steps, not tracking occlusion. With it occluded units score lower than clean ones.
-    It reads the low-level maps of all T frames of a clip; the FC sees the whole clip, so it can rank frames.
+    paper does not say; without it the raw scores stay within 0.5 ± 0.07 (the conv outputs, and so the FC's
+    logits, start tiny) and track nothing (docs/attention.md).
+    It reads the low-level maps of all T frames of a clip. With `fc` "frame" (the default) one FC maps each
+    frame's pooled map to its R scores, the same FC at every position; over the T frames that is the
+    paper's FC "whose output is T × R". "clip" (the first STAN) is one FC over the whole clip: each
+    position has its own weights, so the same frame scores differently at another position, and it learns
+    positions more than occlusion (docs/attention.md).
     `mode` reproduces the paper's ablation: "stal" (both), "tan" (temporal scores only: one score per frame),
     "san" (spatial scores only: one per part), "baseline" (all scores equal).
     """
@@ -30,12 +33,15 @@ class STAN(nn.Module):
         mode: str = "stal",
         widths: tuple[int, int, int] = (32, 32, 32),
         batchnorm: bool = True,
+        fc: str = "frame",
     ):
         super().__init__()
         if mode not in ATTENTION_MODES:
             allowed = ", ".join(ATTENTION_MODES)
             raise ValueError(f"model.attention = {mode!r} is invalid: use one of {allowed}")
-        self.mode, self.seq_len, self.num_parts = mode, seq_len, num_parts
+        if fc not in STAN_FCS:
+            raise ValueError(f"model.stan_fc = {fc!r} is invalid: use one of {', '.join(STAN_FCS)}")
+        self.mode, self.seq_len, self.num_parts, self.fc = mode, seq_len, num_parts, fc
         if mode == "baseline":  # no parameters that would never receive a gradient
             return
         c1, c2, c3 = widths
@@ -47,7 +53,10 @@ class STAN(nn.Module):
                 layers += [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.ReLU(inplace=True)]
         self.texture = nn.Sequential(*layers, nn.MaxPool2d(7, stride=7, ceil_mode=True))
         pooled = math.ceil(map_size[0] / 7) * math.ceil(map_size[1] / 7)
-        self.scores = nn.Linear(seq_len * c3 * pooled, seq_len * num_parts)
+        if fc == "clip":
+            self.scores = nn.Linear(seq_len * c3 * pooled, seq_len * num_parts)
+        else:  # the same FC for every frame: a frame's scores do not depend on where it sits in the clip
+            self.scores = nn.Linear(c3 * pooled, num_parts)
 
     def raw_scores(self, low_maps: torch.Tensor) -> torch.Tensor:
         """low_maps (B, T, C, h, w) -> positive sigmoid scores (B, T, R) before the L1 normalisation.
@@ -60,7 +69,8 @@ class STAN(nn.Module):
             raise ValueError(f"STAN was built for clips of T = {self.seq_len} frames, got {t}")
         if self.mode == "baseline":
             return low_maps.new_ones((b, t, self.num_parts))
-        texture = self.texture(low_maps.flatten(0, 1)).reshape(b, -1)
+        texture = self.texture(low_maps.flatten(0, 1))  # (B·T, c3, ...)
+        texture = texture.reshape(b, -1) if self.fc == "clip" else texture.flatten(1)
         s = torch.sigmoid(self.scores(texture)).view(b, t, self.num_parts)
         if self.mode == "tan":
             s = s.mean(2, keepdim=True).expand_as(s)

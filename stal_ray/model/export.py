@@ -65,6 +65,8 @@ def _read_payload(path_or_url: str, map_location: str | torch.device = "cpu") ->
 def _config_and_meta(payload: dict) -> tuple[Config, dict]:
     config = config_from_dict(payload["config"])
     config.model.pretrained = None  # every weight is in the file
+    if "stan_fc" not in payload["config"].get("model", {}):
+        config.model.stan_fc = "clip"  # files written before model.stan_fc existed have the clip-wide FC
     return config, {key: payload[key] for key in ("num_classes", "labels", "extra", "version")}
 
 

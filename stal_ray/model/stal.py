@@ -40,6 +40,7 @@ class STAL(nn.Module):
         attention: str = "stal",
         part_size: int = 8,
         stan_batchnorm: bool = True,
+        stan_fc: str = "frame",
         residual_attention: bool = True,
         bnneck: bool = False,
     ):
@@ -54,7 +55,7 @@ class STAL(nn.Module):
         self.pose = PoseSource(pose_source, channels)
         self.part_networks = self.backbone.part_networks(NUM_PARTS, feature_dim)
         self.stan = STAN(channels, self._low_map_size(), seq_len, NUM_PARTS, attention,
-                         batchnorm=stan_batchnorm)
+                         batchnorm=stan_batchnorm, fc=stan_fc)
         self.global_classifier = self.part_classifiers = None
         if num_classes > 0:
             self.global_classifier = nn.Linear(self.backbone.global_dim, num_classes)
@@ -80,6 +81,7 @@ class STAL(nn.Module):
             attention=model.attention,
             part_size=model.part_size,
             stan_batchnorm=model.stan_batchnorm,
+            stan_fc=model.stan_fc,
             residual_attention=model.residual_attention,
             bnneck=model.bnneck,
         )

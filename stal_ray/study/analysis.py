@@ -110,6 +110,9 @@ class OcclusionSummary:
     by_part: dict[str, tuple[float, float, int]]
     # 5th and 95th percentiles of the raw sigmoid scores: how far from uniform (0.5) the map is
     raw_percentiles: tuple[float, float]
+    # temporal attention: a frame's score (mean over its parts, what `tan` weighs frames by) in frames with
+    # at least half of the parts hidden over that in frames with none hidden; NaN without both kinds
+    frame_ratio: float = float("nan")
 
 
 def occlusion_summary(units: UnitScores) -> OcclusionSummary:
@@ -130,10 +133,21 @@ def occlusion_summary(units: UnitScores) -> OcclusionSummary:
             compared += 1
             lower += score[rows & hidden].mean() < score[rows & ~hidden].mean()
     low, high = np.percentile(units.raw, [5, 95]) if len(units.raw) else (float("nan"), float("nan"))
+    frame_ratio = float("nan")
+    if len(score):
+        _, frame, parts = np.unique(np.stack([units.tracklet, units.frame]), axis=1, return_inverse=True,
+                                    return_counts=True)
+        frame = frame.reshape(-1)
+        frame_score = np.bincount(frame, weights=score) / parts
+        frame_hidden = np.bincount(frame, weights=hidden) / parts
+        occluded, clean = frame_hidden >= 0.5, frame_hidden == 0
+        if occluded.any() and clean.any():
+            frame_ratio = float(frame_score[occluded].mean() / frame_score[clean].mean())
     return OcclusionSummary(hidden_mean=mean(score[hidden]), visible_mean=mean(score[~hidden]),
                             hidden_units=int(hidden.sum()), visible_units=int((~hidden).sum()),
                             within_part_ratio=float(ratio), pairs_compared=compared, pairs_lower=int(lower),
-                            by_part=by_part, raw_percentiles=(float(low), float(high)))
+                            by_part=by_part, raw_percentiles=(float(low), float(high)),
+                            frame_ratio=frame_ratio)
 
 
 def paired_with(results: Mapping[str, RankingResult], reference: str) -> dict[str, tuple[int, int]]:

@@ -22,6 +22,8 @@ VARIANTS = (
     Variant("local_alone", "local branch trained alone", ("train.branches=local",)),
     Variant("no_ran", "STAL without the residual attention branch", ("model.residual_attention=false",)),
     Variant("stan_no_bn", "STAL, STAN without BatchNorm", ("model.stan_batchnorm=false",)),
+    Variant("stan_clip_fc", "STAL, STAN's FC over the whole clip (the first STAN; docs/attention.md)",
+            ("model.stan_fc=clip",)),
 )
 
 
