@@ -166,7 +166,8 @@ def test_a_validated_run_keeps_its_best_model_and_says_which(ray_cluster, shards
     assert 1 <= best <= 6 and result.metrics["best_score"] >= result.metrics["val_mAP"]
     _, meta = load_model_config(result.model_path)
     assert meta["extra"] == {"iteration": best, "selected_by": "best val_mAP",
-                             "score": result.metrics["best_score"]}
+                             "score": result.metrics["best_score"],
+                             "data": {"uri": shards_uri, "name": "mars", "split": None, "pollution": None}}
     # Ray Train kept the checkpoint of that same iteration (it scores checkpoints by the same metric), and
     # the latest one besides, which a resumed run starts from
     kept = sorted(path.name.split("_")[1] for path in (tmp_path / "best").glob("checkpoint_0*"))
