@@ -2,17 +2,31 @@
 
 import argparse
 import difflib
-import functools
-import math
 import os
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
+from stal_ray.config_rules import (
+    Rule,
+    WrongType,
+    at_least,
+    coerce,
+    describe,
+    hints,
+    increasing,
+    int_at_least,
+    interval,
+    nonempty_list,
+    one_of,
+    path_or_null,
+    plain,
+    positive,
+    search_range,
+    show,
+)
 from stal_ray.data import storage
 
 # Allowed values of the string settings; other modules import these instead of repeating them.
@@ -247,7 +261,7 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict of built-in types (tuples as lists), for Ray, JSON and YAML."""
         return {
-            section.name: {f.name: _plain(getattr(getattr(self, section.name), f.name))
+            section.name: {f.name: plain(getattr(getattr(self, section.name), f.name))
                            for f in fields(getattr(self, section.name))}
             for section in fields(self)
         }
@@ -357,7 +371,7 @@ def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None) -> list[
     layers = []
     if base is not None:
         if not isinstance(base, str) or not base:
-            raise ConfigError(f"{path}: base = {_show(base)} is invalid: must be the path of a YAML file")
+            raise ConfigError(f"{path}: base = {show(base)} is invalid: must be the path of a YAML file")
         base_path = os.path.join(os.path.dirname(path), os.path.expanduser(base))
         layers += _read_yaml(base_path, chain + (real,), referrer=path)
     layers.append((data, path))
@@ -404,25 +418,25 @@ def _apply(config: Config, origin: dict[str, tuple[str, Any]], layer: Mapping, s
         if values is None:  # a section left empty in YAML
             continue
         if not isinstance(values, Mapping):
-            raise ConfigError(f"{source}: {section_name} = {_show(values)} is invalid: "
-                              f"must be a mapping of keys ({', '.join(_hints(SECTIONS[section_name]))})")
+            raise ConfigError(f"{source}: {section_name} = {show(values)} is invalid: "
+                              f"must be a mapping of keys ({', '.join(hints(SECTIONS[section_name]))})")
         section = getattr(config, section_name)
-        hints = _hints(type(section))
+        annotated = hints(type(section))
         for key, value in values.items():
             dotted = f"{section_name}.{key}"
-            if key not in hints:
+            if key not in annotated:
                 raise ConfigError(_unknown_key(source, section_name, str(key)))
             try:
-                coerced = _coerce(value, hints[key])
-            except _WrongType:
-                raise ConfigError(f"{source}: {dotted} = {_show(value)} is invalid: "
-                                  f"must be {_describe(hints[key])}") from None
+                coerced = coerce(value, annotated[key])
+            except WrongType:
+                raise ConfigError(f"{source}: {dotted} = {show(value)} is invalid: "
+                                  f"must be {describe(annotated[key])}") from None
             origin[dotted] = (source, value)  # the value as written, for messages
             setattr(section, key, coerced)
 
 
 def _unknown_key(source: str, section: str, key: str) -> str:
-    valid = list(_hints(SECTIONS[section]))
+    valid = list(hints(SECTIONS[section]))
     close = difflib.get_close_matches(key, valid, n=1)
     if close:
         hint = f" (did you mean {section}.{close[0]}?)"
@@ -434,231 +448,88 @@ def _unknown_key(source: str, section: str, key: str) -> str:
 
 def _suggest_section(key: str) -> str | None:
     """The section holding a key of this name, when exactly one does."""
-    owners = [name for name, cls in SECTIONS.items() if key in _hints(cls)]
+    owners = [name for name, cls in SECTIONS.items() if key in hints(cls)]
     return owners[0] if len(owners) == 1 else None
-
-
-# ---------------------------------------------------------------------------------------------- types
-
-
-class _WrongType(Exception):
-    pass
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """value as the annotated type tp, or _WrongType; YAML lists become lists or tuples as declared."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _WrongType
-        if origin is list:
-            return [_coerce(v, args[0]) for v in value]
-        if len(value) != len(args):
-            raise _WrongType
-        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _WrongType
-    if tp is int:
-        if isinstance(value, bool):
-            raise _WrongType
-        if isinstance(value, int):
-            return value
-        number = _number(value)
-        if number is not None and number.is_integer():  # 1.5e+5 from YAML
-            return int(number)
-        raise _WrongType
-    if tp is float:
-        if isinstance(value, bool):
-            raise _WrongType
-        number = _number(value)
-        if number is None:
-            raise _WrongType
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _WrongType
-    raise TypeError(f"no coercion for {tp}")
-
-
-def _number(value: Any) -> float | None:
-    """A finite float from a number or a numeric string (PyYAML reads 1e-3 as a string), else None."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in args if a is not type(None)]
-        return f"{_describe(inner)} or null"
-    if origin is list:
-        return {int: "a list of integers", float: "a list of numbers"}.get(args[0], f"a list of {args[0]}")
-    if origin is tuple:
-        return f"a list of {len(args)} numbers [low, high]"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return repr(list(value))
-    return repr(value)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 # ---------------------------------------------------------------------------------------------- validation
 
-_Rule = Callable[[Any], str | None]  # returns why the value is invalid, or None
-
-
-def _one_of(choices: Sequence) -> _Rule:
-    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
-
-
-def _int_at_least(low: int) -> _Rule:
-    return lambda v: None if v >= low else f"must be an integer >= {low}"
-
-
-def _at_least(low: float) -> _Rule:
-    return lambda v: None if v >= low else f"must be a number >= {low}"
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be a number > 0"
-
-
-def _interval(low: float, high: float, closed_low: bool, closed_high: bool) -> _Rule:
-    shown = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
-
-    def rule(v):
-        ok = (v >= low if closed_low else v > low) and (v <= high if closed_high else v < high)
-        return None if ok else f"must be a number in {shown}"
-    return rule
-
-
-def _path_or_null(v: str | None) -> str | None:
-    return None if v is None or v.strip() else "must be a non-empty path or URL, or null"
-
-
-def _search_range(low_exclusive: bool) -> _Rule:
-    def rule(v):
-        low, high = v
-        ok = (low > 0 if low_exclusive else low >= 0) and low < high
-        return None if ok else f"must be [low, high] with {'0 <' if low_exclusive else '0 <='} low < high"
-    return rule
-
-
-def _nonempty_list(item: _Rule, what: str) -> _Rule:
-    return lambda v: None if v and all(item(x) is None for x in v) else f"must be a non-empty list of {what}"
-
-
-def _increasing(v: list[int]) -> str | None:
-    ok = all(x >= 1 for x in v) and all(a < b for a, b in zip(v, v[1:], strict=False))
-    return None if ok else "must be a list of increasing integers >= 1 (iterations), e.g. [4000, 7000]"
-
-
-_RULES: dict[str, _Rule] = {
-    "model.backbone": _one_of(BACKBONES),
-    "model.pretrained": _path_or_null,
-    "model.feature_dim": _int_at_least(1),
-    "model.pose_source": _one_of(POSE_SOURCES),
-    "model.keypoint_supervision": lambda v: None if v is None else _at_least(0)(v),
-    "model.part_size": _int_at_least(1),
-    "model.attention": _one_of(ATTENTION_MODES),
+_RULES: dict[str, Rule] = {
+    "model.backbone": one_of(BACKBONES),
+    "model.pretrained": path_or_null,
+    "model.feature_dim": int_at_least(1),
+    "model.pose_source": one_of(POSE_SOURCES),
+    "model.keypoint_supervision": lambda v: None if v is None else at_least(0)(v),
+    "model.part_size": int_at_least(1),
+    "model.attention": one_of(ATTENTION_MODES),
     "model.stan_batchnorm": lambda v: None,
-    "model.stan_fc": _one_of(STAN_FCS),
+    "model.stan_fc": one_of(STAN_FCS),
     "model.residual_attention": lambda v: None,
-    "model.part_norm": _one_of(PART_NORMS),
+    "model.part_norm": one_of(PART_NORMS),
     "model.bnneck": lambda v: None,
-    "data.root": _path_or_null,
-    "data.seq_len": _int_at_least(1),
-    "data.height": _int_at_least(16),
-    "data.width": _int_at_least(16),
-    "data.identities_per_batch": _int_at_least(1),
-    "data.clips_per_identity": _int_at_least(2),
-    "data.max_groups_per_identity": lambda v: None if v is None else _int_at_least(1)(v),
-    "data.decode_concurrency": _int_at_least(1),
-    "data.val_identities": _interval(0, 1, closed_low=True, closed_high=False),
+    "data.root": path_or_null,
+    "data.seq_len": int_at_least(1),
+    "data.height": int_at_least(16),
+    "data.width": int_at_least(16),
+    "data.identities_per_batch": int_at_least(1),
+    "data.clips_per_identity": int_at_least(2),
+    "data.max_groups_per_identity": lambda v: None if v is None else int_at_least(1)(v),
+    "data.decode_concurrency": int_at_least(1),
+    "data.val_identities": interval(0, 1, closed_low=True, closed_high=False),
     "data.flip": lambda v: None,
-    "data.crop_padding": _int_at_least(0),
-    "data.color_jitter": _interval(0, 1, closed_low=True, closed_high=False),
-    "data.random_erasing": _interval(0, 1, closed_low=True, closed_high=True),
-    "train.lr": _positive,
-    "train.optimizer": _one_of(OPTIMIZERS),
-    "train.lr_schedule": _one_of(LR_SCHEDULES),
-    "train.warmup_iterations": _int_at_least(0),
-    "train.lr_milestones": _increasing,
-    "train.label_smoothing": _interval(0, 1, closed_low=True, closed_high=False),
-    "train.momentum": _interval(0, 1, closed_low=True, closed_high=False),
-    "train.weight_decay": _at_least(0),
-    "train.lr_step": _int_at_least(1),
-    "train.gamma": _interval(0, 1, closed_low=False, closed_high=True),
-    "train.iterations": _int_at_least(1),
-    "train.margin_global": _at_least(0),
-    "train.margin_local": _at_least(0),
-    "train.local_weight": _at_least(0),
-    "train.mining": _one_of(MINING),
-    "train.branches": _one_of(TRAINED_BRANCHES),
-    "train.num_workers": _int_at_least(1),
+    "data.crop_padding": int_at_least(0),
+    "data.color_jitter": interval(0, 1, closed_low=True, closed_high=False),
+    "data.random_erasing": interval(0, 1, closed_low=True, closed_high=True),
+    "train.lr": positive,
+    "train.optimizer": one_of(OPTIMIZERS),
+    "train.lr_schedule": one_of(LR_SCHEDULES),
+    "train.warmup_iterations": int_at_least(0),
+    "train.lr_milestones": increasing,
+    "train.label_smoothing": interval(0, 1, closed_low=True, closed_high=False),
+    "train.momentum": interval(0, 1, closed_low=True, closed_high=False),
+    "train.weight_decay": at_least(0),
+    "train.lr_step": int_at_least(1),
+    "train.gamma": interval(0, 1, closed_low=False, closed_high=True),
+    "train.iterations": int_at_least(1),
+    "train.margin_global": at_least(0),
+    "train.margin_local": at_least(0),
+    "train.local_weight": at_least(0),
+    "train.mining": one_of(MINING),
+    "train.branches": one_of(TRAINED_BRANCHES),
+    "train.num_workers": int_at_least(1),
     "train.use_gpu": lambda v: None,
-    "train.zero_stage": _one_of(ZERO_STAGES),
-    "train.precision": _one_of(PRECISIONS),  # bf16/fp16 on CPU is allowed: the trainer decides what runs
-    "train.grad_accumulation": _int_at_least(1),
-    "train.grad_clip": _at_least(0),
+    "train.zero_stage": one_of(ZERO_STAGES),
+    "train.precision": one_of(PRECISIONS),  # bf16/fp16 on CPU is allowed: the trainer decides what runs
+    "train.grad_accumulation": int_at_least(1),
+    "train.grad_clip": at_least(0),
     "train.sync_batchnorm": lambda v: None,
-    "train.max_failures": _int_at_least(-1),
+    "train.max_failures": int_at_least(-1),
     "train.deterministic": lambda v: None,
-    "train.checkpoint_every": _int_at_least(1),
-    "train.keep_checkpoints": _int_at_least(1),
-    "train.log_every": _int_at_least(1),
-    "train.seed": _int_at_least(0),
-    "train.storage_path": _path_or_null,
+    "train.checkpoint_every": int_at_least(1),
+    "train.keep_checkpoints": int_at_least(1),
+    "train.log_every": int_at_least(1),
+    "train.seed": int_at_least(0),
+    "train.storage_path": path_or_null,
     "train.shared_storage": lambda v: None,
-    "eval.fusion_rate": _at_least(0),
-    "eval.branch": _one_of(BRANCHES),
-    "eval.protocol": _one_of(PROTOCOLS),
-    "eval.batch_size": _int_at_least(1),
-    "eval.ranks": _nonempty_list(_int_at_least(1), "integers >= 1"),
+    "eval.fusion_rate": at_least(0),
+    "eval.branch": one_of(BRANCHES),
+    "eval.protocol": one_of(PROTOCOLS),
+    "eval.batch_size": int_at_least(1),
+    "eval.ranks": nonempty_list(int_at_least(1), "integers >= 1"),
     "eval.rerank": lambda v: None,
-    "eval.rerank_k1": _int_at_least(1),
-    "eval.rerank_k2": _int_at_least(1),
-    "eval.rerank_lambda": _interval(0, 1, closed_low=True, closed_high=True),
-    "tune.num_samples": _int_at_least(1),
-    "tune.local_weight": _search_range(low_exclusive=False),
-    "tune.margin_global": _search_range(low_exclusive=True),
-    "tune.margin_local": _search_range(low_exclusive=True),
-    "tune.fusion_rates": _nonempty_list(_at_least(0), "numbers >= 0"),
-    "tune.scheduler": _one_of(SCHEDULERS),
-    "tune.grace_iterations": _int_at_least(1),
-    "tune.reduction_factor": _int_at_least(2),
-    "tune.metric": _one_of(TUNE_METRICS),
-    "tune.max_concurrent": _int_at_least(1),
+    "eval.rerank_k1": int_at_least(1),
+    "eval.rerank_k2": int_at_least(1),
+    "eval.rerank_lambda": interval(0, 1, closed_low=True, closed_high=True),
+    "tune.num_samples": int_at_least(1),
+    "tune.local_weight": search_range(low_exclusive=False),
+    "tune.margin_global": search_range(low_exclusive=True),
+    "tune.margin_local": search_range(low_exclusive=True),
+    "tune.fusion_rates": nonempty_list(at_least(0), "numbers >= 0"),
+    "tune.scheduler": one_of(SCHEDULERS),
+    "tune.grace_iterations": int_at_least(1),
+    "tune.reduction_factor": int_at_least(2),
+    "tune.metric": one_of(TUNE_METRICS),
+    "tune.max_concurrent": int_at_least(1),
 }
 
 
@@ -669,17 +540,17 @@ def _validate(config: Config, origin: Mapping[str, tuple[str, Any]], default_sou
         if not isinstance(section, cls):
             raise ConfigError(f"{default_source}: {section_name} must be a {cls.__name__}, "
                               f"not {type(section).__name__}")
-        for key, tp in _hints(cls).items():
+        for key, tp in hints(cls).items():
             dotted, value = f"{section_name}.{key}", getattr(section, key)
             source, written = origin.get(dotted, (default_source, value))
             try:
-                coerced = _coerce(value, tp)
-            except _WrongType:
-                raise ConfigError(f"{source}: {dotted} = {_show(value)} is invalid: "
-                                  f"must be {_describe(tp)}") from None
+                coerced = coerce(value, tp)
+            except WrongType:
+                raise ConfigError(f"{source}: {dotted} = {show(value)} is invalid: "
+                                  f"must be {describe(tp)}") from None
             reason = _RULES[dotted](coerced)
             if reason:
-                raise ConfigError(f"{source}: {dotted} = {_show(written)} is invalid: {reason}")
+                raise ConfigError(f"{source}: {dotted} = {show(written)} is invalid: {reason}")
             setattr(section, key, coerced)
     train = config.train
     if train.lr_schedule == "multistep" and not train.lr_milestones:
