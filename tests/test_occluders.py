@@ -14,7 +14,7 @@ SIZE = (64, 32)
 
 
 def frames(track, occlusion, occluders="moving"):
-    jpegs, keypoints = synthetic._render(track, 0, SIZE, occlusion, occluders)
+    jpegs, keypoints = synthetic._render(track, 0, SIZE, occlusion, occluders=occluders)
     return np.stack([np.asarray(Image.open(io.BytesIO(j)), np.float64) for j in jpegs]), keypoints
 
 

@@ -124,26 +124,26 @@ def _appearance(seed: int, identity: int, style: str = "default") -> _Appearance
     )
 
 
+# Per style, the ranges a camera is drawn from: person height as a share of the crop, colour cast gain,
+# ground and wall colours, and how far the person's centre may shift (share of the slack). "alternate": strong
+# casts (a warm, a cold camera), darker and more saturated scenes.
+_CAMERA_RANGES = {
+    "default": dict(scale=(0.78, 0.95), cast=(0.8, 1.2), ground=(60, 180), wall=(60, 220), shift=0.6),
+    "alternate": dict(scale=(0.72, 0.95), cast=(0.6, 1.4), ground=(20, 140), wall=(0, 256), shift=0.8),
+}
+
+
 def _camera(seed: int, camera: int, style: str = "default") -> _Camera:
+    r = _CAMERA_RANGES[style]
     rng = np.random.default_rng([seed, 2, camera])
-    if style == "alternate":  # strong casts (a warm, a cold camera), darker and more saturated scenes
-        scale = float(rng.uniform(0.72, 0.95))
-        slack = (1 - scale) / 2
-        return _Camera(
-            cast=rng.uniform(0.6, 1.4, 3),
-            ground=tuple(int(v) for v in rng.integers(20, 140, 3)),
-            wall=tuple(int(v) for v in rng.integers(0, 256, 3)),
-            scale=scale,
-            offset=(float(rng.uniform(-slack, slack) * 0.8), float(rng.uniform(-slack, slack) * 0.8)),
-        )
-    scale = float(rng.uniform(0.78, 0.95))
+    scale = float(rng.uniform(*r["scale"]))
     slack = (1 - scale) / 2
     return _Camera(
-        cast=rng.uniform(0.8, 1.2, 3),
-        ground=tuple(int(v) for v in rng.integers(60, 180, 3)),
-        wall=tuple(int(v) for v in rng.integers(60, 220, 3)),
+        cast=rng.uniform(*r["cast"], 3),
+        ground=tuple(int(v) for v in rng.integers(*r["ground"], 3)),
+        wall=tuple(int(v) for v in rng.integers(*r["wall"], 3)),
         scale=scale,
-        offset=(float(rng.uniform(-slack, slack) * 0.6), float(rng.uniform(-slack, slack) * 0.6)),
+        offset=tuple(float(rng.uniform(-slack, slack) * r["shift"]) for _ in range(2)),
     )
 
 
@@ -285,7 +285,7 @@ def _finish(image: np.ndarray, camera: _Camera, rng: np.random.Generator) -> byt
     return buffer.getvalue()
 
 
-def _render(track: _Track, seed: int, size, occlusion: float, style: str = "default",
+def _render(track: _Track, seed: int, size, occlusion: float, *, style: str = "default",
             occluders: str = "boxes") -> tuple[list[bytes], np.ndarray]:
     """JPEG bytes and (frames, 14, 3) keypoints of every frame of a tracklet."""
     height, width = size
@@ -390,7 +390,7 @@ def write_synthetic_release(
         for track in tracks:
             folder = root / f"bbox_{split}" / track.folder
             folder.mkdir(parents=True, exist_ok=True)
-            frames, keypoints = _render(track, seed, size, occlusion, style, occluders)
+            frames, keypoints = _render(track, seed, size, occlusion, style=style, occluders=occluders)
             first = len(names) + 1
             for index, jpeg in enumerate(frames):
                 name = track.name(index + 1)

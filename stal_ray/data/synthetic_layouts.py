@@ -84,7 +84,8 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
 
     def sequence(person: int, camera: int, frames: int) -> list[bytes]:
         track = _Track("train", person, camera, camera, frames)  # number: its own noise per camera
-        return [_png(jpeg) for jpeg in _render(track, seed, (height, width), occlusion, style, occluders)[0]]
+        jpegs, _ = _render(track, seed, (height, width), occlusion, style=style, occluders=occluders)
+        return [_png(jpeg) for jpeg in jpegs]
 
     if layout == "ilidsvid":
         numbers = [n for n in range(1, 2 * persons + 1) if n % 5][:persons]  # gaps, as in the release
