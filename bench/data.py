@@ -259,8 +259,11 @@ def bare_loop(calls: list[list[bytes]], height: int, width: int, config: Config 
     augment = Augmentation.from_config(config, epoch=0) if config is not None else None
     wall, cpu = time.perf_counter(), time.process_time()
     corrupt = 0
+    # decoded into reused arrays, as the pipeline's decoding tasks do: fresh memory would add its page faults
+    buffers = {}
     for jpegs in calls:
-        images, ok = decode_frames(jpegs, height, width)
+        out = buffers.setdefault(len(jpegs), np.empty((len(jpegs), height, width, 3), np.uint8))
+        images, ok = decode_frames(jpegs, height, width, out=out)
         corrupt += int((~ok).sum())
         if augment is not None:
             clips = images.reshape(-1, config.data.clips_per_identity, config.data.seq_len, height, width, 3)

@@ -69,3 +69,14 @@ def test_a_frame_neither_decoder_reads_is_flagged_not_raised():
     frames, ok, sizes = decode_frames_with_sizes([good[: len(good) // 2], b"", b"not an image", good], 32, 16)
     assert ok.tolist() == [False, False, False, True]
     assert (frames[:3] == 0).all() and (sizes[:3] == 0).all() and sizes[3].tolist() == [64, 32]
+
+
+def test_decoding_into_a_used_array_leaves_nothing_of_its_contents():
+    good = encode(noise(64, 32), quality=90)
+    out = np.full((3, 32, 16, 3), 255, np.uint8)  # an array reused from an earlier call
+    frames, ok, _ = decode_frames_with_sizes([good, b"not an image", good[: len(good) // 2]], 32, 16, out=out)
+    assert frames is out and ok.tolist() == [True, False, False]
+    np.testing.assert_array_equal(frames[0], pil_reference(good, 32, 16))
+    assert (frames[1:] == 0).all()
+    with pytest.raises(ValueError, match="not uint8"):
+        decode_frames_with_sizes([good], 32, 16, out=np.zeros((1, 16, 32, 3), np.uint8))

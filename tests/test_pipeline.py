@@ -21,6 +21,7 @@ from stal_ray.data.augment import Augmentation
 from stal_ray.data.images import decode_frames
 from stal_ray.data.mars import read_mars
 from stal_ray.data.pipeline import (
+    _decode_clips,
     evaluation_dataset,
     identity_labels,
     training_batches,
@@ -335,6 +336,29 @@ def test_batch_memory_is_reused_only_once_the_batch_is_dropped(normalize):
 
 def torch_equal(a, b):
     return bool((a == b).all())
+
+
+def jpeg_group(value: int, frames: int = 4) -> pa.Table:
+    """One row as the decoding tasks get it: `frames` JPEGs of one grey level, no keypoints."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((H, W, 3), value, np.uint8)).save(buffer, "JPEG", quality=95)
+    return pa.table({"label": [0], "frames": pa.FixedSizeListArray.from_arrays(
+        pa.array([buffer.getvalue()] * frames, pa.binary()), frames),
+        "keypoints": pa.FixedSizeListArray.from_arrays(pa.array(np.full(frames * 42, np.nan, np.float32)),
+                                                       frames * 42)})
+
+
+def test_a_decoded_output_is_decoded_over_only_once_nothing_holds_it():
+    # a decoding task's arrays are reused, as Ray lets go of an output once it is in the object store
+    def decode(value):
+        return _decode_clips(jpeg_group(value), height=H, width=W, clip_shape=(4,))["clips"]
+
+    held = decode(40)
+    again = decode(200)
+    assert abs(int(held.mean()) - 40) <= 2 and abs(int(again.mean()) - 200) <= 2  # held: not overwritten
+    pointer = again.__array_interface__["data"][0]
+    del again
+    assert decode(120).__array_interface__["data"][0] == pointer  # dropped: its memory is decoded into again
 
 
 def test_each_decoded_block_is_one_array(ray_cluster, config, tmp_path):

@@ -152,7 +152,8 @@ def _decode_clips(batch: pa.Table, *, height: int, width: int, clip_shape: tuple
     training groups augmented when `augment` is given (data.augment)."""
     rows = batch.num_rows
     jpegs = pc.list_flatten(batch.column("frames")).to_pylist()
-    images, ok, sizes = decode_frames_with_sizes(jpegs, height, width)
+    images, ok, sizes = decode_frames_with_sizes(
+        jpegs, height, width, out=_DECODED.empty((len(jpegs), height, width, 3), np.uint8))
     keypoints = np.array(to_numpy(batch.column("keypoints")), dtype=np.float32).reshape(-1, JOINTS, 3)
     # keypoints are in the stored frame's pixels: scale them to the resized frame
     scale = np.where(sizes > 0, np.array([height, width]) / np.maximum(sizes, 1), 0.0)
@@ -480,6 +481,11 @@ class RecycledBuffers:
             self.arrays.pop(0)  # held by the consumer, or of a shape not seen lately: no longer pooled
         self.arrays.append(array)
         return array
+
+
+# This process's arrays of decoded frames (_decode_clips), each reused once Ray has copied the output it was
+# part of into the object store and let go of it
+_DECODED = RecycledBuffers(size=2)
 
 
 def _take_random(buffer: list, rng: np.random.Generator):
