@@ -301,6 +301,24 @@ def test_uint8_clips_normalised_later_equal_the_normalised_ones():
     assert np.allclose(normalised["clips"][0, 0, :, 0, 0].numpy(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_training_loop_feeds_uint8_and_float_batches_alike(dtype):
+    # on a GPU the loop takes uint8 batches and normalises on the device; on a CPU, float batches as they are
+    import torch
+
+    from stal_ray.train.loop import model_input
+
+    source = FakeSource([1, 2, 3])
+    source.batch["clips"] = np.random.default_rng(1).integers(0, 256, (3, K, T, H, W, 3), dtype=np.uint8)
+    as_float, as_uint8 = (training_batches(source, P, shuffle_buffer=0, normalize=n) for n in (True, False))
+    dtype = getattr(torch, dtype)
+    (a,), (b,) = as_float, as_uint8
+    inputs = [model_input(a["clips"], as_float, torch.device("cpu"), dtype),
+              model_input(b["clips"], as_uint8, torch.device("cpu"), dtype)]
+    assert all(x.dtype == dtype and x.is_contiguous() and x.shape == (P * K, T, 3, H, W) for x in inputs)
+    assert torch.equal(inputs[0], inputs[1])
+
+
 def torch_uint8():
     import torch
 
