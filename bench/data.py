@@ -55,13 +55,13 @@ sys.path.insert(0, REPO)
 
 from stal_ray.config import Config  # noqa: E402
 from stal_ray.data.augment import Augmentation  # noqa: E402
+from stal_ray.data.batches import training_batches  # noqa: E402
 from stal_ray.data.images import decode_frames  # noqa: E402
 from stal_ray.data.mars import read_mars  # noqa: E402
 from stal_ray.data.pipeline import (  # noqa: E402
     _identity_groups,
     decode_batch_size,
     identity_labels,
-    training_batches,
     training_dataset,
 )
 from stal_ray.data.shards import read_manifest, write_shards  # noqa: E402

@@ -226,7 +226,8 @@ def _bytes_read(log: str, paths: list[str]) -> int:
 def stage_epoch(args) -> dict:
     import ray
 
-    from stal_ray.data.pipeline import training_batches, training_dataset
+    from stal_ray.data.batches import training_batches
+    from stal_ray.data.pipeline import training_dataset
     from stal_ray.data.shards import read_manifest
 
     config = _config()
@@ -329,7 +330,7 @@ def deferred_groups(every: int, max_groups: int | None) -> dict:
     identity's groups (sampling.identity_groups: ~frames/(K*T), enough for every tracklet, at most
     `max_groups`, data.max_groups_per_identity) arrive together, as one shard row expands into all of them,
     identities in random order. No frames: a group here is a placeholder of the real one's metadata."""
-    from stal_ray.data import pipeline
+    from stal_ray.data import batches as stream
 
     table = scaled_index(every)["train"]
     identities, inverse = np.unique(table[:, 2], return_inverse=True)
@@ -348,7 +349,7 @@ def deferred_groups(every: int, max_groups: int | None) -> dict:
                        "tracklets": np.zeros((n, 1), np.int32), "has_keypoints": np.zeros(n, bool),
                        "keypoints": np.zeros((n, 1, 1, 14, 3), np.float32)}
 
-    batches = pipeline.training_batches(Source(), P, seed=0, drop_last=False, normalize=False)
+    batches = stream.training_batches(Source(), P, seed=0, drop_last=False, normalize=False)
     peak, refill = 0, batches._refill
 
     def counting_refill(current, deferred):

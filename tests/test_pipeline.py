@@ -18,13 +18,13 @@ from PIL import Image
 
 from stal_ray.config import Config
 from stal_ray.data.augment import Augmentation
+from stal_ray.data.batches import training_batches
 from stal_ray.data.images import decode_frames
 from stal_ray.data.mars import read_mars
 from stal_ray.data.pipeline import (
     _decode_clips,
     evaluation_dataset,
     identity_labels,
-    training_batches,
     training_dataset,
     validation_dataset,
 )

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from stal_ray.config import Config
+from stal_ray.data.batches import training_batches
 from stal_ray.data.mars import read_mars
 from stal_ray.data.pipeline import (
     _read_filesystem,
     evaluation_dataset,
-    training_batches,
     training_dataset,
     validation_dataset,
 )

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from stal_ray.config import Config
+from stal_ray.data.batches import training_batches
 from stal_ray.data.images import decode_frames
-from stal_ray.data.pipeline import training_batches
 from stal_ray.evaluate.features import ChunkFeatures
 from stal_ray.model.export import load_model, save_model
 from stal_ray.model.preprocess import CAFFE_BGR, IMAGENET, Preprocess

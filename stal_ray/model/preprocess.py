@@ -1,6 +1,6 @@
 """The backbone's input: decoded uint8 RGB frames -> float frames in the backbone's channel order and scale.
 
-One definition for every path that feeds a model: training (data.pipeline.TrainingBatches), evaluation and
+One definition for every path that feeds a model: training (data.batches.TrainingBatches), evaluation and
 validation (evaluate.features.ChunkFeatures), the study and the benchmarks. model.pt carries it, so a model
 file evaluated later gets exactly the input it was trained on, whatever the code's defaults become.
 """

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from stal_ray.config import config_from_dict
 from stal_ray.data import storage
-from stal_ray.data.pipeline import training_batches, training_dataset, validation_dataset
+from stal_ray.data.batches import training_batches
+from stal_ray.data.pipeline import training_dataset, validation_dataset
 from stal_ray.data.validation import ValidationSplit
 from stal_ray.evaluate.validate import validate
 from stal_ray.model.export import save_model
