@@ -1,0 +1,395 @@
+"""What the settings of stal_ray are: typed dataclasses with their defaults, the values each allows, and the
+check of a whole Config against them. Layering them from YAML and --set is config.py's."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from stal_ray.config_rules import (
+    Rule,
+    WrongType,
+    at_least,
+    coerce,
+    describe,
+    hints,
+    increasing,
+    int_at_least,
+    interval,
+    nonempty_list,
+    one_of,
+    path_or_null,
+    plain,
+    positive,
+    search_range,
+    show,
+)
+
+# Allowed values of the string settings; other modules import these instead of repeating them.
+BACKBONES = ("bninception", "resnet50", "tiny")
+POSE_SOURCES = ("keypoints", "learned", "prior")
+# model.keypoint_supervision when unset, the learned pose head trains on data with keypoints: the loss is a
+# squared error in crop fractions (objective.keypoint_loss), so a joint 10% of the crop off weighs 0.1
+KEYPOINT_SUPERVISION = 10.0
+ATTENTION_MODES = ("stal", "tan", "san", "baseline")
+MINING = ("batch_hard", "all")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# ZeRO-3 partitions the parameters themselves: it buys nothing for a ~50M-parameter STAL and would need
+# gathered parameters for every export, so it is not offered.
+ZERO_STAGES = (0, 1, 2)
+BRANCHES = ("fused", "global", "local")
+# which branches' terms of Eq. 3 train (the branch ablation of §IV-C2 trains each branch alone)
+TRAINED_BRANCHES = ("both", "global", "local")
+PROTOCOLS = ("official", "torchreid")
+# beyond the paper (its SGD and step decay are the defaults): train.optimizer and train.lr_schedule
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("step", "cosine", "multistep")
+SCHEDULERS = ("asha", "fifo")
+TUNE_METRICS = ("mAP", "rank1")
+# ||ā|| of Eq. 8: "l2" (Euclidean) or "l1" (Σ_r ā^r, the form Eq. 12 differentiates)
+PART_NORMS = ("l2", "l1")
+STAN_FCS = ("clip", "frame")
+NO_PRETRAINED = "none"  # model.pretrained: train the backbone from random weights, on purpose
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names its source, dotted key, value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # "bninception" (paper, Table I), "resnet50" (paper, Table V), "tiny" (CPU tests)
+    backbone: str = "tiny"
+    # ImageNet state dict for the backbone: local path or fsspec URL (https://, s3://); "none" = random
+    # initialisation on purpose; unset (null) is only allowed for the tiny backbone, which has no weights
+    pretrained: str | None = None
+    # D of the local part features f_{r,t} (paper §III-E: 1024)
+    feature_dim: int = 1024
+    # where the 14 joints of Eq. 7 come from: "keypoints" given in the data, "learned" head, "prior" pose
+    pose_source: str = "learned"
+    # weight of a loss pulling learned joints to given keypoints (0 = pure ReID refinement); null (default):
+    # KEYPOINT_SUPERVISION when pose_source is learned and the training data has keypoints (e.g. estimated by
+    # jobs/estimate_pose.py), else 0 (resolved by resolve_keypoint_supervision as training starts)
+    keypoint_supervision: float | None = None
+    # side of the ROI-pooled part map (paper §III-E: 8x8)
+    part_size: int = 8
+    # ablation switch (paper §IV-C): "stal" both, "tan" temporal only, "san" spatial only, "baseline" all 1
+    attention: str = "stal"
+    # BatchNorm after each STAN conv (see model.attention.STAN; false = the bare convs)
+    stan_batchnorm: bool = True
+    # STAN's FC to the T×R map: "frame" one FC from a frame's pooled map to its R scores, shared by the T
+    # positions (position-free: temporal attention learns occlusion, docs/attention.md); "clip" one FC over
+    # the whole clip's T pooled maps (the first STAN: each frame's score depends on its position)
+    stan_fc: str = "frame"
+    # the residual attention branch on the global branch (RAN, §III-B); false = the ablation without it
+    residual_attention: bool = True
+    # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l2" (Euclidean; trains better, README) or "l1"
+    # (the form whose gradient Eq. 12 gives)
+    part_norm: str = "l2"
+    # BNNeck: a BatchNorm (shift frozen at 0) before the identity classifiers of Eq. 5 and 6, the triplets
+    # and the test distances on the features before it (false = none, paper; Luo et al. 2019)
+    bnneck: bool = False
+
+
+@dataclass
+class DataConfig:
+    # MARS release or prepared Parquet shards, local path or s3:// URL; None = embedded synthetic data set
+    root: str | None = None
+    # T, frames per clip (paper §III-E: 8)
+    seq_len: int = 8
+    # input height (paper: 224 for BN-Inception, 256 for ResNet-50)
+    height: int = 224
+    # input width (paper: 224 for BN-Inception, 128 for ResNet-50)
+    width: int = 224
+    # P, identities per batch
+    identities_per_batch: int = 8
+    # K, clips per identity in a batch (>= 2 so every anchor has a positive)
+    clips_per_identity: int = 4
+    # groups of K clips an identity gives per epoch at most (null: about frames / (K·T), every frame once).
+    # The paper samples P identities, then K tracklets of each (§IV-A): identities weigh alike, whatever their
+    # frames. Uncapped, MARS's largest identity (22,641 frames) gives 708 groups in one burst, which the
+    # stream must hold back until other identities fill the batches (2.5 GiB of clips at 256×128); capped,
+    # it gives 32 like 19% of the identities, and other epochs sample its other frames.
+    max_groups_per_identity: int | None = 32
+    # Ray Data CPU tasks decoding JPEG frames at once
+    decode_concurrency: int = 2
+    # fraction of training identities held out as the Tune validation split (never the test split)
+    val_identities: float = 0.1
+    # Training augmentation (data.augment), none in the paper (§IV-A), each off by default; every clip gets
+    # one draw for all of its T frames. Mirror half of the clips left-right (keypoints mirrored, left and
+    # right joints swapped)
+    flip: bool = False
+    # pad each clip by this many pixels of zeros and crop H x W back at a random offset (0 = off; Luo et
+    # al. 2019: 10 at 256 x 128)
+    crop_padding: int = 0
+    # colour jitter strength s: brightness and contrast x U(1 - s, 1 + s), per-channel gains (a camera's
+    # cast) x U(1 - s/2, 1 + s/2) (0 = off)
+    color_jitter: float = 0.0
+    # random erasing (Zhong et al., AAAI 2020): probability that a clip gets one rectangle (2-40% of the
+    # frame, aspect 0.3-3.3) of a random colour, the same in its T frames; joints under it count as hidden
+    # (0 = off)
+    random_erasing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    # SGD learning rate (paper §III-E: 0.001)
+    lr: float = 0.001
+    # "sgd" (paper, with momentum) or "adam" (β 0.9, 0.999; Luo et al. 2019 use it with lr 3.5e-4)
+    optimizer: str = "sgd"
+    # "step" (lr × gamma every lr_step iterations, paper), "cosine" (from lr down to 0 at the last
+    # iteration, after the warm-up) or "multistep" (lr × gamma at each of lr_milestones)
+    lr_schedule: str = "step"
+    # iterations at which "multistep" multiplies the learning rate by gamma, increasing (Luo et al. 2019:
+    # epochs 40 and 70 of 120, gamma 0.1)
+    lr_milestones: list[int] = field(default_factory=list)
+    # iterations of linear warm-up from 0.1 × lr to lr (0 = none, paper; Luo et al. 2019 warm up)
+    warmup_iterations: int = 0
+    # ε of label smoothing in the softmax (Eq. 5) and consistency (Eq. 6) terms (0 = none, paper)
+    label_smoothing: float = 0.0
+    # SGD momentum (paper §III-E: 0.9)
+    momentum: float = 0.9
+    # L2 weight decay (paper §III-E: 0.0002)
+    weight_decay: float = 2e-4
+    # iterations between learning-rate decays (not given in the paper)
+    lr_step: int = 20000
+    # learning-rate decay factor per step (paper §III-E: 0.5)
+    gamma: float = 0.5
+    # training iterations (paper §III-E: 150000 on MARS)
+    iterations: int = 150000
+    # m_g, global triplet margin (Eq. 4; paper: 1.2)
+    margin_global: float = 1.2
+    # m_l, local triplet margin (Eq. 4; paper: 0.8)
+    margin_local: float = 0.8
+    # λ, weight of the local triplet loss (Eq. 4; paper: 0.3)
+    local_weight: float = 0.3
+    # triplets inside a P×K batch: "batch_hard" (hardest positive and negative per anchor) or "all"
+    mining: str = "batch_hard"
+    # terms of Eq. 3 to optimise: "both" (all), "global" (d_g triplet + softmax), "local" (λ·d_l triplet +
+    # consistency); the branch ablation of §IV-C2 trains each branch alone
+    branches: str = "both"
+    # Ray Train workers (one per GPU when use_gpu)
+    num_workers: int = 1
+    # train on GPUs
+    use_gpu: bool = False
+    # DeepSpeed ZeRO stage: 0 (data parallel), 1 (optimiser state sharded), 2 (and gradients)
+    zero_stage: int = 0
+    # "fp32", "bf16" or "fp16" (mixed precision through DeepSpeed)
+    precision: str = "fp32"
+    # micro-batches (P×K clips each) whose gradients are summed before one optimiser step
+    grad_accumulation: int = 1
+    # clip the gradient norm to this value (0 = no clipping)
+    grad_clip: float = 0.0
+    # synchronise BatchNorm statistics across workers (GPU only), so results do not depend on the GPU count
+    sync_batchnorm: bool = False
+    # times a run is recovered from its latest checkpoint after a worker dies (-1 = always)
+    max_failures: int = 2
+    # same data order on every run (Ray Data keeps block order; a little slower): exact resumption
+    deterministic: bool = False
+    # iterations between checkpoints reported to Ray Train (one is also reported at every epoch's end)
+    checkpoint_every: int = 1000
+    # checkpoints kept in storage, newest first
+    keep_checkpoints: int = 2
+    # iterations between metric reports
+    log_every: int = 50
+    # seed of sampling and initialisation
+    seed: int = 0
+    # Ray Train storage, local path or fsspec URL; None = ~/ray_results
+    storage_path: str | None = None
+    # a local storage_path is mounted at the same path on every node (NFS): allowed on a multi-node cluster
+    shared_storage: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # α in d = d_l + α·d_g (paper §III-E: 0.3)
+    fusion_rate: float = 0.3
+    # distance to rank by: "fused", "global" (d_g alone) or "local" (d_l alone)
+    branch: str = "fused"
+    # "official" MARS protocol (junk ignored, distractors kept) or "torchreid" (its evaluation of MARS)
+    protocol: str = "official"
+    # tracklets per feature-extraction batch
+    batch_size: int = 32
+    # CMC ranks to report
+    ranks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    # k-reciprocal re-ranking of each mode's distance (Zhong et al., CVPR 2017; not in the STAL paper)
+    rerank: bool = False
+    # its k1 (k-reciprocal neighbours), k2 (local query expansion) and λ (weight of the original distance),
+    # Zhong et al.'s values
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
+
+
+@dataclass
+class TuneConfig:
+    # trials
+    num_samples: int = 16
+    # search range [low, high] of λ
+    local_weight: tuple[float, float] = (0.1, 1.0)
+    # search range [low, high] of m_g (paper §IV-D, Fig. 10, varies margins 0.4..2)
+    margin_global: tuple[float, float] = (0.4, 2.0)
+    # search range [low, high] of m_l
+    margin_local: tuple[float, float] = (0.4, 2.0)
+    # α grid every validation evaluates on one set of features (paper §IV-D, Fig. 8: 0 to 1 by 0.1)
+    fusion_rates: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    # "asha" stops bad trials early, "fifo" runs every trial to the end
+    scheduler: str = "asha"
+    # iterations every trial runs before ASHA may stop it (validation happens at train.checkpoint_every)
+    grace_iterations: int = 1000
+    # ASHA keeps the best 1/reduction_factor of the trials at each rung
+    reduction_factor: int = 4
+    # validation metric to maximise: "mAP" or "rank1"
+    metric: str = "mAP"
+    # trials running at once; each holds train.num_workers workers and its decoding tasks, so keep
+    # max_concurrent x (num_workers + 2 x decode_concurrency) within the cluster's CPUs
+    max_concurrent: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict of built-in types (tuples as lists), for Ray, JSON and YAML."""
+        return {
+            section.name: {f.name: plain(getattr(getattr(self, section.name), f.name))
+                           for f in fields(getattr(self, section.name))}
+            for section in fields(self)
+        }
+
+    def validate(self) -> "Config":
+        """Check (and coerce, e.g. int to float) every setting; raise ConfigError on the first bad one."""
+        validate_config(self, origin={}, default_source="config")
+        return self
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}
+# settings that are local paths or URLs
+PATH_SETTINGS = ("model.pretrained", "data.root", "train.storage_path")
+
+
+def resolve_keypoint_supervision(model: ModelConfig, frames_with_keypoints: int) -> tuple[float, str]:
+    """model.keypoint_supervision as set, or when unset (null) KEYPOINT_SUPERVISION for the learned pose head
+    on training data with keypoints and 0 otherwise; with a line saying which and why."""
+    if model.keypoint_supervision is not None:
+        weight = model.keypoint_supervision
+        return weight, f"model.keypoint_supervision = {weight:g} (set)"
+    if model.pose_source == "learned" and frames_with_keypoints:
+        return KEYPOINT_SUPERVISION, (
+            f"model.keypoint_supervision = {KEYPOINT_SUPERVISION:g}: the learned pose head trains toward the "
+            f"data's keypoints ({frames_with_keypoints} training frames have them; set "
+            "model.keypoint_supervision=0 for pure ReID refinement)")
+    why = "the data has no keypoints" if model.pose_source == "learned" else \
+        f"model.pose_source = {model.pose_source} has no pose head to supervise"
+    return 0.0, f"model.keypoint_supervision = 0: {why}"
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+_RULES: dict[str, Rule] = {
+    "model.backbone": one_of(BACKBONES),
+    "model.pretrained": path_or_null,
+    "model.feature_dim": int_at_least(1),
+    "model.pose_source": one_of(POSE_SOURCES),
+    "model.keypoint_supervision": lambda v: None if v is None else at_least(0)(v),
+    "model.part_size": int_at_least(1),
+    "model.attention": one_of(ATTENTION_MODES),
+    "model.stan_batchnorm": lambda v: None,
+    "model.stan_fc": one_of(STAN_FCS),
+    "model.residual_attention": lambda v: None,
+    "model.part_norm": one_of(PART_NORMS),
+    "model.bnneck": lambda v: None,
+    "data.root": path_or_null,
+    "data.seq_len": int_at_least(1),
+    "data.height": int_at_least(16),
+    "data.width": int_at_least(16),
+    "data.identities_per_batch": int_at_least(1),
+    "data.clips_per_identity": int_at_least(2),
+    "data.max_groups_per_identity": lambda v: None if v is None else int_at_least(1)(v),
+    "data.decode_concurrency": int_at_least(1),
+    "data.val_identities": interval(0, 1, closed_low=True, closed_high=False),
+    "data.flip": lambda v: None,
+    "data.crop_padding": int_at_least(0),
+    "data.color_jitter": interval(0, 1, closed_low=True, closed_high=False),
+    "data.random_erasing": interval(0, 1, closed_low=True, closed_high=True),
+    "train.lr": positive,
+    "train.optimizer": one_of(OPTIMIZERS),
+    "train.lr_schedule": one_of(LR_SCHEDULES),
+    "train.warmup_iterations": int_at_least(0),
+    "train.lr_milestones": increasing,
+    "train.label_smoothing": interval(0, 1, closed_low=True, closed_high=False),
+    "train.momentum": interval(0, 1, closed_low=True, closed_high=False),
+    "train.weight_decay": at_least(0),
+    "train.lr_step": int_at_least(1),
+    "train.gamma": interval(0, 1, closed_low=False, closed_high=True),
+    "train.iterations": int_at_least(1),
+    "train.margin_global": at_least(0),
+    "train.margin_local": at_least(0),
+    "train.local_weight": at_least(0),
+    "train.mining": one_of(MINING),
+    "train.branches": one_of(TRAINED_BRANCHES),
+    "train.num_workers": int_at_least(1),
+    "train.use_gpu": lambda v: None,
+    "train.zero_stage": one_of(ZERO_STAGES),
+    "train.precision": one_of(PRECISIONS),  # bf16/fp16 on CPU is allowed: the trainer decides what runs
+    "train.grad_accumulation": int_at_least(1),
+    "train.grad_clip": at_least(0),
+    "train.sync_batchnorm": lambda v: None,
+    "train.max_failures": int_at_least(-1),
+    "train.deterministic": lambda v: None,
+    "train.checkpoint_every": int_at_least(1),
+    "train.keep_checkpoints": int_at_least(1),
+    "train.log_every": int_at_least(1),
+    "train.seed": int_at_least(0),
+    "train.storage_path": path_or_null,
+    "train.shared_storage": lambda v: None,
+    "eval.fusion_rate": at_least(0),
+    "eval.branch": one_of(BRANCHES),
+    "eval.protocol": one_of(PROTOCOLS),
+    "eval.batch_size": int_at_least(1),
+    "eval.ranks": nonempty_list(int_at_least(1), "integers >= 1"),
+    "eval.rerank": lambda v: None,
+    "eval.rerank_k1": int_at_least(1),
+    "eval.rerank_k2": int_at_least(1),
+    "eval.rerank_lambda": interval(0, 1, closed_low=True, closed_high=True),
+    "tune.num_samples": int_at_least(1),
+    "tune.local_weight": search_range(low_exclusive=False),
+    "tune.margin_global": search_range(low_exclusive=True),
+    "tune.margin_local": search_range(low_exclusive=True),
+    "tune.fusion_rates": nonempty_list(at_least(0), "numbers >= 0"),
+    "tune.scheduler": one_of(SCHEDULERS),
+    "tune.grace_iterations": int_at_least(1),
+    "tune.reduction_factor": int_at_least(2),
+    "tune.metric": one_of(TUNE_METRICS),
+    "tune.max_concurrent": int_at_least(1),
+}
+
+
+def validate_config(config: Config, origin: Mapping[str, tuple[str, Any]], default_source: str) -> None:
+    """Type and range of every setting; the error names the layer that set the bad value."""
+    for section_name, cls in SECTIONS.items():
+        section = getattr(config, section_name)
+        if not isinstance(section, cls):
+            raise ConfigError(f"{default_source}: {section_name} must be a {cls.__name__}, "
+                              f"not {type(section).__name__}")
+        for key, tp in hints(cls).items():
+            dotted, value = f"{section_name}.{key}", getattr(section, key)
+            source, written = origin.get(dotted, (default_source, value))
+            try:
+                coerced = coerce(value, tp)
+            except WrongType:
+                raise ConfigError(f"{source}: {dotted} = {show(value)} is invalid: "
+                                  f"must be {describe(tp)}") from None
+            reason = _RULES[dotted](coerced)
+            if reason:
+                raise ConfigError(f"{source}: {dotted} = {show(written)} is invalid: {reason}")
+            setattr(section, key, coerced)
+    train = config.train
+    if train.lr_schedule == "multistep" and not train.lr_milestones:
+        source, _ = origin.get("train.lr_schedule", (default_source, None))
+        raise ConfigError(f"{source}: train.lr_schedule = 'multistep' needs train.lr_milestones, the "
+                          "iterations to decay at: set e.g. train.lr_milestones=[4000,7000]")
