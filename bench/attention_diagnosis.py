@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stal_ray.data import synthetic
+from stal_ray.data import synthetic, synthetic_render
 from stal_ray.evaluate.distance import TrackletFeatures, branch_distances, fuse
 from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking
 from stal_ray.model.stal import STAL
@@ -50,7 +50,7 @@ def render(identities: int, test_identities: int, occlusion: float, occluders: s
     for split, tracks in (("train", train), ("test", test)):
         rows = []
         for track in tracks:
-            jpegs, keypoints = synthetic._render(track, seed, SIZE, occlusion, occluders)
+            jpegs, keypoints = synthetic_render.render(track, seed, SIZE, occlusion, occluders=occluders)
             frames = np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
             rows.append((track.identity, track.camera, torch.from_numpy(frames).permute(0, 3, 1, 2),
                          torch.from_numpy(keypoints)))

@@ -9,12 +9,13 @@ from PIL import Image
 
 from stal_ray.data import synthetic
 from stal_ray.data.occluders import EVENT_FRAMES, Occluders, plan_events
+from stal_ray.data.synthetic_render import Track, render
 
 SIZE = (64, 32)
 
 
 def frames(track, occlusion, occluders="moving"):
-    jpegs, keypoints = synthetic._render(track, 0, SIZE, occlusion, occluders=occluders)
+    jpegs, keypoints = render(track, 0, SIZE, occlusion, occluders=occluders)
     return np.stack([np.asarray(Image.open(io.BytesIO(j)), np.float64) for j in jpegs]), keypoints
 
 
@@ -22,7 +23,7 @@ def test_hidden_joints_are_those_the_occluder_covers():
     # moving occluders draw from their own generator: without occlusion the same frames show the bare person
     agree = total = 0
     for identity in range(1, 7):
-        track = synthetic._Track("train", identity, 1, 1, 16)
+        track = Track("train", identity, 1, 1, 16)
         occluded, keypoints = frames(track, 0.6)
         clean, clean_keypoints = frames(track, 0.0)
         assert (clean_keypoints[..., 2] > 0).all()

@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from stal_ray.data import synthetic
+from stal_ray.data import synthetic, synthetic_render
 from stal_ray.data.mars import read_mars
 from stal_ray.data.synthetic import ensure_synthetic_release, write_synthetic_release
 
@@ -199,9 +199,10 @@ def test_alternate_style_keeps_the_layout_and_changes_colours_and_casts(tiny, tm
     jpegs = [path for path in files if path.endswith(".jpg")]
     assert all(files[path] != default[path] for path in jpegs)
     # muted random colours: no identity of the alternate style wears a colour of the default palette
-    looks = [synthetic._appearance(0, identity, "alternate") for identity in range(1, 40)]
-    assert not {colour for look in looks for colour in (look.upper, look.lower)} & set(synthetic._PALETTE)
-    casts = np.array([synthetic._camera(0, camera, "alternate").cast for camera in range(1, 40)])
+    looks = [synthetic_render.appearance(0, identity, "alternate") for identity in range(1, 40)]
+    worn = {colour for look in looks for colour in (look.upper, look.lower)}
+    assert not worn & set(synthetic_render.PALETTE)
+    casts = np.array([synthetic_render.camera(0, camera, "alternate").cast for camera in range(1, 40)])
     assert casts.min() < 0.8 and casts.max() > 1.2  # beyond the default style's 0.8-1.2
     with pytest.raises(ValueError, match="style = 'neon' is invalid"):
         write_synthetic_release(str(tmp_path / "bad"), **TINY, style="neon")

@@ -2,7 +2,7 @@
 
 `write_ilidsvid_release` and `write_prid_release` lay out given PNG frames exactly as the readers
 (stal_ray/data/ilidsvid.py, prid.py) expect; `write_layout` fills them with the learnable pedestrians of
-stal_ray/data/synthetic.py, one sequence per person and camera (cameras 1 and 2, or A and B):
+stal_ray/data/synthetic_render.py, one sequence per person and camera (cameras 1 and 2, or A and B):
 
 * ilidsvid: persons numbered with gaps (every fifth number left out, as the real release skips numbers),
   frame numbers from 1, and `ls_set` with 10 seeded permutations of the sorted person folders;
@@ -22,6 +22,7 @@ import scipy.io
 from PIL import Image
 
 from stal_ray.data import ilidsvid, prid
+from stal_ray.data.synthetic_render import STYLES, Track, render
 
 LAYOUTS = ("mars", "ilidsvid", "prid2011")
 SPLITS = 10
@@ -63,7 +64,7 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     `persons`: persons in both cameras that the protocol keeps (even, so the splits halve them); PRID-2011's
     have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says. `style` (the pedestrians' and
     cameras' look) and `occluders` as for stal_ray.data.synthetic.write_synthetic_release."""
-    from stal_ray.data.synthetic import STYLES, _render, _Track, _validate  # the MARS generator's pedestrians
+    from stal_ray.data.synthetic import _validate  # here: synthetic imports this module
 
     if style not in STYLES:
         raise ValueError(f"style = {style!r} is invalid: use one of {', '.join(STYLES)}")
@@ -83,8 +84,8 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     rng = np.random.default_rng([seed, 5])
 
     def sequence(person: int, camera: int, frames: int) -> list[bytes]:
-        track = _Track("train", person, camera, camera, frames)  # number: its own noise per camera
-        jpegs, _ = _render(track, seed, (height, width), occlusion, style=style, occluders=occluders)
+        track = Track("train", person, camera, camera, frames)  # number: its own noise per camera
+        jpegs, _ = render(track, seed, (height, width), occlusion, style=style, occluders=occluders)
         return [_png(jpeg) for jpeg in jpegs]
 
     if layout == "ilidsvid":
