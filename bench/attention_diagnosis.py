@@ -45,7 +45,7 @@ VARIANTS = {  # name: (STAL keyword arguments, objective keyword arguments, cons
 
 def render(identities: int, test_identities: int, occlusion: float, occluders: str, seed: int):
     """{split: list of (identity, camera, frames uint8 (n, 3, H, W), keypoints (n, 14, 3))}."""
-    train, test, _ = synthetic._plan(identities, test_identities, 4, (2, 4), (10, 24), 0, 0, seed)
+    train, test, _ = synthetic.plan_tracklets(identities, test_identities, 4, (2, 4), (10, 24), 0, 0, seed)
     out = {}
     for split, tracks in (("train", train), ("test", test)):
         rows = []

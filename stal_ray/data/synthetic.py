@@ -35,7 +35,7 @@ GENERATOR_VERSION = 3
 COMPLETE_MARKER = ".complete"
 
 
-def _plan(
+def plan_tracklets(
     identities, test_identities, cameras, tracklets_per_identity, frames_per_tracklet, junk, distractors, seed
 ) -> tuple[list[Track], list[Track], list[int]]:
     """Train and test track tables in name-list order, and the 1-based query rows of the test table."""
@@ -126,7 +126,7 @@ def write_synthetic_release(
     style: one of STYLES, the identities' colours and the cameras' casts and scenes ("alternate": a set no
     config was tuned on). Same arguments, same bytes. progress: a tqdm bar (None: when stderr is a terminal).
     """
-    _validate(
+    check_arguments(
         identities, test_identities, cameras, tracklets_per_identity, frames_per_tracklet, height, width,
         occlusion, junk_tracklets, distractor_tracklets, occluders,
     )  # fmt: skip
@@ -135,7 +135,7 @@ def write_synthetic_release(
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic release needs a new or empty folder")
-    train, test, queries = _plan(
+    train, test, queries = plan_tracklets(
         identities, test_identities, cameras, tuple(tracklets_per_identity), tuple(frames_per_tracklet),
         junk_tracklets, distractor_tracklets, seed,
     )  # fmt: skip
@@ -178,10 +178,11 @@ def write_synthetic_release(
 _WRITE_SIGNATURE = inspect.signature(write_synthetic_release)
 
 
-def _validate(
+def check_arguments(
     identities, test_identities, cameras, tracklets, frames, height, width, occlusion, junk, distractors,
     occluders="boxes",
 ):
+    """Refuse arguments no release can be written from, with every problem in one message."""
     problems = []
     if identities < 1 or test_identities < 1 or identities + test_identities > 9999:
         problems.append("identities and test_identities must be >= 1 and together <= 9999 (4-digit folders)")

@@ -64,7 +64,7 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     `persons`: persons in both cameras that the protocol keeps (even, so the splits halve them); PRID-2011's
     have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says. `style` (the pedestrians' and
     cameras' look) and `occluders` as for stal_ray.data.synthetic.write_synthetic_release."""
-    from stal_ray.data.synthetic import _validate  # here: synthetic imports this module
+    from stal_ray.data.synthetic import check_arguments  # here: synthetic imports this module
 
     if style not in STYLES:
         raise ValueError(f"style = {style!r} is invalid: use one of {', '.join(STYLES)}")
@@ -74,7 +74,8 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     if persons < 2 or persons % 2 or persons > 798:
         raise ValueError(f"persons must be even, >= 2 (the splits halve them) and <= 798 (3-digit iLIDS-VID "
                          f"person numbers with gaps), got {persons}")
-    _validate(persons, 1, 2, (1, 1), tuple(frames_per_tracklet), height, width, occlusion, 0, 0, occluders)
+    check_arguments(persons, 1, 2, (1, 1), tuple(frames_per_tracklet), height, width, occlusion, 0, 0,
+                    occluders)
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic release needs a new or empty folder")
