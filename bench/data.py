@@ -57,6 +57,7 @@ from stal_ray.config import Config  # noqa: E402
 from stal_ray.data.augment import Augmentation  # noqa: E402
 from stal_ray.data.batches import training_batches  # noqa: E402
 from stal_ray.data.images import decode_frames  # noqa: E402
+from stal_ray.data.manifest import read_manifest  # noqa: E402
 from stal_ray.data.mars import read_mars  # noqa: E402
 from stal_ray.data.pipeline import (  # noqa: E402
     _identity_groups,
@@ -64,7 +65,7 @@ from stal_ray.data.pipeline import (  # noqa: E402
     identity_labels,
     training_dataset,
 )
-from stal_ray.data.shards import read_manifest, write_shards  # noqa: E402
+from stal_ray.data.shards import write_shards  # noqa: E402
 from stal_ray.data.synthetic import ensure_synthetic_release  # noqa: E402
 
 THROUGHPUT_GOAL = 0.70  # pipeline frames per core over the bare loop's

@@ -227,8 +227,8 @@ def stage_epoch(args) -> dict:
     import ray
 
     from stal_ray.data.batches import training_batches
+    from stal_ray.data.manifest import read_manifest
     from stal_ray.data.pipeline import training_dataset
-    from stal_ray.data.shards import read_manifest
 
     config = _config()
     log = str(Path(args.shards).parent / "reads-epoch.log")
@@ -257,8 +257,8 @@ def stage_eval(args) -> dict:
     import ray
     import torch
 
+    from stal_ray.data.manifest import read_manifest
     from stal_ray.data.pipeline import evaluation_dataset
-    from stal_ray.data.shards import read_manifest
     from stal_ray.evaluate.distance import branch_distances, fuse
     from stal_ray.evaluate.features import extract_features
     from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking, query_gallery_split

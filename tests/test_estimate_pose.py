@@ -17,8 +17,9 @@ from stal_ray.data import (
     protocol,  # noqa: E402
     publish,  # noqa: E402
 )
+from stal_ray.data.manifest import read_manifest, verify  # noqa: E402
 from stal_ray.data.mars import read_mars  # noqa: E402
-from stal_ray.data.shards import read_manifest, verify, write_shards  # noqa: E402
+from stal_ray.data.shards import write_shards  # noqa: E402
 from stal_ray.data.synthetic import write_synthetic_release  # noqa: E402
 from stal_ray.pose import annotate  # noqa: E402
 from stal_ray.pose.models import load_model  # noqa: E402

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from stal_ray.data.frame_check import BadFramesError, UnsafeFrameError, jpeg_problem
+from stal_ray.data.manifest import DatasetExistsError, IncompleteDatasetError, read_manifest
 from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import DatasetExistsError, IncompleteDatasetError, read_manifest, write_shards
+from stal_ray.data.shards import write_shards
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_mars.py"
 

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 
 from stal_ray.data.frames import StoredRows, chunks_of, to_numpy
-from stal_ray.data.shards import TEST_SCHEMA
+from stal_ray.data.manifest import TEST_SCHEMA
 
 
 def _rows(rng):

@@ -20,6 +20,7 @@ from stal_ray.config import Config
 from stal_ray.data.augment import Augmentation
 from stal_ray.data.batches import training_batches
 from stal_ray.data.images import decode_frames
+from stal_ray.data.manifest import read_manifest
 from stal_ray.data.mars import read_mars
 from stal_ray.data.pipeline import (
     _decode_clips,
@@ -28,7 +29,7 @@ from stal_ray.data.pipeline import (
     training_dataset,
     validation_dataset,
 )
-from stal_ray.data.shards import read_manifest, write_shards
+from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import write_synthetic_release
 from stal_ray.data.validation import ensure_validation_split
 from stal_ray.model.preprocess import IMAGENET

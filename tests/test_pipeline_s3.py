@@ -10,6 +10,7 @@ import pytest
 
 from stal_ray.config import Config
 from stal_ray.data.batches import training_batches
+from stal_ray.data.manifest import read_manifest
 from stal_ray.data.mars import read_mars
 from stal_ray.data.pipeline import (
     _read_filesystem,
@@ -17,7 +18,7 @@ from stal_ray.data.pipeline import (
     training_dataset,
     validation_dataset,
 )
-from stal_ray.data.shards import read_manifest, write_shards
+from stal_ray.data.shards import write_shards
 from stal_ray.data.storage import StorageError, arrow_filesystem
 from stal_ray.data.validation import ensure_validation_split
 

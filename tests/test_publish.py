@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from stal_ray.data import publish
+from stal_ray.data.manifest import read_manifest, verify
 from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import read_manifest, verify, write_shards
+from stal_ray.data.shards import write_shards
 from stal_ray.data.storage import arrow_filesystem, filesystem
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_mars.py"

@@ -1,4 +1,5 @@
-"""Tests of data.shards and data.storage: contents, manifest, idempotence, atomicity, S3 (moto), errors."""
+"""Tests of data.shards, data.manifest and data.storage: contents, manifest, idempotence, atomicity, S3
+(moto), errors."""
 
 import dataclasses
 import hashlib
@@ -12,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import free_port
 
-from stal_ray.data import shard_files, shards
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import (
+from stal_ray.data import shard_files
+from stal_ray.data.manifest import (
+    SCHEMA_VERSION,
     TEST_SCHEMA,
     TRAIN_SCHEMA,
     CorruptDatasetError,
@@ -22,8 +23,9 @@ from stal_ray.data.shards import (
     IncompleteDatasetError,
     read_manifest,
     verify,
-    write_shards,
 )
+from stal_ray.data.mars import read_mars
+from stal_ray.data.shards import write_shards
 from stal_ray.data.storage import StorageError, arrow_filesystem, filesystem
 
 # A few identities per file: the small release spreads over several files, as MARS does over 128 MB ones.
@@ -129,7 +131,7 @@ def test_frames_without_keypoints_get_null(release, tmp_path):
 def test_manifest_counts_and_checksums(release, written):
     stored = read_manifest(written.uri)
     assert stored == written
-    assert stored.schema_version == shards.SCHEMA_VERSION
+    assert stored.schema_version == SCHEMA_VERSION
     train = [t for t in release.train if t.identity > 0]
     assert stored.counts["train"] == {
         "identities": len(release.identities("train")), "tracklets": len(train),

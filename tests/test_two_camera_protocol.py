@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from stal_ray.data import pollution, protocol
+from stal_ray.data.manifest import DatasetExistsError, read_manifest
 from stal_ray.data.releases import read_release
-from stal_ray.data.shards import DatasetExistsError, read_manifest, write_shards
+from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import main as synthetic_main
 from stal_ray.data.synthetic_layouts import PRID_B_ONLY, PRID_SHORT
 from stal_ray.evaluate.ranking import query_gallery_split

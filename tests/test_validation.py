@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stal_ray.data.manifest import read_manifest
 from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import read_manifest, write_shards
+from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import write_synthetic_release
 from stal_ray.data.validation import ValidationSplit, ensure_validation_split, split_uri
 

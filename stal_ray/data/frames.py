@@ -1,7 +1,7 @@
 """Chosen frames of stored shard rows, gathered in Arrow: the step between a Parquet read and decoding.
 
 A shard row holds every frame of an identity (training) or of a tracklet (test) as list columns (see
-data.shards). The pipeline picks some of them: K clips of T frames per group, or chunks of T. Turning each
+data.manifest). The pipeline picks some of them: K clips of T frames per group, or chunks of T. Turning each
 row into Python objects (a bytes object per frame) and building a Ray block back out of them cost more CPU
 than one more core's worth of decoding at MARS sizes (bench/data.py); here the picked frames are a `take`
 on the flattened Arrow column, so JPEG bytes are copied once, in C++, and never become Python objects
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stal_ray.data.shards import JOINTS
+from stal_ray.data.manifest import JOINTS
 
 KEYPOINT_VALUES = JOINTS * 3  # (x, y, confidence) per joint
 

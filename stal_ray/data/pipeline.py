@@ -30,18 +30,18 @@ import s3fs
 from botocore.credentials import RefreshableCredentials
 from ray.data.expressions import col
 
-from stal_ray.data import shards, storage
+from stal_ray.data import storage
 from stal_ray.data.augment import Augmentation
 from stal_ray.data.batches import RecycledBuffers
 from stal_ray.data.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.images import decode_frames_with_sizes
+from stal_ray.data.manifest import JOINTS, read_manifest
 from stal_ray.data.sampling import identity_groups, sequence_of_length
 
 if TYPE_CHECKING:
     from stal_ray.data.validation import ValidationSplit
 
 
-JOINTS = shards.JOINTS
 _FOOTER_ACTORS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_READERS = 2
 # Blocks of ~128 groups of JPEG bytes (MARS-sized frames) before decoding: enough blocks for every decoding
@@ -57,7 +57,7 @@ def identity_labels(uri: str, *, endpoint_url: str | None = None,
                     exclude_identities: Iterable[int] | None = None) -> list[int]:
     """Sorted training identities, less exclude_identities (the held-out validation ones, e.g.
     split.identities): identity_labels(uri)[label] is the person id of classifier `label`."""
-    manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
     fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
     table = pq.ParquetDataset(manifest.paths("train"), filesystem=fs).read(columns=["identity"])
     return sorted(set(table.column("identity").to_pylist()) - set(exclude_identities or ()))
@@ -224,7 +224,7 @@ def _footer_readers(files: int) -> Iterator[None]:
 def _read(uri: str, split: str, endpoint_url: str | None, *,
           keep: Iterable[int] | None = None) -> ray.data.Dataset:
     """The split's rows in stored order, only those of identities in `keep` when given."""
-    manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
     paths = manifest.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
@@ -294,7 +294,7 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
     # A different file order every epoch, the same one for the same seed and epoch. Files are read by plain
     # tasks, one per file, rather than read_parquet, which starts a pool of footer-reading actors (new
     # processes) in every execution: once per epoch here, where the manifest already lists the files.
-    paths = shards.read_manifest(uri, endpoint_url=endpoint_url).paths("train")
+    paths = read_manifest(uri, endpoint_url=endpoint_url).paths("train")
     order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
     ds = ray.data.from_items([{"path": paths[i]} for i in order], override_num_blocks=max(len(paths), 1))
     exclude = sorted({int(i) for i in exclude_identities or ()})
@@ -327,7 +327,7 @@ def validation_dataset(uri: str, config, split: "ValidationSplit", *,
     """Rows as evaluation_dataset's, for the held-out tracklets of a validation split (from
     data.validation.ensure_validation_split): every frame of each, in chunks of T; is_query marks the
     split's queries; `tracklet` is the training track-table row. Reads only the training shards."""
-    manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
     if split.dataset != str(manifest.source.get("fingerprint")):
         raise ValueError(f"{uri}: the validation split {split.uri or ''} was carved from another prepared "
                          "data set (it was rebuilt since); call ensure_validation_split again")

@@ -3,7 +3,7 @@
 Layout under <out> (local folder or s3://bucket/prefix):
 
     current.json                   the pointer: {"format": 1, "version": ID, "previous": ID or null, ...}
-    versions/<ID>/manifest.json    a version: its manifest and shards (stal_ray/data/shards.py), never
+    versions/<ID>/manifest.json    a version: its manifest and shards (stal_ray/data/manifest.py), never
     versions/<ID>/train/, test/    changed once written
     .prepare.lock                  held by the prepare writing here, if any
     validation/                    validation splits (stal_ray/data/validation.py), keyed by fingerprint

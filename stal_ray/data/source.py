@@ -2,7 +2,8 @@
 
 import argparse
 
-from stal_ray.data import shards, storage
+from stal_ray.data import storage
+from stal_ray.data.manifest import IncompleteDatasetError, read_manifest
 
 
 def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
@@ -17,8 +18,8 @@ def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
         return ensure_synthetic_shards()
     uri = storage.absolute(uri)  # read by Ray tasks, whose working directory is the cluster's
     try:
-        shards.read_manifest(uri, endpoint_url=endpoint_url)
-    except shards.IncompleteDatasetError:
+        read_manifest(uri, endpoint_url=endpoint_url)
+    except IncompleteDatasetError:
         fs, path = storage.filesystem(uri, endpoint_url=endpoint_url)
         if fs.exists(storage.join(path, "info")) or fs.exists(storage.join(path, "bbox_train")):
             raise storage.StorageError(

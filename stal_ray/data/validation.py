@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from stal_ray.data import shards, storage
+from stal_ray.data import storage
+from stal_ray.data.manifest import Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def ensure_validation_split(uri: str, fraction: float, seed: int = 0, *, endpoin
     if not 0 < fraction < 1:
         raise ValueError(f"data.val_identities = {fraction} cannot carve a validation split: it is the share "
                          "of training identities held out and must be in (0, 1), e.g. 0.1")
-    manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
     fingerprint = str(manifest.source.get("fingerprint"))
     fs, root = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
     path = posixpath.join(root, FOLDER, _file_name(fraction, seed))
@@ -119,7 +120,7 @@ def ensure_validation_split(uri: str, fraction: float, seed: int = 0, *, endpoin
     return split
 
 
-def _choose(uri: str, manifest: shards.Manifest, fraction: float, seed: int, min_training: int,
+def _choose(uri: str, manifest: Manifest, fraction: float, seed: int, min_training: int,
             endpoint_url: str | None) -> ValidationSplit:
     fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
     # the small per-frame columns only: the frames (nearly all of the bytes) are not read

@@ -10,7 +10,8 @@ import ray
 
 from stal_ray.config import PROTOCOLS, Config, _parse_override, config_from_dict
 from stal_ray.data import protocol as data_protocol
-from stal_ray.data import shards, storage
+from stal_ray.data import storage
+from stal_ray.data.manifest import read_manifest
 from stal_ray.data.pipeline import evaluation_dataset
 from stal_ray.data.source import resolve_data
 from stal_ray.evaluate import report
@@ -167,7 +168,7 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     # the data set's version too: a data set prepared again at the same URI (e.g. --pollute --overwrite, or
     # joints added by estimate_pose.py) is another data set, whose features must be extracted again
     data_uri = resolve_data(data_uri, endpoint_url=endpoint_url)
-    manifest = shards.read_manifest(data_uri, endpoint_url=endpoint_url)
+    manifest = read_manifest(data_uri, endpoint_url=endpoint_url)
     source = {"model": model_path, "model_key": model_key, "data": data_uri,
               "data_version": f"{manifest.version} {manifest.created}",
               "seq_len": data.seq_len, "height": data.height, "width": data.width}

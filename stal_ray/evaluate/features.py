@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from stal_ray.data import shards, storage
+from stal_ray.data import storage
 from stal_ray.data.images import decode_frames
+from stal_ray.data.manifest import read_manifest
 from stal_ray.evaluate.distance import TrackletFeatures
 from stal_ray.model.export import load_model
 from stal_ray.objective import safe_divisor
@@ -285,7 +286,7 @@ def tracklet_frames(uri: str, positions: dict[int, np.ndarray], height: int, wid
     test split is in tracklet order, so the Parquet filter skips the other row groups unread)."""
     if not positions:
         return {}
-    manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
     fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
     wanted = sorted(int(t) for t in positions)
     with storage.errors(uri, endpoint_url):

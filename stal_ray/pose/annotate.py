@@ -2,7 +2,7 @@
 
 Ray Data reads the current version's shard files (one read task per file), an actor pool runs the pose
 model over every frame of every row (each actor loads the model once: a CPU, or a GPU with num_gpus), and
-the driver rewrites each shard with its `keypoints` column filled (shards.py: per frame 14 x (x, y,
+the driver rewrites each shard with its `keypoints` column filled (manifest.py: per frame 14 x (x, y,
 confidence) in the frame's pixels; a frame the model cannot decode gets a null element, which readers treat
 as confidence 0) into a new version folder. Once every shard is written, a manifest with the model's name
 and sha256 under `pose`, the new shard checksums and the counts goes in, and the pointer swaps
@@ -28,7 +28,8 @@ import ray
 import ray.data
 from fsspec.implementations.local import LocalFileSystem
 
-from stal_ray.data import publish, shards, storage
+from stal_ray.data import publish, storage
+from stal_ray.data.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest, read_manifest
 from stal_ray.data.shard_files import PartWriter, ShardFile
 from stal_ray.pose.models import PoseModel, decode, estimator
 
@@ -41,7 +42,7 @@ _ROWS_PER_BATCH = 2  # shard rows per model call: an identity (train) or a track
 
 @dataclass
 class PoseResult:
-    manifest: shards.Manifest
+    manifest: Manifest
     reused: bool  # the data set already had this model's joints: nothing written
     resumed_shards: int = 0  # shards a previous, interrupted run had finished
     frames: dict[str, int] = field(default_factory=dict)  # frames run through the model now, per split
@@ -73,7 +74,7 @@ class PoseEstimator:
             unreadable.append(len(good) - sum(good))
         return pa.table({
             "file": batch.column("file"), "key": batch.column("key"),
-            "keypoints": pa.array(keypoints, pa.list_(shards.KEYPOINT_TYPE)),
+            "keypoints": pa.array(keypoints, pa.list_(KEYPOINT_TYPE)),
             "unreadable": pa.array(unreadable, pa.int64()),
         })
 
@@ -89,7 +90,7 @@ def _read_rows(batch: dict, filesystem) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _done(manifest: shards.Manifest, model: PoseModel) -> bool:
+def _done(manifest: Manifest, model: PoseModel) -> bool:
     return (manifest.pose or {}).get("model", {}).get("sha256") == model.sha256
 
 
@@ -98,14 +99,14 @@ def estimate_pose(uri: str, model: PoseModel, *, endpoint_url: str | None = None
     """Add `model`'s joints to every frame of the prepared data set at `uri` (module docstring). workers:
     model actors (default: one per GPU with num_gpus, else one per CPU of the cluster); num_gpus: GPUs per
     actor (0: CPU); threads: CPU threads per model call."""
-    manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
     if _done(manifest, model):
         logger.info("%s already has joints of %s (version %s); nothing to do", uri, model.name,
                     manifest.version)
         return PoseResult(manifest, reused=True)
     fs, root = storage.filesystem(uri, endpoint_url=endpoint_url)
     with storage.errors(uri, endpoint_url), publish.prepare_lock(fs, root, uri):
-        manifest = shards.read_manifest(uri, endpoint_url=endpoint_url)  # another run may have finished
+        manifest = read_manifest(uri, endpoint_url=endpoint_url)  # another run may have finished
         if _done(manifest, model):
             return PoseResult(manifest, reused=True)
         state = _resume_state(fs, root, manifest, model)
@@ -133,13 +134,13 @@ def estimate_pose(uri: str, model: PoseModel, *, endpoint_url: str | None = None
                       seconds=seconds)
 
 
-def _resume_state(fs, root: str, manifest: shards.Manifest, model: PoseModel) -> dict:
+def _resume_state(fs, root: str, manifest: Manifest, model: PoseModel) -> dict:
     """The progress of an interrupted run of this model over this version, else a fresh one."""
     try:
         state = json.loads(fs.cat_file(posixpath.join(root, RESUME)))
         base = publish.version_root(root, state["version"])
         if (state.get("base") == manifest.version and state.get("model") == model.sha256
-                and fs.exists(base) and not fs.exists(posixpath.join(base, shards.MANIFEST))):
+                and fs.exists(base) and not fs.exists(posixpath.join(base, MANIFEST))):
             state["done"] = {k: v for k, v in state["done"].items()  # only shards still whole
                              if fs.exists(posixpath.join(base, k)) and fs.size(posixpath.join(base, k)) == v[
                                  "file"]["bytes"]}
@@ -160,20 +161,20 @@ def _write_state(fs, root: str, state: dict) -> None:
         fs.pipe_file(path, body)
 
 
-def _run(manifest: shards.Manifest, model: PoseModel, fs, base: str, state: dict, endpoint_url: str | None,
+def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpoint_url: str | None,
          workers: int | None, num_gpus: float, threads: int, save) -> tuple[dict, dict]:
     """Run the model over every shard not yet done, writing each as its last row comes back."""
     from stal_ray.data.pipeline import _read_filesystem
 
     pending = [{"split": split, "file": entry.path, "path": path}
-               for split in shards.SPLITS
+               for split in SPLITS
                for entry, path in zip(manifest.files[split], manifest.paths(split), strict=True)
                if entry.path not in state["done"]]
-    frames = {split: 0 for split in shards.SPLITS}
-    unreadable = {split: 0 for split in shards.SPLITS}
+    frames = {split: 0 for split in SPLITS}
+    unreadable = {split: 0 for split in SPLITS}
     if not pending:
         return frames, unreadable
-    rows = {entry.path: entry.rows for split in shards.SPLITS for entry in manifest.files[split]}
+    rows = {entry.path: entry.rows for split in SPLITS for entry in manifest.files[split]}
     source = {item["file"]: item for item in pending}
     if workers is None:
         resources = ray.cluster_resources()
@@ -212,10 +213,10 @@ def _write_shard(fs, base: str, item: dict, joints: dict[int, pa.Array]) -> tupl
     with fs.open(item["path"], "rb") as fh:
         table = pq.read_table(fh)
     keys = table.column(KEYS[split]).to_pylist()
-    lists = pa.array([joints[k].to_pylist() for k in keys], pa.list_(shards.KEYPOINT_TYPE))
+    lists = pa.array([joints[k].to_pylist() for k in keys], pa.list_(KEYPOINT_TYPE))
     table = table.set_column(table.schema.get_field_index("keypoints"), "keypoints", lists)
-    table = table.cast(shards.SCHEMAS[split])
-    part = PartWriter(fs, posixpath.join(base, relative), relative, shards.SCHEMAS[split])
+    table = table.cast(SCHEMAS[split])
+    part = PartWriter(fs, posixpath.join(base, relative), relative, SCHEMAS[split])
     try:
         part.writer.write_table(table, row_group_size=max(1, table.num_rows))
         part.rows = table.num_rows
@@ -226,25 +227,25 @@ def _write_shard(fs, base: str, item: dict, joints: dict[int, pa.Array]) -> tupl
     return entry, int(np.sum([len(v) for v in lists.to_pylist()]))
 
 
-def _publish(fs, root: str, manifest: shards.Manifest, model: PoseModel, state: dict, version: str,
-             current: str | None) -> shards.Manifest:
+def _publish(fs, root: str, manifest: Manifest, model: PoseModel, state: dict, version: str,
+             current: str | None) -> Manifest:
     done = state["done"]
     counts = json.loads(json.dumps(manifest.counts))
     unreadable = {}
-    for split in shards.SPLITS:
+    for split in SPLITS:
         entries = [done[f.path] for f in manifest.files[split]]
         unreadable[split] = sum(e["unreadable"] for e in entries)
         counts[split]["frames_with_keypoints"] = sum(e["frames"] for e in entries) - unreadable[split]
         counts[split]["pose_unreadable_frames"] = unreadable[split]
     base = publish.version_root(root, version)
-    new = shards.Manifest(
+    new = Manifest(
         schema_version=manifest.schema_version,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source=manifest.source,
         target_file_bytes=manifest.target_file_bytes,
         counts=counts,
         files={split: [ShardFile(**done[f.path]["file"]) for f in manifest.files[split]]
-               for split in shards.SPLITS},
+               for split in SPLITS},
         bad_frames=manifest.bad_frames,
         dataset=manifest.dataset,  # what the data set is and its protocol: unchanged by the joints
         pose={"model": model.describe(), "from_version": manifest.version, "unreadable_frames": unreadable,

@@ -11,7 +11,8 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, ConfigError, resolve_keypoint_supervision
-from stal_ray.data import shards, storage
+from stal_ray.data import storage
+from stal_ray.data.manifest import read_manifest
 from stal_ray.data.pipeline import identity_labels
 from stal_ray.data.validation import ValidationSplit
 from stal_ray.evaluate.report import write_bytes
@@ -66,7 +67,7 @@ def check_data(config: Config, data: str, labels: list[int], *,
     order (data.sampling), as evaluation pads a short chunk.
     """
     model, p, workers = config.model, config.data.identities_per_batch, config.train.num_workers
-    counts = shards.read_manifest(data, endpoint_url=endpoint_url).counts["train"]
+    counts = read_manifest(data, endpoint_url=endpoint_url).counts["train"]
     if model.pose_source == "keypoints" and not counts.get("frames_with_keypoints"):
         raise ConfigError(
             f"model.pose_source = keypoints, but {data} has no keypoints (0 of {counts['frames']} training "
@@ -128,7 +129,7 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     print(why, flush=True)
     run_dir = storage.join(root, name)
     # and which data set that is (data/protocol.py): evaluating it on another one is a cross-dataset test
-    dataset = shards.read_manifest(data, endpoint_url=endpoint_url).dataset
+    dataset = read_manifest(data, endpoint_url=endpoint_url).dataset
     described = {"uri": data, **{key: dataset.get(key) for key in ("name", "split", "pollution")}}
     loop_config = {
         "config": config.to_dict(), "data": data, "dataset": described, "labels": labels,
