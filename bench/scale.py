@@ -322,15 +322,21 @@ def run_stage(name: str, args, release: Path, shards: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------- the stream's deferred groups
+# ------------------------------------------------------------------- what the stream's consumer holds
 
-def deferred_groups(every: int, max_groups: int | None) -> dict:
-    """Peak groups the training stream's driver holds back (TrainingBatches' deferred list: a group whose
-    identity is already in the batch being filled), simulated on the scaled index with the real class: each
-    identity's groups (sampling.identity_groups: ~frames/(K*T), enough for every tracklet, at most
-    `max_groups`, data.max_groups_per_identity) arrive together, as one shard row expands into all of them,
-    identities in random order. No frames: a group here is a placeholder of the real one's metadata."""
+def held_groups(every: int, max_groups: int | None) -> dict:
+    """The memory the training stream's consumer (data.batches.TrainingBatches) pins at the peak, simulated
+    on the scaled index with the real class: each identity's groups (sampling.identity_groups: about
+    frames/(K*T), enough for every tracklet, at most `max_groups`, data.max_groups_per_identity) arrive
+    together, as one shard row expands into all of them, identities in random order, cut into blocks of
+    decode_batch_size groups as the decoding tasks cut them. A group the consumer holds (its shuffle buffer,
+    a group waiting for a batch without its identity, the batch being filled) is a view into its block, so a
+    block lives while any of its groups is held: the peak of live blocks times a block's bytes is what the
+    consumer pins. No frames: a group here is a placeholder of the real one's metadata."""
+    import weakref
+
     from stal_ray.data import batches as stream
+    from stal_ray.data.pipeline import decode_batch_size
 
     table = scaled_index(every)["train"]
     identities, inverse = np.unique(table[:, 2], return_inverse=True)
@@ -339,30 +345,36 @@ def deferred_groups(every: int, max_groups: int | None) -> dict:
     groups = np.maximum(np.maximum(1, np.round(frames / (K * SEQ_LEN))), np.ceil(tracklets / K)).astype(int)
     if max_groups is not None:
         groups = np.minimum(groups, max_groups)
+    order = np.random.default_rng(0).permutation(len(identities))
+    arrivals = np.concatenate([np.full(groups[i], i) for i in order])
+    rows = decode_batch_size(_config().data, (K, SEQ_LEN))
+    live, peak_live = 0, 0
+
+    def released():
+        nonlocal live
+        live -= 1
 
     class Source:
         def iter_batches(self, **_):
-            for i in np.random.default_rng(0).permutation(len(identities)):
-                n = groups[i]
-                yield {"label": np.full(n, i), "identity": np.full(n, identities[i]),
-                       "corrupt_frames": np.zeros(n, int), "clips": np.zeros((n, 1, 1, 1, 1, 3), np.uint8),
-                       "tracklets": np.zeros((n, 1), np.int32), "has_keypoints": np.zeros(n, bool),
-                       "keypoints": np.zeros((n, 1, 1, 14, 3), np.float32)}
+            nonlocal live, peak_live
+            for start in range(0, len(arrivals), rows):
+                index = arrivals[start:start + rows]
+                n = len(index)
+                clips = np.zeros((n, 1, 1, 1, 1, 3), np.uint8)  # the block's one array: groups are views
+                weakref.finalize(clips, released)
+                live += 1
+                peak_live = max(peak_live, live)
+                keypoints = np.zeros((n, 1, 1, 14, 3), np.float32)
+                yield {"label": index, "identity": identities[index], "corrupt_frames": np.zeros(n, np.int64),
+                       "clips": clips, "tracklets": np.zeros((n, 1), np.int32),
+                       "has_keypoints": np.zeros(n, bool), "keypoints": keypoints}
 
     batches = stream.training_batches(Source(), P, seed=0, drop_last=False, normalize=False)
-    peak, refill = 0, batches._refill
-
-    def counting_refill(current, deferred):
-        nonlocal peak
-        peak = max(peak, len(deferred))
-        return refill(current, deferred)
-
-    batches._refill = counting_refill
     count = sum(1 for _ in batches)
-    group_mb = K * SEQ_LEN * HEIGHT * WIDTH * 3 / 2**20
+    block_mb = rows * K * SEQ_LEN * HEIGHT * WIDTH * 3 / 2**20
     return {"groups": int(groups.sum()), "batches": count, "full_batches_possible": int(groups.sum()) // P,
-            "peak_deferred_groups": peak, "peak_deferred_mb": peak * group_mb,
-            "largest_identity_groups": int(groups.max())}
+            "peak_live_blocks": peak_live,
+            "peak_pinned_mb": peak_live * block_mb, "largest_identity_groups": int(groups.max())}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -404,8 +416,8 @@ def measure_size(every: int, args, workdir: Path, pool: list[Path], save) -> dic
     print(f"1/{every}: release of {sizes['frames']} frames linked in {time.perf_counter() - started:.0f} s",
           flush=True)
     cap = _config().data.max_groups_per_identity
-    row = {"every": every, "release": sizes, "deferred": deferred_groups(every, cap),
-           "deferred_uncapped": deferred_groups(every, None)}
+    row = {"every": every, "release": sizes, "held": held_groups(every, cap),
+           "held_uncapped": held_groups(every, None)}
     for stage in ("reference", "prepare", "epoch", "eval"):
         if stage in args.skip:
             continue
@@ -445,10 +457,10 @@ FIGURES = [
     ("epoch of reference", "epoch.of_reference", "{:.0%}"),
     ("epoch read/stored", "epoch.read_per_stored", "{:.2f}"),
     ("epoch driver RSS MB", "epoch.driver_peak_rss_mb", "{:.0f}"),
-    ("stream deferred groups*", "deferred.peak_deferred_groups", "{:.0f}"),
-    ("stream deferred MB*", "deferred.peak_deferred_mb", "{:.0f}"),
-    ("  uncapped: deferred groups*", "deferred_uncapped.peak_deferred_groups", "{:.0f}"),
-    ("  uncapped: deferred MB*", "deferred_uncapped.peak_deferred_mb", "{:.0f}"),
+    ("stream pinned blocks*", "held.peak_live_blocks", "{:.0f}"),
+    ("stream pinned MB*", "held.peak_pinned_mb", "{:.0f}"),
+    ("  uncapped: pinned blocks*", "held_uncapped.peak_live_blocks", "{:.0f}"),
+    ("  uncapped: pinned MB*", "held_uncapped.peak_pinned_mb", "{:.0f}"),
     ("epoch worker RSS MB", "epoch.worker_peak_rss_mb", "{:.0f}"),
     ("epoch worker private MB", "epoch.worker_peak_private_mb", "{:.0f}"),
     ("eval frames", "eval.frames", "{:.0f}"),
@@ -542,15 +554,15 @@ def main() -> None:
           f"T={SEQ_LEN}; ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here")
     print(table(rows))
     cap = _config().data.max_groups_per_identity
-    full, uncapped = deferred_groups(1, cap), deferred_groups(1, None)
-    print(f"* simulated on the index (deferred_groups), no frames; at full MARS with "
-          f"data.max_groups_per_identity = {cap}: {full['peak_deferred_groups']} groups held back at the "
-          f"peak ({full['peak_deferred_mb'] / 1024:.2f} GiB of 256x128 clips), {full['batches']} batches for "
+    full, uncapped = held_groups(1, cap), held_groups(1, None)
+    print(f"* simulated on the index (held_groups), no frames; at full MARS with "
+          f"data.max_groups_per_identity = {cap}: at the peak {full['peak_live_blocks']} blocks pinned "
+          f"({full['peak_pinned_mb'] / 1024:.2f} GiB of 256x128 clips), {full['batches']} batches for "
           f"{full['groups']} groups ({full['full_batches_possible']} full ones possible); uncapped: "
-          f"{uncapped['peak_deferred_groups']} ({uncapped['peak_deferred_mb'] / 1024:.1f} GiB; the largest "
+          f"{uncapped['peak_live_blocks']} blocks ({uncapped['peak_pinned_mb'] / 1024:.2f} GiB; the largest "
           f"identity has {uncapped['largest_identity_groups']} groups), {uncapped['batches']} batches for "
           f"{uncapped['groups']} groups ({uncapped['full_batches_possible']} full ones possible)")
-    result["deferred_full"], result["deferred_full_uncapped"] = full, uncapped
+    result["held_full"], result["held_full_uncapped"] = full, uncapped
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

@@ -50,12 +50,15 @@ class TrainingBatches:
         self.normalize = normalize
         self.skipped_groups = 0
         self.corrupt_frames = 0
-        self.peak_held = 0  # most groups held at once (buffer and batch being filled), in the last pass
         self.buffers = RecycledBuffers()
 
     def _groups(self) -> Iterator[dict[str, np.ndarray]]:
-        """The stream's groups one by one, those with corrupt frames skipped and counted."""
-        # batch_size=None: whole blocks, no copy to cut batches; a group is a set of views into its block
+        # Groups are mixed here rather than by iter_batches' local shuffle buffer, which copies every clip
+        # into its buffer (about a tenth of the CPU that decoding takes). This buffer holds views into whole
+        # blocks (batch_size=None: no copy to cut batches either), so what it keeps alive is bounded by
+        # blocks of _BLOCK_BYTES.
+        rng = np.random.default_rng(self.seed)
+        buffer: list[dict[str, np.ndarray]] = []
         for batch in self.source.iter_batches(batch_size=None, batch_format="numpy"):
             for index in range(len(batch["label"])):
                 corrupt = int(batch["corrupt_frames"][index])
@@ -63,46 +66,44 @@ class TrainingBatches:
                     self.skipped_groups += 1
                     self.corrupt_frames += corrupt
                     continue
-                yield {key: value[index] for key, value in batch.items()}
+                buffer.append({key: value[index] for key, value in batch.items()})
+                if len(buffer) > self.shuffle_buffer:
+                    yield _take_random(buffer, rng)
+        while buffer:
+            yield _take_random(buffer, rng)
 
     def __iter__(self) -> "Iterator[dict[str, torch.Tensor | None]]":
-        # Groups of one identity arrive together (one shard row expands into all of them), and a batch needs
-        # P distinct identities (triplet mining). A buffer of more than `shuffle_buffer` groups mixes them:
-        # each batch member is drawn at random among the buffered groups whose identity the batch lacks, and
-        # the buffer grows past its size only while every identity in it is already in the batch. No group
-        # waits apart for a later batch, holding its whole block alive: the views the buffer holds pin blocks
-        # of data.pipeline._BLOCK_BYTES, and that bounds the stream's memory here (bench/scale.py, "held").
-        # (Mixed here rather than by iter_batches' local shuffle buffer, which copies every clip into its
-        # buffer: about a tenth of the CPU that decoding takes.)
-        rng = np.random.default_rng(self.seed)
-        buffer: list[dict[str, np.ndarray]] = []
         current: list[dict[str, np.ndarray]] = []
-        self.peak_held = 0
+        deferred: list[dict[str, np.ndarray]] = []
         for group in self._groups():
-            buffer.append(group)
-            self.peak_held = max(self.peak_held, len(buffer) + len(current))
-            while len(buffer) > self.shuffle_buffer and self._draw(buffer, current, rng):
-                if len(current) == self.p:
-                    yield self._collate(current)
-                    current = []
-        # the stream is over: the buffer still makes batches of distinct identities where it can
-        while buffer or current:
-            if not self._draw(buffer, current, rng) or len(current) == self.p:
-                # full, or nothing left fits: a partial batch goes out only when drop_last is off
+            # a group whose identity is already in the batch waits for a later batch (triplet mining needs
+            # P distinct identities)
+            if any(g["identity"] == group["identity"] for g in current):
+                deferred.append(group)
+                continue
+            current.append(group)
+            while len(current) == self.p:
+                yield self._collate(current)
+                current = self._refill([], deferred)
+        # the stream is over: what waits still makes batches of distinct identities where it can
+        while deferred:
+            before = len(deferred)
+            current = self._refill(current, deferred)
+            if len(current) == self.p or len(deferred) == before:
+                # full, or nothing waiting fits: a partial batch goes out only when drop_last is off
                 if len(current) == self.p or not self.drop_last:
                     yield self._collate(current)
                 current = []
+        if current and not self.drop_last:
+            yield self._collate(current)
 
-    def _draw(self, buffer: list[dict], current: list[dict], rng: np.random.Generator) -> bool:
-        """Move a random buffered group whose identity `current` lacks into it; False when none does."""
-        taken = {int(g["identity"]) for g in current}
-        fits = [i for i, g in enumerate(buffer) if int(g["identity"]) not in taken]
-        if not fits:
-            return False
-        index = fits[int(rng.integers(len(fits)))]
-        buffer[index], buffer[-1] = buffer[-1], buffer[index]
-        current.append(buffer.pop())
-        return True
+    def _refill(self, current: list[dict], deferred: list[dict]) -> list[dict]:
+        """Move waiting groups into `current` (in arrival order) while it has room and they are new."""
+        for waiting in list(deferred):
+            if len(current) < self.p and all(g["identity"] != waiting["identity"] for g in current):
+                current.append(waiting)
+                deferred.remove(waiting)
+        return current
 
     def _collate(self, groups: list[dict[str, np.ndarray]]) -> "dict[str, torch.Tensor | None]":
         import torch
@@ -162,6 +163,13 @@ class RecycledBuffers:
             self.arrays.pop(0)  # held by the consumer, or of a shape not seen lately: no longer pooled
         self.arrays.append(array)
         return array
+
+
+def _take_random(buffer: list, rng: np.random.Generator):
+    """Remove and return a random element of `buffer` in O(1) (order is not kept)."""
+    index = int(rng.integers(len(buffer)))
+    buffer[index], buffer[-1] = buffer[-1], buffer[index]
+    return buffer.pop()
 
 
 def training_batches(dataset_or_shard, identities_per_batch: int, **kwargs) -> TrainingBatches:
