@@ -7,6 +7,7 @@ batch.
 """
 
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -141,28 +142,32 @@ class TrainingBatches:
 
 
 class RecycledBuffers:
-    """Arrays for batches, each handed out again once nothing else refers to it.
+    """Arrays for batches (and for the decoding tasks' output, data.pipeline), each handed out again once
+    nothing else refers to it.
 
     A batch of clips is tens of MB: a new one every batch is fresh memory from the OS, whose pages the kernel
     zeroes on first touch, as much CPU again as copying the clips into it (bench/data.py). A tensor made
     with torch.from_numpy, and every view of it, keeps its array referenced, so an array whose only
-    reference is this pool's is free: the consumer has dropped the batch (or moved it to the device).
+    reference is this pool's is free: the consumer has dropped the batch (or moved it to the device), or Ray
+    has copied the decoded block into the object store.
     """
 
     def __init__(self, size: int = 4):
         self.size = size
         self.arrays: list[np.ndarray] = []
+        self.lock = threading.Lock()  # two threads of one process must never both take the same free array
 
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        for array in self.arrays:
-            # references: the pool's list, this loop's variable and getrefcount's argument
-            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3:
-                return array
-        array = np.empty(shape, dtype=dtype)
-        if len(self.arrays) == self.size:
-            self.arrays.pop(0)  # held by the consumer, or of a shape not seen lately: no longer pooled
-        self.arrays.append(array)
-        return array
+        with self.lock:
+            for array in self.arrays:
+                # references: the pool's list, this loop's variable and getrefcount's argument
+                if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3:
+                    return array
+            array = np.empty(shape, dtype=dtype)
+            if len(self.arrays) == self.size:
+                self.arrays.pop(0)  # held by the consumer, or of a shape not seen lately: no longer pooled
+            self.arrays.append(array)
+            return array
 
 
 def _take_random(buffer: list, rng: np.random.Generator):
