@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -127,13 +128,23 @@ class CountingFileSystem(fsspec.AbstractFileSystem):
         return CountingFile(self.local.open(path, mode), path)
 
 
+@dataclass
+class Reading:
+    """What CpuMeter.snapshot saw: CPU seconds per process (pid 0: minus the sampling's own), and per kind of
+    process, each interval counted under the title the process had then (Ray workers rename themselves per
+    task: ray::MapBatches(_decode_clips) while decoding, ray::IDLE between tasks)."""
+
+    pids: dict[int, float]
+    kinds: dict[str, float]
+
+
 class CpuMeter:
     """CPU seconds (user + system) of this process and all its descendants, the sampling's own left out.
 
     The raylet ignores SIGCHLD, so an exited worker's CPU time is not added to any parent's (getrusage
     cannot see it): every process is read from /proc every `interval` seconds instead, and one that exits
-    counts up to its last reading. Ray keeps its task workers alive between tasks (their CPU shows under
-    the title ray::IDLE), so little is lost; new processes are looked for every `rescan` seconds.
+    counts up to its last reading. Ray keeps its task workers alive between tasks, so little is lost; new
+    processes are looked for every `rescan` seconds.
     """
 
     TICK = os.sysconf("SC_CLK_TCK")
@@ -142,7 +153,7 @@ class CpuMeter:
         self.me, self.interval, self.rescan = psutil.Process(), interval, rescan
         self.pids = {self.me.pid}
         self.last: dict[int, float] = {}
-        self.names: dict[int, str] = {}  # latest process title: Ray workers rename themselves per task
+        self.kinds: dict[str, float] = {}
         self.overhead = 0.0
         self.lock = threading.Lock()  # the sampling thread and the main thread both take snapshots
         self.stop = threading.Event()
@@ -158,50 +169,47 @@ class CpuMeter:
             return None
         return (int(fields[11]) + int(fields[12])) / cls.TICK  # utime, stime
 
-    def snapshot(self) -> dict[int, float]:
-        """CPU seconds of every process seen so far (those that exited: at their last reading)."""
+    def snapshot(self) -> Reading:
+        """CPU seconds of every process seen so far (those that exited: at their last reading), by kind."""
         with self.lock:
             started = time.thread_time()
             if time.monotonic() - self.scanned >= self.rescan:
                 self.pids |= {child.pid for child in self.me.children(recursive=True)}
-                for pid in self.pids:
-                    self.names[pid] = _title(pid) or self.names.get(pid, "?")
                 self.scanned = time.monotonic()
             for pid in list(self.pids):
                 seconds = self._read(pid)
                 if seconds is None:
                     self.pids.discard(pid)
-                else:
-                    self.last[pid] = seconds
+                    continue
+                # since the last reading (a process seen for the first time: all it has used so far), under
+                # its title now
+                kind = "driver" if pid == self.me.pid else _kind(_title(pid) or "?")
+                self.kinds[kind] = self.kinds.get(kind, 0.0) + seconds - self.last.get(pid, 0.0)
+                self.last[pid] = seconds
             self.overhead += time.thread_time() - started
             self.last[0] = -self.overhead  # a pseudo-process that takes the sampling's time back out
-            return dict(self.last)
+            return Reading(dict(self.last), dict(self.kinds))
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval):
             self.snapshot()
 
-    def since(self, baseline: dict[int, float]) -> float:
-        self.snapshot()
-        return sum(seconds - baseline.get(pid, 0.0) for pid, seconds in self.last.items())
+    def since(self, baseline: Reading) -> float:
+        now = self.snapshot()
+        return sum(seconds - baseline.pids.get(pid, 0.0) for pid, seconds in now.pids.items())
 
-    def by_kind(self, baseline: dict[int, float]) -> dict[str, float]:
-        """CPU seconds since `baseline` per kind of process: this driver, Ray workers by their task, Ray's
-        own daemons."""
-        kinds: dict[str, float] = {}
-        for pid, seconds in self.snapshot().items():
-            if pid == 0:
-                continue
-            name = "driver" if pid == self.me.pid else _kind(self.names.get(pid, "?"))
-            kinds[name] = kinds.get(name, 0.0) + seconds - baseline.get(pid, 0.0)
-        kinds["driver"] += self.last[0] - baseline.get(0, 0.0)
+    def by_kind(self, baseline: Reading) -> dict[str, float]:
+        """CPU seconds since `baseline` per kind of process: this driver, Ray workers by the task they ran
+        (ray::IDLE: between tasks), Ray's own daemons."""
+        now = self.snapshot()
+        kinds = {kind: seconds - baseline.kinds.get(kind, 0.0) for kind, seconds in now.kinds.items()}
+        kinds["driver"] = kinds.get("driver", 0.0) + now.pids[0] - baseline.pids.get(0, 0.0)
         return {name: round(seconds, 2) for name, seconds in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
-    def driver(self, baseline: dict[int, float]) -> float:
+    def driver(self, baseline: Reading) -> float:
         """CPU seconds of this process alone since `baseline`, sampling left out."""
-        now = self.snapshot()
-        pid = self.me.pid
-        return now[pid] - baseline.get(pid, 0.0) + now[0] - baseline.get(0, 0.0)
+        now, pid = self.snapshot(), self.me.pid
+        return now.pids[pid] - baseline.pids.get(pid, 0.0) + now.pids[0] - baseline.pids.get(0, 0.0)
 
     def __enter__(self):
         self.snapshot()
