@@ -44,7 +44,7 @@ FULL = Profile(
     name="full", backbones=(("resnet50", "configs/mars_resnet50.yaml"),
                             ("bninception", "configs/mars_bninception.yaml")),
     steps=20, warm_up=3, stream_config="configs/mars_resnet50.yaml", fed_iterations=300,
-    determinism_iterations=8, train_every=6, test_every=48, pose_frames=256, pose_input=(256, 192),
+    determinism_iterations=8, train_every=6, test_every=48, pose_frames=128, pose_input=(256, 192),
     ranking_query_step=1)
 QUICK = Profile(
     name="quick", backbones=(("tiny", "configs/synthetic_tiny.yaml"),), steps=3, warm_up=1,
@@ -89,11 +89,12 @@ def verdict(ok: bool) -> str:
 
 
 def connect_ray() -> None:
-    """Join the orchestrator's Ray cluster; this item's Ray workers import bench/ from the repository."""
+    """Join the orchestrator's Ray cluster. Ray's workers take this driver's sys.path, on which
+    bench/gpu_check.py put the repository: they import bench/ and stal_ray from it (a runtime_env would
+    start a set of workers of its own for every item)."""
     import ray
 
-    ray.init(address=os.environ[RAY_ADDRESS], log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(address=os.environ[RAY_ADDRESS], log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
