@@ -112,7 +112,7 @@ def start_ray(args) -> str:
     # more logical CPUs than cores: train workers, read tasks and decoding tasks must not wait on each other
     # for a slot (docs/architecture.md, "Ray resources"); the stream item decodes on all cores but two
     ray.init(address="local", num_cpus=max(8, cpus + 2), include_dashboard=False, log_to_driver=False,
-             configure_logging=False, object_store_memory=(512 << 20) if args.quick else None)
+             configure_logging=False, object_store_memory=(512 << 20) if args.quick else 8 << 30)
     return ray.get_runtime_context().gcs_address
 
 

@@ -216,7 +216,13 @@ def run(result: ItemResult, profile: Profile, args) -> None:
 
     connect_ray()
     print("starting the TorchTrainer", flush=True)
-    under_ray(configs, device, profile, Path(str(result.path) + ".ray.jsonl"), on_line)
+    try:
+        under_ray(configs, device, profile, Path(str(result.path) + ".ray.jsonl"), on_line)
+    finally:  # a worker that failed on the second backbone still leaves the first one's verdicts
+        goals(result, measured, device, peak)
+
+
+def goals(result: ItemResult, measured: dict, device: torch.device, peak: float | None) -> None:
     for backbone, sizes in measured.items():
         if "ray" not in sizes:
             continue
