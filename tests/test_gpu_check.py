@@ -1,15 +1,44 @@
 """bench/gpu_check.py --device cpu --quick: every item of the GPU check runs its code path on a CPU (tiny
 backbone, sizes and iterations), so that the command a GPU's first slot runs cannot rot."""
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import bench.gpu_check as gpu_check  # noqa: E402
 from bench.gpu_check import ITEMS  # noqa: E402
+
+
+def test_an_item_past_its_time_limit_is_stopped_with_what_it_had_measured(tmp_path, monkeypatch):
+    # an item that writes a first result, then hangs (as a stuck Ray Data stream would), with a child of its
+    # own (as an item's Ray driver has): both are stopped at the limit, and the result written stays
+    script = ("import json, subprocess, sys, time; out = sys.argv[1]; "
+              "json.dump({'rows': [{'name': 'first'}], 'checks': []}, open(out, 'w')); "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
+    monkeypatch.setattr(gpu_check, "child_command",
+                        lambda args, name, out, context: [sys.executable, "-c", script, str(out)])
+    start = time.perf_counter()
+    result = gpu_check.run_one(argparse.Namespace(), "train", 3, {}, tmp_path)
+    assert time.perf_counter() - start < 3 + gpu_check.STOP_GRACE_S + 5
+    assert result["status"].startswith("TIMEOUT") and result["rows"] == [{"name": "first"}]
+    assert gpu_check.failed(result)
+    hung = subprocess.run(["pgrep", "-f", "import time; time.sleep(600)"], capture_output=True, text=True)
+    assert hung.stdout.strip() == "", "the item's own child outlived the limit"
+
+
+def test_an_item_that_fails_says_why_in_one_line(tmp_path, monkeypatch):
+    script = "import sys; print('building the model'); sys.exit('bench: no such backbone: resnet5')"
+    monkeypatch.setattr(gpu_check, "child_command",
+                        lambda args, name, out, context: [sys.executable, "-c", script])
+    result = gpu_check.run_one(argparse.Namespace(), "train", 30, {}, tmp_path)
+    assert result["status"] == "error (exit 1): bench: no such backbone: resnet5"
+    assert result["rows"] == [] and gpu_check.failed(result)
 
 
 def test_quick_check_runs_every_item_on_cpu_and_gives_each_goal_a_verdict(tmp_path):
