@@ -44,7 +44,7 @@ FULL = Profile(
     name="full", backbones=(("resnet50", "configs/mars_resnet50.yaml"),
                             ("bninception", "configs/mars_bninception.yaml")),
     steps=20, warm_up=3, stream_config="configs/mars_resnet50.yaml", fed_iterations=300,
-    determinism_iterations=8, train_every=6, test_every=48, pose_frames=128, pose_input=(256, 192),
+    determinism_iterations=8, train_every=4, test_every=48, pose_frames=128, pose_input=(256, 192),
     ranking_query_step=1)
 QUICK = Profile(
     name="quick", backbones=(("tiny", "configs/synthetic_tiny.yaml"),), steps=3, warm_up=1,

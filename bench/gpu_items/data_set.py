@@ -1,7 +1,8 @@
 """Item `data` of bench/gpu_check.py: the prepared data set the stream, evaluation and determinism items read.
 
-Full: MARS's real index (tests/data/mars_info) scaled as bench/scale.py scales it, every 6th training
-identity (~85k frames, ~330 iterations of the MARS batch: the data-wait run stays inside one epoch) and
+Full: MARS's real index (tests/data/mars_info) scaled as bench/scale.py scales it, every 4th training
+identity (~124k frames, ~350 iterations of the MARS batch with data.max_groups_per_identity's 32 groups:
+the stream item's 300-iteration run stays inside one epoch) and
 every 48th test identity (~14k frames, for extraction), its frames 256x128 JPEGs of MARS's size hard-linked
 from a pool of distinct rendered frames, then prepared as jobs/prepare_mars.py does. Kept under --workdir,
 so a second run reuses it. Quick: the embedded synthetic data set (64x32).
