@@ -1,11 +1,12 @@
 """Item `data` of bench/gpu_check.py: the prepared data set the stream, evaluation and determinism items read.
 
-Full: MARS's real index (tests/data/mars_info) scaled as bench/scale.py scales it, every 4th training
-identity (~124k frames, ~350 iterations of the MARS batch with data.max_groups_per_identity's 32 groups:
-the stream item's 300-iteration run stays inside one epoch) and
-every 48th test identity (~14k frames, for extraction), its frames 256x128 JPEGs of MARS's size hard-linked
-from a pool of distinct rendered frames, then prepared as jobs/prepare_mars.py does. Kept under --workdir,
-so a second run reuses it. Quick: the embedded synthetic data set (64x32).
+Full: MARS's real index (tests/data/mars_info) scaled as bench/scale.py scales it: every 4th training
+identity (~124k frames, ~350 iterations of the MARS batch with data.max_groups_per_identity's 32 groups, so
+the stream item's 300-iteration run stays inside one epoch) and every 48th test identity (~21k frames with
+its junk and distractors, for extraction). Its frames are 256x128 JPEGs of MARS's size hard-linked from a
+pool of distinct rendered frames, prepared as jobs/prepare_mars.py does: 43 s for the ~145k frames on the
+shared 2-core machine. Kept under --workdir, so a second run reuses it. Quick: the embedded synthetic data
+set (64x32).
 """
 
 import time
