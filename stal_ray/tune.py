@@ -166,9 +166,10 @@ def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None
             run_config=tune.RunConfig(name=name, storage_path=root,
                                       callbacks=[_TrialProgress(metric, config.train.iterations)]))
     grid = tuner.fit()
-    # A trial that neither reported nor failed was stopped by the interruption, whatever its status says:
-    # Tune ends the pending trials of an interrupted run as TERMINATED in memory.
-    finished = sum(1 for result in grid if result.error is not None or result.metrics)
+    # A trial that neither reported validation nor failed was stopped by the interruption, whatever its status
+    # says: Tune ends the pending trials of an interrupted run as TERMINATED in memory, and a trial that had
+    # just started holds Tune's auto-filled metrics (pid, hostname, ...) without any of its own.
+    finished = sum(1 for result in grid if result.error is not None or metric in result.metrics)
     if finished < max(len(grid), config.tune.num_samples):
         # Ctrl-C (or SIGINT from a scheduler): Tune saved the experiment's state and returned early
         raise SearchInterrupted(f"the search {name!r} was interrupted with {finished} of "
