@@ -12,6 +12,7 @@ from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, ConfigError, resolve_keypoint_supervision
 from stal_ray.data import storage
+from stal_ray.data.integrity import check_shards
 from stal_ray.data.manifest import read_manifest
 from stal_ray.data.pipeline import identity_labels
 from stal_ray.data.validation import ValidationSplit
@@ -113,6 +114,9 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     identities are left out of training and every report carries the validation metrics
     (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values)."""
     check_resources(config)
+    storage.check_output_folder(storage_root(config), "--storage-path (train.storage_path)",
+                                endpoint_url=endpoint_url)
+    check_shards(data, ("train",), endpoint_url=endpoint_url)  # a damaged shard: one line, before any work
     check_shared_storage(config)
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
