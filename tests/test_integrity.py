@@ -100,8 +100,9 @@ def test_training_refuses_a_damaged_shard_before_any_work(copy, tmp_path):
     from stal_ray.train.trainer import build_trainer
 
     zero_bytes(read_manifest(copy).paths("train")[0])
-    config = load_config(None, ["model.backbone=tiny", f"train.storage_path={tmp_path / 'runs'}"])
-    # before: identity_labels failed with pyarrow's "OSError: Unexpected end of stream", no shard named
+    config = load_config(None, ["model.backbone=tiny", "data.identities_per_batch=2",
+                                f"train.storage_path={tmp_path / 'runs'}"])
+    # before: the trainer was built and its workers read the damaged bytes (a raw pyarrow OSError at best)
     with pytest.raises(CorruptDatasetError, match="train/part-00000.parquet"):
         build_trainer(config, copy, name="damaged")
 
