@@ -30,15 +30,14 @@ _READERS = 4  # shards hashed at once: hashlib releases the GIL on large updates
 
 
 def cache_path() -> Path | None:
-    """The cache file (STAL_HASH_CACHE, else $XDG_CACHE_HOME or ~/.cache /stal_ray/shard-hashes.json);
-    None when STAL_HASH_CACHE=off."""
+    """The cache file: STAL_HASH_CACHE, else shard-hashes.json in the project's cache folder (STAL_RAY_CACHE,
+    default ~/.cache/stal_ray, as the pose models'); None when STAL_HASH_CACHE=off."""
     chosen = os.environ.get(CACHE_VARIABLE)
     if chosen and chosen.lower() == "off":
         return None
     if chosen:
         return Path(chosen).expanduser()
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(home) / "stal_ray" / "shard-hashes.json"
+    return Path(os.environ.get("STAL_RAY_CACHE", Path.home() / ".cache" / "stal_ray")) / "shard-hashes.json"
 
 
 def _load_cache(path: Path | None) -> dict:
