@@ -213,6 +213,20 @@ def test_outputs_that_cannot_be_written_are_refused_before_work(copy, tmp_path):
         build_trainer(config, copy, name="run")
 
 
+def test_study_and_splits_refuse_an_out_that_is_a_file_before_training(tmp_path):
+    from stal_ray.study.run import run_study
+    from stal_ray.study.splits import SplitData, run_splits
+
+    a_file = tmp_path / "report.md"
+    a_file.write_text("")
+    config = load_config(None, ["model.backbone=tiny"])
+    with pytest.raises(StorageError, match="--out .* is a file, not a folder"):
+        run_study(config, str(tmp_path / "no-data-needed"), str(a_file), command="test")
+    data = SplitData("ilidsvid", str(tmp_path / "no-release-needed"), str(tmp_path / "data"))
+    with pytest.raises(StorageError, match="--out .* is a file, not a folder"):
+        run_splits(config, data, str(a_file), [0], command="test")
+
+
 # ---------------------------------------------------------------------------------------------- frames
 
 
@@ -275,3 +289,20 @@ def test_resume_refuses_a_search_folder_others_can_write(tmp_path):
         check_resume_folder(str(search))
     search.chmod(0o755)
     check_resume_folder("s3://bucket/search")  # no owner to check: the bucket's writers are trusted
+
+
+def test_a_damaged_shard_on_s3_is_refused_and_the_etag_keys_the_cache(prepared, moto_server, make_bucket,
+                                                                      monkeypatch, tmp_path):
+    monkeypatch.setenv(integrity.CACHE_VARIABLE, str(tmp_path / "cache.json"))
+    out = make_bucket() + "/prepared"
+    release = read_manifest(prepared).source["release"]
+    write_shards(read_mars(release), out, target_file_bytes=TARGET, endpoint_url=moto_server, progress=False)
+    integrity.check_shards(out, endpoint_url=moto_server)
+    manifest = read_manifest(out, endpoint_url=moto_server)
+    fs, _ = storage.filesystem(out, endpoint_url=moto_server)
+    path = manifest.paths("train")[0]
+    data = bytearray(fs.cat_file(path))
+    data[100:108] = bytes(8)
+    fs.pipe_file(path, bytes(data))  # same size, a new object: a new ETag
+    with pytest.raises(CorruptDatasetError, match="train/part-00000.parquet"):
+        integrity.check_shards(out, endpoint_url=moto_server)

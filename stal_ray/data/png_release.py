@@ -87,8 +87,8 @@ def sequence_frames(fs, base: str, folder: str, pattern: re.Pattern, expected: s
         if match is None:
             raise error(f"{folder}/{name}: not a frame file named {expected}; remove or rename it")
         if kind != "file":
-            raise error(f"{folder}/{name}: a {kind} (a link to nothing, or not a regular file), not a frame "
-                        "file; replace it with the frame's image file")
+            raise error(f"{folder}/{name}: not a regular file (fsspec type {kind!r}: a link to nothing, a "
+                        "pipe or a device); replace it with the frame's image file")
         numbered.append((int(match.group(1)), f"{folder}/{name}"))
     if not numbered:
         raise error(f"{folder}: no frames (expected files named {expected}); copy the folder again from "
