@@ -107,6 +107,21 @@ def test_training_refuses_a_damaged_shard_before_any_work(copy, tmp_path):
         build_trainer(config, copy, name="damaged")
 
 
+def test_the_training_job_refuses_a_damaged_test_split_in_one_line_before_training(copy, tmp_path,
+                                                                                   monkeypatch, capsys):
+    from test_jobs import job
+
+    train_mars = job("train_mars")
+    monkeypatch.setattr(train_mars, "init_ray", lambda address: None)  # refused before Ray is needed
+    zero_bytes(read_manifest(copy).paths("test")[0])
+    code = train_mars.main(["--config", str(train_mars.DEFAULT_CONFIG), "--data", copy,
+                            "--storage-path", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("train_mars: error:") and "test/part-00000.parquet differs" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
 def tiny_model(path: str, data: str) -> str:
     from stal_ray.model.export import save_model
     from stal_ray.model.stal import STAL
