@@ -79,7 +79,8 @@ def _run_trial(params: dict[str, Any], *, base: dict, data: str, split: str, run
     layered = trial_config(config_from_dict(base), params).to_dict()
     layered["train"]["storage_path"] = runs
     train(config_from_dict(layered), data, name=tune.get_context().get_trial_id(), endpoint_url=endpoint_url,
-          validation=ValidationSplit.from_json(split), callbacks=[TuneReportCallback()])
+          validation=ValidationSplit.from_json(split), callbacks=[TuneReportCallback()],
+          checksums=False)  # run_search checked the training shards in the driver
 
 
 class _TrialProgress(tune.Callback):

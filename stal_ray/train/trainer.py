@@ -116,15 +116,18 @@ def check_shared_storage(config: Config, nodes: list[dict] | None = None,
 
 def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
                   exclude_identities: list[int] | None = None, faults: dict | None = None,
-                  callbacks: list | None = None, validation: ValidationSplit | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, validation: ValidationSplit | None = None,
+                  checksums: bool = True) -> TorchTrainer:
     """A TorchTrainer for `train_loop_per_worker` on the shards at `data`. A run with an existing `name`
     under the storage path resumes from that run's latest checkpoint. With a validation split, its
     identities are left out of training and every report carries the validation metrics
-    (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values)."""
+    (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values). checksums=False: the caller has
+    checked the training shards (a Tune trial, whose node would otherwise read them all again)."""
     check_resources(config)
     storage.check_output_folder(storage_root(config), "--storage-path (train.storage_path)",
                                 endpoint_url=endpoint_url)
-    check_shards(data, ("train",), endpoint_url=endpoint_url)  # a damaged shard: one line, before any work
+    if checksums:
+        check_shards(data, ("train",), endpoint_url=endpoint_url)  # a damaged shard: one line, before work
     check_shared_storage(config)
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
