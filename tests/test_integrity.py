@@ -195,6 +195,11 @@ def test_a_duplicated_entry_and_wrong_counts_are_refused(copy):
         tracklets=data["counts"]["test"]["tracklets"] + 1))
     with pytest.raises(IncompleteDatasetError, match="rows in its test shards, but its counts say"):
         read_manifest(copy)
+    edit_manifest(copy, lambda data: data["counts"]["test"].update(
+        tracklets=data["counts"]["test"]["tracklets"] - 1))
+    edit_manifest(copy, lambda data: data["files"]["test"][0].update(rows="3"))
+    with pytest.raises(IncompleteDatasetError, match="row count, size or sha256 of the wrong type"):
+        read_manifest(copy)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

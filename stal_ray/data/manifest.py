@@ -207,6 +207,8 @@ def entries_problem(manifest: Manifest) -> str | None:
                         "inside its version folder (a path out of the data set is never read)")
             if path in seen:
                 return f"names shard {path} twice (its rows would be read twice)"
+            if not (type(entry.rows) is int and type(entry.bytes) is int and isinstance(entry.sha256, str)):
+                return f"records shard {path} with a row count, size or sha256 of the wrong type"
             seen.add(path)
         rows = sum(entry.rows for entry in manifest.files[split])
         key = "identities" if split == "train" else "tracklets"
