@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 
 from stal_ray.data.mars import MarsFormatError
-from stal_ray.data.png_release import PngRelease, sequence_frames, two_camera_release
+from stal_ray.data.png_release import PngRelease, entry_type, sequence_frames, two_camera_release
 
 SEQUENCES = "prid_2011/multi_shot"
 CAMERAS = {"a": 1, "b": 2}  # folder cam_<letter> -> camera number in the shards
@@ -63,7 +63,7 @@ def read_sequences(fs, base: str) -> dict[tuple[str, int], tuple[str, ...]]:
         for entry in fs.ls(f"{base}/{folder}", detail=True):
             name = posixpath.basename(entry["name"].rstrip("/"))
             match = _PERSON.fullmatch(name)
-            if entry["type"] != "directory" or match is None:
+            if entry_type(fs, entry) != "directory" or match is None:
                 raise MarsFormatError(f"{folder}/{name}: not a person folder named person_NNNN (4-digit "
                                       "person number); remove or rename it")
             sequences[letter, int(match.group(1))] = sequence_frames(
