@@ -26,6 +26,12 @@ data set's epochs decode 1.4 GB; in a store of the default 30% of memory each wo
 worker has touched yet and pay page faults a real run pays once. A 2 GiB store and an untimed full epoch
 put the timed epochs in a long run's steady state.
 
+(c) The shard checksums (stal_ray/data/integrity.py), checked in the driver once per job before the stream
+starts: the training split hashed with no cache (the first job on a data set) and from the cache (every
+later one), against the same run's training epoch; the test split the same way against one pass of the
+evaluation stream (reading and decoding every test frame, without the model, so an upper bound of the
+share: evaluation also runs the model).
+
 (b) Bytes read per epoch. One more epoch reads the shards as countfile://<dir>, an fsspec filesystem over
 the local one whose open files log every read() and readinto() (bytes returned, file path) to a log file.
 The pipeline hands this filesystem object to read_parquet, Ray pickles it into every read task, and the
@@ -58,11 +64,13 @@ from stal_ray.config import Config  # noqa: E402
 from stal_ray.data.augment import Augmentation  # noqa: E402
 from stal_ray.data.batches import training_batches  # noqa: E402
 from stal_ray.data.images import decode_frames  # noqa: E402
+from stal_ray.data.integrity import CACHE_VARIABLE, check_shards  # noqa: E402
 from stal_ray.data.manifest import read_manifest  # noqa: E402
 from stal_ray.data.mars import read_mars  # noqa: E402
 from stal_ray.data.pipeline import (  # noqa: E402
     _identity_groups,
     decode_batch_size,
+    evaluation_dataset,
     identity_labels,
     training_dataset,
 )
@@ -332,6 +340,40 @@ def bytes_read(shards: str, config: Config, log: str) -> dict:
             "ratio": train_read / sum(stored.values())}
 
 
+def _timed_check(shards: str, split: str, cache: str) -> dict:
+    os.environ[CACHE_VARIABLE] = cache
+    wall, cpu = time.perf_counter(), time.process_time()
+    check_shards(shards, (split,))
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def checksum_cost(shards: str, config: Config, workdir: Path, epoch_wall_s: float) -> dict:
+    """(c): the driver's checksum check of each split, cold and cached, beside the stream it precedes."""
+    previous = os.environ.get(CACHE_VARIABLE)
+    cache = str(workdir / "shard-hashes.json")
+    try:
+        out = {}
+        for split in ("train", "test"):
+            stored = sum(f.bytes for f in read_manifest(shards).files[split])
+            runs = [_timed_check(shards, split, "off") for _ in range(3)]
+            cold = sorted(runs, key=lambda run: run["wall_s"])[1]
+            _timed_check(shards, split, cache)  # fills the cache
+            cached = _timed_check(shards, split, cache)
+            out[split] = {"stored_bytes": stored, "cold": cold, "cached": cached,
+                          "mib_per_s": stored / 2**20 / cold["wall_s"]}
+        out["train"]["stream_wall_s"] = epoch_wall_s
+        start = time.perf_counter()
+        rows = sum(len(batch["clips"]) for batch in evaluation_dataset(shards, config).iter_batches(
+            batch_size=None, batch_format="numpy"))
+        out["test"]["stream_wall_s"], out["test"]["stream_rows"] = time.perf_counter() - start, rows
+        for split in ("train", "test"):
+            out[split]["share_of_stream"] = out[split]["cold"]["wall_s"] / out[split]["stream_wall_s"]
+        return out
+    finally:
+        os.environ.pop(CACHE_VARIABLE, None) if previous is None else os.environ.update(
+            {CACHE_VARIABLE: previous})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--identities", type=int, default=40, help="training identities of the synthetic set")
@@ -413,6 +455,7 @@ def main() -> None:
             augmented = median([bare_loop(calls, data.height, data.width, config)
                                 for _ in range(args.repeats)]) if args.augment else None
             reads = bytes_read(shards, config, os.environ[READ_LOG])
+            checksums = checksum_cost(shards, config, workdir, epochs[False][0]["wall_s"])
         finally:
             ray.shutdown()
 
@@ -462,13 +505,21 @@ def main() -> None:
           f"{reads['stored_bytes'] / 2**20:.1f} MiB = {reads['ratio']:.2f} (goal <= {READ_GOAL}): "
           f"{read_verdict}; {reads['files_read']} of {reads['files']} files read, "
           f"{reads['other_bytes_read'] / 1024:.1f} KiB of other files (manifest)")
+    for split, stream in (("train", "one training epoch (uint8)"), ("test", "one evaluation stream pass")):
+        c = checksums[split]
+        print(f"checksums, {split} split: {c['stored_bytes'] / 2**20:.1f} MiB hashed in "
+              f"{c['cold']['wall_s']:.2f} s "
+              f"({c['mib_per_s']:.0f} MiB/s, driver CPU {c['cold']['cpu_s']:.2f} s) with no cache, "
+              f"{c['cached']['wall_s'] * 1000:.1f} ms cached; {stream}: {c['stream_wall_s']:.2f} s without "
+              f"the check, {c['stream_wall_s'] + c['cold']['wall_s']:.2f} s with it "
+              f"(+{c['share_of_stream']:.1%}, once per job)")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"config": vars(args), "cores_here": psutil.cpu_count(), "stored_frames": stored_frames,
               "mean_jpeg_bytes": mean_jpeg, "rows": rows, "frames_per_core_of_bare": ratios,
               "goal_row": goal_row, "throughput_goal": THROUGHPUT_GOAL,
-              "reads": reads, "read_goal": READ_GOAL,
+              "reads": reads, "read_goal": READ_GOAL, "checksums": checksums,
               "pass": {"throughput": ratio >= THROUGHPUT_GOAL, "reads": reads["ratio"] <= READ_GOAL}}
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -22,7 +22,7 @@ from stal_ray.data.source import endpoint_url
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.study.splits import SplitData, run_splits
-from stal_ray.train.trainer import NonFiniteLossError
+from stal_ray.train.trainer import RunStoppedError
 
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_two_camera_tiny.yaml"
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_splits(config, data, args.out, list(range(args.splits)),
                              command="python jobs/splits.py " + shlex.join(argv), cross=cross,
                              parallel=args.parallel)
-    except (ConfigError, StorageError, MarsFormatError, NonFiniteLossError) as error:
+    except (ConfigError, StorageError, MarsFormatError, RunStoppedError) as error:
         print(f"splits: error: {error}", file=sys.stderr)
         return 2
     print(summary)

@@ -21,7 +21,7 @@ from stal_ray.data.synthetic import ensure_synthetic_shards
 from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.study.run import SEQUENCE_LENGTHS, run_study
 from stal_ray.study.variants import VARIANTS
-from stal_ray.train.trainer import NonFiniteLossError
+from stal_ray.train.trainer import RunStoppedError
 
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "study_occluded.yaml"
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_study(config, data, args.out, command=command, endpoint_url=args.endpoint_url,
                            sequence_lengths=args.sequence_lengths,
                            variants=tuple(v for v in VARIANTS if v.name in {"stal", *args.variants}))
-    except (ConfigError, StorageError, NonFiniteLossError) as error:
+    except (ConfigError, StorageError, RunStoppedError) as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2
     print(report)

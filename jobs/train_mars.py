@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
+from stal_ray.data.integrity import check_shards
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
-from stal_ray.train.trainer import NonFiniteLossError, train
+from stal_ray.train.trainer import RunStoppedError, train
 
 # flags that stand for a setting
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
@@ -61,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.address)
         data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
         name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # the test split too: a damaged one would stop the evaluation after hours of training
+        check_shards(data, ("train",) if args.no_eval else ("train", "test"), endpoint_url=args.endpoint_url)
         print(f"training run {name!r} on {data}")
         result = train(config, data, name=name, endpoint_url=args.endpoint_url)
-    except (ConfigError, StorageError, NonFiniteLossError) as error:
+    except (ConfigError, StorageError, RunStoppedError) as error:
         print(f"train_mars: error: {error}", file=sys.stderr)
         return 2
     print(f"model: {result.model_path}")

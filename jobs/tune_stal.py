@@ -46,7 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "needs s3:// or a shared mount: a local path is refused there")
     parser.add_argument("--name", default=None,
                         help="search name (default: tune-<backbone>-<YYYYmmdd-HHMMSS>)")
-    parser.add_argument("--resume", action="store_true", help="finish the interrupted search --name")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish the interrupted search --name. Ray Tune unpickles the search's saved "
+                             "state, so this trusts whoever can write the search folder: a local folder "
+                             "with a file of another user or one others can write is refused; on s3:// "
+                             "everyone who can write the bucket is trusted")
     args = parser.parse_args(argv)
     if args.resume and not args.name:
         parser.error("--resume needs the --name of the search to finish")

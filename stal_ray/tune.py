@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import math
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from stal_ray.config import Config, ConfigError, config_from_dict
 from stal_ray.data import storage
+from stal_ray.data.integrity import check_shards
 from stal_ray.data.validation import ValidationSplit, ensure_validation_split
 from stal_ray.evaluate.report import write_bytes
 from stal_ray.train.trainer import check_shared_storage, storage_root, train
@@ -76,7 +79,8 @@ def _run_trial(params: dict[str, Any], *, base: dict, data: str, split: str, run
     layered = trial_config(config_from_dict(base), params).to_dict()
     layered["train"]["storage_path"] = runs
     train(config_from_dict(layered), data, name=tune.get_context().get_trial_id(), endpoint_url=endpoint_url,
-          validation=ValidationSplit.from_json(split), callbacks=[TuneReportCallback()])
+          validation=ValidationSplit.from_json(split), callbacks=[TuneReportCallback()],
+          checksums=False)  # run_search checked the training shards in the driver
 
 
 class _TrialProgress(tune.Callback):
@@ -128,14 +132,37 @@ def _check_concurrency(config: Config) -> None:
                        needed, config.train.num_workers, config.data.decode_concurrency, cpus)
 
 
+def check_resume_folder(experiment_dir: str) -> None:
+    """Refuse to resume from a local search folder holding anything this user does not own or others can
+    write: Tuner.restore unpickles tuner.pkl and the trials in the experiment state, so a file planted
+    there runs as this user. On S3 whoever can write the bucket is trusted (no owner to check)."""
+    if "://" in experiment_dir and not experiment_dir.startswith("file://"):
+        return
+    top = os.path.abspath(os.path.expanduser(experiment_dir.removeprefix("file://")))
+    for folder, dirs, files in os.walk(top):
+        for path in [folder, *(os.path.join(folder, name) for name in dirs + files)]:
+            status = os.lstat(path)
+            owner = status.st_uid == os.getuid()
+            # group-writable is fine for the user's own (private, under umask 002) group, not another's
+            others = stat.S_IWOTH | (stat.S_IWGRP if status.st_gid != os.getgid() else 0)
+            if not owner or (status.st_mode & others and not stat.S_ISLNK(status.st_mode)):
+                why = "is owned by another user" if not owner else "can be written by other users"
+                raise ConfigError(
+                    f"--resume: {path} {why}; Ray Tune unpickles this search folder's state, so a file "
+                    "planted there would run as you. Resume only from a folder only you can write "
+                    f"(chmod -R go-w {top}, after checking its contents), or start a new search")
+
+
 def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
                resume: bool = False) -> SearchResult:
     """Run the search `name` under train.storage_path (or resume an interrupted one: finished trials are
     kept, unfinished ones continue from their last checkpoint) and write results.csv and best.yaml."""
     check_shared_storage(config)  # before any trial starts: each trial would refuse it on its own
     root = storage_root(config)
+    storage.check_output_folder(root, "--storage-path (train.storage_path)", endpoint_url=endpoint_url)
     experiment_dir = storage.join(root, name)
     min_training = config.data.identities_per_batch
+    check_shards(data, ("train",), endpoint_url=endpoint_url)  # once here, not in every trial's traceback
     split = ensure_validation_split(data, config.data.val_identities, config.train.seed,
                                     endpoint_url=endpoint_url, min_training_identities=min_training)
     print(f"validation split {split.uri}: {len(split.identities)} held-out identities, "
@@ -149,6 +176,7 @@ def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None
         if not tune.Tuner.can_restore(experiment_dir):
             raise ConfigError(f"--resume: no search to resume at {experiment_dir}; check --name and "
                               "--storage-path, or start it without --resume")
+        check_resume_folder(experiment_dir)  # Tune unpickles its state: only the user's own files
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
@@ -166,9 +194,10 @@ def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None
             run_config=tune.RunConfig(name=name, storage_path=root,
                                       callbacks=[_TrialProgress(metric, config.train.iterations)]))
     grid = tuner.fit()
-    # A trial that neither reported nor failed was stopped by the interruption, whatever its status says:
-    # Tune ends the pending trials of an interrupted run as TERMINATED in memory.
-    finished = sum(1 for result in grid if result.error is not None or result.metrics)
+    # A trial that neither reported validation nor failed was stopped by the interruption, whatever its status
+    # says: Tune ends the pending trials of an interrupted run as TERMINATED in memory, and a trial that had
+    # just started holds Tune's auto-filled metrics (pid, hostname, ...) without any of its own.
+    finished = sum(1 for result in grid if result.error is not None or metric in result.metrics)
     if finished < max(len(grid), config.tune.num_samples):
         # Ctrl-C (or SIGINT from a scheduler): Tune saved the experiment's state and returned early
         raise SearchInterrupted(f"the search {name!r} was interrupted with {finished} of "

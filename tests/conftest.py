@@ -153,3 +153,12 @@ def stop_process_group(process, timeout: float = 5) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shard_hash_cache(tmp_path_factory):
+    """The shard checksum cache (stal_ray/data/integrity.py) of this session, never the user's own: set in
+    the environment before Ray starts, so jobs and Ray workers of the session share it."""
+    os.environ["STAL_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash_cache") / "shard-hashes.json")
+    yield
+    os.environ.pop("STAL_HASH_CACHE", None)

@@ -29,6 +29,9 @@ import pytest
 import yaml
 from conftest import free_port
 
+# `ray up` over SSH: `make test-e2e` (and `make test-cluster`)
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HOST_USER = "stal-host"

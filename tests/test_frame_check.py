@@ -41,7 +41,7 @@ def damage(root: Path) -> dict[str, str]:
     (root / truncated).write_bytes(frame[: len(frame) // 2])
     (root / empty).write_bytes(b"")
     (root / other).write_bytes(png_bytes())
-    return {truncated: "truncated JPEG", empty: "zero-byte file", other: "not a JPEG (starts with b'\\x89PNG"}
+    return {truncated: "truncated JPEG", empty: "zero-byte file", other: "not a JPEG (a PNG signature"}
 
 
 def frames_by_path(manifest, release) -> dict[str, bytes]:

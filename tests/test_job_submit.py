@@ -60,6 +60,7 @@ def head_node():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.e2e  # a head node and a whole job: make test-e2e
 def test_ray_job_submit_trains_and_evaluates(head_node, tmp_path):
     url, env = head_node
     command = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",

@@ -173,6 +173,32 @@ def test_unparseable_name(broken):
         read_mars(str(broken))
 
 
+def relabel_identity(root: Path, split: str, old: int, new: str) -> None:
+    """Name list and track table of `split` agreeing that identity `old` is `new` (4 characters)."""
+    edit_names(root, split, lambda names: [new + n[4:] if n.startswith(f"{old:04d}") else n for n in names])
+
+    def relabel(table):
+        table[table[:, 2] == old, 2] = -1 if new == "00-1" else int(new)
+        return table
+
+    save_table(root, split, relabel)
+
+
+def test_a_person_in_both_splits_is_refused(broken):
+    relabel_identity(broken, "test", 5, "0001")  # test person 5 now numbered as training person 1
+    with pytest.raises(MarsFormatError, match=r"identity 0001 is in both info/tracks_train_info\.mat and "
+                                              r"info/tracks_test_info\.mat \(1 identities\); .* disjoint"):
+        read_mars(str(broken), check_images=False)
+
+
+@pytest.mark.parametrize(("label", "kind"), [("00-1", "junk"), ("0000", "distractor")])
+def test_junk_or_distractor_in_the_training_split_is_refused(broken, label, kind):
+    relabel_identity(broken, "train", 4, label)
+    with pytest.raises(MarsFormatError, match=rf"tracks_train_info\.mat row {TRAIN_TRACKLETS}: identity "
+                                              rf"{kind} .* in the training split"):
+        read_mars(str(broken), check_images=False)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -170,3 +170,34 @@ def test_without_the_pose_extra_the_job_says_which_extra_to_install(monkeypatch,
         load_model()
     with pytest.raises(UnknownModelError, match="needs onnxruntime.*pose extra"):
         load_model(str(tmp_path / "model.onnx"))
+
+
+def _one_output_model(height: int, width: int) -> bytes:
+    """An ONNX model with one (N, K) output: not SimCC's two (N, K, bins)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx", reason="onnx (test extra) is needed to export the test model")
+
+    class Flat(torch.nn.Module):
+        def forward(self, image):
+            return image.mean(dim=(2, 3)), image.mean(dim=(1, 3))
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Flat(), torch.zeros(1, 3, height, width), buffer, dynamo=False,
+                      input_names=["input"], output_names=["a", "b"])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content, problem", [
+    (lambda: _simcc_model(64, 48, 5), "5 keypoints"),  # too few joints for the decoder
+    (lambda: _one_output_model(64, 48), "expected two outputs"),  # the shape decoding indexed wrongly
+    (lambda: b"not an onnx file at all", "not a usable onnx pose model"),  # ActorDiedError once Ray ran
+])
+def test_a_pose_model_the_decoder_cannot_use_is_refused_in_one_line_before_ray(content, problem, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the pose extra is not installed (pip install -e .[pose])")
+    from stal_ray.pose.models import UnknownModelError, load_model
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content())
+    with pytest.raises(UnknownModelError, match=problem) as refused:
+        load_model(str(path))
+    assert "\n" not in str(refused.value) and str(path) in str(refused.value)

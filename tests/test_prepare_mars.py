@@ -28,6 +28,7 @@ def test_prepares_a_local_dataset_then_finds_it_up_to_date(small_release_root, t
     again = prepare(*args)
     assert again.returncode == 0, again.stderr
     assert "already up to date, nothing written" in again.stdout
+    assert "frame bytes are not compared: after changing frames, pass --overwrite" in again.stdout
     assert read_manifest(out) == manifest
 
 

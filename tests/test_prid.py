@@ -1,21 +1,25 @@
 """The PRID-2011 reader on tiny releases in the shipped layout: the protocol's persons, splits, errors."""
 
+import itertools
 import json
 import re
 import shutil
 
 import pytest
-from release_layouts import make_prid
+from release_layouts import make_prid, noise_png
 
 from stal_ray.data.prid import (
     MIN_FRAMES,
     SEQUENCES,
+    SHARED_PERSONS,
     PridFormatError,
     make_splits,
     parse_splits,
     read_prid,
     seeded_splits,
 )
+from stal_ray.data.releases import read_release
+from stal_ray.data.synthetic_layouts import write_prid_release
 
 # persons 1-7 in both cameras, 8-9 in A only, 10-12 in B only; 3 too short in B, 6 too short in A
 LONG, SHORT = MIN_FRAMES, MIN_FRAMES - 1
@@ -108,3 +112,48 @@ def test_missing_camera_folder_is_named(own_root):
     shutil.rmtree(own_root / SEQUENCES / "cam_b")
     with pytest.raises(PridFormatError, match=re.escape(f"missing {SEQUENCES}/cam_b")):
         read_prid(str(own_root))
+
+
+# The release's real numbering: cam_a person_0001..0385, cam_b person_0001..0749, only 1..200 the same
+# people. 22 of the shared 200 have a sequence shorter than MIN_FRAMES in one camera or both; every
+# single-camera person has a long sequence, so a reader that paired folder numbers would keep 178 + 185.
+REAL_A, REAL_B = 385, 749
+REAL_SHORT = dict(zip(range(3, 200, 9), itertools.cycle(("a", "b", "ab")), strict=False))
+
+
+@pytest.fixture(scope="module")
+def real_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prid-real")
+    frame = noise_png(0)  # the same bytes everywhere: this checks numbering, not pixels
+    sequences = {}
+    for letter, count in (("a", REAL_A), ("b", REAL_B)):
+        for person in range(1, count + 1):
+            short = letter in REAL_SHORT.get(person, "")
+            sequences[letter, person] = [frame] * (SHORT if short else LONG)
+    write_prid_release(root, sequences)
+    return root
+
+
+def test_real_numbering_keeps_the_178_shared_persons_and_halves_them(real_root):
+    assert len(REAL_SHORT) == 22 and SHARED_PERSONS == 200
+    splits = seeded_splits(str(real_root))
+    kept = sorted(int(n[-4:]) for n in splits[0]["train"] + splits[0]["test"])
+    assert kept == sorted(set(range(1, 201)) - set(REAL_SHORT))
+    for index in (0, 9):
+        release = read_prid(str(real_root), index, splits)
+        queries = [t for t in release.test if t.is_query]
+        gallery = [t for t in release.test if not t.is_query]
+        assert len(release.identities("train")) == len(release.identities("test")) == 89
+        assert len(queries) == len(gallery) == 89 and {t.camera for t in gallery} == {2}
+        assert len(release.train) == 2 * 89  # both sequences of every training person
+        assert max(release.identities("train") + release.identities("test")) <= SHARED_PERSONS
+
+
+def test_split_file_naming_a_person_beyond_the_shared_range_is_refused(real_root, tmp_path):
+    split_file = tmp_path / "splits_prid2011.json"
+    split = {"train": [f"person_{p:04d}" for p in range(1, 10)], "test": ["person_0010", "person_0201"]}
+    split_file.write_text(json.dumps([split]))
+    message = f"split file {split_file}, split 0 test: person_0201 is not one person in both cameras"
+    with pytest.raises(PridFormatError, match=re.escape(message)) as caught:
+        read_release("prid2011", str(real_root), split_file=str(split_file))
+    assert "cam_a/person_0201 and cam_b/person_0201 are two different people" in str(caught.value)

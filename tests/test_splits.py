@@ -15,6 +15,9 @@ from stal_ray.evaluate.evaluate import evaluate
 from stal_ray.study.splits import FIGURES
 from stal_ray.train import trainer
 
+# every split prepared, trained and evaluated by the job: minutes, so `make test-e2e`
+pytestmark = pytest.mark.e2e
+
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "splits.py"
 PERSONS = 8  # 4 train (= data.identities_per_batch of the tiny config), 4 test
 TINY = ["--set", "train.iterations=2", "--set", "train.checkpoint_every=2", "--set", "data.height=32",

@@ -148,6 +148,7 @@ def occluded_shards(tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.e2e  # the whole study: make test-e2e
 def test_the_study_job_writes_every_table_and_figure(ray_cluster, occluded_shards, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("study_job", JOB)
     job = importlib.util.module_from_spec(spec)

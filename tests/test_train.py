@@ -12,7 +12,7 @@ from stal_ray.model.export import load_model, load_model_config
 from stal_ray.train.deepspeed import deepspeed_config
 from stal_ray.train.loop import seed_everything
 from stal_ray.train.tensorboard import read_scalars
-from stal_ray.train.trainer import NonFiniteLossError, build_trainer, train
+from stal_ray.train.trainer import NoBatchError, NonFiniteLossError, build_trainer, train
 
 # Tiny everything: each run is a few optimiser steps of the tiny CNN on 32×16 frames.
 OVERRIDES = [
@@ -106,6 +106,29 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_checkpoint(ray_
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, iteration 3 .*checkpoint_00000002"):
         train(config, shards_uri, name="nan", faults={"nan_at_step": 3})
     assert list((tmp_path / "nan").glob("checkpoint_00000002_*")), "the last good checkpoint was removed"
+
+
+@pytest.fixture(scope="module")
+def undecodable_shards(tmp_path_factory) -> str:
+    """A data set whose every training frame has whole JPEG markers around bytes no decoder reads: it
+    passes prepare's marker check and its shards' checksums, and no frame decodes."""
+    root = tmp_path_factory.mktemp("train_data_undecodable")
+    release = write_synthetic_release(str(root / "release"), identities=4, test_identities=2, cameras=2,
+                                      tracklets_per_identity=(2, 2), frames_per_tracklet=(3, 4),
+                                      height=32, width=16)
+    for frame in (root / "release" / "bbox_train").rglob("*.jpg"):
+        frame.write_bytes(frame.read_bytes()[:20] + bytes(200) + b"\xff\xd9")
+    out = str(root / "shards")
+    write_shards(read_mars(release), out, target_file_bytes=20_000, progress=False)
+    return out
+
+
+def test_frames_that_never_decode_stop_the_run_once_naming_them(ray_cluster, undecodable_shards, tmp_path):
+    config = make_config(tmp_path, "model.pose_source=prior", "train.iterations=4", "train.max_failures=2")
+    # before: a RuntimeError in every worker group, retried max_failures times, then a WorkerGroupError
+    with pytest.raises(NoBatchError, match=r"epoch 0 .*no batch: all \d+ clip groups had frames that do not "
+                                           r"decode \(first: identity \d+, track-table rows \["):
+        train(config, undecodable_shards, name="undecodable")
 
 
 def test_deepspeed_config_follows_the_train_settings(tmp_path):

@@ -49,6 +49,7 @@ def results(experiment: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(table))
 
 
+@pytest.mark.e2e  # a search and a training: make test-e2e
 def test_search_stops_weak_trials_and_its_best_yaml_trains(ray_cluster, shards_uri, tmp_path):
     config = load_config(None, OVERRIDES + [f"train.storage_path={tmp_path}", "tune.num_samples=4",
                                             "train.seed=1"])
@@ -89,6 +90,7 @@ def test_existing_search_needs_resume_and_bad_schedules_are_refused(ray_cluster,
         run_search(late, shards_uri, name="late")
 
 
+@pytest.mark.e2e  # two searches: make test-e2e
 def test_interrupted_search_resumes_without_repeating_finished_trials(shards_uri, tmp_path):
     command = [sys.executable, str(REPO / "jobs" / "tune_stal.py"), "--data", shards_uri,
                "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),

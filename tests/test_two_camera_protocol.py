@@ -11,10 +11,11 @@ from PIL import Image
 
 from stal_ray.data import pollution, protocol
 from stal_ray.data.manifest import DatasetExistsError, read_manifest
+from stal_ray.data.prid import SHARED_PERSONS
 from stal_ray.data.releases import read_release
 from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import main as synthetic_main
-from stal_ray.data.synthetic_layouts import PRID_B_ONLY, PRID_SHORT
+from stal_ray.data.synthetic_layouts import PRID_A_ONLY, PRID_B_ONLY, PRID_SHORT
 from stal_ray.evaluate.ranking import query_gallery_split
 
 PERSONS, HEIGHT, WIDTH = 8, 32, 16
@@ -40,10 +41,14 @@ def test_synthetic_layout_keeps_the_persons_the_protocol_keeps(release):
     dataset, root = release
     read = read_release(dataset, root, split=3, out=root + "-splits")
     assert len(read.identities("train")) == len(read.identities("test")) == PERSONS // 2
-    if dataset == "prid2011":  # short sequences and camera-B-only persons are in the release, left out
+    if dataset == "prid2011":  # short sequences and single-camera persons are in the release, left out
         folders = Path(root, "prid_2011/multi_shot")
-        assert len(list((folders / "cam_a").iterdir())) == PERSONS + PRID_SHORT
+        assert len(list((folders / "cam_a").iterdir())) == PERSONS + PRID_SHORT + PRID_A_ONLY
         assert len(list((folders / "cam_b").iterdir())) == PERSONS + PRID_SHORT + PRID_B_ONLY
+        # as in the release, single-camera persons share folder numbers above the shared range
+        assert (folders / "cam_a" / f"person_{SHARED_PERSONS + 1:04d}").is_dir()
+        assert (folders / "cam_b" / f"person_{SHARED_PERSONS + 1:04d}").is_dir()
+        assert max(read.identities("train") + read.identities("test")) <= SHARED_PERSONS
 
 
 def test_manifest_records_the_protocol_and_its_counts(release, tmp_path):

@@ -51,6 +51,7 @@ class TrainingBatches:
         self.normalize = normalize
         self.skipped_groups = 0
         self.corrupt_frames = 0
+        self.first_skipped: dict | None = None  # identity and tracklet rows of the first group skipped
         self.buffers = RecycledBuffers()
 
     def _groups(self) -> Iterator[dict[str, np.ndarray]]:
@@ -66,6 +67,9 @@ class TrainingBatches:
                 if corrupt:
                     self.skipped_groups += 1
                     self.corrupt_frames += corrupt
+                    if self.first_skipped is None:
+                        self.first_skipped = {"identity": int(batch["identity"][index]),
+                                              "tracklets": np.asarray(batch["tracklets"][index]).tolist()}
                     continue
                 buffer.append({key: value[index] for key, value in batch.items()})
                 if len(buffer) > self.shuffle_buffer:

@@ -9,9 +9,13 @@ damage inside the entropy-coded data, which the decoder later shows as grey bloc
 A frame that is a symbolic link is followed only when it resolves inside the release (its root or its
 image folders, which may be links to another disk): a link out of it would copy whatever it points at (a
 credentials file) into shards that may go to a shared bucket, so it is refused before its target is read.
+A frame must be a regular file: a named pipe would block the prepare (holding its lock) and a device would
+be read without end, so both are refused before they are opened. A bad frame's problem is recorded in
+words, never with the file's bytes (a hard link cannot be told from the frame it replaced).
 """
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from stal_ray.data.mars import SPLITS, MarsFormatError
@@ -38,10 +42,11 @@ def jpeg_problem(data: bytes) -> str | None:
     if not data:
         return "zero-byte file"
     if data.startswith(PNG_SIGNATURE):
-        return (f"not a JPEG (starts with {bytes(data[:8])!r}: a PNG; in a PNG release, one too damaged or "
-                "truncated to be re-encoded)")
+        return ("not a JPEG (a PNG signature; in a PNG release, one too damaged or truncated to be "
+                "re-encoded)")
     if not data.startswith(SOI):
-        return f"not a JPEG (starts with {bytes(data[:8])!r})"
+        # the problem goes into the manifest: never the file's own bytes (a linked secret's first ones)
+        return "not a JPEG (no start-of-image marker FF D8 FF)"
     if not data[-_TAIL:].rstrip(_PADDING).endswith(EOI):
         return f"truncated JPEG ({len(data)} bytes, no end-of-image marker)"
     return None
@@ -49,7 +54,8 @@ def jpeg_problem(data: bytes) -> str | None:
 
 @dataclass
 class LinkGuard:
-    """Refuses frames of a local release that are links resolving outside it; a no-op for object stores.
+    """Refuses frames of a local release that are links resolving outside it, or not regular files; a no-op
+    for object stores.
 
     "Inside" is under the release root or under its image folders (bbox_train/, bbox_test/), which may be
     links themselves, e.g. to another disk. A frame is named by the release's name lists, so only a frame
@@ -70,13 +76,27 @@ class LinkGuard:
         if self.root is None:
             return
         path = os.path.join(self.root, relative)
-        if os.path.islink(path):  # False for a missing frame, which fails where it is read
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:  # a missing frame fails where it is read
+            return
+        if stat.S_ISLNK(mode):
             target = os.path.realpath(path)
             if not any(target == a or target.startswith(a.rstrip(os.sep) + os.sep) for a in self._allowed):
                 raise UnsafeFrameError(
                     f"frame {relative} resolves to {target}, outside the release root {self.root} (the frame "
                     f"{path} is a link); refusing to copy it into shards: replace the link with the frame "
                     "itself, or with a link inside the release")
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                return
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK:
+                    "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}.get(
+                        stat.S_IFMT(mode), "not a regular file")
+            raise UnsafeFrameError(f"frame {relative} ({path}) is {kind}, not a regular file; refusing to "
+                                   "read it: replace it with the frame's JPEG file")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import fsspec
 import numpy as np
 
 from stal_ray.data.mars import MarsFormatError, _load_mat
-from stal_ray.data.png_release import PngRelease, sequence_frames, two_camera_release
+from stal_ray.data.png_release import PngRelease, entry_type, sequence_frames, two_camera_release
 
 SEQUENCES = "i-LIDS-VID/sequences"
 SPLIT_FILE, SPLIT_VARIABLE = "train-test people splits/train_test_splits_ilidsvid.mat", "ls_set"
@@ -66,7 +66,7 @@ def _persons(fs, base: str) -> list[int]:
         for entry in fs.ls(f"{base}/{folder}", detail=True):
             name = posixpath.basename(entry["name"].rstrip("/"))
             match = _PERSON.fullmatch(name)
-            if entry["type"] != "directory" or match is None:
+            if entry_type(fs, entry) != "directory" or match is None:
                 raise MarsFormatError(f"{folder}/{name}: not a person folder named personNNN (3-digit person "
                                       "number); remove or rename it")
             numbers[int(match.group(1))] = name

@@ -40,11 +40,13 @@ files); read_manifest and verify here are how every reader finds and checks one.
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from stal_ray.data import protocol, publish, storage
 from stal_ray.data.shard_files import ShardFile
@@ -174,6 +176,10 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
                 f"{uri}: written with schema version {manifest.schema_version}, this code reads "
                 f"{SCHEMA_VERSION}; {rerun} --overwrite")
         manifest.uri, manifest.version, manifest._root = uri, version, base
+        problem = entries_problem(manifest) or _outside(fs, manifest)
+        if problem:
+            raise IncompleteDatasetError(f"{uri}: {MANIFEST} of version {version} {problem}; {rerun} "
+                                         "--overwrite")
         for split in SPLITS:
             folder = posixpath.join(base, split)
             listed = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(folder, detail=True)} \
@@ -184,6 +190,47 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
                     state = "missing" if size is None else f"{size} bytes, the manifest says {entry.bytes}"
                     raise IncompleteDatasetError(f"{uri}: shard {entry.path} is {state}; {rerun} --overwrite")
     return manifest
+
+
+def entries_problem(manifest: Manifest) -> str | None:
+    """Why the manifest's file list cannot be read as its data set, or None: every path is <split>/<name>
+    inside the version folder (no absolute path, no '..', no other folder), named once, and the rows of a
+    split's files add up to its counts (one training row per identity, one test row per tracklet)."""
+    seen = set()
+    for split in SPLITS:
+        for entry in manifest.files[split]:
+            path = entry.path
+            parts = path.split("/") if isinstance(path, str) else []
+            if (len(parts) != 2 or parts[0] != split or parts[1] in ("", ".", "..") or "\\" in path
+                    or not parts[1].endswith(".parquet")):
+                return (f"names shard {path!r} in files.{split}: a shard must be {split}/<name>.parquet "
+                        "inside its version folder (a path out of the data set is never read)")
+            if path in seen:
+                return f"names shard {path} twice (its rows would be read twice)"
+            if not (type(entry.rows) is int and type(entry.bytes) is int and isinstance(entry.sha256, str)):
+                return f"records shard {path} with a row count, size or sha256 of the wrong type"
+            seen.add(path)
+        rows = sum(entry.rows for entry in manifest.files[split])
+        key = "identities" if split == "train" else "tracklets"
+        expected = manifest.counts.get(split, {}).get(key)
+        if expected is not None and rows != expected:
+            return (f"lists {rows} rows in its {split} shards, but its counts say {expected} {split} {key} "
+                    "(one row each)")
+    return None
+
+
+def _outside(fs, manifest: Manifest) -> str | None:
+    """On local disk, a shard that is a link (or under a linked folder) resolving out of the version
+    folder: the bytes read would be another data set's. Object stores have no links."""
+    if not isinstance(fs, LocalFileSystem):
+        return None
+    root = os.path.realpath(manifest._root)
+    for split in SPLITS:
+        for entry, path in zip(manifest.files[split], manifest.paths(split), strict=True):
+            if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                return (f"names shard {entry.path}, which links to {os.path.realpath(path)}, outside its "
+                        "version folder (a shard is read only inside its data set)")
+    return None
 
 
 def verify(uri: str, *, endpoint_url: str | None = None) -> None:

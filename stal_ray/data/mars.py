@@ -101,6 +101,7 @@ def _read(fs, base: str, root: str, check_images: bool) -> MarsRelease:
         raise MarsFormatError(f"missing {', '.join(missing)}; {LAYOUT}")
 
     splits = {split: _read_split(fs, base, split) for split in SPLITS}
+    _check_identities(splits["train"][0], splits["test"][0])
     query_rows = _read_queries(fs, base, splits["test"][0])
     if check_images:
         for split, (_, names) in splits.items():
@@ -123,6 +124,25 @@ def _read(fs, base: str, root: str, check_images: bool) -> MarsRelease:
     release = MarsRelease(root, tracklets["train"], tracklets["test"], keypoints_path)
     release._fs = (fs, base)
     return release
+
+
+def _check_identities(train: np.ndarray, test: np.ndarray) -> None:
+    """The release's rule for identities: every training track is a person (junk and distractors are test
+    tracks only), and no person is in both splits (625 training, 634 test persons in the release)."""
+    table_file = TRACK_TABLES["train"][0]
+    not_person = np.flatnonzero(np.isin(train[:, 2], (JUNK, DISTRACTOR)))
+    if len(not_person):
+        row = int(not_person[0])
+        kind = "junk (-1)" if train[row, 2] == JUNK else "distractor (0)"
+        raise MarsFormatError(
+            f"{table_file} row {row + 1}: identity {kind} in the training split ({len(not_person)} rows); "
+            "MARS's training tracks are all persons, junk and distractors are test tracks: is the table "
+            "from the test split?")
+    if shared := set(train[:, 2].tolist()) & set(test[:, 2].tolist()) - {JUNK, DISTRACTOR}:
+        raise MarsFormatError(
+            f"identity {min(shared):04d} is in both {table_file} and {TRACK_TABLES['test'][0]} "
+            f"({len(shared)} identities); MARS's training and test persons are disjoint: is one of the "
+            "index files from another release?")
 
 
 def _load_mat(fs, base: str, name: str, variable: str) -> np.ndarray:

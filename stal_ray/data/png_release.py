@@ -57,6 +57,18 @@ def png_to_jpeg(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def entry_type(fs, entry: dict) -> str:
+    """A listing entry's type with links followed ("file", "directory", else what fsspec says: a dangling
+    link, a pipe), so linked frames and person folders are read as MARS's are: followed, and a frame that
+    resolves out of the release, or is not a regular file, refused where it is read (data/frame_check.py:
+    LinkGuard). fsspec's local listing types a link "other" (or "link"), whatever it points at."""
+    if entry["type"] in ("file", "directory"):
+        return entry["type"]
+    if fs.isdir(entry["name"]):
+        return "directory"
+    return "file" if fs.isfile(entry["name"]) else entry["type"]
+
+
 def sequence_frames(fs, base: str, folder: str, pattern: re.Pattern, expected: str,
                     error: type[MarsFormatError]) -> tuple[str, ...]:
     """Frame paths of one sequence folder (relative to the release root), in frame-number order.
@@ -71,8 +83,12 @@ def sequence_frames(fs, base: str, folder: str, pattern: re.Pattern, expected: s
     for entry in listed:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         match = pattern.fullmatch(name)
-        if entry["type"] != "file" or match is None:
+        kind = entry_type(fs, entry)
+        if match is None:
             raise error(f"{folder}/{name}: not a frame file named {expected}; remove or rename it")
+        if kind != "file":
+            raise error(f"{folder}/{name}: not a regular file (fsspec type {kind!r}: a link to nothing, a "
+                        "pipe or a device); replace it with the frame's image file")
         numbered.append((int(match.group(1)), f"{folder}/{name}"))
     if not numbered:
         raise error(f"{folder}: no frames (expected files named {expected}); copy the folder again from "

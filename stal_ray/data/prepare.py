@@ -72,7 +72,10 @@ def prepare(job: str, read_release: Callable[[], MarsRelease], args: argparse.Na
     except (MarsFormatError, OSError) as error:  # StorageError is an OSError; all are the user's to fix
         print(f"{job}: error: {error}", file=sys.stderr)
         return 2
-    state = "already up to date, nothing written" if manifest.reused else "written"
+    # the fingerprint covers the release's index and keypoints, not its image bytes (reading MARS twice to
+    # find nothing to do): frames changed in place need --overwrite, and the message says so
+    state = ("already up to date, nothing written (same release index and keypoints; frame bytes are not "
+             "compared: after changing frames, pass --overwrite)") if manifest.reused else "written"
     print(f"{args.out}: {state} (version {manifest.version})")
     print(f"  {protocol.NAMES[dataset]}{'' if split is None else f' split {split}'}: queries are "
           f"{described['query']}, the gallery {described['gallery']}"

@@ -1,10 +1,15 @@
 """The PRID-2011 release reader (multi-shot): sequence folders as shipped, checked, with a split.
 
-Camera A holds 385 persons, camera B 749, the first 200 in both. The usual protocol (Wang et al. ECCV'14)
-keeps the persons in both cameras whose sequences have at least MIN_FRAMES frames in each (178) and splits
-them in half, NUM_SPLITS times. The splits come from a file in torchreid's splits_prid2011.json format (a
-list of {"train": [...], "test": [...]} of person folder names), or from make_splits, seeded. Test protocol:
-the camera-A sequence of each test person is a query, camera B the gallery.
+Camera A holds 385 persons, camera B 749. By the release's own readme only persons 1-200 (SHARED_PERSONS) were
+seen by both cameras; the folders from person_0201 up number each camera's own people, so cam_a/person_0201
+and cam_b/person_0201 are two different people. The usual protocol (Wang et al. ECCV'14) keeps the shared
+persons whose sequences have at least MIN_FRAMES frames in each camera (178) and splits them in half,
+NUM_SPLITS times. The single-camera persons (185 in A, 549 in B; the readme's single-shot protocol adds them
+to its galleries) take no part here: neither trained on nor gallery distractors, since this protocol's gallery
+is the test persons' camera-B sequences alone. The splits come from a file in torchreid's splits_prid2011.json
+format (a list of {"train": [...], "test": [...]} of person folder names; a person beyond SHARED_PERSONS is
+refused), or from make_splits, seeded. Test protocol: the camera-A sequence of each test person is a query,
+camera B the gallery.
 """
 
 import json
@@ -15,10 +20,11 @@ import fsspec
 import numpy as np
 
 from stal_ray.data.mars import MarsFormatError
-from stal_ray.data.png_release import PngRelease, sequence_frames, two_camera_release
+from stal_ray.data.png_release import PngRelease, entry_type, sequence_frames, two_camera_release
 
 SEQUENCES = "prid_2011/multi_shot"
 CAMERAS = {"a": 1, "b": 2}  # folder cam_<letter> -> camera number in the shards
+SHARED_PERSONS = 200  # persons 1..200 appear in both cameras; higher numbers are different people per camera
 MIN_FRAMES = 21
 NUM_SPLITS = 10
 SPLIT_SEED = 0
@@ -57,7 +63,7 @@ def read_sequences(fs, base: str) -> dict[tuple[str, int], tuple[str, ...]]:
         for entry in fs.ls(f"{base}/{folder}", detail=True):
             name = posixpath.basename(entry["name"].rstrip("/"))
             match = _PERSON.fullmatch(name)
-            if entry["type"] != "directory" or match is None:
+            if entry_type(fs, entry) != "directory" or match is None:
                 raise MarsFormatError(f"{folder}/{name}: not a person folder named person_NNNN (4-digit "
                                       "person number); remove or rename it")
             sequences[letter, int(match.group(1))] = sequence_frames(
@@ -68,8 +74,10 @@ def read_sequences(fs, base: str) -> dict[tuple[str, int], tuple[str, ...]]:
 
 
 def eligible_persons(sequences: dict[tuple[str, int], tuple[str, ...]]) -> list[int]:
-    """Persons in both cameras with at least MIN_FRAMES frames in each, ascending (178 in the release)."""
-    return sorted(person for letter, person in sequences if letter == "a" and ("b", person) in sequences
+    """The shared persons (1..SHARED_PERSONS) with at least MIN_FRAMES frames in each camera, ascending
+    (178 in the release); a folder number above SHARED_PERSONS is a single-camera person, never paired."""
+    return sorted(person for letter, person in sequences if letter == "a" and person <= SHARED_PERSONS
+                  and ("b", person) in sequences
                   and min(len(sequences[c, person]) for c in CAMERAS) >= MIN_FRAMES)
 
 
@@ -128,6 +136,12 @@ def _release(fs, base: str, root: str, sequences: dict, splits: list[dict], spli
             if match is None:
                 raise MarsFormatError(f"{where}: {name!r} is not a person folder name person_NNNN")
             number = int(match.group(1))
+            if number > SHARED_PERSONS:
+                raise MarsFormatError(
+                    f"{where}: {name} is not one person in both cameras: only person_0001..person_"
+                    f"{SHARED_PERSONS:04d} were seen by both, and cam_a/{name} and cam_b/{name} are two "
+                    "different people (the release's readme); list shared persons only, e.g. torchreid's "
+                    "splits_prid2011.json")
             if number in numbers:
                 raise MarsFormatError(f"{where}: {name} is listed twice; list each person once")
             absent = [f"{SEQUENCES}/cam_{c}/{name}" for c in CAMERAS if (c, number) not in sequences]

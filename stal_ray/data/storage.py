@@ -196,3 +196,27 @@ def _translate(error: Exception, uri: str, endpoint_url: str | None) -> StorageE
         return StorageError(f"{uri}: access denied at {where} ({text or type(error).__name__}); "
                             f"check the credentials and the bucket policy; {_CREDENTIALS_HINT}")
     return None
+
+
+def check_output_folder(uri: str, setting: str, *, endpoint_url: str | None = None) -> None:
+    """Refuse, in seconds and before any work, an output folder that cannot be written: a local path that
+    is a file (or under one), or that this user cannot create or write; an s3:// prefix that is an object
+    or whose bucket is unreachable. `setting` names where it came from (--out, train.storage_path)."""
+    fix = f"choose another {setting}"
+    if is_s3(uri):
+        fs, path = filesystem(uri, endpoint_url=endpoint_url)  # probes the bucket
+        with errors(uri, endpoint_url):
+            if fs.isfile(path):
+                raise StorageError(f"{setting} {uri} is an object, not a folder: {fix}")
+        return
+    if "://" in uri and not uri.startswith("file://"):
+        return  # another fsspec protocol: its own errors, at the first write
+    path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "a file" if existing == path else f"under {existing}, which is a file"
+        raise StorageError(f"{setting} {uri} is {what}, not a folder: {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"{setting} {uri}: {existing} is not writable by this user: {fix}")

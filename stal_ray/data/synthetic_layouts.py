@@ -6,9 +6,11 @@ stal_ray/data/synthetic_render.py, one sequence per person and camera (cameras 1
 
 * ilidsvid: persons numbered with gaps (every fifth number left out, as the real release skips numbers),
   frame numbers from 1, and `ls_set` with 10 seeded permutations of the sorted person folders;
-* prid2011: `persons` seen by both cameras with at least prid.MIN_FRAMES frames each (the persons the
-  protocol keeps), then PRID_SHORT persons in both cameras with fewer frames (left out by the protocol) and
-  PRID_B_ONLY persons seen by camera B alone, as in the release (385 persons in A, 749 in B, 200 in both).
+* prid2011: numbered as the release is: `persons` seen by both cameras with at least prid.MIN_FRAMES frames
+  each (the persons the protocol keeps) and PRID_SHORT with fewer frames, all in the shared range
+  1..prid.SHARED_PERSONS, then single-camera persons from prid.SHARED_PERSONS + 1 in both camera folders under
+  the same numbers (PRID_A_ONLY in A, PRID_B_ONLY in B) who are different people, as in the release (385
+  persons in A, 749 in B, only 1..200 the same people).
 
 `python -m stal_ray.data.synthetic OUT --layout ilidsvid|prid2011` writes one.
 """
@@ -26,7 +28,7 @@ from stal_ray.data.synthetic_render import STYLES, Track, render
 
 LAYOUTS = ("mars", "ilidsvid", "prid2011")
 SPLITS = 10
-PRID_SHORT, PRID_B_ONLY = 2, 2
+PRID_SHORT, PRID_A_ONLY, PRID_B_ONLY = 2, 2, 3
 
 
 def write_ilidsvid_release(root: str | Path, sequences: Mapping[tuple[int, int], Sequence[bytes]], *,
@@ -74,6 +76,10 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     if persons < 2 or persons % 2 or persons > 798:
         raise ValueError(f"persons must be even, >= 2 (the splits halve them) and <= 798 (3-digit iLIDS-VID "
                          f"person numbers with gaps), got {persons}")
+    if layout == "prid2011" and persons + PRID_SHORT > prid.SHARED_PERSONS:
+        raise ValueError(f"persons must be <= {prid.SHARED_PERSONS - PRID_SHORT} for prid2011 (with "
+                         f"{PRID_SHORT} short sequences, in the release's shared range "
+                         f"1..{prid.SHARED_PERSONS}), got {persons}")
     check_arguments(persons, 1, 2, (1, 1), tuple(frames_per_tracklet), height, width, occlusion, 0, 0,
                     occluders)
     root = Path(out)
@@ -94,15 +100,19 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
         write_ilidsvid_release(root, {(p, c): sequence(p, c, int(rng.integers(low, high + 1)))
                                       for p in numbers for c in (1, 2)}, seed=seed)
         return str(root)
-    short = range(persons + 1, persons + PRID_SHORT + 1)
-    b_only = range(persons + PRID_SHORT + 1, persons + PRID_SHORT + PRID_B_ONLY + 1)
+    shared = range(1, persons + PRID_SHORT + 1)  # the last PRID_SHORT too short for the protocol
     sequences = {}
-    for person in range(1, persons + PRID_SHORT + PRID_B_ONLY + 1):
+    for person in shared:
         for letter, camera in prid.CAMERAS.items():
-            if person in b_only and letter == "a":
-                continue
-            frames = prid.MIN_FRAMES - 1 - camera if person in short else int(rng.integers(low, high + 1))
+            short = person > persons
+            frames = prid.MIN_FRAMES - 1 - camera if short else int(rng.integers(low, high + 1))
             sequences[letter, person] = sequence(person, camera, frames)
+    # beyond the shared range each camera numbers its own people: cam_a/person_0201 is not cam_b/person_0201
+    looks = iter(range(persons + PRID_SHORT + 1, persons + PRID_SHORT + PRID_A_ONLY + PRID_B_ONLY + 1))
+    for letter, count in (("a", PRID_A_ONLY), ("b", PRID_B_ONLY)):
+        for person in range(prid.SHARED_PERSONS + 1, prid.SHARED_PERSONS + count + 1):
+            frames = int(rng.integers(low, high + 1))
+            sequences[letter, person] = sequence(next(looks), prid.CAMERAS[letter], frames)
     write_prid_release(root, sequences)
     return str(root)
 

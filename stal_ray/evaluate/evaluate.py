@@ -11,6 +11,7 @@ import ray
 from stal_ray.config import PROTOCOLS, Config, _parse_override, config_from_dict
 from stal_ray.data import protocol as data_protocol
 from stal_ray.data import storage
+from stal_ray.data.integrity import check_shards
 from stal_ray.data.manifest import read_manifest
 from stal_ray.data.pipeline import evaluation_dataset
 from stal_ray.data.source import resolve_data
@@ -66,6 +67,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
         data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url)
         print(f"evaluating on {data_uri}, the data set the model was trained on")
     features_path = features_path or storage.join(out_dir, FEATURES_FILE)
+    # a report that cannot be written is refused now, not after hours of feature extraction
+    storage.check_output_folder(out_dir, "--out", endpoint_url=endpoint_url)
 
     feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency,
                             cpu_share)
@@ -185,6 +188,7 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
                 print(f"reusing features from {features_path}")
                 return saved
             print(f"{features_path} came from another model file or data set: extracting again")
+    check_shards(data_uri, ("test",), endpoint_url=endpoint_url, manifest=manifest)  # before hours of work
     gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu is not False else 0
     if concurrency is None:
         concurrency = max(1, gpus)  # one actor per GPU

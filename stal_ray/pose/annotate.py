@@ -29,6 +29,7 @@ import ray.data
 from fsspec.implementations.local import LocalFileSystem
 
 from stal_ray.data import publish, storage
+from stal_ray.data.integrity import check_shards
 from stal_ray.data.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest, read_manifest
 from stal_ray.data.shard_files import PartWriter, ShardFile
 from stal_ray.pose.models import PoseModel, decode, estimator
@@ -109,6 +110,8 @@ def estimate_pose(uri: str, model: PoseModel, *, endpoint_url: str | None = None
         manifest = read_manifest(uri, endpoint_url=endpoint_url)  # another run may have finished
         if _done(manifest, model):
             return PoseResult(manifest, reused=True)
+        # damaged input is refused, never rewritten with fresh checksums that would hide the damage
+        check_shards(uri, SPLITS, endpoint_url=endpoint_url, manifest=manifest)
         state = _resume_state(fs, root, manifest, model)
         version, base = state["version"], publish.version_root(root, state["version"])
         current, previous = publish.current_version(fs, root)

@@ -148,7 +148,26 @@ def load_model(model: str = BLAZEPOSE, *, endpoint_url: str | None = None) -> Po
             content = fs.cat_file(path)
         except FileNotFoundError:
             raise UnknownModelError(f"--model {model}: no such file") from None
-    return PoseModel(kind, model, content, hashlib.sha256(content).hexdigest(), model)
+    return check_model(PoseModel(kind, model, content, hashlib.sha256(content).hexdigest(), model))
+
+
+def check_model(model: PoseModel) -> PoseModel:
+    """`model` when it parses and, run once on a blank frame in this process (before Ray starts its
+    actors), gives the (1, 14, 3) joints the decoder needs; UnknownModelError in one line otherwise."""
+    try:
+        joints = estimator(model)([Image.new("RGB", (64, 128))])
+    except UnknownModelError as error:
+        raise UnknownModelError(f"--model {model.name}: {error}") from None
+    except Exception as error:  # a runtime's parse or shape error: any type, never the user's fault to read
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UnknownModelError(
+            f"--model {model.name}: not a usable {model.kind} pose model ({type(error).__name__}: {first}); "
+            "expected a BlazePose landmark .tflite or a SimCC .onnx with input (N, 3, H, W) and outputs "
+            "simcc_x (N, K, W·r), simcc_y (N, K, H·r) of 17 (COCO), 26 (Halpe) or 133 keypoints") from None
+    if np.shape(joints) != (1, 14, 3):
+        raise UnknownModelError(f"--model {model.name}: gives joints of shape {np.shape(joints)} for one "
+                                "frame, expected (1, 14, 3)")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -249,9 +268,10 @@ class OnnxSimcc:
                                     "(N, 3, H, W) with fixed H and W")
         self.input_name, self.input_size = inp.name, (shape[2], shape[3])
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
-        if len(self.session.get_outputs()) < 2:
+        outputs = self.session.get_outputs()
+        if len(outputs) < 2 or any(len(out.shape) != 3 for out in outputs[:2]):
             raise UnknownModelError("ONNX pose model: expected two outputs, simcc_x (N, K, W·r) and "
-                                    "simcc_y (N, K, H·r)")
+                                    f"simcc_y (N, K, H·r), got {[out.shape for out in outputs]}")
 
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
         if not images:

@@ -30,6 +30,7 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     start = time.perf_counter()
     if "stal" not in {v.name for v in variants}:
         raise ValueError("a study needs the stal variant: every section ranks its model")
+    storage.check_output_folder(out, "--out", endpoint_url=endpoint_url)  # before hours of training
     trained = train_variants(config, data, out, endpoint_url=endpoint_url, variants=variants)
     stream = dict(batch_size=config.eval.batch_size, use_gpu=config.train.use_gpu or None)
     alpha, protocol = config.eval.fusion_rate, config.eval.protocol

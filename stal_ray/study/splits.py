@@ -66,6 +66,7 @@ def run_splits(config: Config, data: SplitData, out: str, splits: list[int], *, 
     once (each a Ray task of its own, so on a cluster they run side by side), then write the summary.
     With `cross`, each split's model is also evaluated on that data set's split of the same number."""
     start = time.perf_counter()
+    storage.check_output_folder(out, "--out", endpoint_url=data.endpoint_url)  # before any split trains
     if parallel > 1:
         for source in (data, cross):
             if source is not None:

@@ -188,10 +188,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 meter = meter.next_window()
         if exhausted:
             if trained_this_epoch == 0 and state.batches_into_epoch == 0:
-                raise RuntimeError(
-                    f"epoch {state.epoch} of {loop_config['data']} gave worker {rank} no batch of "
-                    f"{config.data.identities_per_batch} distinct identities: the data set is too small "
-                    "for data.identities_per_batch (or every group had corrupt frames)")
+                # the same data gives no batch on every retry: stop once, the driver says why
+                skipped = int(_sum([float(batches.skipped_groups)], device)[0])
+                _write_stop_note(loop_config, rank, {
+                    "reason": "no batch", "epoch": state.epoch, "skipped_groups": skipped,
+                    "first_skipped": batches.first_skipped})
+                return
             # the epoch's end is a checkpoint too: a resumed run starts the next epoch, not this one again
             state = replace(state, epoch=state.epoch + 1, batches_into_epoch=0)
             last_metrics = _report(engine, state, meter, scheduler, batches, device, last_metrics, validator,
@@ -338,8 +340,15 @@ def _stop_non_finite(loop_config: dict[str, Any], state: LoopState, terms, rank:
         return
     values = {name: value for name, value in terms.as_floats().items()}
     bad = ", ".join(f"{n}={v}" for n, v in values.items() if not math.isfinite(v)) or "after a worker's NaN"
-    note = {"reason": "non-finite loss", "epoch": state.epoch, "iteration": state.step + 1,
-            "batch_in_epoch": state.batches_into_epoch + 1, "terms": bad}
+    _write_stop_note(loop_config, rank, {
+        "reason": "non-finite loss", "epoch": state.epoch, "iteration": state.step + 1,
+        "batch_in_epoch": state.batches_into_epoch + 1, "terms": bad})
+
+
+def _write_stop_note(loop_config: dict[str, Any], rank: int, note: dict) -> None:
+    """STOPPED in the run folder (rank 0): why the run stopped without a retry, for the driver to say."""
+    if rank != 0:
+        return
     fs, path = storage.filesystem(storage.join(loop_config["run_dir"], STOPPED), check=False)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as out:

@@ -12,6 +12,7 @@ from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, ConfigError, resolve_keypoint_supervision
 from stal_ray.data import storage
+from stal_ray.data.integrity import check_shards
 from stal_ray.data.manifest import read_manifest
 from stal_ray.data.pipeline import identity_labels
 from stal_ray.data.validation import ValidationSplit
@@ -23,8 +24,16 @@ from stal_ray.train.tensorboard import TensorBoardCallback
 CONFIG_FILE = "config.yaml"  # the run's resolved settings, written into the run folder as it starts
 
 
-class NonFiniteLossError(RuntimeError):
+class RunStoppedError(RuntimeError):
+    """The workers stopped the run without a retry, since a retry would repeat what stopped it."""
+
+
+class NonFiniteLossError(RunStoppedError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+class NoBatchError(RunStoppedError):
+    """An epoch gave no batch: every group had frames that do not decode, or too few identities."""
 
 
 @dataclass
@@ -107,12 +116,18 @@ def check_shared_storage(config: Config, nodes: list[dict] | None = None,
 
 def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
                   exclude_identities: list[int] | None = None, faults: dict | None = None,
-                  callbacks: list | None = None, validation: ValidationSplit | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, validation: ValidationSplit | None = None,
+                  checksums: bool = True) -> TorchTrainer:
     """A TorchTrainer for `train_loop_per_worker` on the shards at `data`. A run with an existing `name`
     under the storage path resumes from that run's latest checkpoint. With a validation split, its
     identities are left out of training and every report carries the validation metrics
-    (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values)."""
+    (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values). checksums=False: the caller has
+    checked the training shards (a Tune trial, whose node would otherwise read them all again)."""
     check_resources(config)
+    storage.check_output_folder(storage_root(config), "--storage-path (train.storage_path)",
+                                endpoint_url=endpoint_url)
+    if checksums:
+        check_shards(data, ("train",), endpoint_url=endpoint_url)  # a damaged shard: one line, before work
     check_shared_storage(config)
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
@@ -160,8 +175,21 @@ def checkpoint_config(config: Config, validating: bool) -> ray.train.CheckpointC
                                       checkpoint_score_order="max")
 
 
+def _no_batch_message(note: dict, data: str, config: Config) -> str:
+    if note.get("skipped_groups"):
+        first = note.get("first_skipped") or {}
+        return (f"epoch {note['epoch']} of {data} gave no batch: all {note['skipped_groups']} clip groups "
+                f"had frames that do not decode (first: identity {first.get('identity', '?')}, track-table "
+                f"rows {first.get('tracklets', '?')}); stopped without a retry, which would decode the same "
+                "bytes. The frames were damaged before the prepare (its checksums guard the shards, not the "
+                "release): check the release's frames, then prepare again with --overwrite")
+    return (f"epoch {note['epoch']} of {data} gave no batch of {config.data.identities_per_batch} distinct "
+            "identities: the data set is too small for data.identities_per_batch; lower it")
+
+
 def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
-    """Run (or resume) training; raise NonFiniteLossError when the loss went non-finite."""
+    """Run (or resume) training; raise NonFiniteLossError when the loss went non-finite, NoBatchError when
+    an epoch gave no batch (both RunStoppedError: a retry would repeat them)."""
     trainer = build_trainer(config, data, name=name, **kwargs)
     run_dir = storage.join(storage_root(config), name)
     fs, stopped = storage.filesystem(storage.join(run_dir, STOPPED), check=False)
@@ -174,6 +202,8 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
         with fs.open(stopped) as note_file:
             note = json.load(note_file)
         where = result.checkpoint.path if result.checkpoint else "none was reported yet"
+        if note.get("reason") == "no batch":
+            raise NoBatchError(_no_batch_message(note, data, config))
         raise NonFiniteLossError(
             f"the loss became non-finite at epoch {note['epoch']}, iteration {note['iteration']} "
             f"({note['terms']}); training stopped. The last good checkpoint: {where}. Lower train.lr, "
