@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -41,6 +43,9 @@ def test_an_item_that_fails_says_why_in_one_line(tmp_path, monkeypatch):
     assert result["rows"] == [] and gpu_check.failed(result)
 
 
+# four Ray Train runs and three Ray Data streams, each item in a process of its own: about 90 CPU-seconds,
+# 3-4 minutes on the shared 2-core machine, so `make test-e2e` (CI runs it after `make test`)
+@pytest.mark.e2e
 def test_quick_check_runs_every_item_on_cpu_and_gives_each_goal_a_verdict(tmp_path):
     out = tmp_path / "gpu_check.json"
     completed = subprocess.run(
