@@ -20,7 +20,7 @@ EXTRAS ?= test,tensorboard,pose
 # Ray on a small machine: see docs/architecture.md, "Ray resources".
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: venv lock train test test-e2e test-cluster bench lint tensorboard clean
+.PHONY: venv lock train test test-e2e test-cluster bench gpu-check lint tensorboard clean
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,11 @@ bench: venv
 	$(PY) bench/data.py
 	$(PY) bench/train.py
 	$(PY) bench/ranking.py
+
+# Every GPU path in one run (< 8 minutes on one H100): bench/gpu_check.py, the README's GPU section.
+# On a CPU: make gpu-check ARGS="--device cpu --quick"
+gpu-check: venv
+	$(PY) bench/gpu_check.py $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check stal_ray jobs tests bench tools

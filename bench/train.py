@@ -34,7 +34,8 @@ from stal_ray.data.source import resolve_data  # noqa: E402
 from stal_ray.data.synthetic import ensure_synthetic_shards  # noqa: E402
 from stal_ray.model.stal import STAL  # noqa: E402
 from stal_ray.objective import STALObjective  # noqa: E402
-from stal_ray.train.deepspeed import build_engine, paper_optimizer  # noqa: E402
+from stal_ray.train.deepspeed import build_engine  # noqa: E402
+from stal_ray.train.optimizer import build_optimizer  # noqa: E402
 from stal_ray.train.trainer import train  # noqa: E402
 
 OVERHEAD_GOAL, DATA_WAIT_GOAL = 1.10, 0.05
@@ -65,7 +66,7 @@ def step_times(step, steps: int) -> list[float]:
 def plain_steps(config, num_classes: int, steps: int) -> list[float]:
     model = STAL.from_config(config, num_classes)
     objective = STALObjective.from_config(config)
-    optimizer, scheduler = paper_optimizer(model, config)
+    optimizer, scheduler = build_optimizer(model, config)
     clips, labels, keypoints = fixed_batch(config, num_classes)
 
     def step():

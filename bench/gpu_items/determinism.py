@@ -1,0 +1,45 @@
+"""Item `determinism` of bench/gpu_check.py: two short training runs with train.deterministic (Ray Train's
+reproducibility switch, deterministic kernels, the stream's block order kept: train/loop.py) on the same
+data give identical losses, every term at every report, bit for bit.
+
+On CUDA, grid_sample's backward (the part boxes' ROI pooling) has no deterministic kernel and torch only
+warns (use_deterministic_algorithms(warn_only=True)): if the runs differ, that is the first suspect.
+"""
+
+import tempfile
+
+import torch
+
+from bench.gpu_items.common import ItemResult, Profile, connect_ray, training_reports, verdict
+from bench.gpu_items.stream import stream_config
+
+
+def losses(shards: str, profile: Profile, device: torch.device, name: str) -> list[dict]:
+    from stal_ray.train.trainer import build_trainer
+
+    n = profile.determinism_iterations
+    config = stream_config(profile, device, [
+        "train.deterministic=true", f"train.iterations={n}", f"train.checkpoint_every={max(1, n // 2)}",
+        "train.num_workers=1", f"train.use_gpu={'true' if device.type == 'cuda' else 'false'}",
+        "train.keep_checkpoints=10", f"train.storage_path={tempfile.mkdtemp(prefix='gpu-check-det-')}"])
+    reports = training_reports(build_trainer(config, shards, name=name))
+    return [{key: value for key, value in report.items() if key.startswith("loss_") or key == "iteration"}
+            for report in reports]
+
+
+def run(result: ItemResult, profile: Profile, args) -> None:
+    device = torch.device(args.device)
+    connect_ray()
+    runs = []
+    for number in (1, 2):
+        runs.append(losses(args.context["shards"], profile, device, f"deterministic-{number}"))
+        last = runs[-1][-1]
+        result.row(name=f"run {number}", reports=len(runs[-1]), iteration=int(last["iteration"]),
+                   loss_total=last["loss_total"])
+    first, second = runs
+    same = first == second
+    keys = [key for key in first[-1] if key.startswith("loss_")]
+    difference = max((abs(a[key] - b[key]) for a, b in zip(first, second, strict=False) for key in keys),
+                     default=float("nan"))
+    result.check(f"losses of two deterministic runs on {device.type} (largest difference {difference:.3g})",
+                 "identical" if same else "differ", "identical", verdict(same))

@@ -1,0 +1,84 @@
+"""bench/gpu_check.py --device cpu --quick: every item of the GPU check runs its code path on a CPU (tiny
+backbone, sizes and iterations), so that the command a GPU's first slot runs cannot rot."""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import bench.gpu_check as gpu_check  # noqa: E402
+from bench.gpu_check import ITEMS  # noqa: E402
+
+
+def test_an_item_past_its_time_limit_is_stopped_with_what_it_had_measured(tmp_path, monkeypatch):
+    # an item that writes a first result, then hangs (as a stuck Ray Data stream would), with a child of its
+    # own (as an item's Ray driver has): both are stopped at the limit, and the result written stays
+    script = ("import json, subprocess, sys, time; out = sys.argv[1]; "
+              "json.dump({'rows': [{'name': 'first'}], 'checks': []}, open(out, 'w')); "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
+    monkeypatch.setattr(gpu_check, "child_command",
+                        lambda args, name, out, context: [sys.executable, "-c", script, str(out)])
+    start = time.perf_counter()
+    result = gpu_check.run_one(argparse.Namespace(), "train", 3, {}, tmp_path)
+    assert time.perf_counter() - start < 3 + gpu_check.STOP_GRACE_S + 5
+    assert result["status"].startswith("TIMEOUT") and result["rows"] == [{"name": "first"}]
+    assert gpu_check.failed(result)
+    hung = subprocess.run(["pgrep", "-f", "import time; time.sleep(600)"], capture_output=True, text=True)
+    assert hung.stdout.strip() == "", "the item's own child outlived the limit"
+
+
+def test_an_item_that_fails_says_why_in_one_line(tmp_path, monkeypatch):
+    script = "import sys; print('building the model'); sys.exit('bench: no such backbone: resnet5')"
+    monkeypatch.setattr(gpu_check, "child_command",
+                        lambda args, name, out, context: [sys.executable, "-c", script])
+    result = gpu_check.run_one(argparse.Namespace(), "train", 30, {}, tmp_path)
+    assert result["status"] == "error (exit 1): bench: no such backbone: resnet5"
+    assert result["rows"] == [] and gpu_check.failed(result)
+
+
+# four Ray Train runs and three Ray Data streams, each item in a process of its own: about 90 CPU-seconds,
+# 3-4 minutes on the shared 2-core machine, so `make test-e2e` (CI runs it after `make test`)
+@pytest.mark.e2e
+def test_quick_check_runs_every_item_on_cpu_and_gives_each_goal_a_verdict(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    items = summary["items"]
+    assert list(items) == list(ITEMS) and summary["failed"] == []
+    for name, item in items.items():
+        assert item["status"] == "ok", (name, item["status"])
+        assert item["seconds"] <= item["limit_s"]
+        for check in item["checks"]:  # a GPU's goal on a CPU says so, never a PASS it did not earn
+            assert check["verdict"] == "PASS" or check["verdict"].startswith("n/a"), (name, check)
+    checks = {c["name"]: c for item in items.values() for c in item["checks"]}
+    # the checks that mean as much on a CPU as on a GPU passed
+    assert checks["uint8 normalised on cpu == CPU float (ImageNet RGB)"]["verdict"] == "PASS"
+    assert checks["uint8 normalised on cpu == CPU float (Caffe BGR)"]["verdict"] == "PASS"
+    assert [c["verdict"] for c in items["determinism"]["checks"]] == ["PASS"]
+    # GPU goals: n/a on a CPU
+    assert checks["ResNet-50 step MFU (bf16, under Ray Train)"]["verdict"] == "n/a on cpu"
+    # every measurement is there, with numbers
+    train = [row["name"] for row in items["train"]["rows"]]
+    assert train == ["tiny 64x32, plain PyTorch", "tiny 64x32, TorchTrainer + DeepSpeed"]
+    assert all(row["frames_per_s"] > 0 and row["gflop_per_step"] > 0 for row in items["train"]["rows"])
+    stream = items["stream"]["rows"]
+    assert stream[0]["frames_per_s"] > 0 and [r["name"] for r in stream[-2:]] == [
+        "fed run, first window (stream start)", "fed run, steady window"]
+    assert 0 <= stream[-1]["data_wait_share"] <= 1
+    evaluation = items["evaluation"]["rows"]
+    assert evaluation[0]["frames"] > 0 and evaluation[0]["frames_per_s"] > 0
+    assert len(evaluation) == 3 and all(r["device_s"] > 0 for r in evaluation[1:])
+    assert items["pose"]["rows"][0]["frames_per_s"] > 0
+    assert "ranking on cpu == CPU, tied distances (3 levels)" in checks
+    # the table is on stdout
+    assert "all items ran; no check failed" in completed.stdout
