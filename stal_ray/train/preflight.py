@@ -57,6 +57,11 @@ def storage_root(config: Config) -> str:
     return config.train.storage_path or os.path.expanduser("~/ray_results")
 
 
+def run_folder(config: Config, name: str) -> str:
+    """<storage path>/<name>: a training run's folder, or a search's."""
+    return storage.join(storage_root(config), name)
+
+
 def check_resources(config: Config) -> None:
     """Settings this cluster cannot run, refused before any worker starts."""
     check_weights(config)

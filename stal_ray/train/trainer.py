@@ -20,6 +20,7 @@ from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks w
     check_resources,
     check_shared_storage,
     preflight,
+    run_folder,
     storage_root,
 )
 from stal_ray.train.tensorboard import TensorBoardCallback
