@@ -16,7 +16,10 @@ extras=${2:-}
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
-TORCH_INDEX=${TORCH_INDEX:-}
+# unset: PyTorch's CPU index where no NVIDIA GPU is listed; set and empty: PyPI (the CUDA 13 build)
+if [ -z "${TORCH_INDEX+set}" ]; then
+  TORCH_INDEX=$(nvidia-smi -L > /dev/null 2>&1 || echo https://download.pytorch.org/whl/cpu)
+fi
 UV_PIN=${UV_PIN:-uv==0.13.9}
 LOCK=requirements.lock
 project=".${extras:+[$extras]}"
