@@ -27,7 +27,9 @@ project=".${extras:+[$extras]}"
 test -x "$venv/bin/python" || "$PYTHON" -m venv "$venv"
 py="$venv/bin/python"
 # what pip is configured with here (pip.conf), uv reads from the environment
-pip_setting() { "$py" -m pip config get "global.$1" 2> /dev/null || true; }
+pip_setting() {
+  "$py" -m pip config list 2> /dev/null | sed -nE "s/^(global|:env:)\.$1='(.*)'\$/\2/p" | head -n 1
+}
 find_links=${PIP_FIND_LINKS:-$(pip_setting find-links)}
 cert=$(pip_setting cert)
 if [ -z "${SSL_CERT_FILE:-}" ] && [ -n "$cert" ]; then export SSL_CERT_FILE=$cert; fi
