@@ -3,7 +3,7 @@
 import json
 import time
 
-from stal_ray.config import Config
+from stal_ray.config import Config, with_overrides
 from stal_ray.data import storage
 from stal_ray.data.pipeline import evaluation_dataset
 from stal_ray.evaluate.features import extract_features, tracklet_frames
@@ -12,6 +12,7 @@ from stal_ray.study import analysis, figures
 from stal_ray.study.report import StudyResults, write_report
 from stal_ray.study.units import extract_with_units
 from stal_ray.study.variants import VARIANTS, train_variants
+from stal_ray.train.preflight import preflight
 
 # Fig. 11's lengths (the paper goes to 128 on iLIDS-VID; None = every frame of the tracklet)
 SEQUENCE_LENGTHS = (1, 2, 4, 8, 16, None)
@@ -31,6 +32,9 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     if "stal" not in {v.name for v in variants}:
         raise ValueError("a study needs the stal variant: every section ranks its model")
     storage.check_output_folder(out, "--out", endpoint_url=endpoint_url)  # before hours of training
+    # before the first variant's run folder is written, with the storage path the variants train into
+    preflight(with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"]), data,
+              endpoint_url=endpoint_url)
     trained = train_variants(config, data, out, endpoint_url=endpoint_url, variants=variants)
     stream = dict(batch_size=config.eval.batch_size, use_gpu=config.train.use_gpu or None)
     alpha, protocol = config.eval.fusion_rate, config.eval.protocol
