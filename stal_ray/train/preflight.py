@@ -22,10 +22,10 @@ def preflight(config: Config, data: str | None, *, endpoint_url: str | None = No
     checks then run per split). held_out: the share of training identities a search will hold out for
     validation (data.val_identities), counted before its split is written. Returns the training labels
     (before that split) and the manifest's training counts ([], {} without data)."""
-    check_resources(config)
-    check_shared_storage(config)
     root = storage_root(config)
     storage.check_output_folder(root, "--storage-path (train.storage_path)", endpoint_url=endpoint_url)
+    check_resources(config)
+    check_shared_storage(config)
     if storage.is_s3(root):
         storage.filesystem(root, endpoint_url=endpoint_url)  # one HEAD: a missing bucket fails here
     if data is None:
