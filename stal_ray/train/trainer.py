@@ -18,6 +18,7 @@ from stal_ray.data.validation import ValidationSplit
 from stal_ray.evaluate.report import write_bytes
 from stal_ray.model.backbones import check_weights_choice
 from stal_ray.train.loop import MODEL_FILE, STOPPED, best_model_metric, train_loop_per_worker
+from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.tensorboard import TensorBoardCallback
 
 CONFIG_FILE = "config.yaml"  # the run's resolved settings, written into the run folder as it starts
@@ -169,6 +170,7 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
         fs.rm(stopped)  # from an earlier attempt under this name: this one starts from its last checkpoint
     settings = yaml.safe_dump(trainer.train_loop_config["config"], sort_keys=False)  # data.root resolved
     write_bytes(storage.join(run_dir, CONFIG_FILE), settings.encode())
+    report_stream_balance(config, data, endpoint_url=kwargs.get("endpoint_url"))
     result = trainer.fit()
     if fs.exists(stopped):
         with fs.open(stopped) as note_file:
