@@ -7,9 +7,8 @@ sampling, the object store, the consumer: bench/data.py), times the CPUs that de
 less those the train workers hold when data.decode_concurrency is null (Ray Data then starts a decoding task
 on every free CPU), else at most that many decoding tasks. Demand: each GPU worker consumes its GPU's
 sustained FLOP/s (about a third of its bf16 peak, as README's GPU note assumes) over the model's FLOPs per
-frame
-(forward and backward, bench/model.py). Both are estimates, meant to show the order of magnitude and which
-side is short, not to promise a rate.
+frame (forward and backward, bench/model.py). Both are estimates, meant to show the order of magnitude and
+which side is short, not to promise a rate.
 """
 
 import time
