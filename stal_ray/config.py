@@ -5,6 +5,7 @@ and modules: the schema's names are re-exported here."""
 import argparse
 import difflib
 import os
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,11 +45,13 @@ from stal_ray.config_schema import (  # noqa: F401 - re-exported: `from stal_ray
 from stal_ray.data import storage
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file (its `base:` chain first), then `section.key=value` overrides, checked."""
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+                endpoint_url: str | None = None) -> Config:
+    """Defaults, then the YAML file (its `base:` chain first), then `section.key=value` overrides, checked.
+    `path` is a local path or a URL the data's storage layer reads (s3:// with `endpoint_url`, https://)."""
     layers: list[tuple[Mapping, str]] = []
     if path is not None:
-        layers += _read_yaml(os.fspath(path), chain=(), referrer=None)
+        layers += _read_yaml(os.fspath(path), chain=(), referrer=None, endpoint_url=endpoint_url)
     if isinstance(overrides, str):
         overrides = [overrides]
     for override in overrides:
@@ -70,9 +73,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str = "the bu
     """Add --config PATH and repeatable --set KEY=VALUE (stored in args.config and args.overrides); `default`
     names, for --help, what a job uses without --config (args.config stays None, so the job can tell)."""
     group = parser.add_argument_group("configuration")
-    group.add_argument("--config", metavar="PATH", default=None,
-                       help="YAML file layered over the built-in defaults, e.g. "
-                            f"configs/mars_bninception.yaml (default: {default})")
+    group.add_argument("--config", metavar="URI", default=None,
+                       help="YAML file layered over the built-in defaults: a path, s3:// (with "
+                            "--endpoint-url) or https:// URL, e.g. configs/mars_bninception.yaml or a "
+                            f"search's s3://bucket/ray_results/NAME/best.yaml (default: {default})")
     group.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                        help="override one setting, e.g. --set train.lr=0.01 --set eval.ranks=[1,5]; "
                             "values are parsed as YAML; repeatable, applied after --config")
@@ -86,7 +90,8 @@ def config_from_args(args: argparse.Namespace, shortcuts: Mapping[str, str] | No
     for dest, key in (shortcuts or {}).items():
         if getattr(args, dest, None) is not None:
             overrides.append(f"{key}={getattr(args, dest)}")
-    config = load_config(getattr(args, "config", None), overrides)
+    config = load_config(getattr(args, "config", None), overrides,
+                         endpoint_url=getattr(args, "endpoint_url", None))
     # Ray tasks run in the cluster's working directory, not the job's: local paths are resolved here
     for dotted in PATH_SETTINGS:
         section, key = dotted.split(".")
@@ -94,18 +99,19 @@ def config_from_args(args: argparse.Namespace, shortcuts: Mapping[str, str] | No
     return config
 
 
-def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None) -> list[tuple[Mapping, str]]:
-    """Layers of one YAML file, its `base:` chain first."""
+def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None,
+               endpoint_url: str | None) -> list[tuple[Mapping, str]]:
+    """Layers of one YAML file (a path or a URL), its `base:` chain first."""
     where = f" (base of {referrer})" if referrer else ""
-    real = os.path.realpath(path)
+    is_url = "://" in path and not path.startswith("file://")
+    real = path if is_url else os.path.realpath(path.removeprefix("file://"))
     if real in chain:
         raise ConfigError(f"{referrer}: base = {path} is invalid: it inherits from itself")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = yaml.safe_load(_read_text(path, endpoint_url) if is_url else _read_text(real, None))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}{where}") from None
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}{where}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
@@ -120,10 +126,27 @@ def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None) -> list[
     if base is not None:
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: base = {show(base)} is invalid: must be the path of a YAML file")
-        base_path = os.path.join(os.path.dirname(path), os.path.expanduser(base))
-        layers += _read_yaml(base_path, chain + (real,), referrer=path)
+        # relative to the file that names it, wherever that file is
+        if "://" in base:
+            base_path = base
+        elif is_url:
+            base_path = posixpath.join(posixpath.dirname(path), base)
+        else:
+            base_path = os.path.join(os.path.dirname(path), os.path.expanduser(base))
+        layers += _read_yaml(base_path, chain + (real,), referrer=path, endpoint_url=endpoint_url)
     layers.append((data, path))
     return layers
+
+
+def _read_text(path: str, endpoint_url: str | None) -> str:
+    """A local file, or a URL through the data's storage layer (a search's best.yaml on S3 reads as its
+    shards do, with the same endpoint and credentials)."""
+    if "://" not in path:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    fs, inner = storage.filesystem(path, endpoint_url=endpoint_url, check=False)
+    with storage.errors(path, endpoint_url), fs.open(inner, "rb") as fh:
+        return fh.read().decode("utf-8")
 
 
 def _parse_override(override: str) -> dict[str, dict[str, Any]]:

@@ -277,3 +277,53 @@ def test_job_flags_stand_for_settings_and_win_over_set():
     assert config.train.num_workers == 4 and config.train.storage_path is None
     with pytest.raises(ConfigError, match="train.num_workers"):
         config_from_args(parser.parse_args(["--num-workers", "0"]), shortcuts)
+
+
+# --- configs from anywhere data comes from
+
+
+def upload_configs(fs, prefix: str) -> None:
+    """A config and its base side by side under prefix: child.yaml names base.yaml relative to itself."""
+    fs.pipe(f"{prefix}/base.yaml", b"train:\n  lr: 0.05\n  iterations: 77\n")
+    fs.pipe(f"{prefix}/child.yaml", b"base: base.yaml\ntrain:\n  lr: 0.02\n")
+
+
+def test_a_config_on_s3_is_read_with_its_base_beside_it(make_bucket, moto_server):
+    from stal_ray.data import storage
+    from stal_ray.data.source import add_data_arguments
+
+    bucket = make_bucket()
+    fs, _ = storage.filesystem(bucket, endpoint_url=moto_server)
+    upload_configs(fs, f"{bucket.removeprefix('s3://')}/search")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    add_data_arguments(parser)
+    args = parser.parse_args(["--config", f"{bucket}/search/child.yaml", "--endpoint-url", moto_server,
+                              "--set", "train.seed=9"])
+    config = config_from_args(args)
+    assert (config.train.lr, config.train.iterations, config.train.seed) == (0.02, 77, 9)
+    with pytest.raises(ConfigError, match=f"config file not found: {bucket}/search/nothing.yaml"):
+        load_config(f"{bucket}/search/nothing.yaml", endpoint_url=moto_server)
+
+
+def test_a_config_over_https_is_read_with_its_base_beside_it(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    import fsspec
+
+    upload_configs(fsspec.filesystem("file"), str(tmp_path))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        config = load_config(f"{url}/child.yaml")
+        assert (config.train.lr, config.train.iterations) == (0.02, 77)
+        with pytest.raises(ConfigError, match=f"config file not found: {url}/gone.yaml"):
+            load_config(f"{url}/gone.yaml")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,6 +14,7 @@ from torch import nn
 
 from stal_ray.config import BACKBONES
 from stal_ray.model.preprocess import CAFFE_BGR, IMAGENET, Preprocess
+from stal_ray.model.weights import local_weights
 
 log = logging.getLogger(__name__)
 
@@ -371,30 +372,29 @@ class LoadReport:
         return "; ".join(lines)
 
 
-# Where each backbone's ImageNet weights come from (model.pretrained takes a local path, https:// or s3://)
-WEIGHTS_SOURCES = {
-    "resnet50": "torchvision's ImageNet ResNet-50 file, e.g. https://download.pytorch.org/models/"
-                "resnet50-0676ba61.pth (or any torchvision.models.resnet50(...).state_dict() saved with "
-                "torch.save)",
-    "bninception": "the widely used Cadene pretrainedmodels BN-Inception file, bn_inception-52deb4733.pth "
-                   "(http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth)",
+# Each backbone's ImageNet weights (model.pretrained of the MARS configs): torchvision's ResNet-50 file,
+# and the widely used port of BN-Inception in Cadene's pretrainedmodels. The hash prefix in each name is
+# its sha256's (torch hub's convention), checked as it is downloaded into the node's cache (model/weights.py).
+IMAGENET_WEIGHTS = {
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "bninception": "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth",
 }
 
 
 def check_weights_choice(backbone: str, pretrained: str | None) -> None:
     """A backbone with ImageNet weights trains from them unless model.pretrained says "none" on purpose."""
-    if pretrained is None and backbone in WEIGHTS_SOURCES:
+    if pretrained is None and backbone in IMAGENET_WEIGHTS:
         raise ValueError(
             f"model.pretrained is not set for backbone {backbone}: the paper fine-tunes ImageNet weights "
-            f"(§III-E). Download {WEIGHTS_SOURCES[backbone]} and set model.pretrained to its local path or "
-            "an "
-            "https:// or s3:// URL (--set model.pretrained=URI), or set model.pretrained=none to train from "
-            "random weights on purpose")
+            f"(§III-E). Set --set model.pretrained={IMAGENET_WEIGHTS[backbone]} (downloaded once per node "
+            "and checked by its sha256; configs/mars_*.yaml set it), or a local path or s3:// URL of the "
+            "same file, or model.pretrained=none to train from random weights on purpose")
 
 
 def _read_state_dict(path_or_url: str) -> dict[str, torch.Tensor]:
     try:
-        with fsspec.open(path_or_url, "rb") as f:
+        # a URL with a sha256 is read from this node's checked copy (model/weights.py)
+        with fsspec.open(local_weights(path_or_url), "rb") as f:
             data = f.read()
     except FileNotFoundError as err:
         raise FileNotFoundError(f"pretrained weights not found: {path_or_url} (expected a torch state dict "
