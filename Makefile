@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 # Needs no .venv: pip only resolves (--dry-run), whatever is installed.
 lock:
 	$(PYTHON) -m pip install --quiet --dry-run --ignore-installed --report $(LOCK).json pip $(TORCH_PIN) \
-	  -e ".[test,tensorboard,pose]"
+	  -e ".[test,tensorboard,pose,pose-gpu]"
 	$(PYTHON) tools/lock.py $(LOCK).json > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm $(LOCK).json
 

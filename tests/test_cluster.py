@@ -87,9 +87,12 @@ def test_setup_installs_torch_then_the_project_from_the_lock(name):
     commands = config["setup_commands"]
     torch_pin = re.search(r"^TORCH_PIN \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     torch = pip_install_index(commands, re.escape(torch_pin) + r"(\s|$)")
-    project = pip_install_index(commands, r"-e \.$")
+    project = pip_install_index(commands, r'-e "\.\[\$extra\]"$')
     assert torch < project
     assert "cd ~/stal_ray " in commands[project]
+    # the pose models on every node (estimate_pose.py): onnxruntime-gpu where there is a GPU, else the CPU
+    # build, never both (they are one module)
+    assert "if nvidia-smi -L > /dev/null 2>&1; then extra=pose-gpu; else extra=pose; fi" in commands[project]
     # every package at the lock's version, on every node, as in the Makefile's .venv
     for command in commands + config["head_setup_commands"]:
         if "pip install" in command:
