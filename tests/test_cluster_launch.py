@@ -13,6 +13,7 @@ It changes the machine (a user account, port 22), so it runs only when asked: ST
 which .ci/run and `make test-cluster` set."""
 
 import configparser
+import contextlib
 import os
 import pwd
 import re
@@ -115,6 +116,14 @@ def ray_processes() -> list[str]:
 def ssh_host():
     """(user, private key, prefix that runs a command as root) of an SSH server on 127.0.0.1:22 that lets
     only HOST_USER in, with this test's key."""
+    with ssh_server() as host:
+        yield host
+
+
+@contextlib.contextmanager
+def ssh_server(environment: dict[str, str] | None = None):
+    """ssh_host's server; `environment`: more variables for the host's sessions (and so its Ray), e.g. the
+    S3 endpoint and credentials of tests/test_rehearsal.py."""
     root = privilege()
     install_packages(root)
     if port_open(22):
@@ -132,7 +141,8 @@ def ssh_host():
     (keys / "authorized_keys").chmod(0o644)
     environment = {
         # the host's Ray keeps out of this machine's shared /tmp/ray (its sessions, session_latest)
-        "RAY_TMPDIR": f"{home}/tmp", "RAY_USAGE_STATS_ENABLED": "0", **pip_settings(keys)}
+        "RAY_TMPDIR": f"{home}/tmp", "RAY_USAGE_STATS_ENABLED": "0", **pip_settings(keys),
+        **(environment or {})}
     config = keys / "sshd_config"
     config.write_text(f"""\
 Port 22
@@ -172,12 +182,13 @@ SetEnv {" ".join(f'{name}="{value}"' for name, value in environment.items())}
         shutil.rmtree(keys, ignore_errors=True)
 
 
-def launch_copy(user: str, key: Path, directory: Path) -> tuple[Path, dict[str, int]]:
+def launch_copy(user: str, key: Path, directory: Path, *,
+                num_cpus: int | None = None) -> tuple[Path, dict[str, int]]:
     """cluster/local.yaml with the addresses (head 127.0.0.1, no workers), the user and the key changed, and
     (path, ports) of the copy. The head's ports move off Ray's defaults to free ones: this test session's own
     Ray holds the dashboard agent's 52365 (the head's agent would start without its HTTP server, and the job
     API would answer "No available agent"), and another Ray on this machine may hold 6379 or 8265 (a
-    submission to 8265 would go to that cluster)."""
+    submission to 8265 would go to that cluster). num_cpus: the head's logical CPUs (default: its cores)."""
     config = yaml.safe_load((REPO / "cluster" / "local.yaml").read_text())
     config["provider"]["head_ip"] = "127.0.0.1"
     config["provider"]["worker_ips"] = []
@@ -188,7 +199,8 @@ def launch_copy(user: str, key: Path, directory: Path) -> tuple[Path, dict[str, 
     [head] = [i for i, command in enumerate(start) if "ray start --head" in command]
     assert " --port=6379 " in start[head]
     start[head] = start[head].replace(" --port=6379 ", " ") + "".join(
-        f" --{option}={port}" for option, port in ports.items())
+        f" --{option}={port}" for option, port in ports.items()) + (
+        f" --num-cpus={num_cpus}" if num_cpus else "")
     path = directory / "local.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, ports

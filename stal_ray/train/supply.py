@@ -60,10 +60,10 @@ class StreamBalance:
         return self.demand is not None and self.supply < self.demand
 
     def line(self) -> str:
-        cpus = (f"{self.decoding_cpus:g} free CPUs" if self.cap is None else
+        cpus = (f"{self.decoding_cpus:g} free CPUs of the cluster now" if self.cap is None else
                 f"data.decode_concurrency = {self.cap} decoding tasks")
         share = STREAM_SHARE if self.cap is None else DECODE_TASK_SHARE
-        supply = (f"stream: ~{self.supply:,.0f} frames/s ({cpus} of the cluster now x "
+        supply = (f"stream: ~{self.supply:,.0f} frames/s ({cpus} x "
                   f"{self.rate_per_core:,.0f} frames per core-second decoded here x {share:.2f} kept by the "
                   "stream)")
         if self.accelerator is None:
