@@ -9,7 +9,8 @@ is not a GPU cluster with the real MARS on it:
   environment of this machine's commands and of the cluster's host: no `--endpoint-url` is added);
 * `/data/MARS` -> a small release with MARS's structure (bench/scale.py's index and frame pool: every
   EVERY-th identity of the real index, tracklets cut to MAX_FRAMES frames);
-* `--use-gpu` dropped (no GPU), `--num-workers N` -> 1 and `--num-samples N` -> 2 (2 CPU cores);
+* `--use-gpu` dropped and train.use_gpu=false set (no GPU; the MARS configs ask for one), `--num-workers N`
+  -> 1 and `--num-samples N` -> 2 (2 CPU cores);
 * the jobs that train get `--set` settings that shrink the run (SHRINK: iterations, image size, frames and
   clips per batch) and `model.pretrained` -> the same kind of file (ResNet-50 with torchvision's names, seeded
   random values) served by a local HTTP server with its sha256 in its name, as torchvision's is.
@@ -72,7 +73,8 @@ def rehearsed(command: list[str], *, bucket: str, release: str, weights_url: str
             next(words)
             out.append("2")
     if any(job in command for job in TRAINING_JOBS):
-        out += [item for setting in (*SHRINK, "train.num_workers=1", f"model.pretrained={weights_url}")
+        out += [item for setting in (*SHRINK, "train.use_gpu=false", "train.num_workers=1",
+                                     f"model.pretrained={weights_url}")
                 for item in ("--set", setting)]
     return out
 
