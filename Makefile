@@ -3,43 +3,41 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 # Every package at the version in requirements.lock, here, in CI (.ci/run) and on the cluster's nodes
-# (cluster/*.yaml install from the same file): pinned versions, so pip never backtracks. `make lock` renews it.
+# (cluster/*.yaml run the same tools/install.sh): one universal lock for Python 3.11 and 3.12, CPU machines and
+# the GPU nodes' CUDA wheels, with hashes, installed by uv (pip when uv cannot be had). `make lock` renews it.
 LOCK := requirements.lock
-PIP := $(PY) -m pip install --quiet --constraint $(LOCK)
-TORCH_PIN ?= torch==2.13.0
+UV = $(or $(shell command -v uv 2>/dev/null),$(VENV)/bin/uv)
+export TORCH_PIN ?= torch==2.13.0
 # Where torch comes from, installed first so that nothing else picks its build. Without an NVIDIA GPU:
 # PyTorch's CPU index (a 200 MB wheel; PyPI's Linux wheel is a CUDA build that pulls GBs of nvidia-* wheels).
 # With one (nvidia-smi lists it): PyPI, whose torch 2.13.0 is built for CUDA 13 (NVIDIA driver >= 580). Set it:
 #   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128    # CUDA 12.8, for an older driver
 #   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu      # the CPU build on a GPU machine
 # A torch wheel that pip finds with no index at all (find-links in pip.conf, PIP_FIND_LINKS) is used first.
-TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+export TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 # Extras of the project installed into .venv (tensorboard: the viewer for the runs' event files; pose: the
 # pose models of jobs/estimate_pose.py, ~70 MB of wheels, ~220 MB installed with the test extra's additions).
 EXTRAS ?= test,tensorboard,pose
 # Ray on a small machine: see docs/architecture.md, "Ray resources".
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: venv lock train test test-cluster test-rehearsal bench lint tensorboard clean
+.PHONY: venv lock check-lock train test test-cluster test-rehearsal bench lint tensorboard clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(LOCK)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) --no-deps --no-index $(TORCH_PIN) 2>/dev/null || \
-	  $(PIP) --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PIN)
-	$(PIP) -e ".[$(EXTRAS)]"
+$(VENV)/.installed: pyproject.toml $(LOCK) tools/install.sh
+	PYTHON=$(PYTHON) tools/install.sh $(VENV) $(EXTRAS)
 	touch $@
 
-# Resolve pyproject.toml afresh (newest versions its ranges allow, torch at TORCH_PIN) into requirements.lock;
-# run it on Linux x86_64 with Python 3.11, the platform the lock is tested on, then `make test`.
-# Needs no .venv: pip only resolves (--dry-run), whatever is installed.
-lock:
-	$(PYTHON) -m pip install --quiet --dry-run --ignore-installed --report $(LOCK).json pip $(TORCH_PIN) \
-	  -e ".[test,tensorboard,pose,pose-gpu]"
-	$(PYTHON) tools/lock.py $(LOCK).json > $(LOCK).new
-	mv $(LOCK).new $(LOCK) && rm $(LOCK).json
+# Resolve pyproject.toml with uv into the universal requirements.lock (every Python that requires-python claims,
+# every platform, hashes; torch at TORCH_PIN; the versions already locked kept where they still fit), then
+# `make check-lock` and `make test`.
+lock: venv
+	$(PY) tools/lock.py $(UV)
+
+# CI: the lock resolves, from wheels, to its own pins for every Python that pyproject.toml claims
+check-lock: venv
+	$(PY) tools/lock.py $(UV) check
 
 train: venv
 	$(PY) jobs/train_mars.py $(ARGS)

@@ -7,10 +7,11 @@ On a Ray cluster:   ray job submit --working-dir . -- python jobs/train_mars.py 
 A run started again with the same --name resumes from its latest checkpoint. --data needs --config.
 
 The run folder <storage path>/<name> holds config.yaml (the resolved settings), the checkpoints,
-tensorboard/ (tensorboard --logdir <run folder>), model.pt and metrics.json.
+tensorboard/ (tensorboard --logdir <run folder>), model.pt, metrics.json and log.txt (this job's output).
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
-from stal_ray.train.trainer import NonFiniteLossError, train
+from stal_ray.run_log import run_log
+from stal_ray.train.trainer import NonFiniteLossError, run_folder, train
 
 # flags that stand for a setting
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
@@ -56,27 +58,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = config_from_args(args, SHORTCUTS)
-        init_ray(args.address)
-        data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
-        name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"training run {name!r} on {data}")
-        result = train(config, data, name=name, endpoint_url=args.endpoint_url)
-    except (ConfigError, StorageError, NonFiniteLossError) as error:
-        print(f"train_mars: error: {error}", file=sys.stderr)
-        return 2
-    print(f"model: {result.model_path}")
-    metrics_path = result.run_dir + "/metrics.json"
-    if not args.no_eval:
-        from stal_ray.evaluate.evaluate import evaluate
+    with contextlib.ExitStack() as log:
+        try:
+            config = config_from_args(args, SHORTCUTS)
+            init_ray(args.address)
+            data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
+            name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # from here on, this job's output (its workers' lines too) is kept as log.txt in the run folder
+            log.enter_context(run_log(run_folder(config, name), endpoint_url=args.endpoint_url))
+            print(f"training run {name!r} on {data}")
+            result = train(config, data, name=name, endpoint_url=args.endpoint_url)
+        except (ConfigError, StorageError, NonFiniteLossError) as error:
+            print(f"train_mars: error: {error}", file=sys.stderr)
+            return 2
+        print(f"model: {result.model_path}")
+        metrics_path = result.run_dir + "/metrics.json"
+        if not args.no_eval:
+            from stal_ray.evaluate.evaluate import evaluate
 
-        metrics = evaluate(result.model_path, data, result.run_dir, endpoint_url=args.endpoint_url)
-        stal = metrics["modes"]["stal"]
-        print(f"test mAP {stal['mAP']:.1%} ({metrics['ap_rule']} rule), mAP_step {stal['mAP_step']:.1%}, "
-              f"mINP {stal['mINP']:.1%}, Rank-1 {stal['cmc']['1']:.1%}")
-    print(metrics_path)
-    return 0
+            metrics = evaluate(result.model_path, data, result.run_dir, endpoint_url=args.endpoint_url)
+            stal = metrics["modes"]["stal"]
+            print(f"test mAP {stal['mAP']:.1%} ({metrics['ap_rule']} rule), mAP_step {stal['mAP_step']:.1%}, "
+                  f"mINP {stal['mINP']:.1%}, Rank-1 {stal['cmc']['1']:.1%}")
+        print(metrics_path)
+        return 0
 
 
 if __name__ == "__main__":

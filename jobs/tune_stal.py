@@ -11,6 +11,7 @@ Watch:              tensorboard --logdir <storage>/<name>
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
+from stal_ray.run_log import run_log
+from stal_ray.train.trainer import run_folder
 from stal_ray.tune import SearchInterrupted, format_table, run_search
 
 # flags that stand for a setting
@@ -59,24 +62,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = config_from_args(args, SHORTCUTS)
-        init_ray(args.address)
-        data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
-        name = args.name or f"tune-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"search {name!r} on {data}")
-        result = run_search(config, data, name=name, endpoint_url=args.endpoint_url, resume=args.resume)
-    except SearchInterrupted as interrupted:
-        print(f"tune_stal: {interrupted}", file=sys.stderr)
-        return 130
-    except (ConfigError, StorageError, ValueError, RuntimeError) as error:
-        print(f"tune_stal: error: {error}", file=sys.stderr)
-        return 2
-    print(format_table(result.rows))
-    print(f"results: {result.results_csv}")
-    print(f"TensorBoard: tensorboard --logdir {result.experiment_dir}")
-    print(result.best_yaml)  # last line: the configuration to train with
-    return 0
+    with contextlib.ExitStack() as log:
+        try:
+            config = config_from_args(args, SHORTCUTS)
+            init_ray(args.address)
+            data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
+            name = args.name or f"tune-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # from here on, this job's output is kept as log.txt in the search's folder
+            log.enter_context(run_log(run_folder(config, name), endpoint_url=args.endpoint_url))
+            print(f"search {name!r} on {data}")
+            result = run_search(config, data, name=name, endpoint_url=args.endpoint_url, resume=args.resume)
+        except SearchInterrupted as interrupted:
+            print(f"tune_stal: {interrupted}", file=sys.stderr)
+            return 130
+        except (ConfigError, StorageError, ValueError, RuntimeError) as error:
+            print(f"tune_stal: error: {error}", file=sys.stderr)
+            return 2
+        print(format_table(result.rows))
+        print(f"results: {result.results_csv}")
+        print(f"TensorBoard: tensorboard --logdir {result.experiment_dir}")
+        print(result.best_yaml)  # last line: the configuration to train with
+        return 0
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ def config_from_args(args: argparse.Namespace, shortcuts: Mapping[str, str] | No
     # Ray tasks run in the cluster's working directory, not the job's: local paths are resolved here
     for dotted in PATH_SETTINGS:
         section, key = dotted.split(".")
-        setattr(getattr(config, section), key, storage.absolute(getattr(getattr(config, section), key)))
+        value = getattr(getattr(config, section), key)
+        if value != NO_PRETRAINED:  # model.pretrained=none is a choice, not a file in this folder
+            setattr(getattr(config, section), key, storage.absolute(value))
     return config
 
 

@@ -31,7 +31,7 @@ from stal_ray.data import storage
 from stal_ray.data.validation import ValidationSplit, ensure_validation_split
 from stal_ray.evaluate.report import write_bytes
 from stal_ray.train.supply import report_stream_balance
-from stal_ray.train.trainer import check_shared_storage, storage_root, train
+from stal_ray.train.trainer import preflight, storage_root, train
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None
                resume: bool = False) -> SearchResult:
     """Run the search `name` under train.storage_path (or resume an interrupted one: finished trials are
     kept, unfinished ones continue from their last checkpoint) and write results.csv and best.yaml."""
-    check_shared_storage(config)  # before any trial starts: each trial would refuse it on its own
+    # before the validation split and any trial: each trial would refuse the same settings on its own, late
+    preflight(config, data, endpoint_url=endpoint_url, held_out=config.data.val_identities)
     root = storage_root(config)
     experiment_dir = storage.join(root, name)
     min_training = config.data.identities_per_batch

@@ -74,32 +74,27 @@ def test_local_hosts():
     assert node_type["min_workers"] == node_type["max_workers"] == len(provider["worker_ips"])
 
 
-def pip_install_index(commands: list[str], pattern: str) -> int:
-    hits = [i for i, command in enumerate(commands)
-            if "pip install" in command and re.search(pattern, command)]
-    assert len(hits) == 1, f"{pattern!r} installed {len(hits)} times in {commands}"
-    return hits[0]
-
-
 @pytest.mark.parametrize("name", CONFIGS)
-def test_setup_installs_torch_then_the_project_from_the_lock(name):
+def test_setup_installs_the_project_from_the_lock_as_make_venv_does(name):
     config = load(name)
     commands = config["setup_commands"]
-    torch_pin = re.search(r"^TORCH_PIN \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
-    torch = pip_install_index(commands, re.escape(torch_pin) + r"(\s|$)")
-    project = pip_install_index(commands, r'-e "\.\[\$extra\]"$')
-    assert torch < project
-    assert "cd ~/stal_ray " in commands[project]
+    makefile = (REPO / "Makefile").read_text()
+    torch_pin = re.search(r"^export TORCH_PIN \?= (\S+)$", makefile, re.M).group(1)
+    # one installation everywhere: the Makefile's .venv and every node run tools/install.sh
+    assert re.search(r"^\tPYTHON=\S+ tools/install.sh \$\(VENV\)", makefile, re.M)
+    installs = [command for command in commands if "tools/install.sh ~/stal-venv" in command]
+    assert len(installs) == 1 and installs[0].startswith("cd ~/stal_ray && "), commands
     # the pose models on every node (estimate_pose.py): onnxruntime-gpu where there is a GPU, else the CPU
     # build, never both (they are one module)
-    assert "if nvidia-smi -L > /dev/null 2>&1; then extra=pose-gpu; else extra=pose; fi" in commands[project]
-    # every package at the lock's version, on every node, as in the Makefile's .venv
+    assert "if nvidia-smi -L > /dev/null 2>&1; then extra=pose-gpu; else extra=pose; fi" in installs[0]
+    assert installs[0].endswith('tools/install.sh ~/stal-venv "$extra"')
+    assert f"TORCH_PIN=${{TORCH_PIN:-{torch_pin}}}" in (REPO / "tools" / "install.sh").read_text()
+    # anything installed besides goes by the lock's pins too
     for command in commands + config["head_setup_commands"]:
         if "pip install" in command:
-            assert re.search(r"--constraint (~/stal_ray/)?requirements\.lock ", command), command
-    assert "--constraint requirements.lock" in commands[project]
+            assert "--constraint ~/stal-venv/lock-pins.txt" in command and "lock.py pins" in command, command
     # the lock pins the Ray these tests run (the client of `ray job submit` must be the cluster's) and torch
-    pins = (REPO / "requirements.lock").read_text().split()
+    pins = [line.split(" ; ")[0] for line in lock_tool().pins((REPO / "requirements.lock").read_text())]
     assert f"ray=={ray.__version__}" in pins and torch_pin in pins
     # every node must find the environment's ray and python, also the entrypoints of `ray job submit`
     for start in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
@@ -114,8 +109,15 @@ def test_file_mounts_hold_what_pip_install_needs(name):
         assert remote.startswith("~/stal_ray/")
         assert (REPO / local).exists(), f"{local} is not in the repository (ray up runs from its root)"
     readme = re.search(r'^readme = "([^"]+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    needed = {"pyproject.toml", readme, "stal_ray", "requirements.lock"}
+    needed = {"pyproject.toml", readme, "stal_ray", "requirements.lock", "tools"}
     assert needed <= {Path(local).as_posix() for local in mounts.values()}
+
+
+def lock_tool():
+    spec = importlib.util.spec_from_file_location("lock_tool", REPO / "tools" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _no_resources(config):

@@ -327,3 +327,11 @@ def test_a_config_over_https_is_read_with_its_base_beside_it(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_pretrained_none_stays_a_choice_not_a_path_in_this_folder():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--set", "model.pretrained=none", "--set", "train.storage_path=runs"])
+    config = config_from_args(args)
+    assert config.model.pretrained == "none" and Path(config.train.storage_path).is_absolute()

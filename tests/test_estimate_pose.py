@@ -74,8 +74,15 @@ def test_joints_are_added_in_place_resumed_after_an_interruption_and_a_rerun_is_
     assert (during.version, during.pose) == (before.version, None)
     monkeypatch.setattr(annotate, "_write_shard", write_shard)
 
+    capsys.readouterr()
     result = annotate.estimate_pose(prepared, model, workers=2)
     assert not result.reused and result.resumed_shards == 2
+    # a line per shard, as a job's log shows them under `ray job submit`
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pose: shard ")]
+    left = shard_count - 2
+    assert [line.split(" (")[0] for line in progress] == [f"pose: shard {k} of {left}"
+                                                          for k in range(1, left + 1)]
+    assert "(100%)" in progress[-1] and progress[-1].endswith("ETA 0s")
     frames = {split: before.counts[split]["frames"] for split in ("train", "test")}
     assert sum(result.frames.values()) < sum(frames.values())  # the two finished shards were not redone
     after = read_manifest(prepared)

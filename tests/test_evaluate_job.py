@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from stal_ray.config import load_config
+from stal_ray.data.manifest import read_manifest
 from stal_ray.data.mars import read_mars
 from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import write_synthetic_release
@@ -120,6 +121,15 @@ def test_features_of_an_earlier_version_of_the_data_set_are_not_reused(first_run
     with pytest.raises(Extracted):
         evaluate(model_path, shards_uri, str(out), modes=("stal",))
     assert "came from another model file or data set: extracting again" in capsys.readouterr().out
+
+
+def test_extraction_prints_its_progress_with_share_and_eta(first_run, shards_uri, model_path, tmp_path,
+                                                           capsys):
+    evaluate(model_path, shards_uri, str(tmp_path), modes=("stal",))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("extraction: ")]
+    frames = read_manifest(shards_uri).counts["test"]["frames"]
+    assert lines[-1].startswith(f"extraction: {frames:,} of {frames:,} frames (100%), ")
+    assert lines[-1].endswith("ETA 0s")
 
 
 def test_rerank_switch_reranks_every_mode_and_says_so(first_run, shards_uri, model_path, monkeypatch,

@@ -1,4 +1,5 @@
-"""requirements.lock: written by tools/lock.py from pip's report; it pins all that pyproject.toml asks for."""
+"""requirements.lock: uv's universal lock for every Python that pyproject.toml claims, with hashes and the GPU
+nodes' CUDA packages; it pins all that pyproject.toml asks for, and pip's fallback reads its pins."""
 
 import importlib.util
 import re
@@ -22,22 +23,35 @@ def name_of(requirement: str) -> str:
     return re.match(r"[A-Za-z0-9._-]+", requirement).group(0).lower().replace("_", "-").replace(".", "-")
 
 
-def test_pins_leave_out_the_project_and_torchs_build_label():
-    report = {"install": [{"metadata": {"name": name, "version": version}} for name, version in (
-        ("stal_ray", "0.1.0"), ("torch", "2.13.0+cpu"), ("Ray", "2.60.0"), ("typing_extensions", "4.16.0"))]}
-    assert lock_tool().pins(report) == ["ray==2.60.0", "torch==2.13.0", "typing-extensions==4.16.0"]
+def test_pins_drop_hashes_and_comments_and_keep_markers():
+    text = ("# header\nnumpy==2.4.6 ; python_full_version < '3.12' \\\n    --hash=sha256:00 \\\n"
+            "    --hash=sha256:11\n    # via ray\nray==2.60.0 \\\n    --hash=sha256:22\n")
+    assert lock_tool().pins(text) == ["numpy==2.4.6 ; python_full_version < '3.12'", "ray==2.60.0"]
 
 
-def test_lock_pins_every_requirement_of_pyproject_once():
+def test_claimed_pythons_come_from_a_closed_requires_python():
+    tool = lock_tool()
+    assert tool.claimed_pythons(">=3.11,<3.13") == ["3.11", "3.12"]
+    with pytest.raises(ValueError, match="closed above"):
+        tool.claimed_pythons(">=3.10")
+
+
+def test_lock_pins_every_requirement_of_pyproject_with_hashes_for_the_pythons_it_claims():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert lock_tool().claimed_pythons(project["requires-python"]) == ["3.11", "3.12"]  # the nodes' and CI's
     extras = project["optional-dependencies"].values()
     wanted = project["dependencies"] + [requirement for extra in extras for requirement in extra]
-    lines = [line for line in (REPO / "requirements.lock").read_text().splitlines()
-             if line and not line.startswith("#")]
-    pinned = [name_of(line) for line in lines]
-    assert all(re.fullmatch(r"[a-z0-9-]+==[^=\s]+", line) for line in lines), "one name==version a line"
-    assert len(pinned) == len(set(pinned)), "a package is pinned twice"
-    missing = {name_of(r) for r in wanted} - set(pinned)
+    text = (REPO / "requirements.lock").read_text()
+    lines = lock_tool().pins(text)
+    pinned = {name_of(line) for line in lines}
+    missing = {name_of(r) for r in wanted} - pinned
     assert not missing, f"not in requirements.lock: {sorted(missing)}; run `make lock`"
+    # every pin carries its hashes (uv checks every file it installs against them)
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
+    assert all("--hash=sha256:" in block for block in blocks if "==" in block)
     ray_pin = next(r for r in project["dependencies"] if r.startswith("ray["))
     assert f"ray=={ray_pin.split('==')[1]}" in lines, "the lock's Ray is not pyproject's"
+    # the GPU nodes' CUDA build of torch resolves from the lock too, under a Linux marker
+    assert any(line.startswith("triton==") and "sys_platform == 'linux'" in line for line in lines)
+    assert any(line.startswith("nvidia-cudnn-cu") for line in lines)
+    assert "torch==2.13.0" in lines

@@ -120,6 +120,12 @@ def ensure_validation_split(uri: str, fraction: float, seed: int = 0, *, endpoin
     return split
 
 
+def held_out_count(fraction: float, total: int) -> int:
+    """Identities a split of `fraction` holds out of `total` training identities."""
+    # rounded first: 0.1 × 30 is 3.0000000000000004 in floating point, which must not hold out 4
+    return max(MIN_HELD_OUT, math.ceil(round(fraction * total, 9)))
+
+
 def _choose(uri: str, manifest: Manifest, fraction: float, seed: int, min_training: int,
             endpoint_url: str | None) -> ValidationSplit:
     fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
@@ -129,8 +135,7 @@ def _choose(uri: str, manifest: Manifest, fraction: float, seed: int, min_traini
     rows = sorted(zip(table.column("identity").to_pylist(), table.column("tracklet").to_pylist(),
                       table.column("camera").to_pylist(), strict=True))
     total = len(rows)
-    # rounded first: 0.1 × 30 is 3.0000000000000004 in floating point, which must not hold out 4
-    held_out = max(MIN_HELD_OUT, math.ceil(round(fraction * total, 9)))
+    held_out = held_out_count(fraction, total)
     if held_out > total - min_training:
         raise ValueError(f"data.val_identities = {fraction} holds out {held_out} of the {total} training "
                          f"identities of {uri} (at least {MIN_HELD_OUT}), leaving {total - held_out}, fewer "

@@ -195,7 +195,8 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     dataset = evaluation_dataset(data_uri, config, endpoint_url=endpoint_url)
     feature_set = extract_features(dataset, model_path, batch_size=config.eval.batch_size, use_gpu=use_gpu,
                                    concurrency=concurrency, num_cpus=num_cpus,
-                                   keep_scores_for=SAMPLED_TRACKLETS)
+                                   keep_scores_for=SAMPLED_TRACKLETS,
+                                   total_frames=manifest.counts["test"]["frames"])
     positions = {t: report.shown_frames(len(s)) for t, s in feature_set.sample_scores.items()}
     feature_set.sample_frames = tracklet_frames(data_uri, positions, data.height, data.width,
                                                 endpoint_url=endpoint_url)

@@ -27,11 +27,13 @@ from stal_ray.data.manifest import read_manifest
 from stal_ray.evaluate.distance import TrackletFeatures
 from stal_ray.model.export import load_model
 from stal_ray.objective import safe_divisor
+from stal_ray.progress import Progress
 
 # What chunk_sums gives per chunk; score_sum (Σ_t s_{t,r}, for ā^r) is den_attended, so it is not repeated.
 SUM_FIELDS = ("g_sum", "num_attended", "den_attended", "num_temporal", "den_temporal", "f_sum", "frames")
 METADATA_FIELDS = ("tracklet", "identity", "camera", "is_query")
 FEATURES_FORMAT, FEATURES_VERSION = "stal_ray.features", 1
+PROGRESS_EVERY_S = 30.0  # a line in the job's log: MARS's test split takes about half an hour on one GPU
 
 logger = logging.getLogger(__name__)
 
@@ -268,15 +270,21 @@ def chunk_stream(dataset: ray.data.Dataset, model_path: str, *, batch_size: int 
 
 
 def extract_features(dataset: ray.data.Dataset, model_path: str, *, keep_scores_for: int = 0,
-                     **stream_options) -> FeatureSet:
+                     total_frames: int | None = None, **stream_options) -> FeatureSet:
     """Features of every tracklet of an evaluation_dataset (or validation_dataset) with the model file at
     `model_path`; stream_options as chunk_stream's; keep_scores_for: tracklets whose per-frame attention
-    scores are kept (chosen by sample_tracklets)."""
+    scores are kept (chosen by sample_tracklets). total_frames: the frames the dataset holds (the manifest's
+    count), for a progress line with its percentage and ETA every PROGRESS_EVERY_S seconds."""
     totals = TrackletSums()
+    progress = total_frames and Progress("extraction", total_frames, "frames", every_s=PROGRESS_EVERY_S)
     # summed as the chunks stream in: the per-chunk rows of a MARS-sized test set would not fit in memory
     for batch in chunk_stream(dataset, model_path, **stream_options).iter_batches(batch_size=None,
                                                                                 batch_format="numpy"):
         totals.add(batch)
+        if progress:
+            progress.step(int(np.sum(batch["frames"])))
+    if progress:
+        progress.done()
     return totals.result(keep_scores_for)
 
 

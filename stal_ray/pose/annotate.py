@@ -32,6 +32,7 @@ from stal_ray.data import publish, storage
 from stal_ray.data.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest, read_manifest
 from stal_ray.data.shard_files import PartWriter, ShardFile
 from stal_ray.pose.models import PoseModel, decode, estimator
+from stal_ray.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,9 @@ def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpo
     if not pending:
         return frames, unreadable
     rows = {entry.path: entry.rows for split in SPLITS for entry in manifest.files[split]}
+    sizes = {entry.path: entry.bytes / 2**20 for split in SPLITS for entry in manifest.files[split]}
+    # one line per shard written: the job's log under `ray job submit`, where no progress bar is drawn
+    progress = Progress("pose", sum(sizes[item["file"]] for item in pending), "MiB of shards")
     source = {item["file"]: item for item in pending}
     if workers is None:
         resources = ray.cluster_resources()
@@ -190,6 +194,7 @@ def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpo
                         num_gpus=num_gpus or None)
     results: dict[str, dict[int, pa.Array]] = {}
     bad: dict[str, int] = {}
+    written = 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         columns = (batch.column("file").to_pylist(), batch.column("key").to_pylist(),
                    batch.column("keypoints"), batch.column("unreadable").to_pylist())
@@ -203,6 +208,9 @@ def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpo
                 unreadable[split] += bad[file]
                 state["done"][file] = {"file": vars(entry), "frames": n, "unreadable": bad.pop(file)}
                 save()
+                written += 1
+                progress.step(sizes[file], note=f"shard {written} of {len(pending)} ({n:,} frames), ",
+                              force=True)
     if results:
         raise RuntimeError(f"the pose stage returned no rows for part of {sorted(results)}")
     return frames, unreadable

@@ -12,6 +12,7 @@ from stal_ray.study import analysis, figures
 from stal_ray.study.report import StudyResults, write_report
 from stal_ray.study.units import extract_with_units
 from stal_ray.study.variants import VARIANTS, train_variants
+from stal_ray.train.preflight import preflight
 
 # Fig. 11's lengths (the paper goes to 128 on iLIDS-VID; None = every frame of the tracklet)
 SEQUENCE_LENGTHS = (1, 2, 4, 8, 16, None)
@@ -30,6 +31,7 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     start = time.perf_counter()
     if "stal" not in {v.name for v in variants}:
         raise ValueError("a study needs the stal variant: every section ranks its model")
+    preflight(config, data, endpoint_url=endpoint_url)  # before the first variant's run folder is written
     trained = train_variants(config, data, out, endpoint_url=endpoint_url, variants=variants)
     stream = dict(batch_size=config.eval.batch_size, use_gpu=config.train.use_gpu or None)
     alpha, protocol = config.eval.fusion_rate, config.eval.protocol

@@ -65,7 +65,12 @@ def run_splits(config: Config, data: SplitData, out: str, splits: list[int], *, 
     """Prepare, train and evaluate every split in `splits` into `out` (module docstring), `parallel` splits at
     once (each a Ray task of its own, so on a cluster they run side by side), then write the summary.
     With `cross`, each split's model is also evaluated on that data set's split of the same number."""
+    from stal_ray.train.preflight import preflight  # Ray Data: only where splits run
+
     start = time.perf_counter()
+    # the settings' checks before any split is prepared; the data's run per split, once its shards exist
+    preflight(with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"]), None,
+              endpoint_url=data.endpoint_url)
     if parallel > 1:
         for source in (data, cross):
             if source is not None:

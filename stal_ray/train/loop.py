@@ -31,6 +31,7 @@ from stal_ray.evaluate.validate import validate
 from stal_ray.model.export import save_model
 from stal_ray.model.stal import STAL
 from stal_ray.objective import STALObjective
+from stal_ray.progress import format_duration
 from stal_ray.train.checkpoints import load_checkpoint
 from stal_ray.train.deepspeed import build_engine
 
@@ -327,8 +328,11 @@ def _progress_line(state: LoopState, iterations: int, meter: Meter, scheduler) -
     losses = " ".join(f"{name}={meter.losses[name] / steps:.3f}" for name in LOSS_TERMS if name != "keypoint")
     rate = meter.clips / max(meter.step_time, 1e-9)
     wait = meter.data_wait / max(meter.step_time, 1e-9)
-    return (f"iteration {state.step}/{iterations} epoch {state.epoch} lr={scheduler.get_last_lr()[0]:.2e} "
-            f"{losses} clips/s={rate:.1f} data_wait={wait:.0%}")
+    left = (iterations - state.step) * meter.step_time / steps  # at the rate since the last line
+    share = state.step / max(iterations, 1)
+    return (f"iteration {state.step}/{iterations} ({share:.0%}) epoch {state.epoch} "
+            f"lr={scheduler.get_last_lr()[0]:.2e} {losses} clips/s={rate:.1f} data_wait={wait:.0%} "
+            f"ETA {format_duration(left)}")
 
 
 def _stop_non_finite(loop_config: dict[str, Any], state: LoopState, terms, rank: int) -> None:

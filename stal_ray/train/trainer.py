@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,14 +9,20 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from stal_ray.config import Config, ConfigError, resolve_keypoint_supervision
+from stal_ray.config import Config, resolve_keypoint_supervision
 from stal_ray.data import storage
 from stal_ray.data.manifest import read_manifest
-from stal_ray.data.pipeline import identity_labels
 from stal_ray.data.validation import ValidationSplit
 from stal_ray.evaluate.report import write_bytes
-from stal_ray.model.backbones import check_weights_choice
 from stal_ray.train.loop import MODEL_FILE, STOPPED, best_model_metric, train_loop_per_worker
+from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks were defined here first
+    check_data,
+    check_resources,
+    check_shared_storage,
+    preflight,
+    run_folder,
+    storage_root,
+)
 from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.tensorboard import TensorBoardCallback
 
@@ -36,76 +41,6 @@ class TrainResult:
     checkpoint: ray.train.Checkpoint | None  # the last DeepSpeed checkpoint
 
 
-def storage_root(config: Config) -> str:
-    return config.train.storage_path or os.path.expanduser("~/ray_results")
-
-
-def check_resources(config: Config) -> None:
-    """Settings this cluster cannot run, refused before any worker starts."""
-    try:
-        check_weights_choice(config.model.backbone, config.model.pretrained)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    train = config.train
-    if train.sync_batchnorm and not train.use_gpu:
-        raise ConfigError("train.sync_batchnorm = true needs train.use_gpu = true: torch synchronises "
-                          "BatchNorm on GPUs only (set train.sync_batchnorm=false for CPU training)")
-    if train.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < train.num_workers:
-            # not an error: an autoscaling cluster (cluster/aws_gpu.yaml starts with no GPU node) adds them
-            # once the workers ask; on a fixed cluster the run waits, and the warning says why
-            print(f"warning: train.use_gpu = true with train.num_workers = {train.num_workers}, but the Ray "
-                  f"cluster has {gpus:g} GPUs now: the workers wait until the autoscaler adds GPU nodes (on "
-                  "a fixed cluster, lower --num-workers)", flush=True)
-
-
-def check_data(config: Config, data: str, labels: list[int], *,
-               endpoint_url: str | None = None) -> dict[str, int]:
-    """Settings the prepared data set cannot train, refused in the driver before any worker starts.
-
-    A tracklet shorter than data.seq_len is not refused: restricted random sampling repeats its frames in
-    order (data.sampling), as evaluation pads a short chunk.
-    """
-    model, p, workers = config.model, config.data.identities_per_batch, config.train.num_workers
-    counts = read_manifest(data, endpoint_url=endpoint_url).counts["train"]
-    if model.pose_source == "keypoints" and not counts.get("frames_with_keypoints"):
-        raise ConfigError(
-            f"model.pose_source = keypoints, but {data} has no keypoints (0 of {counts['frames']} training "
-            "frames): set model.pose_source=learned (a keypoint head) or prior (the canonical pose), or "
-            f"estimate them (python jobs/estimate_pose.py --data {data}), or prepare the data set with "
-            "keypoints (jobs/prepare_mars.py --keypoints FILE)")
-    if len(labels) < p * workers:
-        raise ConfigError(
-            f"data.identities_per_batch = {p} with train.num_workers = {workers} needs at least "
-            f"{p * workers} training identities (each worker's batches hold {p} distinct ones), but {data} "
-            f"leaves {len(labels)} for training: lower data.identities_per_batch or --num-workers, or lower "
-            "data.val_identities")
-    return counts
-
-
-def check_shared_storage(config: Config, nodes: list[dict] | None = None,
-                         this_node: str | None = None) -> None:
-    """Refuse a local storage path where the workers may run on other hosts: each would write checkpoints
-    and model.pt to its own disk, where the evaluation on the head node never finds them. Such a cluster
-    has alive nodes on more than one host, or a head node without CPUs (its workers are yet to start, as
-    in cluster/aws_gpu.yaml). nodes: ray.nodes() entries; this_node: the driver's node id."""
-    root = storage_root(config)
-    if ("://" in root and not root.startswith("file://")) or config.train.shared_storage:
-        return
-    nodes = ray.nodes() if nodes is None else nodes
-    this_node = ray.get_runtime_context().get_node_id() if this_node is None else this_node
-    alive = [node for node in nodes if node.get("Alive")]
-    hosts = {node["NodeManagerAddress"] for node in alive}
-    cpu_less_head = any(node["NodeID"] == this_node and not node["Resources"].get("CPU") for node in alive)
-    if len(hosts) > 1 or cpu_less_head:
-        where = f"{len(hosts)} hosts" if len(hosts) > 1 else "a head node without CPUs"
-        raise ConfigError(f"train.storage_path = {root} is a local path, but this Ray cluster has {where}: "
-                          "checkpoints and model.pt would stay on the workers' own disks; pass "
-                          "--storage-path s3://BUCKET/PREFIX (or set train.shared_storage=true for a path "
-                          "mounted on every node, such as NFS)")
-
-
 def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
                   exclude_identities: list[int] | None = None, faults: dict | None = None,
                   callbacks: list | None = None, validation: ValidationSplit | None = None) -> TorchTrainer:
@@ -113,13 +48,9 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     under the storage path resumes from that run's latest checkpoint. With a validation split, its
     identities are left out of training and every report carries the validation metrics
     (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values)."""
-    check_resources(config)
-    check_shared_storage(config)
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
-    labels = identity_labels(data, endpoint_url=endpoint_url, **(
-        {"exclude_identities": exclude_identities} if exclude_identities else {}))
-    counts = check_data(config, data, labels, endpoint_url=endpoint_url)
+    labels, counts = preflight(config, data, endpoint_url=endpoint_url, exclude_identities=exclude_identities)
     train = config.train
     root = storage_root(config)
     # model.pt records the data it was trained on: evaluate_mars.py without --data evaluates that
