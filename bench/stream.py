@@ -107,8 +107,6 @@ def main() -> None:
               f"{args.height}x{args.width}")
         rows = [] if args.skip_measure else measured(args, shards)
         lines = simulated(args, shards)
-    for line in lines:
-        print(line)
     if rows:
         capped = [row for row in rows if row["decoders"]]
         base = capped[0]
