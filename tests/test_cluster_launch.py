@@ -72,9 +72,13 @@ def install_packages(root: list[str]) -> None:
 def pip_settings(directory: Path) -> dict[str, str]:
     """This machine's pip configuration for the host's sessions, which are another user's: the PIP_*
     variables and a merged copy of this user's pip.conf files (where the wheels come from: a local mirror,
-    the CPU build of torch; without them the host's `pip install torch` takes PyPI's CUDA build, GBs)."""
+    the CPU build of torch; without them the host's `pip install torch` takes PyPI's CUDA build, GBs), and
+    uv's (UV_*) and the certificates this machine's installers trust (SSL_CERT_FILE, ...: uv, which the nodes
+    install with, trusts only its own roots unless told, and a machine behind a TLS-inspecting proxy then
+    fails with "invalid peer certificate")."""
     settings = {name: value for name, value in os.environ.items()
-                if name.startswith("PIP_") and name != "PIP_CONFIG_FILE"}
+                if name.startswith(("PIP_", "UV_")) and name != "PIP_CONFIG_FILE"
+                or name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")}
     files = [Path.home() / ".pip" / "pip.conf",
              Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "pip" / "pip.conf"]
     if os.environ.get("PIP_CONFIG_FILE"):
