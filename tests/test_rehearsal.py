@@ -154,6 +154,8 @@ def run(command: list[str], env: dict[str, str], timeout: float = 1800) -> str:
         time.sleep(2)
     job = next(word for word in command if word.startswith("jobs/"))
     print(f"{job}: {time.monotonic() - started:.0f} s", flush=True)
+    for line in re.findall(r"^(?:stream: |warning: the GPUs|test mAP |.*written \(version).*$", output, re.M):
+        print(f"  {line[:300]}", flush=True)
     submitted = command[:3] == ["ray", "job", "submit"]
     assert done.returncode == 0 and (not submitted or "succeeded" in output), \
         f"{shlex.join(command)}\n{output[-8000:]}"
