@@ -21,6 +21,7 @@ from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.run_log import run_log
+from stal_ray.train.preflight import check_settings
 from stal_ray.train.trainer import NonFiniteLossError, run_folder, train
 
 # flags that stand for a setting
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as log:
         try:
             config = config_from_args(args, SHORTCUTS)
+            check_settings(config)  # before Ray starts: a config without weights is refused in seconds
             init_ray(args.address)
             data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
             name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

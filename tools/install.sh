@@ -26,25 +26,34 @@ project=".${extras:+[$extras]}"
 
 test -x "$venv/bin/python" || "$PYTHON" -m venv "$venv"
 py="$venv/bin/python"
-find_links=${PIP_FIND_LINKS:-$("$py" -m pip config get global.find-links 2> /dev/null || true)}
+# what pip is configured with here (pip.conf), uv reads from the environment
+pip_setting() {
+  "$py" -m pip config list 2> /dev/null | sed -nE "s/^(global|:env:)\.$1='(.*)'\$/\2/p" | head -n 1
+}
+find_links=${PIP_FIND_LINKS:-$(pip_setting find-links)}
+cert=$(pip_setting cert)
+if [ -z "${SSL_CERT_FILE:-}" ] && [ -n "$cert" ]; then export SSL_CERT_FILE=$cert; fi
 
-uv=$(command -v uv || true)
-if [ -z "$uv" ] && "$py" -m pip install --quiet --disable-pip-version-check "$UV_PIN" 2> /dev/null; then
-  uv="$venv/bin/uv"
-fi
-
-if [ -n "$uv" ]; then
+with_uv() {
+  local uv install
+  uv=$(command -v uv || true)
+  if [ -z "$uv" ]; then
+    "$py" -m pip install --quiet --disable-pip-version-check "$UV_PIN" 2> /dev/null || return 1
+    uv="$venv/bin/uv"
+  fi
   install=("$uv" pip install --quiet --python "$py")
   # a local torch wheel first (no index at all), as pip would take it from its find-links
   if ! { [ -n "$find_links" ] &&
          "${install[@]}" --no-deps --no-index --find-links "$find_links" "$TORCH_PIN" 2> /dev/null; }; then
     if [ -n "$TORCH_INDEX" ]; then
-      "${install[@]}" --no-deps --index-url "$TORCH_INDEX" "$TORCH_PIN"
+      "${install[@]}" --no-deps --index-url "$TORCH_INDEX" "$TORCH_PIN" || return 1
     fi  # else torch comes from PyPI with the rest, checked against the lock's hashes
   fi
   "${install[@]}" --constraint "$LOCK" -e "$project"
-else
-  echo "tools/install.sh: uv is not available here; installing with pip" >&2
+}
+
+if ! with_uv; then
+  echo "tools/install.sh: uv could not install here; installing with pip" >&2
   pins="$venv/lock-pins.txt"
   "$py" tools/lock.py pins > "$pins"
   pip=("$py" -m pip install --quiet --constraint "$pins")

@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,16 +55,12 @@ def pins(text: str) -> list[str]:
 
 
 def compile_lock(uv: str, torch_pin: str) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".in", delete=False) as torch_in:
-        torch_in.write(torch_pin + "\n")
-    try:
-        extras = [arg for extra in EXTRAS for arg in ("--extra", extra)]
-        subprocess.run([uv, "pip", "compile", "pyproject.toml", torch_in.name, *extras, "--universal",
-                        "--python-version", claimed_pythons(requires_python())[0], "--generate-hashes",
-                        "--no-emit-package", PROJECT, "--custom-compile-command", "make lock",
-                        "--output-file", str(LOCK)], cwd=REPO, check=True)
-    finally:
-        os.remove(torch_in.name)
+    extras = [arg for extra in EXTRAS for arg in ("--extra", extra)]
+    # the torch pin from stdin ("-"): a file's name would go into the lock's annotations
+    subprocess.run([uv, "pip", "compile", "pyproject.toml", "-", *extras, "--universal",
+                    "--python-version", claimed_pythons(requires_python())[0], "--generate-hashes",
+                    "--no-emit-package", PROJECT, "--custom-compile-command", "make lock",
+                    "--output-file", str(LOCK)], cwd=REPO, check=True, input=torch_pin + "\n", text=True)
 
 
 def check(uv: str) -> int:

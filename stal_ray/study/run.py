@@ -3,7 +3,7 @@
 import json
 import time
 
-from stal_ray.config import Config
+from stal_ray.config import Config, with_overrides
 from stal_ray.data import storage
 from stal_ray.data.pipeline import evaluation_dataset
 from stal_ray.evaluate.features import extract_features, tracklet_frames
@@ -31,7 +31,9 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     start = time.perf_counter()
     if "stal" not in {v.name for v in variants}:
         raise ValueError("a study needs the stal variant: every section ranks its model")
-    preflight(config, data, endpoint_url=endpoint_url)  # before the first variant's run folder is written
+    # before the first variant's run folder is written, with the storage path the variants train into
+    preflight(with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"]), data,
+              endpoint_url=endpoint_url)
     trained = train_variants(config, data, out, endpoint_url=endpoint_url, variants=variants)
     stream = dict(batch_size=config.eval.batch_size, use_gpu=config.train.use_gpu or None)
     alpha, protocol = config.eval.fusion_rate, config.eval.protocol

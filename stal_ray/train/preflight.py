@@ -62,13 +62,19 @@ def run_folder(config: Config, name: str) -> str:
     return storage.join(storage_root(config), name)
 
 
-def check_resources(config: Config) -> None:
-    """Settings this cluster cannot run, refused before any worker starts."""
+def check_settings(config: Config) -> None:
+    """What needs no Ray: the weights and settings that cannot train anywhere. A job runs it before it starts
+    or joins Ray, so a bad config is refused in the seconds its imports take."""
     check_weights(config)
-    train = config.train
-    if train.sync_batchnorm and not train.use_gpu:
+    if config.train.sync_batchnorm and not config.train.use_gpu:
         raise ConfigError("train.sync_batchnorm = true needs train.use_gpu = true: torch synchronises "
                           "BatchNorm on GPUs only (set train.sync_batchnorm=false for CPU training)")
+
+
+def check_resources(config: Config) -> None:
+    """Settings this cluster cannot run, refused before any worker starts."""
+    check_settings(config)
+    train = config.train
     if train.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < train.num_workers:
