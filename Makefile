@@ -21,7 +21,7 @@ EXTRAS ?= test,tensorboard,pose
 # Ray on a small machine: see docs/architecture.md, "Ray resources".
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: venv lock check-lock train test test-e2e test-cluster bench gpu-check lint tensorboard clean
+.PHONY: venv lock check-lock train test test-e2e test-cluster test-rehearsal bench gpu-check lint tensorboard clean
 
 venv: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ test-e2e: venv
 # and an sshd on port 22 to this machine (root or passwordless sudo), so `make test` skips it unless CI runs it
 test-cluster: venv
 	STAL_TEST_CLUSTER_LAUNCH=1 $(PY) -m pytest -q -s tests/test_cluster_launch.py $(ARGS)
+
+# README's cluster commands as written (tests/test_rehearsal.py): the launch above, S3 on moto, a small
+# MARS-structured release, pose, ResNet-50 trained, evaluated, tuned and trained again from best.yaml (~20 min)
+test-rehearsal: venv
+	STAL_TEST_CLUSTER_LAUNCH=1 STAL_TEST_REHEARSAL=1 $(PY) -m pytest -q -s tests/test_rehearsal.py $(ARGS)
 
 bench: venv
 	$(PY) bench/model.py $(ARGS)

@@ -110,8 +110,10 @@ class DataConfig:
     # stream must hold back until other identities fill the batches (2.5 GiB of clips at 256×128); capped,
     # it gives 32 like 19% of the identities, and other epochs sample its other frames.
     max_groups_per_identity: int | None = 32
-    # Ray Data CPU tasks decoding JPEG frames at once
-    decode_concurrency: int = 2
+    # Ray Data CPU tasks decoding JPEG frames at once, at most (null: as many as the cluster's free CPUs
+    # allow, so CPU nodes added to the cluster add decoding; Ray Data's autoscaling of tasks). A cap keeps
+    # CPUs for other work, e.g. a laptop's CPU train workers (synthetic_tiny.yaml: 2)
+    decode_concurrency: int | None = None
     # fraction of training identities held out as the Tune validation split (never the test split)
     val_identities: float = 0.1
     # Training augmentation (data.augment), none in the paper (§IV-A), each off by default; every clip gets
@@ -241,7 +243,7 @@ class TuneConfig:
     # validation metric to maximise: "mAP" or "rank1"
     metric: str = "mAP"
     # trials running at once; each holds train.num_workers workers and its decoding tasks, so keep
-    # max_concurrent x (num_workers + 2 x decode_concurrency) within the cluster's CPUs
+    # max_concurrent x (num_workers + 2 x decode_concurrency, or + 2 uncapped) within the cluster's CPUs
     max_concurrent: int = 2
 
 
@@ -310,7 +312,7 @@ _RULES: dict[str, Rule] = {
     "data.identities_per_batch": int_at_least(1),
     "data.clips_per_identity": int_at_least(2),
     "data.max_groups_per_identity": lambda v: None if v is None else int_at_least(1)(v),
-    "data.decode_concurrency": int_at_least(1),
+    "data.decode_concurrency": lambda v: None if v is None else int_at_least(1)(v),
     "data.val_identities": interval(0, 1, closed_low=True, closed_high=False),
     "data.flip": lambda v: None,
     "data.crop_padding": int_at_least(0),

@@ -33,6 +33,7 @@ from stal_ray.data import storage
 from stal_ray.data.integrity import check_shards
 from stal_ray.data.validation import ValidationSplit, ensure_validation_split
 from stal_ray.evaluate.report import write_bytes
+from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.trainer import preflight, storage_root, train
 
 logger = logging.getLogger(__name__)
@@ -123,13 +124,15 @@ def _check_concurrency(config: Config) -> None:
     """Warn when the trials running at once need more CPUs than the cluster has now: each holds its train
     workers and, while it trains and validates, two sets of decoding tasks (one CPU each). Over-committed,
     trials hold workers while waiting for decoders that can never start."""
-    per_trial = config.train.num_workers + 2 * config.data.decode_concurrency
+    # uncapped (data.decode_concurrency null), a trial's stream takes the free CPUs but needs one at least
+    decoders = config.data.decode_concurrency or 1
+    per_trial = config.train.num_workers + 2 * decoders
     needed, cpus = config.tune.max_concurrent * per_trial, ray.cluster_resources().get("CPU", 0)
     if needed > cpus:
         logger.warning("tune.max_concurrent = %d trials need about %d CPUs (%d train workers + 2 x %d "
                        "decoding tasks each), but the Ray cluster has %g now: unless it scales up, lower "
                        "tune.max_concurrent or the trials wait on each other", config.tune.max_concurrent,
-                       needed, config.train.num_workers, config.data.decode_concurrency, cpus)
+                       needed, config.train.num_workers, decoders, cpus)
 
 
 def check_resume_folder(experiment_dir: str) -> None:
@@ -169,6 +172,7 @@ def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None
     print(f"validation split {split.uri}: {len(split.identities)} held-out identities, "
           f"{len(split.query_tracklets)} queries, {len(split.tracklets)} gallery tracklets")
     _check_concurrency(config)
+    report_stream_balance(config, data, endpoint_url=endpoint_url)  # what one trial's stream can supply
     metric = f"val_{config.tune.metric}"
     trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=config.to_dict(), data=data, split=split.to_json(),

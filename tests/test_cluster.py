@@ -84,6 +84,10 @@ def test_setup_installs_the_project_from_the_lock_as_make_venv_does(name):
     assert re.search(r"^\tPYTHON=\S+ tools/install.sh \$\(VENV\)", makefile, re.M)
     installs = [command for command in commands if "tools/install.sh ~/stal-venv" in command]
     assert len(installs) == 1 and installs[0].startswith("cd ~/stal_ray && "), commands
+    # the pose models on every node (estimate_pose.py): onnxruntime-gpu where there is a GPU, else the CPU
+    # build, never both (they are one module)
+    assert "if nvidia-smi -L > /dev/null 2>&1; then extra=pose-gpu; else extra=pose; fi" in installs[0]
+    assert installs[0].endswith('tools/install.sh ~/stal-venv "$extra"')
     assert f"TORCH_PIN=${{TORCH_PIN:-{torch_pin}}}" in (REPO / "tools" / "install.sh").read_text()
     # anything installed besides goes by the lock's pins too
     for command in commands + config["head_setup_commands"]:

@@ -13,6 +13,7 @@ It changes the machine (a user account, port 22), so it runs only when asked: ST
 which .ci/run and `make test-cluster` set."""
 
 import configparser
+import contextlib
 import os
 import pwd
 import re
@@ -74,9 +75,13 @@ def install_packages(root: list[str]) -> None:
 def pip_settings(directory: Path) -> dict[str, str]:
     """This machine's pip configuration for the host's sessions, which are another user's: the PIP_*
     variables and a merged copy of this user's pip.conf files (where the wheels come from: a local mirror,
-    the CPU build of torch; without them the host's `pip install torch` takes PyPI's CUDA build, GBs)."""
+    the CPU build of torch; without them the host's `pip install torch` takes PyPI's CUDA build, GBs), and
+    uv's (UV_*) and the certificates this machine's installers trust (SSL_CERT_FILE, ...: uv, which the nodes
+    install with, trusts only its own roots unless told, and a machine behind a TLS-inspecting proxy then
+    fails with "invalid peer certificate")."""
     settings = {name: value for name, value in os.environ.items()
-                if name.startswith("PIP_") and name != "PIP_CONFIG_FILE"}
+                if name.startswith(("PIP_", "UV_")) and name != "PIP_CONFIG_FILE"
+                or name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")}
     files = [Path.home() / ".pip" / "pip.conf",
              Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "pip" / "pip.conf"]
     if os.environ.get("PIP_CONFIG_FILE"):
@@ -118,6 +123,14 @@ def ray_processes() -> list[str]:
 def ssh_host():
     """(user, private key, prefix that runs a command as root) of an SSH server on 127.0.0.1:22 that lets
     only HOST_USER in, with this test's key."""
+    with ssh_server() as host:
+        yield host
+
+
+@contextlib.contextmanager
+def ssh_server(environment: dict[str, str] | None = None):
+    """ssh_host's server; `environment`: more variables for the host's sessions (and so its Ray), e.g. the
+    S3 endpoint and credentials of tests/test_rehearsal.py."""
     root = privilege()
     install_packages(root)
     if port_open(22):
@@ -135,7 +148,8 @@ def ssh_host():
     (keys / "authorized_keys").chmod(0o644)
     environment = {
         # the host's Ray keeps out of this machine's shared /tmp/ray (its sessions, session_latest)
-        "RAY_TMPDIR": f"{home}/tmp", "RAY_USAGE_STATS_ENABLED": "0", **pip_settings(keys)}
+        "RAY_TMPDIR": f"{home}/tmp", "RAY_USAGE_STATS_ENABLED": "0", **pip_settings(keys),
+        **(environment or {})}
     config = keys / "sshd_config"
     config.write_text(f"""\
 Port 22
@@ -175,12 +189,13 @@ SetEnv {" ".join(f'{name}="{value}"' for name, value in environment.items())}
         shutil.rmtree(keys, ignore_errors=True)
 
 
-def launch_copy(user: str, key: Path, directory: Path) -> tuple[Path, dict[str, int]]:
+def launch_copy(user: str, key: Path, directory: Path, *,
+                num_cpus: int | None = None) -> tuple[Path, dict[str, int]]:
     """cluster/local.yaml with the addresses (head 127.0.0.1, no workers), the user and the key changed, and
     (path, ports) of the copy. The head's ports move off Ray's defaults to free ones: this test session's own
     Ray holds the dashboard agent's 52365 (the head's agent would start without its HTTP server, and the job
     API would answer "No available agent"), and another Ray on this machine may hold 6379 or 8265 (a
-    submission to 8265 would go to that cluster)."""
+    submission to 8265 would go to that cluster). num_cpus: the head's logical CPUs (default: its cores)."""
     config = yaml.safe_load((REPO / "cluster" / "local.yaml").read_text())
     config["provider"]["head_ip"] = "127.0.0.1"
     config["provider"]["worker_ips"] = []
@@ -191,7 +206,8 @@ def launch_copy(user: str, key: Path, directory: Path) -> tuple[Path, dict[str, 
     [head] = [i for i, command in enumerate(start) if "ray start --head" in command]
     assert " --port=6379 " in start[head]
     start[head] = start[head].replace(" --port=6379 ", " ") + "".join(
-        f" --{option}={port}" for option, port in ports.items())
+        f" --{option}={port}" for option, port in ports.items()) + (
+        f" --num-cpus={num_cpus}" if num_cpus else "")
     path = directory / "local.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, ports

@@ -201,3 +201,25 @@ def test_a_pose_model_the_decoder_cannot_use_is_refused_in_one_line_before_ray(c
     with pytest.raises(UnknownModelError, match=problem) as refused:
         load_model(str(path))
     assert "\n" not in str(refused.value) and str(path) in str(refused.value)
+
+
+def test_a_gpu_run_on_the_cpu_build_of_onnxruntime_is_refused_not_run_on_one_thread(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the pose extra is not installed (pip install .[pose])")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    from stal_ray.pose.models import PoseRuntimeError, estimator, load_model
+
+    path = tmp_path / "rtmpose-like.onnx"
+    path.write_bytes(_simcc_model(256, 192, 17))
+    with pytest.raises(PoseRuntimeError, match="--num-gpus asks for a GPU.*no CUDA provider.*pose-gpu"):
+        estimator(load_model(str(path)), use_gpu=True)
+
+
+def test_both_onnxruntime_builds_on_one_node_are_refused():
+    from stal_ray.pose.models import PoseRuntimeError, check_onnxruntime
+
+    with pytest.raises(PoseRuntimeError, match="both onnxruntime and onnxruntime-gpu.*pip uninstall"):
+        check_onnxruntime(False, installed=("onnxruntime", "onnxruntime-gpu"))
+    check_onnxruntime(True, installed=("onnxruntime-gpu",), providers=["CUDAExecutionProvider",
+                                                                      "CPUExecutionProvider"])
+    check_onnxruntime(False, installed=("onnxruntime",))

@@ -4,6 +4,7 @@ URL with a sha256 is downloaded once per node into torch hub's cache and checked
 import functools
 import hashlib
 import http.server
+import os
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from stal_ray.config import Config, ConfigError, load_config
 from stal_ray.model.backbones import IMAGENET_WEIGHTS, build_backbone, check_weights_choice
 from stal_ray.model.stal import STAL
-from stal_ray.model.weights import WeightsError, cache_path, split_hash
+from stal_ray.model.weights import WeightsError, cache_path, local_weights, split_hash
 from stal_ray.train.trainer import check_resources
 
 
@@ -174,3 +175,14 @@ def test_a_url_without_a_hash_is_read_every_time_and_never_cached(weights_server
 def test_a_malformed_fragment_names_the_fix():
     with pytest.raises(WeightsError, match="#md5=abc is not #sha256= followed by 64 hex digits"):
         split_hash("https://example.com/w.pth#md5=abc")
+
+
+def test_a_file_larger_than_a_block_downloads_from_a_server_without_byte_ranges(http_folder, monkeypatch):
+    """Python's http.server answers no Range requests: the download must stream, not seek in blocks."""
+    folder, url = http_folder
+    monkeypatch.setenv("TORCH_HOME", str(folder / "torch_home"))
+    data = os.urandom(12 << 20)  # beyond fsspec's 5 MiB block
+    digest = hashlib.sha256(data).hexdigest()
+    (folder / f"big-{digest[:8]}.pth").write_bytes(data)
+    path = local_weights(f"{url}/big-{digest[:8]}.pth")
+    assert open(path, "rb").read() == data

@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "requirements.lock"
-EXTRAS = ("test", "tensorboard", "pose")
+EXTRAS = ("test", "tensorboard", "pose", "pose-gpu")  # pose and pose-gpu: never installed together
 PROJECT = "stal_ray"
 PLATFORM = "x86_64-manylinux_2_28"  # the nodes: Ubuntu 24.04 on AWS, the CPU machines that run the tests
 SOURCE_ONLY = ("deepspeed",)  # published as a source distribution only: built on install

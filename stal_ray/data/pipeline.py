@@ -2,7 +2,8 @@
 
 Training: the manifest's <uri>/train files in a seeded order per epoch, one read task each (one row per
 identity) -> each identity cut into groups of K clips of T frames (data.sampling; only the chosen frames'
-JPEG bytes travel on, gathered in Arrow by data.frames) -> decoding CPU tasks (data.images) -> the
+JPEG bytes travel on, gathered in Arrow by data.frames) -> decoding CPU tasks (data.images; as many as the
+cluster's free CPUs allow, or data.decode_concurrency) -> the
 trainer's data.batches, which puts P groups of P distinct identities in a batch. Held-out identities
 (exclude_identities) are dropped by the Parquet reader. Evaluation: read_parquet of every frame of every
 test tracklet, in chunks of T, decoded the same way. Validation (data.validation): the same chunks, cut
@@ -248,8 +249,12 @@ def decode_batch_size(data, clip_shape: tuple[int, ...]) -> int:
 
 def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
             augment: Augmentation | None = None) -> ray.data.Dataset:
+    """Decoding tasks after `ds`: at most data.decode_concurrency at once, or (None) as many as the cluster's
+    free CPUs allow."""
     # Tasks, not an actor pool: Ray reuses its worker processes for tasks, while actors are new processes
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
+    # Uncapped, Ray Data starts a task wherever a CPU is free and re-reads the cluster's size as it runs, so
+    # CPU nodes that join (cluster/aws_gpu.yaml's cpu_worker) decode too.
     ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
                                                       clip_shape=clip_shape, augment=augment),
                         batch_size=decode_batch_size(data, clip_shape), batch_format="pyarrow",

@@ -81,7 +81,11 @@ def _download(location: str, path: str, expected: str, uri: str, endpoint_url: s
     start, digest, size = time.monotonic(), hashlib.sha256(), 0
     try:
         fs, inner = storage.filesystem(location, endpoint_url=endpoint_url, check=False)
-        with storage.errors(location, endpoint_url), fs.open(inner, "rb") as source, \
+        # read start to end: over HTTP as one stream (block_size=0), since fsspec's random-access file asks
+        # for byte ranges, which not every server answers (Python's http.server does not: a file larger than
+        # one block failed there with "doesn't appear to support range requests")
+        streamed = {"block_size": 0} if location.startswith(("http://", "https://")) else {}
+        with storage.errors(location, endpoint_url), fs.open(inner, "rb", **streamed) as source, \
                 open(partial, "wb") as target:
             while chunk := source.read(CHUNK):
                 digest.update(chunk)

@@ -192,7 +192,8 @@ def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpo
                         fn_kwargs={"filesystem": _read_filesystem(manifest.uri, endpoint_url)})
     ds = ds.map_batches(PoseEstimator, batch_size=_ROWS_PER_BATCH, batch_format="pyarrow",
                         fn_constructor_kwargs={"model": model, "threads": threads, "use_gpu": num_gpus > 0},
-                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if num_gpus else threads,
+                        # every actor decodes and letterboxes its frames on `threads` CPUs, GPU or not
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
                         num_gpus=num_gpus or None)
     results: dict[str, dict[int, pa.Array]] = {}
     bad: dict[str, int] = {}

@@ -7,7 +7,8 @@ pixels and to the paper's 14 joints (joints.py).
   ai-edge-litert's TFLite interpreter on CPU. 33 landmarks with visibility and presence.
 * an ONNX top-down model with SimCC outputs (RTMPose exports: input (N, 3, H, W) RGB normalised by the
   ImageNet mean and std, outputs simcc_x (N, K, W·r) and simcc_y (N, K, H·r)), by local path or fsspec URL,
-  run by onnxruntime (CUDA when there is a GPU and the onnxruntime-gpu build, else CPU).
+  run by onnxruntime: on CPU the `pose` extra's build, on GPU (--num-gpus) the `pose-gpu` extra's
+  onnxruntime-gpu, never both (check_onnxruntime refuses a GPU run that would fall back to the CPU).
 
 The models' bytes are read once (load_model, in the driver) and travel to the workers with the estimator,
 so a cluster's nodes need no copy of the file.
@@ -250,17 +251,64 @@ class BlazePose:
         return to_joints(np.stack([self.landmarks(image) for image in images]))
 
 
+class PoseRuntimeError(RuntimeError):
+    """The node's onnxruntime cannot run the model where it was asked to (a GPU), or two builds clash."""
+
+
+ONNXRUNTIME_BUILDS = ("onnxruntime", "onnxruntime-gpu")  # the `pose` and `pose-gpu` extras' (pyproject.toml)
+
+
+def check_onnxruntime(use_gpu: bool, installed: tuple[str, ...] | None = None,
+                      providers: list[str] | None = None) -> None:
+    """Refuse what would run silently wrong: both onnxruntime builds installed (each overwrites the other's
+    files in the one `onnxruntime` module, so which runs is an accident), or a GPU asked for where the
+    installed build has no CUDA provider (the model would run on one CPU thread instead)."""
+    if installed is None:
+        installed = tuple(name for name in ONNXRUNTIME_BUILDS if _installed(name))
+    fix = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install --constraint requirements.lock "
+           "-e '.[pose-gpu]' on GPU nodes or '.[pose]' on CPU nodes")
+    if len(installed) > 1:
+        raise PoseRuntimeError(f"{os.uname().nodename}: both onnxruntime and onnxruntime-gpu are installed "
+                               f"(the extras pose and pose-gpu together); {fix}")
+    if not use_gpu:
+        return
+    if providers is None:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        raise PoseRuntimeError(f"{os.uname().nodename}: --num-gpus asks for a GPU, but its onnxruntime "
+                               f"({', '.join(installed) or 'none'}) has no CUDA provider (it has "
+                               f"{', '.join(providers)}): {fix}")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 class OnnxSimcc:
     """A top-down SimCC model (RTMPose) through onnxruntime, frames in batches."""
 
     def __init__(self, content: bytes, threads: int = 1, use_gpu: bool = False):
+        check_onnxruntime(use_gpu)
         import onnxruntime as ort
 
+        if use_gpu and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels torch's CUDA build installed
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        available = ort.get_available_providers()
-        providers = ["CUDAExecutionProvider"] if use_gpu and "CUDAExecutionProvider" in available else []
+        providers = ["CUDAExecutionProvider"] if use_gpu else []
         self.session = ort.InferenceSession(content, options, providers=[*providers, "CPUExecutionProvider"])
+        if use_gpu and "CUDAExecutionProvider" not in self.session.get_providers():
+            # onnxruntime drops a provider it cannot start (no driver, CUDA or cuDNN mismatch) with a log line
+            raise PoseRuntimeError(f"{os.uname().nodename}: onnxruntime could not start its CUDA provider "
+                                   "(see its log above: the CUDA or cuDNN libraries it needs); the model "
+                                   "would run on the CPU. Check `nvidia-smi` and the torch and "
+                                   "onnxruntime-gpu builds of requirements.lock")
         (inp,) = self.session.get_inputs()
         shape = inp.shape
         if len(shape) != 4 or not all(isinstance(v, int) for v in shape[2:]):

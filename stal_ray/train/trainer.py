@@ -24,6 +24,7 @@ from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks w
     run_folder,
     storage_root,
 )
+from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.tensorboard import TensorBoardCallback
 
 CONFIG_FILE = "config.yaml"  # the run's resolved settings, written into the run folder as it starts
@@ -126,6 +127,7 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
         fs.rm(stopped)  # from an earlier attempt under this name: this one starts from its last checkpoint
     settings = yaml.safe_dump(trainer.train_loop_config["config"], sort_keys=False)  # data.root resolved
     write_bytes(storage.join(run_dir, CONFIG_FILE), settings.encode())
+    report_stream_balance(config, data, endpoint_url=kwargs.get("endpoint_url"))
     result = trainer.fit()
     if fs.exists(stopped):
         with fs.open(stopped) as note_file:
