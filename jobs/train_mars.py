@@ -19,11 +19,11 @@ from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
-from stal_ray.train.trainer import NonFiniteLossError, train
+from stal_ray.train.trainer import NonFiniteLossError, WorkersLostError, train
 
 # flags that stand for a setting
-SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
-             "storage_path": "train.storage_path"}
+SHORTCUTS = {"num_workers": "train.num_workers", "min_workers": "train.min_workers",
+             "use_gpu": "train.use_gpu", "storage_path": "train.storage_path"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_tiny.yaml"
 
 
@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="Ray Train workers, one GPU each with --use-gpu (train.num_workers; default: "
                              "the config's, 1 in synthetic_tiny.yaml, 4 in the MARS configs)")
+    parser.add_argument("--min-workers", type=int, default=None,
+                        help="elastic training (train.min_workers): after a lost node go on with at least "
+                             "this many workers, growing back to --num-workers when nodes return (default: "
+                             "a fixed group)")
     parser.add_argument("--use-gpu", action="store_true", default=None,
                         help="one GPU per worker (train.use_gpu; default: the config's, off in "
                              "synthetic_tiny.yaml, on in the MARS configs)")
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"training run {name!r} on {data}")
         result = train(config, data, name=name, endpoint_url=args.endpoint_url)
-    except (ConfigError, StorageError, NonFiniteLossError) as error:
+    except (ConfigError, StorageError, NonFiniteLossError, WorkersLostError) as error:
         print(f"train_mars: error: {error}", file=sys.stderr)
         return 2
     print(f"model: {result.model_path}")

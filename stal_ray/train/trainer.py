@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
+class WorkersLostError(RuntimeError):
+    """The worker group could not be (re)started within train.worker_wait_s: nodes were lost for good."""
+
+
+# Ray Train's wait for a worker group's resources, per attempt (its default; the variable overrides it)
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 60.0
+
+
 @dataclass
 class TrainResult:
     run_dir: str  # <storage path>/<name>: checkpoints, model.pt
@@ -46,6 +56,10 @@ def check_resources(config: Config) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     train = config.train
+    if train.min_workers > train.num_workers:
+        raise ConfigError(f"train.min_workers = {train.min_workers} is above train.num_workers = "
+                          f"{train.num_workers}: the group can shrink to min_workers, never grow past "
+                          "num_workers; lower --min-workers or raise --num-workers")
     if train.sync_batchnorm and not train.use_gpu:
         raise ConfigError("train.sync_batchnorm = true needs train.use_gpu = true: torch synchronises "
                           "BatchNorm on GPUs only (set train.sync_batchnorm=false for CPU training)")
@@ -119,7 +133,6 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     labels = identity_labels(data, endpoint_url=endpoint_url, **(
         {"exclude_identities": exclude_identities} if exclude_identities else {}))
     counts = check_data(config, data, labels, endpoint_url=endpoint_url)
-    train = config.train
     root = storage_root(config)
     # model.pt records the data it was trained on: evaluate_mars.py without --data evaluates that
     config = copy.deepcopy(config)
@@ -140,14 +153,34 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=name, storage_path=root,
             checkpoint_config=checkpoint_config(config, validation is not None),
-            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            failure_config=failure_config(config),
             callbacks=[*(callbacks or ()), TensorBoardCallback(run_dir, endpoint_url)],
         ),
     )
+
+
+def scaling_config(config: Config) -> ray.train.ScalingConfig:
+    """A fixed group of train.num_workers, or with train.min_workers an elastic one: Ray Train asks for
+    num_workers, starts (and after a lost node restarts) with as many as the cluster has, at least
+    min_workers, and checks every train.resize_check_s whether more have become free to grow back onto."""
+    train = config.train
+    workers = (train.min_workers, train.num_workers) if train.min_workers else train.num_workers
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=train.use_gpu,
+                                   placement_strategy=train.placement_strategy,
+                                   elastic_resize_monitor_interval_s=train.resize_check_s)
+
+
+def failure_config(config: Config) -> ray.train.FailureConfig:
+    """Workers that die are replaced train.max_failures times; a group that cannot start (its nodes are gone)
+    is tried again for about train.worker_wait_s, in attempts of Ray Train's start timeout, then the run
+    fails (Ray Train's own default waits forever)."""
+    start_timeout = float(os.environ.get(START_TIMEOUT_VARIABLE, DEFAULT_START_TIMEOUT_S))
+    attempts = max(1, math.ceil(config.train.worker_wait_s / start_timeout))
+    return ray.train.FailureConfig(max_failures=config.train.max_failures, controller_failure_limit=attempts)
 
 
 def checkpoint_config(config: Config, validating: bool) -> ray.train.CheckpointConfig:
@@ -169,7 +202,10 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
         fs.rm(stopped)  # from an earlier attempt under this name: this one starts from its last checkpoint
     settings = yaml.safe_dump(trainer.train_loop_config["config"], sort_keys=False)  # data.root resolved
     write_bytes(storage.join(run_dir, CONFIG_FILE), settings.encode())
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as error:
+        raise WorkersLostError(workers_lost_message(config, name, run_dir, error)) from None
     if fs.exists(stopped):
         with fs.open(stopped) as note_file:
             note = json.load(note_file)
@@ -180,3 +216,15 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
             "set train.grad_clip, or check the data; rerunning with the same --name resumes from it.")
     return TrainResult(run_dir=run_dir, model_path=storage.join(run_dir, MODEL_FILE),
                        metrics=result.metrics or {}, checkpoint=result.checkpoint)
+
+
+def workers_lost_message(config: Config, name: str, run_dir: str, error: Exception) -> str:
+    """What happened when the worker group could not start again, and the two ways on."""
+    train = config.train
+    cause = getattr(error, "controller_failure", error)
+    wanted = (f"{train.min_workers} to {train.num_workers}" if train.min_workers else str(train.num_workers))
+    return (f"{run_dir}: the group of {wanted} train workers could not start for about "
+            f"{train.worker_wait_s:g} s (train.worker_wait_s): the cluster lacks their resources, as after a "
+            f"lost node ({type(cause).__name__}). Its checkpoints stay there: rerun with --name {name} once "
+            "the nodes are back to resume from the latest, or with --min-workers M (train.min_workers) to go "
+            "on with the workers the cluster has")
