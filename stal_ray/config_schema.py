@@ -178,6 +178,9 @@ class TrainConfig:
     # where the workers go (Ray placement group strategy): "PACK" (few nodes), "SPREAD" (one per node where
     # it can, so that a lost node takes few workers with it) or "STRICT_SPREAD" (one per node, or wait)
     placement_strategy: str = "PACK"
+    # a custom node resource (`ray start --resources '{"trainer": 1}'`) each worker takes one unit of, so
+    # workers go only to the nodes that have it, one per unit (null: CPUs/GPUs alone)
+    worker_resource: str | None = None
     # seconds a fixed group (min_workers = 0) waits for the resources of lost workers before the run fails
     worker_wait_s: float = 600.0
     # train on GPUs
@@ -346,6 +349,7 @@ _RULES: dict[str, Rule] = {
     "train.num_workers": int_at_least(1),
     "train.min_workers": int_at_least(0),
     "train.resize_check_s": positive,
+    "train.worker_resource": lambda v: None,
     "train.placement_strategy": one_of(("PACK", "SPREAD", "STRICT_SPREAD")),
     "train.worker_wait_s": positive,
     "train.use_gpu": lambda v: None,

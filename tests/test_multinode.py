@@ -31,6 +31,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 # Ray Train's wait per attempt to start a worker group (60 s by default): short, so a fixed group gives up
 # within the test (train.worker_wait_s counts attempts of it)
 START_TIMEOUT_S = "10"
+TRAINER = '--resources={"trainer": 1}'
 
 
 class Cluster:
@@ -40,7 +41,8 @@ class Cluster:
         self.port, self.env, self.tmp = free_port(), env, tmp
         # a short session folder of its own (Ray's socket paths must fit in 107 bytes)
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        self.head = self._start("head", ["--head", f"--port={self.port}", "--num-cpus=6",
+        # one train worker per node (train.worker_resource): the second node's loss takes one of two
+        self.head = self._start("head", ["--head", f"--port={self.port}", "--num-cpus=6", TRAINER,
                                          f"--ray-client-server-port={free_port()}",
                                          "--include-dashboard=false", f"--temp-dir={self.temp_dir}"])
         self.address = f"127.0.0.1:{self.port}"
@@ -57,7 +59,7 @@ class Cluster:
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     def start_second(self) -> None:
-        self.second = self._start("second", [f"--address={self.address}", "--num-cpus=3"])
+        self.second = self._start("second", [f"--address={self.address}", "--num-cpus=3", TRAINER])
 
     def kill_second(self) -> list[int]:
         """SIGKILL the second node's `ray start`, raylet and every process under it (its workers) -> pids."""
@@ -157,14 +159,14 @@ def run_in_thread(function) -> tuple[threading.Thread, dict]:
 
 def config_for(bucket: str, *overrides):
     return load_config(None, OVERRIDES + [f"train.storage_path={bucket}/runs", "train.num_workers=2",
-                                          "train.placement_strategy=STRICT_SPREAD", "train.checkpoint_every=4",
+                                          "train.worker_resource=trainer", "train.checkpoint_every=4",
                                           "train.log_every=4", *overrides])
 
 
 def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(cluster, shards_uri,  # noqa: F811
                                                                   make_bucket, tmp_path):
     nodes, ray = cluster
-    config = config_for(make_bucket(), "train.min_workers=1", "train.iterations=24",
+    config = config_for(make_bucket(), "train.min_workers=1", "train.iterations=80",
                         "train.resize_check_s=5", "train.max_failures=3")
     log = tmp_path / "reports.jsonl"
     thread, outcome = run_in_thread(lambda: train(config, shards_uri, name="elastic",
@@ -178,17 +180,23 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(cluster, shar
              "a report of the one-worker group")
     shrunk = next(r for r in reports(log) if r["workers"] == 1)
     nodes.start_second()
+    wait_for(lambda: alive_nodes(ray) == 2, 120, "the second node to join again")
+    returned_at = time.time()
+    wait_for(lambda: reports(log)[-1]["workers"] == 2 or "error" in outcome or not thread.is_alive(), 300,
+             "the group to grow back to two workers")
+    grown = reports(log)[-1]
     thread.join(timeout=420)
     assert not thread.is_alive(), "the elastic run did not finish"
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
-    assert result.metrics["iteration"] == 24
+    assert result.metrics["iteration"] == 80
     workers = [r["workers"] for r in reports(log)]
     assert workers[0] == 2 and 1 in workers and workers[-1] == 2, f"workers per report: {workers}"
     assert [value for _, value in read_scalars(result.run_dir)["train/workers"]] == workers
     print(f"\nnode loss: killed {len(killed)} processes at iteration {before} (last report); the one-worker "
           f"group reported iteration {shrunk['iteration']} {shrunk['time'] - killed_at:.1f} s later; "
-          f"workers per report {workers}")
+          f"workers per report {workers}; grew back {grown['time'] - returned_at:.1f} s after the node "
+          f"returned, at iteration {grown['iteration']}")
 
 
 def test_a_fixed_group_waits_a_bounded_time_then_says_how_to_resume(cluster, shards_uri,  # noqa: F811

@@ -169,7 +169,10 @@ def scaling_config(config: Config) -> ray.train.ScalingConfig:
     min_workers, and checks every train.resize_check_s whether more have become free to grow back onto."""
     train = config.train
     workers = (train.min_workers, train.num_workers) if train.min_workers else train.num_workers
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=train.use_gpu,
+    resources = None
+    if train.worker_resource:  # Ray's default (1 CPU, or 1 GPU) plus one unit of the named resource
+        resources = {"CPU": 1, **({"GPU": 1} if train.use_gpu else {}), train.worker_resource: 1}
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources,
                                    placement_strategy=train.placement_strategy,
                                    elastic_resize_monitor_interval_s=train.resize_check_s)
 
