@@ -22,6 +22,7 @@ from ray.train import UserCallback
 from test_train import OVERRIDES, shards_uri  # noqa: F401 (shards_uri is a fixture)
 
 from stal_ray.config import load_config
+from stal_ray.data import storage
 from stal_ray.train.tensorboard import read_scalars
 from stal_ray.train.trainer import WorkersLostError, train
 
@@ -44,6 +45,7 @@ class Cluster:
         # one train worker per node (train.worker_resource): the second node's loss takes one of two
         self.head = self._start("head", ["--head", f"--port={self.port}", "--num-cpus=6", TRAINER,
                                          f"--ray-client-server-port={free_port()}",
+                                         f"--dashboard-port={free_port()}",
                                          "--include-dashboard=false", f"--temp-dir={self.temp_dir}"])
         self.address = f"127.0.0.1:{self.port}"
         self.second = None
@@ -192,7 +194,9 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(cluster, shar
     assert result.metrics["iteration"] == 80
     workers = [r["workers"] for r in reports(log)]
     assert workers[0] == 2 and 1 in workers and workers[-1] == 2, f"workers per report: {workers}"
-    assert [value for _, value in read_scalars(result.run_dir)["train/workers"]] == workers
+    fs, path = storage.filesystem(result.run_dir)
+    fs.get(f"{path}/tensorboard", str(tmp_path / "run" / "tensorboard"), recursive=True)
+    assert [value for _, value in read_scalars(str(tmp_path / "run"))["train/workers"]] == workers
     print(f"\nnode loss: killed {len(killed)} processes at iteration {before} (last report); the one-worker "
           f"group reported iteration {shrunk['iteration']} {shrunk['time'] - killed_at:.1f} s later; "
           f"workers per report {workers}; grew back {grown['time'] - returned_at:.1f} s after the node "
