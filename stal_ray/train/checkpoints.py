@@ -69,9 +69,12 @@ def load_checkpoint(engine, directory: str, tag: str,
     engine.checkpoint_engine = SafeCheckpointEngine()
     try:
         partitions = zero_partition_files(directory, tag)
-        if not partitions or len(partitions) == engine.dp_world_size:
+        # DeepSpeed's own load of the unpadded (elastic) ZeRO partitions fails for SGD even at the same
+        # world size (it expects a param-group "step"): those always load through the re-cut below
+        elastic = engine.zero_optimization_stage() in (1, 2) and engine.zero_elastic_checkpoint()
+        if not partitions or (len(partitions) == engine.dp_world_size and not elastic):
             return engine.load_checkpoint(directory, tag=tag)
-        return _load_at_another_world_size(engine, directory, tag, partitions)
+        return _load_zero_partitions(engine, directory, tag, partitions)
     except UnsafeCheckpointError as error:
         if not source or os.path.abspath(source) == os.path.abspath(directory):
             raise
@@ -100,10 +103,11 @@ class _PartitionsByRank(list):
         return super().__getitem__(index)
 
 
-def _load_at_another_world_size(engine, directory: str, tag: str,
+def _load_zero_partitions(engine, directory: str, tag: str,
                                 partitions: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """A ZeRO 1/2 checkpoint of len(partitions) workers on engine.dp_world_size: module, schedule and client
-    state through DeepSpeed, the optimiser state merged from every partition and re-cut for this rank."""
+    """A ZeRO 1/2 checkpoint of len(partitions) workers on engine.dp_world_size (the same or another): module,
+    schedule and client state through DeepSpeed, the optimiser state merged from every partition and re-cut
+    for this rank."""
     stage = engine.zero_optimization_stage()
     if stage not in (1, 2) or not engine.zero_elastic_checkpoint():
         raise ValueError(
@@ -116,6 +120,8 @@ def _load_at_another_world_size(engine, directory: str, tag: str,
     saved = _PartitionsByRank(engine.checkpoint_engine.load(path, map_location="cpu")["optimizer_state_dict"]
                               for path in partitions)
     if not all(isinstance(state.get("base_optimizer_state"), list) for state in saved):
+        if len(partitions) == engine.dp_world_size:  # an older stal_ray's checkpoint: DeepSpeed loads it
+            return engine.load_checkpoint(directory, tag=tag)
         raise ValueError(
             f"{os.path.join(directory, tag)}: written by {len(partitions)} workers without "
             f"elastic_checkpoint (an older stal_ray), so its optimiser state cannot be re-cut for "
