@@ -21,7 +21,7 @@ EXTRAS ?= test,tensorboard,pose
 # Ray on a small machine: see docs/architecture.md, "Ray resources".
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: venv lock check-lock train test test-e2e test-cluster test-rehearsal bench gpu-check lint tensorboard clean
+.PHONY: venv lock check-lock train test test-e2e test-multinode test-cluster test-rehearsal bench gpu-check lint tensorboard clean
 
 venv: $(VENV)/.installed
 
@@ -44,12 +44,17 @@ train: venv
 
 # The suite without the whole-job tests (marked e2e): under 15 minutes on 2 cores
 test: venv
-	$(PY) -m pytest -q tests -m "not e2e" $(ARGS)
+	$(PY) -m pytest -q tests -m "not e2e and not multinode" $(ARGS)
 
 # Whole jobs end to end (splits, study, Tune, ray job submit, and the cluster launch where it may run): CI runs
 # it after `make test`
 test-e2e: venv
 	$(PY) -m pytest -q tests -m e2e $(ARGS)
+
+# Several Ray nodes on 127.0.0.1 (`ray start` processes): a node killed during training, checkpoints resumed
+# on another number of workers; CI runs it after `make test-e2e`
+test-multinode: venv
+	$(PY) -m pytest -q tests -m multinode $(ARGS)
 
 # cluster/local.yaml launched over SSH on 127.0.0.1 (`ray up`, a job, `ray down`): it adds the account stal-host
 # and an sshd on port 22 to this machine (root or passwordless sudo), so `make test` skips it unless CI runs it

@@ -26,8 +26,8 @@ from stal_ray.train.preflight import check_settings
 from stal_ray.train.trainer import RunStoppedError, run_folder, train
 
 # flags that stand for a setting
-SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu",
-             "storage_path": "train.storage_path"}
+SHORTCUTS = {"num_workers": "train.num_workers", "min_workers": "train.min_workers",
+             "use_gpu": "train.use_gpu", "storage_path": "train.storage_path"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_tiny.yaml"
 
 
@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="Ray Train workers, one GPU each with --use-gpu (train.num_workers; default: "
                              "the config's, 1 in synthetic_tiny.yaml, 4 in the MARS configs)")
+    parser.add_argument("--min-workers", type=int, default=None,
+                        help="elastic training (train.min_workers): after a lost node go on with at least "
+                             "this many workers, growing back to --num-workers when nodes return (default: "
+                             "a fixed group)")
     parser.add_argument("--use-gpu", action="store_true", default=None,
                         help="one GPU per worker (train.use_gpu; default: the config's, off in "
                              "synthetic_tiny.yaml, on in the MARS configs)")

@@ -171,6 +171,20 @@ class TrainConfig:
     branches: str = "both"
     # Ray Train workers (one per GPU when use_gpu)
     num_workers: int = 1
+    # elastic training: 0 keeps a fixed group of num_workers; from 1 to num_workers, a group that lost nodes
+    # goes on with at least this many workers from its last checkpoint and grows back to num_workers when
+    # they return (Ray Train's ScalingConfig(num_workers=(min, max))); docs/faults.md
+    min_workers: int = 0
+    # seconds between the checks of an elastic group for returned resources to grow back onto
+    resize_check_s: float = 60.0
+    # where the workers go (Ray placement group strategy): "PACK" (few nodes), "SPREAD" (one per node where
+    # it can, so that a lost node takes few workers with it) or "STRICT_SPREAD" (one per node, or wait)
+    placement_strategy: str = "PACK"
+    # a custom node resource (`ray start --resources '{"trainer": 1}'`) each worker takes one unit of, so
+    # workers go only to the nodes that have it, one per unit (null: CPUs/GPUs alone)
+    worker_resource: str | None = None
+    # seconds a fixed group (min_workers = 0) waits for the resources of lost workers before the run fails
+    worker_wait_s: float = 600.0
     # train on GPUs
     use_gpu: bool = False
     # DeepSpeed ZeRO stage: 0 (data parallel), 1 (optimiser state sharded), 2 (and gradients)
@@ -335,6 +349,11 @@ _RULES: dict[str, Rule] = {
     "train.mining": one_of(MINING),
     "train.branches": one_of(TRAINED_BRANCHES),
     "train.num_workers": int_at_least(1),
+    "train.min_workers": int_at_least(0),
+    "train.resize_check_s": positive,
+    "train.worker_resource": lambda v: None,
+    "train.placement_strategy": one_of(("PACK", "SPREAD", "STRICT_SPREAD")),
+    "train.worker_wait_s": positive,
     "train.use_gpu": lambda v: None,
     "train.zero_stage": one_of(ZERO_STAGES),
     "train.precision": one_of(PRECISIONS),  # bf16/fp16 on CPU is allowed: the trainer decides what runs

@@ -29,7 +29,10 @@ def deepspeed_config(config, *, on_gpu: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": clips,
         "gradient_accumulation_steps": train.grad_accumulation,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
+        # elastic_checkpoint: ZeRO 1/2 save their optimiser partitions without the padding of this world
+        # size, so a checkpoint loads on another number of workers (train.checkpoints.load_checkpoint)
+        "zero_optimization": {"stage": train.zero_stage, **({"elastic_checkpoint": True}
+                                                           if train.zero_stage in (1, 2) else {})},
         # ZeRO is tested by DeepSpeed with its own Adam variants; SGD (the paper's optimiser) works with
         # stages 1-2, which only shard the momentum buffers and gradients
         "zero_allow_untested_optimizer": True,

@@ -34,6 +34,7 @@ from stal_ray.objective import STALObjective
 from stal_ray.progress import format_duration
 from stal_ray.train.checkpoints import load_checkpoint
 from stal_ray.train.deepspeed import build_engine
+from stal_ray.train.elastic import batches_done_at, resize_line, scale_learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class LoopState:
     batches_into_epoch: int = 0  # batches of `epoch` already trained on (skipped when resuming mid-epoch)
     best_score: float | None = None  # the best validation score so far (best_model_metric), when validating
     best_step: int = 0  # the iteration model.pt was saved at for it
+    world: int = 0  # workers in the group that trained up to here (0: not recorded, before elastic training)
+    clips_seen: int = 0  # clips trained on by all workers together
 
 
 @dataclass
@@ -128,6 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = STAL.from_config(config, num_classes=len(labels)).to(device)
     objective = STALObjective.from_config(config)
     engine, scheduler = build_engine(model, config, on_gpu=on_gpu)
+    unscaled_lrs = list(scheduler.base_lrs)
     dtype = next(engine.module.parameters()).dtype
 
     state = LoopState()
@@ -139,6 +143,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resuming at iteration {state.step}, epoch {state.epoch}, "
                   f"batch {state.batches_into_epoch}", flush=True)
+    factor = scale_learning_rate(scheduler, unscaled_lrs, world, config.train.num_workers)
+    if state.world and state.world != world:
+        if rank == 0:
+            lr = scheduler.optimizer.param_groups[0]["lr"]
+            print(resize_line(state.world, world, state.step, factor, lr), flush=True)
+        state.batches_into_epoch = batches_done_at(state.batches_into_epoch, state.world, world)
+    state.world = world
 
     iterations = config.train.iterations
     meter, last_metrics = Meter(), {}
@@ -175,6 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             state.batches_into_epoch += 1
+            state.clips_seen += len(clips) * world
             trained_this_epoch += 1
             meter.add(terms.as_floats(), len(clips) * world, data_wait, time.perf_counter() - start)
             if not boundary:
@@ -301,7 +313,8 @@ def _report(engine, state: LoopState, meter: Meter, scheduler, batches, device,
         metrics.update(validator(engine.module))
         _keep_if_best(engine.module, state, metrics, loop_config)
     metrics.update(
-        iteration=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
+        iteration=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], workers=world,
+        clips_seen=state.clips_seen,
         clips_per_s=meter.clips / max(meter.step_time, 1e-9),
         data_wait_share=data_wait / max(step_time, 1e-9),
         data_wait_share_run=run_data_wait / max(run_step_time, 1e-9),

@@ -67,6 +67,11 @@ def check_settings(config: Config) -> None:
     """What needs no Ray: the weights and settings that cannot train anywhere. A job runs it before it starts
     or joins Ray, so a bad config is refused in the seconds its imports take."""
     check_weights(config)
+    train = config.train
+    if train.min_workers > train.num_workers:
+        raise ConfigError(f"train.min_workers = {train.min_workers} is above train.num_workers = "
+                          f"{train.num_workers}: the group can shrink to min_workers, never grow past "
+                          "num_workers; lower --min-workers or raise --num-workers")
     if config.train.sync_batchnorm and not config.train.use_gpu:
         raise ConfigError("train.sync_batchnorm = true needs train.use_gpu = true: torch synchronises "
                           "BatchNorm on GPUs only (set train.sync_batchnorm=false for CPU training)")

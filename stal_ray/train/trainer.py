@@ -2,6 +2,8 @@
 
 import copy
 import json
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,15 @@ class NoBatchError(RunStoppedError):
     """An epoch gave no batch: every group had frames that do not decode, or too few identities."""
 
 
+class WorkersLostError(RunStoppedError):
+    """The worker group could not be (re)started within train.worker_wait_s: nodes were lost for good."""
+
+
+# Ray Train's wait for a worker group's resources, per attempt (its default; the variable overrides it)
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 60.0
+
+
 @dataclass
 class TrainResult:
     run_dir: str  # <storage path>/<name>: checkpoints, model.pt
@@ -64,7 +75,6 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
     labels, counts = preflight(config, data, endpoint_url=endpoint_url, exclude_identities=exclude_identities)
-    train = config.train
     root = storage_root(config)
     # model.pt records the data it was trained on: evaluate_mars.py without --data evaluates that
     config = copy.deepcopy(config)
@@ -85,14 +95,37 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=name, storage_path=root,
             checkpoint_config=checkpoint_config(config, validation is not None),
-            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            failure_config=failure_config(config),
             callbacks=[*(callbacks or ()), TensorBoardCallback(run_dir, endpoint_url)],
         ),
     )
+
+
+def scaling_config(config: Config) -> ray.train.ScalingConfig:
+    """A fixed group of train.num_workers, or with train.min_workers an elastic one: Ray Train asks for
+    num_workers, starts (and after a lost node restarts) with as many as the cluster has, at least
+    min_workers, and checks every train.resize_check_s whether more have become free to grow back onto."""
+    train = config.train
+    workers = (train.min_workers, train.num_workers) if train.min_workers else train.num_workers
+    resources = None
+    if train.worker_resource:  # Ray's default (1 CPU, or 1 GPU) plus one unit of the named resource
+        resources = {"CPU": 1, **({"GPU": 1} if train.use_gpu else {}), train.worker_resource: 1}
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources,
+                                   placement_strategy=train.placement_strategy,
+                                   elastic_resize_monitor_interval_s=train.resize_check_s)
+
+
+def failure_config(config: Config) -> ray.train.FailureConfig:
+    """Workers that die are replaced train.max_failures times; a group that cannot start (its nodes are gone)
+    is tried again for about train.worker_wait_s, in attempts of Ray Train's start timeout, then the run
+    fails (Ray Train's own default waits forever)."""
+    start_timeout = float(os.environ.get(START_TIMEOUT_VARIABLE, DEFAULT_START_TIMEOUT_S))
+    attempts = max(1, math.ceil(config.train.worker_wait_s / start_timeout))
+    return ray.train.FailureConfig(max_failures=config.train.max_failures, controller_failure_limit=attempts)
 
 
 def checkpoint_config(config: Config, validating: bool) -> ray.train.CheckpointConfig:
@@ -119,7 +152,8 @@ def _no_batch_message(note: dict, data: str, config: Config) -> str:
 
 def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
     """Run (or resume) training; raise NonFiniteLossError when the loss went non-finite, NoBatchError when
-    an epoch gave no batch (both RunStoppedError: a retry would repeat them)."""
+    an epoch gave no batch, WorkersLostError when the worker group could not start again within
+    train.worker_wait_s (all RunStoppedError: a retry would repeat them)."""
     trainer = build_trainer(config, data, name=name, **kwargs)
     run_dir = storage.join(storage_root(config), name)
     fs, stopped = storage.filesystem(storage.join(run_dir, STOPPED), check=False)
@@ -128,7 +162,10 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
     settings = yaml.safe_dump(trainer.train_loop_config["config"], sort_keys=False)  # data.root resolved
     write_bytes(storage.join(run_dir, CONFIG_FILE), settings.encode())
     report_stream_balance(config, data, endpoint_url=kwargs.get("endpoint_url"))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as error:
+        raise WorkersLostError(workers_lost_message(config, name, run_dir, error)) from None
     if fs.exists(stopped):
         with fs.open(stopped) as note_file:
             note = json.load(note_file)
@@ -141,3 +178,15 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
             "set train.grad_clip, or check the data; rerunning with the same --name resumes from it.")
     return TrainResult(run_dir=run_dir, model_path=storage.join(run_dir, MODEL_FILE),
                        metrics=result.metrics or {}, checkpoint=result.checkpoint)
+
+
+def workers_lost_message(config: Config, name: str, run_dir: str, error: Exception) -> str:
+    """What happened when the worker group could not start again, and the two ways on."""
+    train = config.train
+    cause = getattr(error, "controller_failure", error)
+    wanted = (f"{train.min_workers} to {train.num_workers}" if train.min_workers else str(train.num_workers))
+    return (f"{run_dir}: the group of {wanted} train workers could not start for about "
+            f"{train.worker_wait_s:g} s (train.worker_wait_s): the cluster lacks their resources, as after a "
+            f"lost node ({type(cause).__name__}). Its checkpoints stay there: rerun with --name {name} once "
+            "the nodes are back to resume from the latest, or with --min-workers M (train.min_workers) to go "
+            "on with the workers the cluster has")
