@@ -1,9 +1,11 @@
 """Training under Ray Train + DeepSpeed on CPU: ZeRO stages, resumption, a killed worker, a NaN loss."""
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from stal_ray.config import ConfigError, load_config
+from stal_ray.data.manifest import read_manifest
 from stal_ray.data.mars import read_mars
 from stal_ray.data.shards import write_shards
 from stal_ray.data.synthetic import write_synthetic_release
@@ -127,8 +129,23 @@ def test_frames_that_never_decode_stop_the_run_once_naming_them(ray_cluster, und
     config = make_config(tmp_path, "model.pose_source=prior", "train.iterations=4", "train.max_failures=2")
     # before: a RuntimeError in every worker group, retried max_failures times, then a WorkerGroupError
     with pytest.raises(NoBatchError, match=r"epoch 0 .*no batch: all \d+ clip groups had frames that do not "
-                                           r"decode \(first: identity \d+, track-table rows \["):
+                                           r"decode \(first: identity \d+, track-table rows \[.*\]; frames "
+                                           r"that do not decode: track-table row \d+ \(camera \d\), "
+                                           r"frame \d+"):
         train(config, undecodable_shards, name="undecodable")
+
+
+def test_the_frames_that_do_not_decode_are_named_from_the_shards(undecodable_shards, shards_uri):
+    from stal_ray.data.pipeline import undecodable_frames
+
+    table = pq.ParquetDataset(read_manifest(undecodable_shards).paths("train")).read()
+    row = table.slice(0, 1).to_pylist()[0]
+    first = row["tracklet"][0]
+    named = undecodable_frames(undecodable_shards, row["identity"], [first], limit=2)
+    assert named == [f"track-table row {first} (camera {row['camera'][0]}), frame {n}"
+                     for n in row["frame_index"][:2]]
+    intact = pq.ParquetDataset(read_manifest(shards_uri).paths("train")).read().slice(0, 1).to_pylist()[0]
+    assert undecodable_frames(shards_uri, intact["identity"], set(intact["tracklet"])) == []
 
 
 def test_deepspeed_config_follows_the_train_settings(tmp_path):

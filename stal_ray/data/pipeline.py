@@ -35,7 +35,7 @@ from stal_ray.data import storage
 from stal_ray.data.augment import Augmentation
 from stal_ray.data.batches import RecycledBuffers
 from stal_ray.data.frames import StoredRows, chunks_of, to_numpy
-from stal_ray.data.images import decode_frames_with_sizes
+from stal_ray.data.images import decode_frame, decode_frames_with_sizes
 from stal_ray.data.manifest import JOINTS, read_manifest
 from stal_ray.data.sampling import identity_groups, sequence_of_length
 
@@ -62,6 +62,26 @@ def identity_labels(uri: str, *, endpoint_url: str | None = None,
     fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
     table = pq.ParquetDataset(manifest.paths("train"), filesystem=fs).read(columns=["identity"])
     return sorted(set(table.column("identity").to_pylist()) - set(exclude_identities or ()))
+
+
+def undecodable_frames(uri: str, identity: int, tracklets: Iterable[int], *, endpoint_url: str | None = None,
+                       limit: int = 3) -> list[str]:
+    """The first `limit` frames of `identity`'s `tracklets` (track-table rows) that do not decode, named as
+    the release names them (track-table row, camera, frame number): the driver's look at what a training
+    epoch skipped, read from the identity's own row only."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
+    rows = pq.ParquetDataset(manifest.paths("train"), filesystem=fs,
+                             filters=[("identity", "=", identity)]).read()
+    wanted, found = set(tracklets), []
+    for row in rows.to_pylist():
+        for jpeg, tracklet, camera, number in zip(row["frames"], row["tracklet"], row["camera"],
+                                                  row["frame_index"], strict=True):
+            if tracklet in wanted and decode_frame(jpeg, 8, 8) is None:
+                found.append(f"track-table row {tracklet} (camera {camera}), frame {number}")
+                if len(found) == limit:
+                    return found
+    return found
 
 
 def _identity_groups(rows: pa.RecordBatch | pa.Table, *, clips_per_identity: int, seq_len: int, seed: int,

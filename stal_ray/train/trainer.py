@@ -15,6 +15,7 @@ from stal_ray.config import Config, resolve_keypoint_supervision
 from stal_ray.data import storage
 from stal_ray.data.integrity import check_shards
 from stal_ray.data.manifest import read_manifest
+from stal_ray.data.pipeline import undecodable_frames
 from stal_ray.data.validation import ValidationSplit
 from stal_ray.evaluate.report import write_bytes
 from stal_ray.train.loop import MODEL_FILE, STOPPED, best_model_metric, train_loop_per_worker
@@ -138,14 +139,19 @@ def checkpoint_config(config: Config, validating: bool) -> ray.train.CheckpointC
                                       checkpoint_score_order="max")
 
 
-def _no_batch_message(note: dict, data: str, config: Config) -> str:
+def _no_batch_message(note: dict, data: str, config: Config, endpoint_url: str | None) -> str:
     if note.get("skipped_groups"):
         first = note.get("first_skipped") or {}
+        frames = ""
+        if "identity" in first:  # the stream carries pixels, not names: look the frames up in the shards
+            bad = undecodable_frames(data, first["identity"], first.get("tracklets", ()),
+                                     endpoint_url=endpoint_url)
+            frames = f"; frames that do not decode: {', '.join(bad)}" if bad else ""
         return (f"epoch {note['epoch']} of {data} gave no batch: all {note['skipped_groups']} clip groups "
                 f"had frames that do not decode (first: identity {first.get('identity', '?')}, track-table "
-                f"rows {first.get('tracklets', '?')}); stopped without a retry, which would decode the same "
-                "bytes. The frames were damaged before the prepare (its checksums guard the shards, not the "
-                "release): check the release's frames, then prepare again with --overwrite")
+                f"rows {first.get('tracklets', '?')}{frames}); stopped without a retry, which would decode "
+                "the same bytes. The frames were damaged before the prepare (its checksums guard the shards, "
+                "not the release): check the release's frames, then prepare again with --overwrite")
     return (f"epoch {note['epoch']} of {data} gave no batch of {config.data.identities_per_batch} distinct "
             "identities: the data set is too small for data.identities_per_batch; lower it")
 
@@ -171,7 +177,7 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
             note = json.load(note_file)
         where = result.checkpoint.path if result.checkpoint else "none was reported yet"
         if note.get("reason") == "no batch":
-            raise NoBatchError(_no_batch_message(note, data, config))
+            raise NoBatchError(_no_batch_message(note, data, config, kwargs.get("endpoint_url")))
         raise NonFiniteLossError(
             f"the loss became non-finite at epoch {note['epoch']}, iteration {note['iteration']} "
             f"({note['terms']}); training stopped. The last good checkpoint: {where}. Lower train.lr, "
