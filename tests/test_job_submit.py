@@ -65,7 +65,8 @@ def test_ray_job_submit_trains_and_evaluates(head_node, tmp_path):
     url, env = head_node
     command = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
                "python", "jobs/train_mars.py", "--storage-path", str(tmp_path), "--name", "submitted",
-               "--set", "train.iterations=6", "--set", "train.checkpoint_every=6"]
+               "--set", "train.iterations=6", "--set", "train.checkpoint_every=6",
+               "--set", "train.log_every=3"]
     # the head's job agent registers a little after the dashboard answers; until then a submission is
     # refused with "No available agent" (and nothing runs), so that one answer is retried
     deadline = time.monotonic() + 120
@@ -81,3 +82,7 @@ def test_ray_job_submit_trains_and_evaluates(head_node, tmp_path):
     assert str(metrics_path) in output
     metrics = json.loads(metrics_path.read_text())
     assert 0 <= metrics["modes"]["stal"]["mAP"] <= 1
+    # the worker's progress lines reach the job's output and its log.txt once each (Ray Train's print patch
+    # doubled them)
+    log = (tmp_path / "submitted" / "log.txt").read_text()
+    assert output.count("iteration 3/6 (50%)") == log.count("iteration 3/6 (50%)") == 1, log[-4000:]
