@@ -44,17 +44,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, device: torch.device, repeats: int) -> float:
-    """Median seconds of `step()` after one warm-up run."""
-    step()
+def step_times(step, device: torch.device, steps: int, warm_up: int) -> list[float]:
+    """Seconds of each of `steps` calls of step() after `warm_up` untimed ones, the device synchronised."""
+    for _ in range(warm_up):
+        step()
     times = []
-    for _ in range(repeats):
+    for _ in range(steps):
         synchronize(device)
         start = time.perf_counter()
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def timed(step, device: torch.device, repeats: int) -> float:
+    """Median seconds of `step()` after one warm-up run."""
+    return statistics.median(step_times(step, device, repeats, warm_up=1))
 
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,

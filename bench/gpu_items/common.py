@@ -4,11 +4,12 @@ result file each item fills in as it goes, and timing on the device."""
 import json
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from bench.model import step_times, synchronize  # noqa: F401 - the items time steps as bench/model.py does
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_ADDRESS = "STAL_GPU_CHECK_RAY"  # the orchestrator's Ray cluster, which every item joins
@@ -107,25 +108,6 @@ def training_reports(trainer) -> list[dict]:
     reports = sorted(result.metrics_dataframe.to_dict("records"), key=lambda r: (r["iteration"], r["epoch"]))
     shutil.rmtree(trainer.run_config.storage_path, ignore_errors=True)
     return reports
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_times(step, device: torch.device, steps: int, warm_up: int) -> list[float]:
-    """Seconds of each of `steps` calls of step() after `warm_up` untimed ones, the device synchronised."""
-    for _ in range(warm_up):
-        step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def median(values: list[float]) -> float:
