@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stal_ray.data import synthetic, synthetic_render
+from stal_ray.data.synthetic import generator as synthetic
+from stal_ray.data.synthetic import render as synthetic_render
 from stal_ray.evaluate.distance import TrackletFeatures, branch_distances, fuse
 from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking
 from stal_ray.model.stal import STAL

@@ -26,8 +26,8 @@ data set's epochs decode 1.4 GB; in a store of the default 30% of memory each wo
 worker has touched yet and pay page faults a real run pays once. A 2 GiB store and an untimed full epoch
 put the timed epochs in a long run's steady state.
 
-(c) The shard checksums (stal_ray/data/integrity.py), checked in the driver once per job before the stream
-starts: the training split hashed with no cache (the first job on a data set) and from the cache (every
+(c) The shard checksums (stal_ray/data/prepared/integrity.py), checked in the driver once per job before the
+stream starts: the training split hashed with no cache (the first job on a data set) and from the cache (every
 later one), against the same run's training epoch; the test split the same way against one pass of the
 evaluation stream (reading and decoding every test frame, without the model, so an upper bound of the
 share: evaluation also runs the model).
@@ -61,21 +61,21 @@ REPO = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, REPO)
 
 from stal_ray.config import Config  # noqa: E402
-from stal_ray.data.augment import Augmentation  # noqa: E402
-from stal_ray.data.batches import training_batches  # noqa: E402
-from stal_ray.data.images import decode_frames  # noqa: E402
-from stal_ray.data.integrity import CACHE_VARIABLE, check_shards  # noqa: E402
-from stal_ray.data.manifest import read_manifest  # noqa: E402
-from stal_ray.data.mars import read_mars  # noqa: E402
-from stal_ray.data.pipeline import (  # noqa: E402
+from stal_ray.data.prepared.integrity import CACHE_VARIABLE, check_shards  # noqa: E402
+from stal_ray.data.prepared.manifest import read_manifest  # noqa: E402
+from stal_ray.data.prepared.shards import write_shards  # noqa: E402
+from stal_ray.data.releases.mars import read_mars  # noqa: E402
+from stal_ray.data.stream.augment import Augmentation  # noqa: E402
+from stal_ray.data.stream.batches import training_batches  # noqa: E402
+from stal_ray.data.stream.images import decode_frames  # noqa: E402
+from stal_ray.data.stream.pipeline import (  # noqa: E402
     _identity_groups,
     decode_batch_size,
     evaluation_dataset,
     identity_labels,
     training_dataset,
 )
-from stal_ray.data.shards import write_shards  # noqa: E402
-from stal_ray.data.synthetic import ensure_synthetic_release  # noqa: E402
+from stal_ray.data.synthetic.generator import ensure_synthetic_release  # noqa: E402
 
 THROUGHPUT_GOAL = 0.70  # pipeline frames per core over the bare loop's
 READ_GOAL = 1.30  # bytes read per epoch over bytes stored

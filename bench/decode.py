@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.mars_frames import frame_pool  # noqa: E402
-from stal_ray.data.images import decode_frames  # noqa: E402
+from stal_ray.data.stream.images import decode_frames  # noqa: E402
 
 
 def pil_decode(jpeg: bytes, height: int, width: int) -> np.ndarray:

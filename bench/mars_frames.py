@@ -1,7 +1,7 @@
 """Distinct MARS-size frames for benchmarks: 256x128 JPEGs of 10-15 KB, like the release's.
 
-The synthetic renderer's pedestrians (stal_ray.data.synthetic, ~8 KB at 256x128) with sensor-like noise
-(sigma 8), re-encoded at quality 90: ~11.5 KiB mean, within MARS's range, and different in every frame.
+The synthetic renderer's pedestrians (stal_ray.data.synthetic.generator, ~8 KB at 256x128) with sensor-like
+noise (sigma 8), re-encoded at quality 90: ~11.5 KiB mean, within MARS's range, and different in every frame.
 """
 
 import io
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.data.synthetic.generator import write_synthetic_release
 
 HEIGHT, WIDTH = 256, 128
 

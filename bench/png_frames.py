@@ -15,9 +15,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from stal_ray.data.images import decode_frame
-from stal_ray.data.png_release import png_to_jpeg
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.data.releases.png_release import png_to_jpeg
+from stal_ray.data.stream.images import decode_frame
+from stal_ray.data.synthetic.generator import write_synthetic_release
 
 
 def per_frame_ms(function, frames) -> float:

@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import CpuMeter  # noqa: E402  (bench/data.py)
 
-from stal_ray.data.mars import read_mars  # noqa: E402
-from stal_ray.data.shards import write_shards  # noqa: E402
-from stal_ray.data.synthetic import write_synthetic_release  # noqa: E402
+from stal_ray.data.prepared.shards import write_shards  # noqa: E402
+from stal_ray.data.releases.mars import read_mars  # noqa: E402
+from stal_ray.data.synthetic.generator import write_synthetic_release  # noqa: E402
 from stal_ray.pose.models import decode, estimator, load_model  # noqa: E402
 
 MARS_FRAMES = 1_191_003

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from stal_ray.data.synthetic import write_synthetic_release
-from stal_ray.model.parts import PART_NAMES, canonical_joints, part_boxes
+from stal_ray.core.skeleton import PART_NAMES
+from stal_ray.data.synthetic.generator import write_synthetic_release
+from stal_ray.model.parts import canonical_joints, part_boxes
 from stal_ray.pose.models import decode, estimator, load_model
 
 

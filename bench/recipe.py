@@ -1,8 +1,8 @@
 """Benchmark: the paper's training recipe against the strong one (issue 22), on data no config was tuned on.
 
 The data: the synthetic generator's "alternate" style (muted random colours, strong camera casts, darker
-scenes; stal_ray.data.synthetic.STYLES), 60 training and 60 test identities in 6 cameras, 30% of frames
-occluded. Every configuration was written and tuned on the default style; none saw this one.
+scenes; stal_ray.data.synthetic.generator.STYLES), 60 training and 60 test identities in 6 cameras, 30% of
+frames occluded. Every configuration was written and tuned on the default style; none saw this one.
 
 For each seed, two models train for the same --iterations (each a Ray Train run): the paper recipe
 (configs/synthetic_tiny.yaml, its learning rate halved every quarter of the run as study_occluded.yaml does)
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 
 from stal_ray.config import load_config  # noqa: E402
-from stal_ray.data.synthetic import ensure_synthetic_shards  # noqa: E402
+from stal_ray.data.synthetic.generator import ensure_synthetic_shards  # noqa: E402
 from stal_ray.evaluate.evaluate import evaluate  # noqa: E402
 from stal_ray.ray_init import init_ray  # noqa: E402
 from stal_ray.train.trainer import train  # noqa: E402

@@ -51,8 +51,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.data import READ_LOG, CpuMeter, _title  # noqa: E402
 from bench.mars_frames import frame_pool  # noqa: E402
-from stal_ray.data import mars  # noqa: E402
-from stal_ray.data.images import decode_frames  # noqa: E402
+from stal_ray.data.releases import mars  # noqa: E402
+from stal_ray.data.stream.images import decode_frames  # noqa: E402
 
 MARS_INFO = REPO / "tests" / "data" / "mars_info"
 HEIGHT, WIDTH, SEQ_LEN, P, K = 256, 128, 8, 8, 4
@@ -176,8 +176,8 @@ def _io() -> dict:
 # ---------------------------------------------------------------------------------------------- stages
 
 def stage_prepare(args) -> dict:
-    from stal_ray.data.mars import read_mars
-    from stal_ray.data.shards import write_shards
+    from stal_ray.data.prepared.shards import write_shards
+    from stal_ray.data.releases.mars import read_mars
 
     before, wall, cpu = _io(), time.perf_counter(), time.process_time()
     manifest = write_shards(read_mars(args.release), args.shards, progress=False)
@@ -226,9 +226,9 @@ def _bytes_read(log: str, paths: list[str]) -> int:
 def stage_epoch(args) -> dict:
     import ray
 
-    from stal_ray.data.batches import training_batches
-    from stal_ray.data.manifest import read_manifest
-    from stal_ray.data.pipeline import training_dataset
+    from stal_ray.data.prepared.manifest import read_manifest
+    from stal_ray.data.stream.batches import training_batches
+    from stal_ray.data.stream.pipeline import training_dataset
 
     config = _config()
     log = str(Path(args.shards).parent / "reads-epoch.log")
@@ -257,8 +257,8 @@ def stage_eval(args) -> dict:
     import ray
     import torch
 
-    from stal_ray.data.manifest import read_manifest
-    from stal_ray.data.pipeline import evaluation_dataset
+    from stal_ray.data.prepared.manifest import read_manifest
+    from stal_ray.data.stream.pipeline import evaluation_dataset
     from stal_ray.evaluate.distance import branch_distances, fuse
     from stal_ray.evaluate.features import extract_features
     from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking, query_gallery_split
@@ -335,8 +335,8 @@ def held_groups(every: int, max_groups: int | None) -> dict:
     consumer pins. No frames: a group here is a placeholder of the real one's metadata."""
     import weakref
 
-    from stal_ray.data import batches as stream
-    from stal_ray.data.pipeline import decode_batch_size
+    from stal_ray.data.stream import batches as stream
+    from stal_ray.data.stream.pipeline import decode_batch_size
 
     table = scaled_index(every)["train"]
     identities, inverse = np.unique(table[:, 2], return_inverse=True)

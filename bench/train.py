@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stal_ray.config import load_config  # noqa: E402
 from stal_ray.data.source import resolve_data  # noqa: E402
-from stal_ray.data.synthetic import ensure_synthetic_shards  # noqa: E402
+from stal_ray.data.synthetic.generator import ensure_synthetic_shards  # noqa: E402
 from stal_ray.model.stal import STAL  # noqa: E402
 from stal_ray.objective import STALObjective  # noqa: E402
 from stal_ray.train.deepspeed import build_engine  # noqa: E402

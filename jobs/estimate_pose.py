@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
+from stal_ray.core.storage import StorageError, absolute
 from stal_ray.data.source import endpoint_url
-from stal_ray.data.storage import StorageError, absolute
 from stal_ray.ray_init import add_ray_arguments, init_ray
 
 

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from stal_ray.config import PROTOCOLS, ConfigError
-from stal_ray.data import storage
+from stal_ray.core import storage
+from stal_ray.core.storage import StorageError
 from stal_ray.data.source import endpoint_url
-from stal_ray.data.storage import StorageError
 from stal_ray.evaluate.distance import MODES
 from stal_ray.evaluate.evaluate import evaluate
 from stal_ray.evaluate.report import METRICS_FILE

@@ -3,8 +3,8 @@
 import argparse
 import sys
 
-from stal_ray.data.prepare import add_shard_arguments, check_shard_arguments, prepare
-from stal_ray.data.releases import DATASETS, read_release
+from stal_ray.data.prepared.prepare import add_shard_arguments, check_shard_arguments, prepare
+from stal_ray.data.releases.registry import DATASETS, read_release
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

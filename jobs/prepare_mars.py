@@ -1,10 +1,11 @@
-"""Turn a MARS release into Parquet shards and a manifest on local disk or s3:// (stal_ray/data/shards.py)."""
+"""Turn a MARS release into Parquet shards and a manifest on local disk or s3://
+(stal_ray/data/prepared/shards.py)."""
 
 import argparse
 import sys
 
-from stal_ray.data.mars import read_mars
-from stal_ray.data.prepare import add_shard_arguments, check_shard_arguments, prepare
+from stal_ray.data.prepared.prepare import add_shard_arguments, check_shard_arguments, prepare
+from stal_ray.data.releases.mars import read_mars
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
-from stal_ray.data import storage
-from stal_ray.data.mars import MarsFormatError
+from stal_ray.core import storage
+from stal_ray.core.storage import StorageError
+from stal_ray.data.releases.base import ReleaseFormatError
 from stal_ray.data.source import endpoint_url
-from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.study.splits import SplitData, run_splits
 from stal_ray.train.trainer import RunStoppedError
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_splits(config, data, args.out, list(range(args.splits)),
                              command="python jobs/splits.py " + shlex.join(argv), cross=cross,
                              parallel=args.parallel)
-    except (ConfigError, StorageError, MarsFormatError, RunStoppedError) as error:
+    except (ConfigError, StorageError, ReleaseFormatError, RunStoppedError) as error:
         print(f"splits: error: {error}", file=sys.stderr)
         return 2
     print(summary)

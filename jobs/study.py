@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
-from stal_ray.data import storage
-from stal_ray.data.occluders import OCCLUDER_STYLES
+from stal_ray.core import storage
+from stal_ray.core.storage import StorageError
 from stal_ray.data.source import add_data_arguments, resolve_data
-from stal_ray.data.storage import StorageError
-from stal_ray.data.synthetic import ensure_synthetic_shards
+from stal_ray.data.synthetic.generator import ensure_synthetic_shards
+from stal_ray.data.synthetic.occluders import OCCLUDER_STYLES
 from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.study.run import SEQUENCE_LENGTHS, run_study
 from stal_ray.study.variants import VARIANTS
@@ -27,7 +27,8 @@ SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "study_occluded.yaml"
 # the synthetic data set of the study when no --data is given: like the paper's "polluted" data (Table VII),
 # most frames with an occluder, and enough test identities for the ablations to separate
-# (occluders "moving": bursts of frames behind a post, a car or a passer-by, stal_ray.data.occluders)
+# (occluders "moving": bursts of frames behind a post, a car or a passer-by,
+# stal_ray.data.synthetic.occluders)
 SYNTHETIC = dict(identities=60, test_identities=50, frames_per_tracklet=(10, 24))
 
 

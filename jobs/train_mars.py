@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
-from stal_ray.data.integrity import check_shards
+from stal_ray.core.run_log import run_log
+from stal_ray.core.storage import StorageError
+from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.source import add_data_arguments, resolve_data
-from stal_ray.data.storage import StorageError
 from stal_ray.ray_init import add_ray_arguments, init_ray
-from stal_ray.run_log import run_log
 from stal_ray.train.preflight import check_settings
 from stal_ray.train.trainer import RunStoppedError, run_folder, train
 

@@ -42,7 +42,7 @@ from stal_ray.config_schema import (  # noqa: F401 - re-exported: `from stal_ray
     resolve_keypoint_supervision,
     validate_config,
 )
-from stal_ray.data import storage
+from stal_ray.core import storage
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,

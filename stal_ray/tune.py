@@ -29,9 +29,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from stal_ray.config import Config, ConfigError, config_from_dict
-from stal_ray.data import storage
-from stal_ray.data.integrity import check_shards
-from stal_ray.data.validation import ValidationSplit, ensure_validation_split
+from stal_ray.core import storage
+from stal_ray.data.prepared.integrity import check_shards
+from stal_ray.data.prepared.validation import ValidationSplit, ensure_validation_split
 from stal_ray.evaluate.report import write_bytes
 from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.trainer import preflight, storage_root, train

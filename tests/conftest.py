@@ -117,7 +117,7 @@ SMALL_RELEASE = dict(identities=5, test_identities=3, cameras=3, tracklets_per_i
 @pytest.fixture(scope="session")
 def small_release_root(tmp_path_factory) -> str:
     """Root of a small synthetic MARS release (with info/keypoints.parquet), shared by the shard tests."""
-    from stal_ray.data.synthetic import write_synthetic_release
+    from stal_ray.data.synthetic.generator import write_synthetic_release
 
     return write_synthetic_release(str(tmp_path_factory.mktemp("small_release") / "release"), **SMALL_RELEASE)
 
@@ -157,8 +157,8 @@ def stop_process_group(process, timeout: float = 5) -> None:
 
 @pytest.fixture(autouse=True, scope="session")
 def _shard_hash_cache(tmp_path_factory):
-    """The shard checksum cache (stal_ray/data/integrity.py) of this session, never the user's own: set in
-    the environment before Ray starts, so jobs and Ray workers of the session share it."""
+    """The shard checksum cache (stal_ray/data/prepared/integrity.py) of this session, never the user's own:
+    set in the environment before Ray starts, so jobs and Ray workers of the session share it."""
     os.environ["STAL_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash_cache") / "shard-hashes.json")
     yield
     os.environ.pop("STAL_HASH_CACHE", None)

@@ -1,4 +1,4 @@
-"""Tiny iLIDS-VID and PRID-2011 releases in the layouts as shipped (stal_ray.data.synthetic_layouts), with
+"""Tiny iLIDS-VID and PRID-2011 releases in the layouts as shipped (stal_ray.data.synthetic.layouts), with
 noise frames: small, fast, and every frame distinct."""
 
 import io
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stal_ray.data.synthetic_layouts import write_ilidsvid_release, write_prid_release
+from stal_ray.data.synthetic.layouts import write_ilidsvid_release, write_prid_release
 
 FRAME_SIZE = (8, 16)  # width, height: small, the real frames are 64x128
 

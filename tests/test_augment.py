@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from stal_ray.config import load_config
-from stal_ray.data.augment import MIRRORED_JOINTS, Augmentation
-from stal_ray.model.parts import JOINT_NAMES
+from stal_ray.core.skeleton import JOINT_NAMES
+from stal_ray.data.stream.augment import MIRRORED_JOINTS, Augmentation
 
 ROWS, K, T, H, W = 3, 2, 4, 16, 8
 

@@ -289,7 +289,7 @@ def upload_configs(fs, prefix: str) -> None:
 
 
 def test_a_config_on_s3_is_read_with_its_base_beside_it(make_bucket, moto_server):
-    from stal_ray.data import storage
+    from stal_ray.core import storage
     from stal_ray.data.source import add_data_arguments
 
     bucket = make_bucket()

@@ -13,14 +13,11 @@ from conftest import SMALL_RELEASE  # noqa: E402
 from test_jobs import job  # noqa: E402
 
 from stal_ray.config import KEYPOINT_SUPERVISION, load_config  # noqa: E402
-from stal_ray.data import (
-    protocol,  # noqa: E402
-    publish,  # noqa: E402
-)
-from stal_ray.data.manifest import read_manifest, verify  # noqa: E402
-from stal_ray.data.mars import read_mars  # noqa: E402
-from stal_ray.data.shards import write_shards  # noqa: E402
-from stal_ray.data.synthetic import write_synthetic_release  # noqa: E402
+from stal_ray.data.prepared import protocol, publish  # noqa: E402
+from stal_ray.data.prepared.manifest import read_manifest, verify  # noqa: E402
+from stal_ray.data.prepared.shards import write_shards  # noqa: E402
+from stal_ray.data.releases.mars import read_mars  # noqa: E402
+from stal_ray.data.synthetic.generator import write_synthetic_release  # noqa: E402
 from stal_ray.pose import annotate  # noqa: E402
 from stal_ray.pose.models import load_model  # noqa: E402
 from stal_ray.train.trainer import build_trainer, train  # noqa: E402

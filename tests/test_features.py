@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from stal_ray.config import load_config
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.mars import read_mars
-from stal_ray.data.pipeline import evaluation_dataset
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.stream.pipeline import evaluation_dataset
+from stal_ray.data.synthetic.generator import write_synthetic_release
 from stal_ray.evaluate.features import (
     TrackletSums,
     chunk_sums,

@@ -1,5 +1,5 @@
-"""Tests of the frame checks of a prepare (stal_ray/data/frame_check.py): truncated, zero-byte and non-JPEG
-frames left out and listed, too many refused, symlinks out of the release root refused."""
+"""Tests of the frame checks of a prepare (stal_ray/data/releases/frame_check.py): truncated, zero-byte and
+non-JPEG frames left out and listed, too many refused, symlinks out of the release root refused."""
 
 import io
 import os
@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stal_ray.data.frame_check import BadFramesError, UnsafeFrameError, jpeg_problem
-from stal_ray.data.manifest import DatasetExistsError, IncompleteDatasetError, read_manifest
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
+from stal_ray.data.prepared.manifest import DatasetExistsError, IncompleteDatasetError, read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.frame_check import BadFramesError, UnsafeFrameError, jpeg_problem
+from stal_ray.data.releases.mars import read_mars
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_mars.py"
 

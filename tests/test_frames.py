@@ -3,8 +3,8 @@
 import numpy as np
 import pyarrow as pa
 
-from stal_ray.data.frames import StoredRows, chunks_of, to_numpy
-from stal_ray.data.manifest import TEST_SCHEMA
+from stal_ray.data.prepared.manifest import TEST_SCHEMA
+from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
 
 
 def _rows(rng):

@@ -9,8 +9,8 @@ import scipy.io
 from PIL import Image
 from release_layouts import FRAME_SIZE, make_ilidsvid
 
-from stal_ray.data.ilidsvid import SEQUENCES, SPLIT_FILE, IlidsVidFormatError, read_ilidsvid
-from stal_ray.data.images import decode_frame
+from stal_ray.data.releases.ilidsvid import SEQUENCES, SPLIT_FILE, IlidsVidFormatError, read_ilidsvid
+from stal_ray.data.stream.images import decode_frame
 
 PERSONS = (1, 2, 4, 7, 9, 12)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stal_ray.data.images import _decode_turbo, decode_frame, decode_frames_with_sizes
+from stal_ray.data.stream.images import _decode_turbo, decode_frame, decode_frames_with_sizes
 
 
 def pil_reference(data: bytes, height: int, width: int) -> np.ndarray:

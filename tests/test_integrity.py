@@ -1,6 +1,7 @@
-"""Data integrity under fault injection (stal_ray/data/integrity.py, manifest.py, storage.py, frame_check.py,
-tune.py): damaged shards, manifests naming files out of their data set, outputs that cannot be written,
-frames that are not regular files, a search folder others can write. No Ray: every refusal comes before it."""
+"""Data integrity under fault injection (stal_ray/data/prepared/integrity.py, manifest.py, storage.py,
+frame_check.py, tune.py): damaged shards, manifests naming files out of their data set, outputs that cannot be
+written, frames that are not regular files, a search folder others can write. No Ray: every refusal comes
+before it."""
 
 import hashlib
 import json
@@ -15,14 +16,15 @@ from conftest import SMALL_RELEASE
 from release_layouts import make_ilidsvid
 
 from stal_ray.config import ConfigError, load_config
-from stal_ray.data import integrity, storage
-from stal_ray.data.frame_check import LinkGuard, UnsafeFrameError, jpeg_problem
-from stal_ray.data.ilidsvid import SEQUENCES, read_ilidsvid
-from stal_ray.data.manifest import CorruptDatasetError, IncompleteDatasetError, read_manifest
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.storage import StorageError
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.core import storage
+from stal_ray.core.storage import StorageError
+from stal_ray.data.prepared import integrity
+from stal_ray.data.prepared.manifest import CorruptDatasetError, IncompleteDatasetError, read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.frame_check import LinkGuard, UnsafeFrameError, jpeg_problem
+from stal_ray.data.releases.ilidsvid import SEQUENCES, read_ilidsvid
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.synthetic.generator import write_synthetic_release
 
 TARGET = 20_000  # bytes per shard file: several files per split
 

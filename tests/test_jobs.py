@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from stal_ray.config import config_from_args
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
 from stal_ray.data.source import resolve_data
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

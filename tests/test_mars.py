@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-from stal_ray.data.mars import MarsFormatError, MarsRelease, Tracklet, read_mars
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.data.releases.base import Release, ReleaseFormatError, Tracklet
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.synthetic.generator import write_synthetic_release
 
 # 4 training identities, 3 test identities, fixed ranges: every count below follows from these
 SMALL = dict(
@@ -40,7 +41,7 @@ def broken(small, tmp_path) -> Path:
 
 def test_small_release_counts(small):
     release = read_mars(str(small))
-    assert isinstance(release, MarsRelease) and release.root == str(small)
+    assert isinstance(release, Release) and release.root == str(small)
     assert len(release.train) == TRAIN_TRACKLETS and len(release.test) == TEST_TRACKLETS
     assert sum(len(t.frames) for t in release.train) == TRAIN_TRACKLETS * 4
     assert sum(len(t.frames) for t in release.test) == TEST_TRACKLETS * 4
@@ -125,7 +126,7 @@ def edit_names(root: Path, split: str, edit) -> None:
 
 def test_missing_info_file_says_what_the_layout_is(broken):
     (broken / "info/query_IDX.mat").unlink()
-    with pytest.raises(MarsFormatError, match=r"missing info/query_IDX\.mat.*bbox_train/<NNNN>/\*\.jpg"):
+    with pytest.raises(ReleaseFormatError, match=r"missing info/query_IDX\.mat.*bbox_train/<NNNN>/\*\.jpg"):
         read_mars(str(broken))
 
 
@@ -134,7 +135,7 @@ def test_name_list_too_short_names_file_and_row(broken):
     expected = (
         rf"info/tracks_train_info\.mat row {TRAIN_TRACKLETS} .*outside info/train_name\.txt, which has 38"
     )
-    with pytest.raises(MarsFormatError, match=expected):
+    with pytest.raises(ReleaseFormatError, match=expected):
         read_mars(str(broken))
 
 
@@ -145,7 +146,7 @@ def test_camera_in_name_disagreeing_with_table(broken):
 
     save_table(broken, "train", swap_camera)
     with pytest.raises(
-        MarsFormatError, match=r"tracks_train_info\.mat row 2: camera \d in the table but .* line 5"
+        ReleaseFormatError, match=r"tracks_train_info\.mat row 2: camera \d in the table but .* line 5"
     ):
         read_mars(str(broken))
 
@@ -157,7 +158,7 @@ def test_identity_in_name_disagreeing_with_table(broken):
 
     save_table(broken, "test", relabel)
     with pytest.raises(
-        MarsFormatError, match=rf"tracks_test_info\.mat row {TEST_TRACKLETS}: identity 9 in the"
+        ReleaseFormatError, match=rf"tracks_test_info\.mat row {TEST_TRACKLETS}: identity 9 in the"
     ):
         read_mars(str(broken))
 
@@ -165,11 +166,11 @@ def test_identity_in_name_disagreeing_with_table(broken):
 def test_unparseable_name(broken):
     edit_names(broken, "test", lambda names: names[:2] + ["0005C1T0001F01.jpg"] + names[3:])
     with pytest.raises(
-        MarsFormatError, match=r"info/test_name\.txt line 3: '0005C1T0001F01\.jpg' is not a MARS"
+        ReleaseFormatError, match=r"info/test_name\.txt line 3: '0005C1T0001F01\.jpg' is not a MARS"
     ):
         read_mars(str(broken))
     edit_names(broken, "test", lambda names: names[:3] + ["0005X1T0001F001.jpg"] + names[4:])
-    with pytest.raises(MarsFormatError, match=r"info/test_name\.txt line 3: "):
+    with pytest.raises(ReleaseFormatError, match=r"info/test_name\.txt line 3: "):
         read_mars(str(broken))
 
 
@@ -186,7 +187,7 @@ def relabel_identity(root: Path, split: str, old: int, new: str) -> None:
 
 def test_a_person_in_both_splits_is_refused(broken):
     relabel_identity(broken, "test", 5, "0001")  # test person 5 now numbered as training person 1
-    with pytest.raises(MarsFormatError, match=r"identity 0001 is in both info/tracks_train_info\.mat and "
+    with pytest.raises(ReleaseFormatError, match=r"identity 0001 is in both info/tracks_train_info\.mat and "
                                               r"info/tracks_test_info\.mat \(1 identities\); .* disjoint"):
         read_mars(str(broken), check_images=False)
 
@@ -194,7 +195,7 @@ def test_a_person_in_both_splits_is_refused(broken):
 @pytest.mark.parametrize(("label", "kind"), [("00-1", "junk"), ("0000", "distractor")])
 def test_junk_or_distractor_in_the_training_split_is_refused(broken, label, kind):
     relabel_identity(broken, "train", 4, label)
-    with pytest.raises(MarsFormatError, match=rf"tracks_train_info\.mat row {TRAIN_TRACKLETS}: identity "
+    with pytest.raises(ReleaseFormatError, match=rf"tracks_train_info\.mat row {TRAIN_TRACKLETS}: identity "
                                               rf"{kind} .* in the training split"):
         read_mars(str(broken), check_images=False)
 
@@ -211,7 +212,7 @@ def test_junk_or_distractor_in_the_training_split_is_refused(broken, label, kind
 )
 def test_bad_track_table(broken, edit, message):
     save_table(broken, "train", edit)
-    with pytest.raises(MarsFormatError, match=r"info/tracks_train_info\.mat.*" + message):
+    with pytest.raises(ReleaseFormatError, match=r"info/tracks_train_info\.mat.*" + message):
         read_mars(str(broken), check_images=False)
 
 
@@ -219,7 +220,7 @@ def test_query_index_out_of_range(broken):
     query = np.array([[1, TEST_TRACKLETS + 1]], np.uint16)
     scipy.io.savemat(broken / "info/query_IDX.mat", {"query_IDX": query})
     expected = rf"info/query_IDX\.mat entry 2: query index {TEST_TRACKLETS + 1} .*rows 1\.\.{TEST_TRACKLETS}"
-    with pytest.raises(MarsFormatError, match=expected):
+    with pytest.raises(ReleaseFormatError, match=expected):
         read_mars(str(broken))
 
 
@@ -228,7 +229,7 @@ def test_missing_image_files_are_counted_and_shown(broken):
     for name in names[5:7]:
         (broken / "bbox_train" / name[:4] / name).unlink()
     shutil.rmtree(broken / "bbox_train/0004")  # the single-tracklet identity: 4 frames
-    with pytest.raises(MarsFormatError) as error:
+    with pytest.raises(ReleaseFormatError) as error:
         read_mars(str(broken))
     message = str(error.value)
     assert (
@@ -242,7 +243,7 @@ def test_missing_image_files_are_counted_and_shown(broken):
 
 def test_empty_query_index_is_refused(broken):
     scipy.io.savemat(broken / "info/query_IDX.mat", {"query_IDX": np.zeros((1, 0), np.uint16)})
-    with pytest.raises(MarsFormatError, match=r"info/query_IDX\.mat: query_IDX is empty.*1-based rows of"):
+    with pytest.raises(ReleaseFormatError, match=r"info/query_IDX\.mat: query_IDX is empty.*1-based rows of"):
         read_mars(str(broken))
 
 
@@ -254,7 +255,7 @@ def test_query_on_a_junk_or_distractor_row_is_refused(broken, identity, kind):
     scipy.io.savemat(broken / "info/query_IDX.mat", {"query_IDX": np.array([query + [row]], np.uint16)})
     expected = (rf"info/query_IDX\.mat entry {len(query) + 1}: query index {row} is "
                 rf"info/tracks_test_info\.mat row {row}, a {kind} \({identity}\) tracklet.*remove the entry")
-    with pytest.raises(MarsFormatError, match=expected):
+    with pytest.raises(ReleaseFormatError, match=expected):
         read_mars(str(broken))
 
 
@@ -265,5 +266,5 @@ def test_overlapping_tracklet_ranges_are_refused(broken, start):
                lambda t: np.vstack([t[:1], [[t[0, 0] + start, t[0, 1], t[0, 2], t[0, 3]]], t[1:]]))
     expected = (rf"info/tracks_train_info\.mat rows 1 \(frames 1\.\.4\) and 2 \(frames {start + 1}\.\.4\) "
                 r"share frames of info/train_name\.txt.*fix the first/last columns")
-    with pytest.raises(MarsFormatError, match=expected):
+    with pytest.raises(ReleaseFormatError, match=expected):
         read_mars(str(broken), check_images=False)

@@ -4,7 +4,8 @@ both protocols, through query_gallery_split and evaluate_ranking."""
 import numpy as np
 import pytest
 
-from stal_ray.data.mars import DISTRACTOR, JUNK, read_mars
+from stal_ray.data.releases.base import DISTRACTOR, JUNK
+from stal_ray.data.releases.mars import read_mars
 from stal_ray.evaluate.ranking import evaluate_ranking, query_gallery_split
 
 

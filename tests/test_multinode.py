@@ -22,7 +22,7 @@ from ray.train import UserCallback
 from test_train import OVERRIDES, shards_uri  # noqa: F401 (shards_uri is a fixture)
 
 from stal_ray.config import load_config
-from stal_ray.data import storage
+from stal_ray.core import storage
 from stal_ray.train.tensorboard import read_scalars
 from stal_ray.train.trainer import WorkersLostError, train
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stal_ray.data import synthetic
-from stal_ray.data.occluders import EVENT_FRAMES, Occluders, plan_events
-from stal_ray.data.synthetic_render import Track, render
+from stal_ray.data.synthetic import generator as synthetic
+from stal_ray.data.synthetic.occluders import EVENT_FRAMES, Occluders, plan_events
+from stal_ray.data.synthetic.render import Track, render
 
 SIZE = (64, 32)
 

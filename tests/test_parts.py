@@ -3,9 +3,8 @@
 import pytest
 import torch
 
+from stal_ray.core.skeleton import CANONICAL_POSE, PART_NAMES
 from stal_ray.model.parts import (
-    CANONICAL_POSE,
-    PART_NAMES,
     KeypointHead,
     PoseSource,
     canonical_joints,

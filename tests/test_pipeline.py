@@ -17,22 +17,22 @@ import pytest
 from PIL import Image
 
 from stal_ray.config import Config
-from stal_ray.data.augment import Augmentation
-from stal_ray.data.batches import training_batches
-from stal_ray.data.images import decode_frames
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.mars import read_mars
-from stal_ray.data.pipeline import (
+from stal_ray.core.preprocess import IMAGENET
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.prepared.validation import ensure_validation_split
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.stream.augment import Augmentation
+from stal_ray.data.stream.batches import training_batches
+from stal_ray.data.stream.images import decode_frames
+from stal_ray.data.stream.pipeline import (
     _decode_clips,
     evaluation_dataset,
     identity_labels,
     training_dataset,
     validation_dataset,
 )
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import write_synthetic_release
-from stal_ray.data.validation import ensure_validation_split
-from stal_ray.model.preprocess import IMAGENET
+from stal_ray.data.synthetic.generator import write_synthetic_release
 
 P, K, T, H, W = 3, 2, 4, 16, 8
 # what evaluation_dataset's rows hold, and validation_dataset's the same

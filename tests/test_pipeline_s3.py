@@ -9,18 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from stal_ray.config import Config
-from stal_ray.data.batches import training_batches
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.mars import read_mars
-from stal_ray.data.pipeline import (
+from stal_ray.core.storage import StorageError, arrow_filesystem
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.prepared.validation import ensure_validation_split
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.stream.batches import training_batches
+from stal_ray.data.stream.pipeline import (
     _read_filesystem,
     evaluation_dataset,
     training_dataset,
     validation_dataset,
 )
-from stal_ray.data.shards import write_shards
-from stal_ray.data.storage import StorageError, arrow_filesystem
-from stal_ray.data.validation import ensure_validation_split
 
 P, K, T, H, W = 2, 2, 4, 16, 8
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stal_ray.model.parts import JOINT_NAMES
+from stal_ray.core.skeleton import JOINT_NAMES
 from stal_ray.pose.joints import BLAZEPOSE_POINTS, COCO_POINTS, HEAD_TOP_EXTENT, NECK_SHARE, to_joints
 from stal_ray.pose.models import Letterbox
 

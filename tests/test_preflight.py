@@ -8,8 +8,8 @@ import pytest
 
 from jobs import train_mars, tune_stal
 from stal_ray.config import ConfigError, load_config
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
 from stal_ray.study.splits import SplitData, run_splits
 
 REPO = Path(__file__).resolve().parents[1]

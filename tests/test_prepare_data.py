@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from release_layouts import FRAME_SIZE, make_ilidsvid, make_prid
 
-from stal_ray.data.images import decode_frame
-from stal_ray.data.manifest import read_manifest, verify
-from stal_ray.data.prid import MIN_FRAMES, SPLITS_FILE
+from stal_ray.core.storage import StorageError
+from stal_ray.data.prepared.manifest import read_manifest, verify
+from stal_ray.data.releases.prid import MIN_FRAMES, SPLITS_FILE
 from stal_ray.data.source import resolve_data
-from stal_ray.data.storage import StorageError
+from stal_ray.data.stream.images import decode_frame
 from stal_ray.evaluate.ranking import query_gallery_split
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_data.py"

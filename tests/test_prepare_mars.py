@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stal_ray.data.manifest import read_manifest, verify
+from stal_ray.data.prepared.manifest import read_manifest, verify
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_mars.py"
 

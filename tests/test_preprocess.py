@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from stal_ray.config import Config
-from stal_ray.data.batches import training_batches
-from stal_ray.data.images import decode_frames
+from stal_ray.core.preprocess import CAFFE_BGR, IMAGENET, Preprocess
+from stal_ray.data.stream.batches import training_batches
+from stal_ray.data.stream.images import decode_frames
 from stal_ray.evaluate.features import ChunkFeatures
 from stal_ray.model.export import load_model, save_model
-from stal_ray.model.preprocess import CAFFE_BGR, IMAGENET, Preprocess
 from stal_ray.model.stal import STAL
 
 T, K = 2, 2

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from release_layouts import make_prid, noise_png
 
-from stal_ray.data.prid import (
+from stal_ray.data.releases.prid import (
     MIN_FRAMES,
     SEQUENCES,
     SHARED_PERSONS,
@@ -18,8 +18,8 @@ from stal_ray.data.prid import (
     read_prid,
     seeded_splits,
 )
-from stal_ray.data.releases import read_release
-from stal_ray.data.synthetic_layouts import write_prid_release
+from stal_ray.data.releases.registry import read_release
+from stal_ray.data.synthetic.layouts import write_prid_release
 
 # persons 1-7 in both cameras, 8-9 in A only, 10-12 in B only; 3 too short in B, 6 too short in A
 LONG, SHORT = MIN_FRAMES, MIN_FRAMES - 1

@@ -1,7 +1,7 @@
 """Progress as log lines: done of total, percentage, rate and ETA, at most one line per interval; the training
 loop's line carries its ETA."""
 
-from stal_ray.progress import Progress, eta, format_duration
+from stal_ray.core.progress import Progress, eta, format_duration
 from stal_ray.train.loop import LoopState, Meter, _progress_line
 
 

@@ -1,5 +1,6 @@
-"""Tests of the versioned publish (stal_ray/data/publish.py): a prepare killed between writing a version and
-swapping the pointer, on local disk and S3 (moto); data sets written before versions; the prepare lock."""
+"""Tests of the versioned publish (stal_ray/data/prepared/publish.py): a prepare killed between writing a
+version and swapping the pointer, on local disk and S3 (moto); data sets written before versions; the prepare
+lock."""
 
 import concurrent.futures
 import json
@@ -15,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stal_ray.data import publish
-from stal_ray.data.manifest import read_manifest, verify
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.storage import arrow_filesystem, filesystem
+from stal_ray.core.storage import arrow_filesystem, filesystem
+from stal_ray.data.prepared import publish
+from stal_ray.data.prepared.manifest import read_manifest, verify
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "prepare_mars.py"
 TARGET = 24_000
@@ -29,7 +30,7 @@ TARGET = 24_000
 HELD_AT_SWAP = """
 import runpy, sys, time
 from pathlib import Path
-from stal_ray.data import publish
+from stal_ray.data.prepared import publish
 
 marker, go, job = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 swap = publish.swap_pointer

@@ -165,8 +165,8 @@ def run(command: list[str], env: dict[str, str], timeout: float = 1800) -> str:
 @pytest.mark.skipif(os.environ.get("STAL_TEST_REHEARSAL") != "1",
                     reason="the rehearsal takes ~20 minutes: STAL_TEST_REHEARSAL=1 (make test-rehearsal)")
 def test_readme_cluster_path_runs_as_written(moto_server, make_bucket, weights, tmp_path):
-    from stal_ray.data.manifest import read_manifest
-    from stal_ray.data.storage import filesystem
+    from stal_ray.core.storage import filesystem
+    from stal_ray.data.prepared.manifest import read_manifest
 
     started = time.monotonic()
     bucket = make_bucket()

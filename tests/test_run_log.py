@@ -4,8 +4,8 @@ exists, appended to by a resumed run, copied while the job runs."""
 import sys
 import time
 
-from stal_ray.data import storage
-from stal_ray.run_log import LOG_FILE, run_log
+from stal_ray.core import storage
+from stal_ray.core.run_log import LOG_FILE, run_log
 
 
 def test_the_output_is_kept_in_the_run_folder_and_a_resumed_run_appends(tmp_path, capsys):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stal_ray.data.sampling import identity_groups, restricted_random_sample, sequence_of_length
+from stal_ray.data.stream.sampling import identity_groups, restricted_random_sample, sequence_of_length
 
 
 def frames_of(lengths: list[int]) -> np.ndarray:

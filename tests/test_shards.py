@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import free_port
 
-from stal_ray.data import shard_files
-from stal_ray.data.manifest import (
+from stal_ray.core.storage import StorageError, arrow_filesystem, filesystem
+from stal_ray.data.prepared import shard_files
+from stal_ray.data.prepared.manifest import (
     SCHEMA_VERSION,
     TEST_SCHEMA,
     TRAIN_SCHEMA,
@@ -24,9 +25,8 @@ from stal_ray.data.manifest import (
     read_manifest,
     verify,
 )
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.storage import StorageError, arrow_filesystem, filesystem
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
 
 # A few identities per file: the small release spreads over several files, as MARS does over 128 MB ones.
 TARGET = 24_000

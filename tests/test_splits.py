@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stal_ray.data.synthetic_layouts import write_layout
+from stal_ray.data.synthetic.layouts import write_layout
 from stal_ray.evaluate.evaluate import evaluate
 from stal_ray.study.splits import FIGURES
 from stal_ray.train import trainer

@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import FAKE_AWS_ENV, UNSET_AWS_ENV
 
-from stal_ray.data import storage
-from stal_ray.data.storage import StorageError, endpoint_problem, filesystem
+from stal_ray.core import storage
+from stal_ray.core.storage import StorageError, endpoint_problem, filesystem
 
 
 @pytest.fixture()

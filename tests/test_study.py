@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.core.skeleton import PART_NAMES
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.synthetic.generator import write_synthetic_release
 from stal_ray.evaluate.distance import TrackletFeatures
 from stal_ray.evaluate.evaluate import evaluate
 from stal_ray.evaluate.features import FeatureSet
-from stal_ray.model.parts import PART_NAMES
 from stal_ray.study import analysis
 from stal_ray.study.units import UnitScores, _units, hidden_parts
 

@@ -5,10 +5,10 @@ import pytest
 import ray.data
 
 from stal_ray.config import Config, load_config
-from stal_ray.data.mars import read_mars
-from stal_ray.data.pipeline import training_dataset
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.stream.pipeline import training_dataset
+from stal_ray.data.synthetic.generator import write_synthetic_release
 from stal_ray.train.supply import DECODE_TASK_SHARE, STREAM_SHARE, balance, decode_rate
 
 EIGHT_A100 = {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 8.0}  # one p4d.24xlarge

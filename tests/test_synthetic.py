@@ -13,9 +13,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from stal_ray.data import synthetic, synthetic_render
-from stal_ray.data.mars import read_mars
-from stal_ray.data.synthetic import ensure_synthetic_release, write_synthetic_release
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.synthetic import generator as synthetic
+from stal_ray.data.synthetic import render as synthetic_render
+from stal_ray.data.synthetic.generator import ensure_synthetic_release, write_synthetic_release
 
 # Fixed ranges make every count follow from the arguments (see write_synthetic_release's docstring).
 TINY = dict(
@@ -178,7 +179,7 @@ def test_command_line_writes_a_readable_release(tmp_path):
         "--frames-per-tracklet", "3", "3", "--junk-tracklets", "1", "--distractor-tracklets", "0",
     ]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "stal_ray.data.synthetic", str(out), *arguments],
+        [sys.executable, "-m", "stal_ray.data.synthetic.generator", str(out), *arguments],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

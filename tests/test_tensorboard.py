@@ -37,7 +37,7 @@ def test_callback_pickles_without_its_writer(tmp_path):
 
 
 def test_events_reach_an_s3_run_folder(moto_server, make_bucket, tmp_path):
-    from stal_ray.data import storage
+    from stal_ray.core import storage
 
     run_dir = f"{make_bucket()}/runs/r1"
     callback = TensorBoardCallback(run_dir, endpoint_url=moto_server)

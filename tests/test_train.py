@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from stal_ray.config import ConfigError, load_config
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import write_synthetic_release
-from stal_ray.data.validation import ensure_validation_split
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.prepared.validation import ensure_validation_split
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.synthetic.generator import write_synthetic_release
 from stal_ray.model.export import load_model, load_model_config
 from stal_ray.train.deepspeed import deepspeed_config
 from stal_ray.train.loop import seed_everything
@@ -136,7 +136,7 @@ def test_frames_that_never_decode_stop_the_run_once_naming_them(ray_cluster, und
 
 
 def test_the_frames_that_do_not_decode_are_named_from_the_shards(undecodable_shards, shards_uri):
-    from stal_ray.data.pipeline import undecodable_frames
+    from stal_ray.data.stream.pipeline import undecodable_frames
 
     table = pq.ParquetDataset(read_manifest(undecodable_shards).paths("train")).read()
     row = table.slice(0, 1).to_pylist()[0]

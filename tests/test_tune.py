@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from stal_ray.config import ConfigError, load_config
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import write_synthetic_release
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.synthetic.generator import write_synthetic_release
 from stal_ray.train.tensorboard import read_scalars
 from stal_ray.train.trainer import train
 from stal_ray.tune import RESULTS_FILE, SEARCHED, run_search

@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stal_ray.data import pollution, protocol
-from stal_ray.data.manifest import DatasetExistsError, read_manifest
-from stal_ray.data.prid import SHARED_PERSONS
-from stal_ray.data.releases import read_release
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import main as synthetic_main
-from stal_ray.data.synthetic_layouts import PRID_A_ONLY, PRID_B_ONLY, PRID_SHORT
+from stal_ray.data.prepared import pollution, protocol
+from stal_ray.data.prepared.manifest import DatasetExistsError, read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.prid import SHARED_PERSONS
+from stal_ray.data.releases.registry import read_release
+from stal_ray.data.synthetic.generator import main as synthetic_main
+from stal_ray.data.synthetic.layouts import PRID_A_ONLY, PRID_B_ONLY, PRID_SHORT
 from stal_ray.evaluate.ranking import query_gallery_split
 
 PERSONS, HEIGHT, WIDTH = 8, 32, 16
@@ -76,7 +76,7 @@ def test_manifest_records_the_protocol_and_its_counts(release, tmp_path):
 def test_the_real_releases_protocol_counts():
     """What the readers do with the releases as shipped: iLIDS-VID's 300 persons halved (150 queries and
     150 gallery sequences per split), PRID-2011's 178 kept persons halved (89)."""
-    from stal_ray.data.prid import make_splits
+    from stal_ray.data.releases.prid import make_splits
 
     splits = make_splits(list(range(1, 179)))
     assert len(splits) == 10 and all(len(s["test"]) == len(s["train"]) == 89 for s in splits)

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.mars import read_mars
-from stal_ray.data.shards import write_shards
-from stal_ray.data.synthetic import write_synthetic_release
-from stal_ray.data.validation import ValidationSplit, ensure_validation_split, split_uri
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.prepared.validation import ValidationSplit, ensure_validation_split, split_uri
+from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.synthetic.generator import write_synthetic_release
 
 IDENTITIES = 10
 

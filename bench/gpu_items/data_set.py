@@ -27,7 +27,7 @@ def run(result: ItemResult, profile: Profile, args) -> None:
     else:
         shards, built = mars_like_shards(Path(args.workdir), profile.train_every, profile.test_every)
         result.set(shards=shards, built=built)
-    from stal_ray.data.manifest import read_manifest
+    from stal_ray.data.prepared.manifest import read_manifest
 
     counts = read_manifest(shards).counts
     result.row(name="data set", train_frames=counts["train"]["frames"], test_frames=counts["test"]["frames"],
@@ -37,9 +37,9 @@ def run(result: ItemResult, profile: Profile, args) -> None:
 def mars_like_shards(workdir: Path, train_every: int, test_every: int) -> tuple[str, bool]:
     """(shards URI, whether they were built now) of the scaled MARS layout under `workdir`."""
     from bench.scale import scaled_index, write_pool, write_release
-    from stal_ray.data.manifest import IncompleteDatasetError, read_manifest
-    from stal_ray.data.mars import read_mars
-    from stal_ray.data.shards import write_shards
+    from stal_ray.data.prepared.manifest import IncompleteDatasetError, read_manifest
+    from stal_ray.data.prepared.shards import write_shards
+    from stal_ray.data.releases.mars import read_mars
 
     root = workdir / f"mars-train{train_every}-test{test_every}"
     shards = str(root / "shards")

@@ -20,8 +20,8 @@ from bench.gpu_items.common import ItemResult, Profile, connect_ray, synchronize
 
 def extraction(shards: str, profile: Profile, device: torch.device) -> dict:
     from stal_ray.config import load_config
-    from stal_ray.data.manifest import read_manifest
-    from stal_ray.data.pipeline import evaluation_dataset
+    from stal_ray.data.prepared.manifest import read_manifest
+    from stal_ray.data.stream.pipeline import evaluation_dataset
     from stal_ray.evaluate.features import extract_features
     from stal_ray.model.export import save_model
     from stal_ray.model.stal import STAL

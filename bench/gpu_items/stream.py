@@ -35,9 +35,9 @@ def normalisation_equal(shards: str, config, device: torch.device) -> dict[str, 
     """{preprocess name: device-normalised uint8 clips == CPU float clips} on the stream's first P groups."""
     import numpy as np
 
-    from stal_ray.data.batches import TrainingBatches
-    from stal_ray.data.pipeline import training_dataset
-    from stal_ray.model.preprocess import CAFFE_BGR, IMAGENET
+    from stal_ray.core.preprocess import CAFFE_BGR, IMAGENET
+    from stal_ray.data.stream.batches import TrainingBatches
+    from stal_ray.data.stream.pipeline import training_dataset
     from stal_ray.train.loop import model_input
 
     p = config.data.identities_per_batch
@@ -56,8 +56,8 @@ def normalisation_equal(shards: str, config, device: torch.device) -> dict[str, 
 
 def supply(shards: str, config) -> dict:
     """Frames/s of one epoch of uint8 batches over a third of the training identities."""
-    from stal_ray.data.batches import training_batches
-    from stal_ray.data.pipeline import identity_labels, training_dataset
+    from stal_ray.data.stream.batches import training_batches
+    from stal_ray.data.stream.pipeline import identity_labels, training_dataset
 
     identities = identity_labels(shards)
     excluded = identities[max(config.data.identities_per_batch * 2, len(identities) // 3):]

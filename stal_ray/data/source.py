@@ -2,8 +2,9 @@
 
 import argparse
 
-from stal_ray.data import storage
-from stal_ray.data.manifest import IncompleteDatasetError, read_manifest
+from stal_ray.core import storage
+from stal_ray.data.prepared.manifest import IncompleteDatasetError, read_manifest
+from stal_ray.data.synthetic.generator import ensure_synthetic_shards
 
 
 def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
@@ -11,10 +12,6 @@ def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
     absolute), or when None the embedded synthetic data set, generated and sharded into the cache on first
     use."""
     if uri is None:
-        # imported here: the generator draws with the model's joint layout (torch), which a job given a
-        # prepared data set (e.g. prepare_mars.py) has no need to load
-        from stal_ray.data.synthetic import ensure_synthetic_shards
-
         return ensure_synthetic_shards()
     uri = storage.absolute(uri)  # read by Ray tasks, whose working directory is the cluster's
     try:

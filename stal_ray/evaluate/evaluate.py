@@ -9,12 +9,12 @@ import numpy as np
 import ray
 
 from stal_ray.config import PROTOCOLS, Config, _parse_override, config_from_dict
-from stal_ray.data import protocol as data_protocol
-from stal_ray.data import storage
-from stal_ray.data.integrity import check_shards
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.pipeline import evaluation_dataset
+from stal_ray.core import storage
+from stal_ray.data.prepared import protocol as data_protocol
+from stal_ray.data.prepared.integrity import check_shards
+from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.source import resolve_data
+from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate import report
 from stal_ray.evaluate.distance import MODES, branch_distances, fuse
 from stal_ray.evaluate.features import (

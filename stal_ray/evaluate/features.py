@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from stal_ray.data import storage
-from stal_ray.data.images import decode_frames
-from stal_ray.data.manifest import read_manifest
+from stal_ray.core import storage
+from stal_ray.core.progress import Progress
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.stream.images import decode_frames
 from stal_ray.evaluate.distance import TrackletFeatures
 from stal_ray.model.export import load_model
 from stal_ray.objective import safe_divisor
-from stal_ray.progress import Progress
 
 # What chunk_sums gives per chunk; score_sum (Σ_t s_{t,r}, for ā^r) is den_attended, so it is not repeated.
 SUM_FIELDS = ("g_sum", "num_attended", "den_attended", "num_temporal", "den_temporal", "f_sum", "frames")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from stal_ray.config import PROTOCOLS
-from stal_ray.data.mars import JUNK
+from stal_ray.data.releases.base import JUNK
 
 AP_RULES = ("step", "trapezoid")
 # the AP rule each protocol's reference code uses

@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from stal_ray.data import storage  # noqa: E402
-from stal_ray.model.parts import PART_NAMES  # noqa: E402
+from stal_ray.core import storage  # noqa: E402
+from stal_ray.core.skeleton import PART_NAMES  # noqa: E402
 
 METRICS_FILE, CMC_FILE, ATTENTION_FILE = "metrics.json", "cmc.png", "attention.png"
 # frames drawn above each attention map (Fig. 12 shows four per video)

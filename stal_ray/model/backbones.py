@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stal_ray.config import BACKBONES
-from stal_ray.model.preprocess import CAFFE_BGR, IMAGENET, Preprocess
+from stal_ray.core.preprocess import CAFFE_BGR, IMAGENET, Preprocess
 from stal_ray.model.weights import local_weights
 
 log = logging.getLogger(__name__)

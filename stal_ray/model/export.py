@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from stal_ray.config import Config, config_from_dict
-from stal_ray.data import storage
-from stal_ray.model.preprocess import Preprocess
+from stal_ray.core import storage
+from stal_ray.core.preprocess import Preprocess
 from stal_ray.model.stal import STAL
 
 FORMAT, VERSION = "stal_ray.model", 1

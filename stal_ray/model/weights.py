@@ -18,7 +18,7 @@ import urllib.parse
 import torch.hub
 from filelock import FileLock
 
-from stal_ray.data import storage
+from stal_ray.core import storage
 
 log = logging.getLogger(__name__)
 

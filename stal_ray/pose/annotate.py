@@ -28,12 +28,13 @@ import ray
 import ray.data
 from fsspec.implementations.local import LocalFileSystem
 
-from stal_ray.data import publish, storage
-from stal_ray.data.integrity import check_shards
-from stal_ray.data.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest, read_manifest
-from stal_ray.data.shard_files import PartWriter, ShardFile
+from stal_ray.core import storage
+from stal_ray.core.progress import Progress
+from stal_ray.data.prepared import publish
+from stal_ray.data.prepared.integrity import check_shards
+from stal_ray.data.prepared.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest, read_manifest
+from stal_ray.data.prepared.shard_files import PartWriter, ShardFile
 from stal_ray.pose.models import PoseModel, decode, estimator
-from stal_ray.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _write_state(fs, root: str, state: dict) -> None:
 def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpoint_url: str | None,
          workers: int | None, num_gpus: float, threads: int, save) -> tuple[dict, dict]:
     """Run the model over every shard not yet done, writing each as its last row comes back."""
-    from stal_ray.data.pipeline import _read_filesystem
+    from stal_ray.data.stream.pipeline import _read_filesystem
 
     pending = [{"split": split, "file": entry.path, "path": path}
                for split in SPLITS
@@ -261,7 +262,7 @@ def _publish(fs, root: str, manifest: Manifest, model: PoseModel, state: dict, v
         bad_frames=manifest.bad_frames,
         dataset=manifest.dataset,  # what the data set is and its protocol: unchanged by the joints
         pose={"model": model.describe(), "from_version": manifest.version, "unreadable_frames": unreadable,
-              "joints": "stal_ray.model.parts.JOINT_NAMES, (x, y, confidence) in frame pixels",
+              "joints": "stal_ray.core.skeleton.JOINT_NAMES, (x, y, confidence) in frame pixels",
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         uri=manifest.uri, version=version, _root=base,
     )

@@ -16,7 +16,7 @@ upper neck sits ~0.35 and the crown ~0.8 of S->C beyond S and C.
 
 import numpy as np
 
-from stal_ray.model.parts import JOINT_NAMES
+from stal_ray.core.skeleton import JOINT_NAMES
 
 # the named body points both kinds of model have, as indices into their landmark lists
 BLAZEPOSE_POINTS = {

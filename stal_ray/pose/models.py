@@ -141,7 +141,7 @@ def load_model(model: str = BLAZEPOSE, *, endpoint_url: str | None = None) -> Po
         raise UnknownModelError(f"--model {model}: use {' or '.join(MODEL_NAMES)}, or a path or URL of a "
                                 ".tflite (BlazePose landmark model) or .onnx (SimCC top-down model) file")
     _check_runtime(kind)
-    from stal_ray.data import storage
+    from stal_ray.core import storage
 
     fs, path = storage.filesystem(model, endpoint_url=endpoint_url, check=False)
     with storage.errors(model, endpoint_url):

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stal_ray.core.skeleton import PART_NAMES
 from stal_ray.evaluate.distance import branch_distances, fuse
 from stal_ray.evaluate.features import FeatureSet
 from stal_ray.evaluate.ranking import RankingResult, ap_rule, evaluate_ranking, query_gallery_split
-from stal_ray.model.parts import PART_NAMES
 from stal_ray.objective import euclidean_distance
 from stal_ray.study.units import UnitScores
 

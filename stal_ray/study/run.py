@@ -4,8 +4,8 @@ import json
 import time
 
 from stal_ray.config import Config, with_overrides
-from stal_ray.data import storage
-from stal_ray.data.pipeline import evaluation_dataset
+from stal_ray.core import storage
+from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate.features import extract_features, tracklet_frames
 from stal_ray.evaluate.report import plot_attention, plot_cmc, shown_frames, write_bytes
 from stal_ray.study import analysis, figures

@@ -23,9 +23,10 @@ import numpy as np
 import ray
 
 from stal_ray.config import Config, with_overrides
-from stal_ray.data import pollution, protocol, storage
-from stal_ray.data.releases import read_release
-from stal_ray.data.shards import write_shards
+from stal_ray.core import storage
+from stal_ray.data.prepared import pollution, protocol
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.registry import read_release
 from stal_ray.evaluate.report import METRICS_FILE, write_bytes
 
 SUMMARY_JSON, SUMMARY_TABLE = "summary.json", "summary.md"

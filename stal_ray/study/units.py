@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import ray.data
 
+from stal_ray.core.skeleton import PART_JOINTS
 from stal_ray.evaluate.features import ChunkFeatures, FeatureSet, TrackletSums, chunk_stream
-from stal_ray.model.parts import PART_JOINTS
 
 # joint indices (0-based) of each body part, in PART_NAMES order
 _PART_JOINTS = tuple(np.asarray(joints) - 1 for _, joints in PART_JOINTS)

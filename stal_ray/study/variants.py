@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 
 from stal_ray.config import Config, with_overrides
-from stal_ray.data import storage
+from stal_ray.core import storage
 from stal_ray.train.trainer import train
 
 

@@ -23,15 +23,15 @@ import torch
 import torch.distributed as dist
 
 from stal_ray.config import config_from_dict
-from stal_ray.data import storage
-from stal_ray.data.batches import training_batches
-from stal_ray.data.pipeline import training_dataset, validation_dataset
-from stal_ray.data.validation import ValidationSplit
+from stal_ray.core import storage
+from stal_ray.core.progress import format_duration
+from stal_ray.data.prepared.validation import ValidationSplit
+from stal_ray.data.stream.batches import training_batches
+from stal_ray.data.stream.pipeline import training_dataset, validation_dataset
 from stal_ray.evaluate.validate import validate
 from stal_ray.model.export import save_model
 from stal_ray.model.stal import STAL
 from stal_ray.objective import STALObjective
-from stal_ray.progress import format_duration
 from stal_ray.train.checkpoints import load_checkpoint
 from stal_ray.train.deepspeed import build_engine
 from stal_ray.train.elastic import batches_done_at, resize_line, scale_learning_rate

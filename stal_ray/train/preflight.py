@@ -7,10 +7,10 @@ import os
 import ray
 
 from stal_ray.config import NO_PRETRAINED, Config, ConfigError
-from stal_ray.data import storage
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.pipeline import identity_labels
-from stal_ray.data.validation import held_out_count
+from stal_ray.core import storage
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.validation import held_out_count
+from stal_ray.data.stream.pipeline import identity_labels
 from stal_ray.model.backbones import check_weights_choice
 from stal_ray.model.weights import local_weights
 

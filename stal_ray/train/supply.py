@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 import ray
 
-from stal_ray.data import storage
-from stal_ray.data.images import decode_frames
-from stal_ray.data.manifest import read_manifest
+from stal_ray.core import storage
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.stream.images import decode_frames
 
 # The stream's frames per CPU-second (every Ray process counted, beyond the per-epoch start) over a bare
 # decode loop's on the same frames: 4,601-4,931 against 7,932-8,160 at 256x128 (bench/data.py, README)

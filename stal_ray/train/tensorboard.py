@@ -20,7 +20,7 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
 
-from stal_ray.data import storage
+from stal_ray.core import storage
 
 logger = logging.getLogger(__name__)
 

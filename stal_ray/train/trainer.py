@@ -12,11 +12,11 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, resolve_keypoint_supervision
-from stal_ray.data import storage
-from stal_ray.data.integrity import check_shards
-from stal_ray.data.manifest import read_manifest
-from stal_ray.data.pipeline import undecodable_frames
-from stal_ray.data.validation import ValidationSplit
+from stal_ray.core import storage
+from stal_ray.data.prepared.integrity import check_shards
+from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.validation import ValidationSplit
+from stal_ray.data.stream.pipeline import undecodable_frames
 from stal_ray.evaluate.report import write_bytes
 from stal_ray.train.loop import MODEL_FILE, STOPPED, best_model_metric, train_loop_per_worker
 from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks were defined here first

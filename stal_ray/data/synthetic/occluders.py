@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stal_ray.model.parts import CANONICAL_POSE, JOINT_NAMES
+from stal_ray.core.skeleton import CANONICAL_POSE, JOINT_NAMES
 
 OCCLUDER_STYLES = ("boxes", "moving")
 EVENT_FRAMES = (2, 6)  # inclusive range of a moving event's length, frames (mean 4)

@@ -1,8 +1,8 @@
 """Synthetic releases in the iLIDS-VID and PRID-2011 layouts as shipped (PNG sequences, split file).
 
 `write_ilidsvid_release` and `write_prid_release` lay out given PNG frames exactly as the readers
-(stal_ray/data/ilidsvid.py, prid.py) expect; `write_layout` fills them with the learnable pedestrians of
-stal_ray/data/synthetic_render.py, one sequence per person and camera (cameras 1 and 2, or A and B):
+(stal_ray/data/releases/ilidsvid.py, prid.py) expect; `write_layout` fills them with the learnable pedestrians
+of stal_ray/data/synthetic/render.py, one sequence per person and camera (cameras 1 and 2, or A and B):
 
 * ilidsvid: persons numbered with gaps (every fifth number left out, as the real release skips numbers),
   frame numbers from 1, and `ls_set` with 10 seeded permutations of the sorted person folders;
@@ -12,7 +12,7 @@ stal_ray/data/synthetic_render.py, one sequence per person and camera (cameras 1
   the same numbers (PRID_A_ONLY in A, PRID_B_ONLY in B) who are different people, as in the release (385
   persons in A, 749 in B, only 1..200 the same people).
 
-`python -m stal_ray.data.synthetic OUT --layout ilidsvid|prid2011` writes one.
+`python -m stal_ray.data.synthetic.generator OUT --layout ilidsvid|prid2011` writes one.
 """
 
 import io
@@ -23,8 +23,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from stal_ray.data import ilidsvid, prid
-from stal_ray.data.synthetic_render import STYLES, Track, render
+from stal_ray.data.releases import ilidsvid, prid
+from stal_ray.data.synthetic.render import STYLES, Track, check_arguments, render
 
 LAYOUTS = ("mars", "ilidsvid", "prid2011")
 SPLITS = 10
@@ -65,8 +65,7 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     """A synthetic release in `layout` (ilidsvid or prid2011) under `out` (new or empty); returns its path.
     `persons`: persons in both cameras that the protocol keeps (even, so the splits halve them); PRID-2011's
     have at least prid.MIN_FRAMES frames whatever frames_per_tracklet says. `style` (the pedestrians' and
-    cameras' look) and `occluders` as for stal_ray.data.synthetic.write_synthetic_release."""
-    from stal_ray.data.synthetic import check_arguments  # here: synthetic imports this module
+    cameras' look) and `occluders` as for stal_ray.data.synthetic.generator.write_synthetic_release."""
 
     if style not in STYLES:
         raise ValueError(f"style = {style!r} is invalid: use one of {', '.join(STYLES)}")

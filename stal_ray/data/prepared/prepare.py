@@ -5,10 +5,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-from stal_ray.data import pollution, protocol
-from stal_ray.data.frame_check import MAX_BAD_FRACTION
-from stal_ray.data.mars import MarsFormatError, MarsRelease
-from stal_ray.data.shards import write_shards
+from stal_ray.data.prepared import pollution, protocol
+from stal_ray.data.prepared.shards import write_shards
+from stal_ray.data.releases.base import Release, ReleaseFormatError
+from stal_ray.data.releases.frame_check import MAX_BAD_FRACTION
 from stal_ray.data.source import endpoint_url
 
 _BAD_SHOWN = 20  # bad frames listed in the summary; the manifest lists them all
@@ -55,11 +55,11 @@ def check_shard_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--pollute-seed needs --pollute")
 
 
-def prepare(job: str, read_release: Callable[[], MarsRelease], args: argparse.Namespace, *,
+def prepare(job: str, read_release: Callable[[], Release], args: argparse.Namespace, *,
             dataset: str = "mars", split: int | None = None) -> int:
     """Read the release, write its shards as add_shard_arguments' options say, print the summary; 2 with one
     line naming the problem when the release or the storage is at fault. The manifest describes the data
-    set as `dataset` (split `split`) with its protocol (stal_ray.data.protocol) and pollution."""
+    set as `dataset` (split `split`) with its protocol (stal_ray.data.prepared.protocol) and pollution."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     described = protocol.describe(dataset, split,
                                   pollution.settings(args.pollute_seed) if args.pollute else None)
@@ -69,7 +69,7 @@ def prepare(job: str, read_release: Callable[[], MarsRelease], args: argparse.Na
                                 endpoint_url=args.endpoint_url, progress=sys.stderr.isatty(),
                                 max_bad_fraction=args.max_bad_frames, keep_previous=not args.drop_previous,
                                 dataset=described)
-    except (MarsFormatError, OSError) as error:  # StorageError is an OSError; all are the user's to fix
+    except (ReleaseFormatError, OSError) as error:  # StorageError is an OSError; all are the user's to fix
         print(f"{job}: error: {error}", file=sys.stderr)
         return 2
     # the fingerprint covers the release's index and keypoints, not its image bytes (reading MARS twice to

@@ -3,8 +3,8 @@
 `render(track, seed, size, occlusion)` gives the JPEG bytes and ground-truth keypoints of every frame of one
 tracklet, drawn from seeded generators only (same arguments, same bytes). `appearance` is what makes an
 identity recognisable in every camera, `camera` what a camera does to every crop; STYLES are the generator
-styles. stal_ray/data/synthetic.py lays the tracklets out as a MARS release, synthetic_layouts.py as the
-iLIDS-VID and PRID-2011 ones; stal_ray/data/occluders.py draws what hides the person.
+styles. stal_ray/data/synthetic/generator.py lays the tracklets out as a MARS release, synthetic_layouts.py
+as the iLIDS-VID and PRID-2011 ones; stal_ray/data/synthetic/occluders.py draws what hides the person.
 """
 
 import io
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stal_ray.data import mars
-from stal_ray.data.occluders import Occluders
-from stal_ray.model.parts import CANONICAL_POSE, JOINT_NAMES
+from stal_ray.core.skeleton import CANONICAL_POSE, JOINT_NAMES
+from stal_ray.data.releases import mars
+from stal_ray.data.synthetic.occluders import OCCLUDER_STYLES, Occluders
 
 _J = {name: index for index, name in enumerate(JOINT_NAMES)}
 # Hand-picked separable colours first (learnable in a few steps), then random ones for larger sets.
@@ -244,7 +244,7 @@ def render(track: Track, seed: int, size, occlusion: float, *, style: str = "def
     look = appearance(seed, track.identity, style)
     joints = _pose(track, look, view, rng, size)
     scene = _background(view, rng, size)
-    # something in front of the person (a car, a post, another pedestrian): stal_ray.data.occluders
+    # something in front of the person (a car, a post, another pedestrian): stal_ray.data.synthetic.occluders
     event_rng = np.random.default_rng([seed, 4, 0 if track.split == "train" else 1, track.identity + 2,
                                        track.number])
     hiders = Occluders(occluders, occlusion, rng, event_rng, track.frames,
@@ -257,3 +257,29 @@ def render(track: Track, seed: int, size, occlusion: float, *, style: str = "def
         keypoints[index] = np.concatenate([joints[index], confidence[:, None]], axis=1)
         frames.append(_finish(np.asarray(image, np.float64), view, rng))
     return frames, keypoints
+
+
+def check_arguments(
+    identities, test_identities, cameras, tracklets, frames, height, width, occlusion, junk, distractors,
+    occluders="boxes",
+):
+    """Refuse arguments no release can be written from, with every problem in one message."""
+    problems = []
+    if identities < 1 or test_identities < 1 or identities + test_identities > 9999:
+        problems.append("identities and test_identities must be >= 1 and together <= 9999 (4-digit folders)")
+    if not 1 <= cameras <= 9:
+        problems.append("cameras must be 1..9 (one digit in the file name)")
+    if len(tracklets) != 2 or not 1 <= tracklets[0] <= tracklets[1] <= 9999:
+        problems.append(f"tracklets_per_identity must be (low, high) with 1 <= low <= high, got {tracklets}")
+    if len(frames) != 2 or not 1 <= frames[0] <= frames[1] <= 999:
+        problems.append(f"frames_per_tracklet must be (low, high) with 1 <= low <= high <= 999, got {frames}")
+    if height < 16 or width < 8:
+        problems.append(f"frames must be at least 16 x 8 pixels, got {height} x {width}")
+    if not 0 <= occlusion <= 1:
+        problems.append(f"occlusion is a share of frames in [0, 1], got {occlusion}")
+    if occluders not in OCCLUDER_STYLES:
+        problems.append(f"occluders must be one of {', '.join(OCCLUDER_STYLES)}, got {occluders!r}")
+    if junk < 0 or distractors < 0:
+        problems.append("junk_tracklets and distractor_tracklets must be >= 0")
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -1,10 +1,11 @@
 """The rows of a prepare: a release's frames read and checked, keypoints joined by frame name, grouped into
-rows of TRAIN_SCHEMA and TEST_SCHEMA (stal_ray/data/manifest.py), and the counts its manifest records.
+rows of TRAIN_SCHEMA and TEST_SCHEMA (stal_ray/data/prepared/manifest.py), and the counts its manifest
+records.
 
 Frames are checked as they are copied: a frame that resolves outside the release root (a symlink) refuses
 the run, naming it; a zero-byte, truncated or non-JPEG frame is dropped from its tracklet, listed and
 counted; more than max_bad_fraction of all frames bad, or a tracklet with no good frame left, refuses the run
-(stal_ray/data/frame_check.py). stal_ray/data/shards.py writes the rows into shard files.
+(stal_ray/data/releases/frame_check.py). stal_ray/data/prepared/shards.py writes the rows into shard files.
 """
 
 import concurrent.futures
@@ -19,10 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from stal_ray.data import pollution, storage
-from stal_ray.data.frame_check import BadFrames, BadFramesError, LinkGuard, jpeg_problem
-from stal_ray.data.manifest import KEYPOINT_TYPE
-from stal_ray.data.mars import MarsFormatError, MarsRelease, Tracklet
+from stal_ray.core import storage
+from stal_ray.data.prepared import pollution
+from stal_ray.data.prepared.manifest import KEYPOINT_TYPE
+from stal_ray.data.releases.base import Release, ReleaseFormatError, Tracklet
+from stal_ray.data.releases.frame_check import BadFrames, BadFramesError, LinkGuard, jpeg_problem
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ _READ_THREADS = 8  # frame reads overlap: cheap on local disk, a large win on ne
 class FrameReader:
     """Reads a release's frames for the shards: symlinks leaving the root refused, bad JPEGs set aside."""
 
-    def __init__(self, release: MarsRelease, bad: BadFrames, polluted: dict | None = None):
+    def __init__(self, release: Release, bad: BadFrames, polluted: dict | None = None):
         self.release, self.bad, self.polluted = release, bad, polluted
         fs, base = release._filesystem()
         self.guard = LinkGuard(base if isinstance(fs, LocalFileSystem) else None)
@@ -92,24 +94,25 @@ def read_keypoints(uri: str | None,
         try:
             raw = fs.cat_file(path)
         except FileNotFoundError:
-            raise MarsFormatError(f"keypoints file {uri} does not exist") from None
+            raise ReleaseFormatError(f"keypoints file {uri} does not exist") from None
     try:
         table = pq.read_table(pa.BufferReader(raw))
     except pa.ArrowException as error:
-        raise MarsFormatError(f"keypoints file {uri}: not a readable Parquet file ({error})") from None
+        raise ReleaseFormatError(f"keypoints file {uri}: not a readable Parquet file ({error})") from None
     expected = "columns name: string (frame file name), keypoints: fixed_size_list<float32>[42]"
     if not {"name", "keypoints"} <= set(table.column_names):
-        raise MarsFormatError(f"keypoints file {uri}: has columns {table.column_names}; expected {expected}")
+        raise ReleaseFormatError(
+            f"keypoints file {uri}: has columns {table.column_names}; expected {expected}")
     try:
         names = table.column("name").cast(pa.string()).to_pylist()
         values = table.column("keypoints").cast(KEYPOINT_TYPE).combine_chunks()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-        raise MarsFormatError(f"keypoints file {uri}: {error}; expected {expected}") from None
+        raise ReleaseFormatError(f"keypoints file {uri}: {error}; expected {expected}") from None
     lookup = {name: row for row, name in enumerate(names)}
     if len(lookup) != len(names):
         seen = set()
         duplicate = next(n for n in names if n in seen or seen.add(n))
-        raise MarsFormatError(f"keypoints file {uri}: frame {duplicate!r} listed more than once")
+        raise ReleaseFormatError(f"keypoints file {uri}: frame {duplicate!r} listed more than once")
     return lookup, values, hashlib.sha256(raw).hexdigest()
 
 
@@ -161,7 +164,7 @@ def test_rows(reader: FrameReader, join: KeypointJoin) -> Iterator[tuple[dict, i
             }, sum(map(len, frames))
 
 
-def counts(release: MarsRelease, join: KeypointJoin, skipped: list[int],
+def counts(release: Release, join: KeypointJoin, skipped: list[int],
             bad: BadFrames) -> dict[str, dict[str, int]]:
     train = [t for t in release.train if t.identity > 0]
     test = release.test

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stal_ray.data.manifest import JOINTS
+from stal_ray.data.prepared.manifest import JOINTS
 
 KEYPOINT_VALUES = JOINTS * 3  # (x, y, confidence) per joint
 

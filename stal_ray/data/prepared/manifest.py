@@ -1,8 +1,8 @@
 """The prepared data set's format: its layout, the Parquet schemas of its shards, its manifest, read checked.
 
-Layout of one version of the data set, under <out>/versions/<ID>/ (stal_ray/data/publish.py: the pointer
-<out>/current.json names the current version, swapped in one step once a version is complete; a data set
-written before versions has this layout at <out> itself, and is read as it is):
+Layout of one version of the data set, under <out>/versions/<ID>/ (stal_ray/data/prepared/publish.py: the
+pointer <out>/current.json names the current version, swapped in one step once a version is complete; a data
+set written before versions has this layout at <out> itself, and is read as it is):
 
     manifest.json              written last: a version without a valid one is incomplete and is refused
     train/part-00000.parquet   one row per training identity, ascending identity, files of ~target size
@@ -29,13 +29,13 @@ TEST_SCHEMA, one row per test tracklet (queries, gallery, junk -1 and distractor
 The manifest (JSON) holds schema_version, created (UTC, ISO 8601), source (release root, keypoints file,
 fingerprint of the release index and keypoint bytes), target_file_bytes, counts per split and, per file,
 its path relative to the version folder, byte size, sha256 and row count, and bad_frames: the frames left
-out because they are not whole JPEG files (stal_ray/data/frame_check.py), each with its split, path,
+out because they are not whole JPEG files (stal_ray/data/releases/frame_check.py), each with its split, path,
 tracklet row and problem, and dataset: which data set and split it is, its test protocol and the pollution
-drawn into its frames (stal_ray/data/protocol.py). Readers take the file list from the manifest, never from
-a listing, so a stray or half-written file is never read.
+drawn into its frames (stal_ray/data/prepared/protocol.py). Readers take the file list from the manifest,
+never from a listing, so a stray or half-written file is never read.
 
-stal_ray/data/shards.py writes a data set (stal_ray/data/shard_rows.py builds its rows, shard_files.py its
-files); read_manifest and verify here are how every reader finds and checks one.
+stal_ray/data/prepared/shards.py writes a data set (stal_ray/data/prepared/shard_rows.py builds its rows,
+shard_files.py its files); read_manifest and verify here are how every reader finds and checks one.
 """
 
 import hashlib
@@ -48,14 +48,15 @@ from typing import Any
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from stal_ray.data import protocol, publish, storage
-from stal_ray.data.shard_files import ShardFile
-from stal_ray.data.storage import StorageError
+from stal_ray.core import skeleton, storage
+from stal_ray.core.storage import StorageError
+from stal_ray.data.prepared import protocol, publish
+from stal_ray.data.prepared.shard_files import ShardFile
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
-JOINTS = 14  # MPII joints (paper §III-C, Eq. 7)
+JOINTS = skeleton.NUM_JOINTS  # the paper's 14 joints (§III-B, Eq. 7)
 KEYPOINT_TYPE = pa.list_(pa.float32(), JOINTS * 3)  # (x, y, confidence) per joint
 KEYPOINTS_SCHEMA = pa.schema([("name", pa.string()), ("keypoints", KEYPOINT_TYPE)])  # the side file
 
@@ -103,8 +104,8 @@ class Manifest:
     bad_frames: list[dict] = field(default_factory=list)  # frames left out; absent from older manifests
     # the model whose joints the keypoints column holds (stal_ray/pose/annotate.py); absent when none did
     pose: dict | None = None
-    # what the data set is and how its test split is ranked (stal_ray.data.protocol.describe); absent from
-    # older manifests, which are MARS's
+    # what the data set is and how its test split is ranked (stal_ray.data.prepared.protocol.describe);
+    # absent from older manifests, which are MARS's
     dataset: dict = field(default_factory=protocol.describe)
     uri: str = field(default="", compare=False)  # the data set's URI; not stored
     version: str = field(default="", compare=False)  # version ID (publish.LEGACY: none); not stored

@@ -23,7 +23,8 @@ _EVAL_PROTOCOL = {TWO_CAMERA: "torchreid"}  # the eval.protocol whose gallery is
 
 def describe(dataset: str = "mars", split: int | None = None, pollution: dict | None = None) -> dict:
     """The manifest's `dataset` entry: name, split, protocol, query and gallery in words, pollution (the
-    black boxes drawn into every frame, stal_ray.data.pollution; None for the release's own frames)."""
+    black boxes drawn into every frame, stal_ray.data.prepared.pollution; None for the release's own
+    frames)."""
     if dataset not in PROTOCOL_OF:
         raise ValueError(f"dataset must be one of {', '.join(PROTOCOL_OF)}, got {dataset!r}")
     protocol = PROTOCOL_OF[dataset]

@@ -3,10 +3,11 @@
 Layout under <out> (local folder or s3://bucket/prefix):
 
     current.json                   the pointer: {"format": 1, "version": ID, "previous": ID or null, ...}
-    versions/<ID>/manifest.json    a version: its manifest and shards (stal_ray/data/manifest.py), never
-    versions/<ID>/train/, test/    changed once written
+    versions/<ID>/manifest.json    a version: its manifest and shards (stal_ray/data/prepared/manifest.py),
+    never versions/<ID>/train/, test/    changed once written
     .prepare.lock                  held by the prepare writing here, if any
-    validation/                    validation splits (stal_ray/data/validation.py), keyed by fingerprint
+    validation/                    validation splits (stal_ray/data/prepared/validation.py), keyed by
+    fingerprint
 
 A prepare writes a new version under versions/<ID>/ (IDs sort by creation time), then replaces current.json
 in one step (one PUT on S3, a rename on local disk), then removes the versions it no longer keeps. Readers
@@ -37,7 +38,7 @@ from datetime import datetime, timezone
 
 from fsspec.implementations.local import LocalFileSystem
 
-from stal_ray.data.storage import StorageError
+from stal_ray.core.storage import StorageError
 
 logger = logging.getLogger(__name__)
 

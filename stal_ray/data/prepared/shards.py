@@ -1,10 +1,10 @@
 """Preparing a data set: a MARS-layout release written as Parquet shards and a manifest, atomically, once.
 
-write_shards reads the release's frames into rows (stal_ray/data/shard_rows.py: frames checked, keypoints
-joined), writes them as shard files (stal_ray/data/shard_files.py) into a new version folder in the format
-of stal_ray/data/manifest.py, writes the manifest last and publishes the version by swapping the pointer
-(stal_ray/data/publish.py). Over a complete data set of the same source and settings it writes nothing; of
-another one it refuses unless asked to overwrite.
+write_shards reads the release's frames into rows (stal_ray/data/prepared/shard_rows.py: frames checked,
+keypoints joined), writes them as shard files (stal_ray/data/prepared/shard_files.py) into a new version
+folder in the format of stal_ray/data/prepared/manifest.py, writes the manifest last and publishes the
+version by swapping the pointer (stal_ray/data/prepared/publish.py). Over a complete data set of the same
+source and settings it writes nothing; of another one it refuses unless asked to overwrite.
 """
 
 import hashlib
@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from stal_ray.data import pollution, protocol, publish, shard_rows, storage
-from stal_ray.data.frame_check import MAX_BAD_FRACTION, BadFrames, jpeg_problem
-from stal_ray.data.manifest import (
+from stal_ray.core import storage
+from stal_ray.data.prepared import pollution, protocol, publish, shard_rows
+from stal_ray.data.prepared.manifest import (
     SCHEMA_VERSION,
     TEST_SCHEMA,
     TRAIN_SCHEMA,
@@ -24,13 +24,14 @@ from stal_ray.data.manifest import (
     Manifest,
     read_manifest,
 )
-from stal_ray.data.mars import MarsRelease
-from stal_ray.data.shard_files import write_split
+from stal_ray.data.prepared.shard_files import write_split
+from stal_ray.data.releases.base import Release
+from stal_ray.data.releases.frame_check import MAX_BAD_FRACTION, BadFrames, jpeg_problem
 
 logger = logging.getLogger(__name__)
 
 
-def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None,
+def write_shards(release: Release, out: str, *, keypoints: str | None = None,
                  target_file_bytes: int = 128 << 20, overwrite: bool = False,
                  endpoint_url: str | None = None, progress: bool = True,
                  max_bad_fraction: float = MAX_BAD_FRACTION, keep_previous: bool = True,
@@ -38,16 +39,16 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
     """Write `release` as Parquet shards and a manifest under `out`; returns the manifest.
 
     Keypoints come from `keypoints` (Parquet of manifest.KEYPOINTS_SCHEMA) or else release.keypoints_path,
-    joined by frame file name. The shards and the manifest go into a new version folder, published by one
-    swap of the pointer (stal_ray/data/publish.py), so readers see the previous data set whole until that
+    joined by frame file name. The shards and the manifest go into a new version folder, published by one swap
+    of the pointer (stal_ray/data/prepared/publish.py), so readers see the previous data set whole until that
     moment and the new one whole after it, wherever the run is interrupted. Over a complete data set of the
     same source and settings this is a no-op (manifest.reused is True); of another one it raises
     DatasetExistsError unless overwrite=True. keep_previous keeps the version it replaces until the next
     prepare (for jobs still reading it); otherwise that is removed right after the swap. Another prepare
     writing to `out` raises publish.PrepareLockedError, unless it finishes within lock_wait_s seconds (then
-    its data set is checked as above). `dataset` (stal_ray.data.protocol.describe; default MARS's) goes into
-    the manifest; its `pollution` settings, when set, black out a box of every frame
-    (stal_ray.data.pollution).
+    its data set is checked as above). `dataset` (stal_ray.data.prepared.protocol.describe; default MARS's)
+    goes into the manifest; its `pollution` settings, when set, black out a box of every frame
+    (stal_ray.data.prepared.pollution).
     """
     if target_file_bytes < 1:
         raise ValueError(f"target_file_bytes must be >= 1, got {target_file_bytes}")
@@ -121,7 +122,7 @@ def write_shards(release: MarsRelease, out: str, *, keypoints: str | None = None
 
 
 def _up_to_date(out: str, endpoint_url: str | None, source: dict, target_file_bytes: int,
-                release: MarsRelease, dataset: dict) -> Manifest | None:
+                release: Release, dataset: dict) -> Manifest | None:
     """The complete data set at `out` when it is of this source and settings (reused), None when there is
     none; DatasetExistsError when there is another one."""
     existing = _complete_manifest(out, endpoint_url)
@@ -153,7 +154,7 @@ def _versions(fs, root: str, out: str) -> tuple[str | None, str | None]:
         return None, None
 
 
-def _fingerprint(release: MarsRelease, keypoints_digest: str | None) -> str:
+def _fingerprint(release: Release, keypoints_digest: str | None) -> str:
     """sha256 of the release index (every tracklet's split, identity, camera, query flag, frame names) and
     of the keypoint bytes; image bytes are not hashed (that would read MARS twice to find nothing to do)."""
     digest = hashlib.sha256(f"keypoints {keypoints_digest}\n".encode())
@@ -171,7 +172,7 @@ def _complete_manifest(out: str, endpoint_url: str | None) -> Manifest | None:
         return None
 
 
-def _differences(existing: Manifest, source: dict, target_file_bytes: int, release: MarsRelease,
+def _differences(existing: Manifest, source: dict, target_file_bytes: int, release: Release,
                  dataset: dict) -> list[str]:
     differences = []
     if existing.dataset.get("pollution") != dataset.get("pollution"):
@@ -192,7 +193,7 @@ def _differences(existing: Manifest, source: dict, target_file_bytes: int, relea
     return differences
 
 
-def _now_good(release: MarsRelease, path: str) -> bool:
+def _now_good(release: Release, path: str) -> bool:
     try:
         return jpeg_problem(release.read_frame(path)) is None
     except OSError:

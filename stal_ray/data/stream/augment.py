@@ -22,11 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Joint order after a left-right flip, in model.parts.JOINT_NAMES' order (head_top, neck, right shoulder,
-# elbow, wrist, left shoulder, elbow, wrist, right hip, knee, ankle, left hip, knee, ankle): each left joint
-# takes its right partner's place and back. Written out: importing model.parts would load torch into every
-# decoding task.
-MIRRORED_JOINTS = np.array([0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10])
+from stal_ray.core import skeleton
+
+MIRRORED_JOINTS = np.array(skeleton.MIRRORED_JOINTS)  # the joint order after a left-right flip
 # Zhong et al.'s random erasing: area 2-40% of the frame, aspect ratio (height / width) 0.3 to 1/0.3
 ERASE_AREA = (0.02, 0.4)
 ERASE_ASPECT = (0.3, 1 / 0.3)

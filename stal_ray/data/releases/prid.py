@@ -19,8 +19,8 @@ import re
 import fsspec
 import numpy as np
 
-from stal_ray.data.mars import MarsFormatError
-from stal_ray.data.png_release import PngRelease, entry_type, sequence_frames, two_camera_release
+from stal_ray.data.releases.base import ReleaseFormatError
+from stal_ray.data.releases.png_release import PngRelease, entry_type, sequence_frames, two_camera_release
 
 SEQUENCES = "prid_2011/multi_shot"
 CAMERAS = {"a": 1, "b": 2}  # folder cam_<letter> -> camera number in the shards
@@ -34,7 +34,7 @@ _PERSON = re.compile(r"person_(\d{4})")
 _FRAME = re.compile(r"(\d{4})\.png")
 
 
-class PridFormatError(MarsFormatError):
+class PridFormatError(ReleaseFormatError):
     """A release or split file that cannot be read: the message names the file and what to fix."""
 
 
@@ -49,14 +49,14 @@ def read_prid(root: str, split: int = 0, splits: list[dict] | None = None,
         if splits is None:
             splits = make_splits(eligible_persons(sequences))
         return _release(fs, base.rstrip("/"), root, sequences, splits, split, splits_name)
-    except MarsFormatError as error:
+    except ReleaseFormatError as error:
         raise PridFormatError(f"PRID-2011 release {root}: {error}") from error.__cause__
 
 
 def read_sequences(fs, base: str) -> dict[tuple[str, int], tuple[str, ...]]:
     """(camera letter, person number) -> frame paths, for every person folder of both cameras."""
     if missing := [f"{SEQUENCES}/cam_{c}" for c in CAMERAS if not fs.isdir(f"{base}/{SEQUENCES}/cam_{c}")]:
-        raise MarsFormatError(f"missing {', '.join(missing)}; {LAYOUT}")
+        raise ReleaseFormatError(f"missing {', '.join(missing)}; {LAYOUT}")
     sequences = {}
     for letter in CAMERAS:
         folder = f"{SEQUENCES}/cam_{letter}"
@@ -64,12 +64,12 @@ def read_sequences(fs, base: str) -> dict[tuple[str, int], tuple[str, ...]]:
             name = posixpath.basename(entry["name"].rstrip("/"))
             match = _PERSON.fullmatch(name)
             if entry_type(fs, entry) != "directory" or match is None:
-                raise MarsFormatError(f"{folder}/{name}: not a person folder named person_NNNN (4-digit "
+                raise ReleaseFormatError(f"{folder}/{name}: not a person folder named person_NNNN (4-digit "
                                       "person number); remove or rename it")
             sequences[letter, int(match.group(1))] = sequence_frames(
-                fs, base, f"{folder}/{name}", _FRAME, "NNNN.png (4-digit frame number)", MarsFormatError)
+                fs, base, f"{folder}/{name}", _FRAME, "NNNN.png (4-digit frame number)", ReleaseFormatError)
     if not any(letter == "a" for letter, _ in sequences):
-        raise MarsFormatError(f"{SEQUENCES}/cam_a has no person folders; {LAYOUT}")
+        raise ReleaseFormatError(f"{SEQUENCES}/cam_a has no person folders; {LAYOUT}")
     return sequences
 
 
@@ -98,7 +98,7 @@ def seeded_splits(root: str) -> list[dict]:
     fs, base = fsspec.core.url_to_fs(root)
     try:
         return make_splits(eligible_persons(read_sequences(fs, base.rstrip("/"))))
-    except MarsFormatError as error:
+    except ReleaseFormatError as error:
         raise PridFormatError(f"PRID-2011 release {root}: {error}") from error.__cause__
 
 
@@ -125,7 +125,7 @@ def dump_splits(splits: list[dict]) -> str:
 def _release(fs, base: str, root: str, sequences: dict, splits: list[dict], split: int,
              splits_name: str) -> PngRelease:
     if not 0 <= split < len(splits):
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"split {split} asked, but there are splits 0..{len(splits) - 1} in {splits_name}")
     persons = {}
     for part in ("train", "test"):
@@ -134,24 +134,24 @@ def _release(fs, base: str, root: str, sequences: dict, splits: list[dict], spli
         for name in splits[split][part]:
             match = _PERSON.fullmatch(str(name))
             if match is None:
-                raise MarsFormatError(f"{where}: {name!r} is not a person folder name person_NNNN")
+                raise ReleaseFormatError(f"{where}: {name!r} is not a person folder name person_NNNN")
             number = int(match.group(1))
             if number > SHARED_PERSONS:
-                raise MarsFormatError(
+                raise ReleaseFormatError(
                     f"{where}: {name} is not one person in both cameras: only person_0001..person_"
                     f"{SHARED_PERSONS:04d} were seen by both, and cam_a/{name} and cam_b/{name} are two "
                     "different people (the release's readme); list shared persons only, e.g. torchreid's "
                     "splits_prid2011.json")
             if number in numbers:
-                raise MarsFormatError(f"{where}: {name} is listed twice; list each person once")
+                raise ReleaseFormatError(f"{where}: {name} is listed twice; list each person once")
             absent = [f"{SEQUENCES}/cam_{c}/{name}" for c in CAMERAS if (c, number) not in sequences]
             if absent:
-                raise MarsFormatError(f"{where}: {name} has no {', '.join(absent)}; a split lists persons "
+                raise ReleaseFormatError(f"{where}: {name} has no {', '.join(absent)}; a split lists persons "
                                       "seen by both cameras (is the split file from another release?)")
             numbers.append(number)
         persons[part] = sorted(numbers)
     if both := set(persons["train"]) & set(persons["test"]):
-        raise MarsFormatError(f"{splits_name}, split {split}: person_{min(both):04d} is in both train and "
+        raise ReleaseFormatError(f"{splits_name}, split {split}: person_{min(both):04d} is in both train and "
                               "test; the halves must be disjoint")
     letter_of = {camera: letter for letter, camera in CAMERAS.items()}
     return two_camera_release(root, fs, base, persons,

@@ -19,8 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from stal_ray.data import storage
-from stal_ray.data.manifest import _PREPARE, CorruptDatasetError, Manifest, read_manifest
+from stal_ray.core import storage
+from stal_ray.data.prepared.manifest import _PREPARE, CorruptDatasetError, Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -31,16 +31,16 @@ import s3fs
 from botocore.credentials import RefreshableCredentials
 from ray.data.expressions import col
 
-from stal_ray.data import storage
-from stal_ray.data.augment import Augmentation
-from stal_ray.data.batches import RecycledBuffers
-from stal_ray.data.frames import StoredRows, chunks_of, to_numpy
-from stal_ray.data.images import decode_frame, decode_frames_with_sizes
-from stal_ray.data.manifest import JOINTS, read_manifest
-from stal_ray.data.sampling import identity_groups, sequence_of_length
+from stal_ray.core import storage
+from stal_ray.data.prepared.manifest import JOINTS, read_manifest
+from stal_ray.data.stream.augment import Augmentation
+from stal_ray.data.stream.batches import RecycledBuffers
+from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
+from stal_ray.data.stream.images import decode_frame, decode_frames_with_sizes
+from stal_ray.data.stream.sampling import identity_groups, sequence_of_length
 
 if TYPE_CHECKING:
-    from stal_ray.data.validation import ValidationSplit
+    from stal_ray.data.prepared.validation import ValidationSplit
 
 
 _FOOTER_ACTORS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"

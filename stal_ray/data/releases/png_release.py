@@ -1,10 +1,10 @@
 """Releases shipped as PNG frames (iLIDS-VID, PRID-2011), read for the shards as JPEG.
 
-The shards, the frame check (stal_ray/data/frame_check.py) and the decoder (stal_ray/data/images.py, which
-lets libjpeg decode at reduced scale) all take JPEG, so a PNG release is re-encoded once, at prepare time:
-quality 95 without chroma subsampling, visually lossless for these 64x128 frames (the cost is measured in
-README.md, section "iLIDS-VID and PRID-2011"). A PNG that cannot be decoded (truncated,
-damaged) is passed on as it is, so the shard writer leaves it out and lists it as a bad frame.
+The shards, the frame check (stal_ray/data/releases/frame_check.py) and the decoder
+(stal_ray/data/stream/images.py, which lets libjpeg decode at reduced scale) all take JPEG, so a PNG release
+is re-encoded once, at prepare time: quality 95 without chroma subsampling, visually lossless for these 64x128
+frames (the cost is measured in README.md, section "iLIDS-VID and PRID-2011"). A PNG that cannot be decoded
+(truncated, damaged) is passed on as it is, so the shard writer leaves it out and lists it as a bad frame.
 """
 
 import io
@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterable, Mapping
 
 from PIL import Image
 
-from stal_ray.data.mars import MarsFormatError, MarsRelease, Tracklet
+from stal_ray.data.releases.base import Release, ReleaseFormatError, Tracklet
 
 JPEG_QUALITY = 95
 _MISSING_SHOWN = 5
 
 
-class PngRelease(MarsRelease):
+class PngRelease(Release):
     """A release whose frames are PNG files: read_frame gives them as JPEG bytes."""
 
     def read_frame(self, path: str) -> bytes:
@@ -70,7 +70,7 @@ def entry_type(fs, entry: dict) -> str:
 
 
 def sequence_frames(fs, base: str, folder: str, pattern: re.Pattern, expected: str,
-                    error: type[MarsFormatError]) -> tuple[str, ...]:
+                    error: type[ReleaseFormatError]) -> tuple[str, ...]:
     """Frame paths of one sequence folder (relative to the release root), in frame-number order.
 
     Every file must match `pattern` (one group: the frame number), and the numbers must be consecutive: a

@@ -18,7 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from stal_ray.data.mars import SPLITS, MarsFormatError
+from stal_ray.data.releases.base import SPLITS, ReleaseFormatError
 
 SOI = b"\xff\xd8\xff"  # start of image, then the first segment's marker
 EOI = b"\xff\xd9"  # end of image
@@ -33,7 +33,7 @@ _TAIL = 64
 MAX_BAD_FRACTION = 0.001
 
 
-class UnsafeFrameError(MarsFormatError):
+class UnsafeFrameError(ReleaseFormatError):
     """A frame path that resolves outside the release root."""
 
 
@@ -120,7 +120,7 @@ class BadFrames:
             (f"; and {len(self.found) - shown} more" if len(self.found) > shown else "")
 
 
-class BadFramesError(MarsFormatError):
+class BadFramesError(ReleaseFormatError):
     """More bad frames than the threshold allows, or a tracklet with no good frame left."""
 
     def __init__(self, bad: BadFrames | None = None, message: str | None = None):

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from stal_ray.data import storage
-from stal_ray.data.manifest import Manifest, read_manifest
+from stal_ray.core import storage
+from stal_ray.data.prepared.manifest import Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 

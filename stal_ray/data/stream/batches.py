@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from stal_ray.model.preprocess import Preprocess
+    from stal_ray.core.preprocess import Preprocess
 
 
 class TrainingBatches:
@@ -39,7 +39,7 @@ class TrainingBatches:
                  shuffle_buffer: int | None = None, seed: int | None = None, drop_last: bool = True,
                  normalize: bool = True):
         # here, not at the top: the Ray Data workers that import this module never need torch
-        from stal_ray.model.preprocess import IMAGENET
+        from stal_ray.core.preprocess import IMAGENET
 
         self.source = dataset_or_shard
         self.p = identities_per_batch

@@ -1,17 +1,20 @@
 """The MARS release reader: index files and image folders as shipped, checked, as typed tracklets."""
 
-import io
 import posixpath
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
 
 import fsspec
 import numpy as np
-import scipy.io
 
-SPLITS = ("train", "test")
-JUNK, DISTRACTOR = -1, 0
+from stal_ray.data.releases.base import (
+    DISTRACTOR,
+    JUNK,
+    SPLITS,
+    Release,
+    ReleaseFormatError,
+    Tracklet,
+    load_mat,
+)
 
 # info/ files of the release: the name list and track table (file, MATLAB variable) of every split.
 NAME_LISTS = {"train": "info/train_name.txt", "test": "info/test_name.txt"}
@@ -32,55 +35,7 @@ _NAME_LENGTH = len(NAME_PATTERN)
 _MISSING_SHOWN = 5
 
 
-class MarsFormatError(ValueError):
-    """A release that cannot be read: the message names the file, the row (1-based) and what to fix."""
-
-
-@dataclass(frozen=True)
-class Tracklet:
-    split: str  # "train" or "test"
-    row: int  # 0-based row in the split's track table
-    identity: int  # person id; -1 junk, 0 distractor
-    camera: int  # 1..6
-    frames: tuple[str, ...]  # paths relative to the release root, in name-list order
-    is_query: bool = False  # test tracklets listed in query_IDX
-
-
-@dataclass
-class MarsRelease:
-    root: str
-    train: list[Tracklet]
-    test: list[Tracklet]
-    keypoints_path: str | None  # info/keypoints.parquet under root if present, else None
-    _fs: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def _filesystem(self) -> tuple[Any, str]:
-        # resolved lazily so a release made by hand (or unpickled elsewhere) needs only `root`
-        if self._fs is None:
-            self._fs = fsspec.core.url_to_fs(self.root)
-        return self._fs
-
-    def read_frame(self, path: str) -> bytes:
-        """Raw JPEG bytes of a frame, by its path relative to the release root."""
-        fs, base = self._filesystem()
-        return fs.cat_file(posixpath.join(base, path))
-
-    def identities(self, split: str) -> list[int]:
-        """Sorted distinct person identities of a split; junk (-1) and distractors (0) are not persons."""
-        return sorted({t.identity for t in self._split(split) if t.identity not in (JUNK, DISTRACTOR)})
-
-    @property
-    def queries(self) -> list[Tracklet]:
-        """The test tracklets listed in query_IDX, in track-table order."""
-        return [t for t in self.test if t.is_query]
-
-    def _split(self, split: str) -> list[Tracklet]:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return self.train if split == "train" else self.test
-
-
-def read_mars(root: str, *, check_images: bool = True) -> MarsRelease:
+def read_mars(root: str, *, check_images: bool = True) -> Release:
     """Read and check a MARS release at a local path or fsspec URL.
 
     check_images=False reads the index only (no listing of the image folders), e.g. at full scale when the
@@ -89,16 +44,16 @@ def read_mars(root: str, *, check_images: bool = True) -> MarsRelease:
     fs, base = fsspec.core.url_to_fs(root)
     try:
         return _read(fs, base, root, check_images)
-    except MarsFormatError as error:
+    except ReleaseFormatError as error:
         # the helpers name files relative to the release; the root says which release
-        raise MarsFormatError(f"MARS release {root}: {error}") from error.__cause__
+        raise ReleaseFormatError(f"MARS release {root}: {error}") from error.__cause__
 
 
-def _read(fs, base: str, root: str, check_images: bool) -> MarsRelease:
+def _read(fs, base: str, root: str, check_images: bool) -> Release:
     missing = [name for name in (*NAME_LISTS.values(), *(f for f, _ in TRACK_TABLES.values()), QUERY_FILE)
                if not fs.isfile(posixpath.join(base, name))]  # fmt: skip
     if missing:
-        raise MarsFormatError(f"missing {', '.join(missing)}; {LAYOUT}")
+        raise ReleaseFormatError(f"missing {', '.join(missing)}; {LAYOUT}")
 
     splits = {split: _read_split(fs, base, split) for split in SPLITS}
     _check_identities(splits["train"][0], splits["test"][0])
@@ -121,7 +76,7 @@ def _read(fs, base: str, root: str, check_images: bool) -> MarsRelease:
         ]
     keypoints = posixpath.join(base, KEYPOINTS_FILE)
     keypoints_path = f"{root.rstrip('/')}/{KEYPOINTS_FILE}" if fs.isfile(keypoints) else None
-    release = MarsRelease(root, tracklets["train"], tracklets["test"], keypoints_path)
+    release = Release(root, tracklets["train"], tracklets["test"], keypoints_path)
     release._fs = (fs, base)
     return release
 
@@ -134,46 +89,32 @@ def _check_identities(train: np.ndarray, test: np.ndarray) -> None:
     if len(not_person):
         row = int(not_person[0])
         kind = "junk (-1)" if train[row, 2] == JUNK else "distractor (0)"
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{table_file} row {row + 1}: identity {kind} in the training split ({len(not_person)} rows); "
             "MARS's training tracks are all persons, junk and distractors are test tracks: is the table "
             "from the test split?")
     if shared := set(train[:, 2].tolist()) & set(test[:, 2].tolist()) - {JUNK, DISTRACTOR}:
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"identity {min(shared):04d} is in both {table_file} and {TRACK_TABLES['test'][0]} "
             f"({len(shared)} identities); MARS's training and test persons are disjoint: is one of the "
             "index files from another release?")
 
 
-def _load_mat(fs, base: str, name: str, variable: str) -> np.ndarray:
-    raw = fs.cat_file(posixpath.join(base, name))
-    try:
-        contents = scipy.io.loadmat(io.BytesIO(raw))
-    except NotImplementedError as error:  # scipy reads MATLAB v4-v7.2; v7.3 files are HDF5
-        raise MarsFormatError(f"{name}: {error}; re-save it in MATLAB with save(..., '-v7')") from error
-    except Exception as error:
-        raise MarsFormatError(f"{name}: not a readable MATLAB file ({error})") from error
-    if variable not in contents:
-        found = sorted(k for k in contents if not k.startswith("__"))
-        raise MarsFormatError(f"{name}: no variable {variable!r} (found {found})")
-    return contents[variable]
-
-
 def _read_split(fs, base: str, split: str) -> tuple[np.ndarray, list[str]]:
     """The checked track table (N, 4) int64 and frame file names of a split."""
     table_file, variable = TRACK_TABLES[split]
-    table = _load_mat(fs, base, table_file, variable)
+    table = load_mat(fs, base, table_file, variable)
     if table.ndim != 2 or table.shape[1] != 4 or table.shape[0] == 0:
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{table_file}: {variable} has shape {table.shape}; expected (N, 4) rows of "
             "first frame, last frame (1-based, inclusive, into the name list), identity, camera"
         )
     if not np.issubdtype(table.dtype, np.number):
-        raise MarsFormatError(f"{table_file}: {variable} holds {table.dtype}, expected integers")
+        raise ReleaseFormatError(f"{table_file}: {variable} holds {table.dtype}, expected integers")
     fractional = np.flatnonzero((table != np.round(table)).any(1))
     if len(fractional):
         row = int(fractional[0])
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{table_file} row {row + 1}: values must be integers, got {table[row].tolist()}"
         )
     table = table.astype(np.int64)
@@ -190,14 +131,15 @@ def _read_names(fs, base: str, name_file: str) -> tuple[list[str], np.ndarray, n
         text = raw.decode("ascii")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{name_file} line {line}: not ASCII; expected names like {NAME_PATTERN}"
         ) from error
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:  # a trailing newline or blank lines at the end are harmless
         names.pop()
     if not names:
-        raise MarsFormatError(f"{name_file}: empty; expected one frame file name ({NAME_PATTERN}) per line")
+        raise ReleaseFormatError(f"{name_file}: empty; expected one frame file name ({NAME_PATTERN}) "
+                                 "per line")
     lengths = np.fromiter(map(len, names), np.int64, len(names))
     wrong = np.flatnonzero(lengths != _NAME_LENGTH)
     if len(wrong):
@@ -217,7 +159,7 @@ def _read_names(fs, base: str, name_file: str) -> tuple[list[str], np.ndarray, n
 
 
 def _bad_name(name_file: str, names: list[str], index: int):
-    raise MarsFormatError(
+    raise ReleaseFormatError(
         f"{name_file} line {index + 1}: {names[index]!r} is not a MARS frame name {NAME_PATTERN} "
         "(4-char identity or 00-1 for junk, C + camera digit, T + 4-digit tracklet, F + 3-digit frame)"
     )
@@ -231,12 +173,13 @@ def _check_table(table, table_file, name_file, names, name_identity, name_camera
         f, la = int(first[row]), int(last[row])
         where = f"{table_file} row {row + 1} (first {f}, last {la})"
         if la == f - 1:
-            raise MarsFormatError(f"{where}: empty tracklet (no frames); every tracklet needs first <= last")
+            raise ReleaseFormatError(f"{where}: empty tracklet (no frames); every tracklet needs "
+                                     "first <= last")
         if la < f:
-            raise MarsFormatError(
+            raise ReleaseFormatError(
                 f"{where}: first frame after last frame; columns are first, last (inclusive)"
             )
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{where}: range outside {name_file}, which has {len(names)} names (rows 1..{len(names)}); "
             "is the name list truncated or from another split/release?"
         )
@@ -250,7 +193,7 @@ def _check_table(table, table_file, name_file, names, name_identity, name_camera
         wrong = np.flatnonzero(parsed[frame_index] != expected[frame_row])
         if len(wrong):
             row, index = int(frame_row[wrong[0]]), int(frame_index[wrong[0]])
-            raise MarsFormatError(
+            raise ReleaseFormatError(
                 f"{table_file} row {row + 1}: {label} {int(expected[row])} in the table but {name_file} line "
                 f"{index + 1} ({names[index]}) says {int(parsed[index])}; the name list and table disagree"
             )
@@ -267,7 +210,7 @@ def _check_overlaps(table: np.ndarray, table_file: str, name_file: str) -> None:
         later = int(order[overlapping[0] + 1])
         earlier = int(order[: overlapping[0] + 1][np.argmax(last[: overlapping[0] + 1])])
         a, b = sorted((earlier, later))
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{table_file} rows {a + 1} (frames {table[a, 0]}..{table[a, 1]}) and {b + 1} (frames "
             f"{table[b, 0]}..{table[b, 1]}) share frames of {name_file}; each frame belongs to one tracklet, "
             "so fix the first/last columns of one of them (is the table from another release?)"
@@ -277,29 +220,29 @@ def _check_overlaps(table: np.ndarray, table_file: str, name_file: str) -> None:
 def _read_queries(fs, base: str, test_table: np.ndarray) -> np.ndarray:
     """0-based test-table rows of the queries: a non-empty list of distinct rows of person identities."""
     test_rows = len(test_table)
-    query = _load_mat(fs, base, QUERY_FILE, QUERY_VARIABLE)
+    query = load_mat(fs, base, QUERY_FILE, QUERY_VARIABLE)
     if query.ndim != 2 or min(query.shape) > 1:
-        raise MarsFormatError(f"{QUERY_FILE}: {QUERY_VARIABLE} has shape {query.shape}; expected (1, N)")
+        raise ReleaseFormatError(f"{QUERY_FILE}: {QUERY_VARIABLE} has shape {query.shape}; expected (1, N)")
     if query.size == 0:
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{QUERY_FILE}: {QUERY_VARIABLE} is empty, so there is nothing to evaluate; it must list the "
             f"1-based rows of {TRACK_TABLES['test'][0]} that are queries (the release's file has 1980)"
         )
     if not np.issubdtype(query.dtype, np.number) or (query != np.round(query)).any():
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{QUERY_FILE}: {QUERY_VARIABLE} must hold integer row numbers, got {query.dtype} values")
     query = query.ravel().astype(np.int64)
     bad = np.flatnonzero((query < 1) | (query > test_rows))
     if len(bad):
         entry = int(bad[0])
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{QUERY_FILE} entry {entry + 1}: query index {int(query[entry])} is outside the test track "
             f"table {TRACK_TABLES['test'][0]} (rows 1..{test_rows})"
         )
     seen = {}
     for entry, row in enumerate(query.tolist()):
         if row in seen:
-            raise MarsFormatError(
+            raise ReleaseFormatError(
                 f"{QUERY_FILE} entry {entry + 1}: query index {row} already listed at entry {seen[row] + 1}"
             )
         seen[row] = entry
@@ -308,7 +251,7 @@ def _read_queries(fs, base: str, test_table: np.ndarray) -> np.ndarray:
     if len(bad):
         entry = int(bad[0])
         kind = "junk (-1)" if identity[entry] == JUNK else "distractor (0)"
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{QUERY_FILE} entry {entry + 1}: query index {int(query[entry])} is {TRACK_TABLES['test'][0]} "
             f"row {int(query[entry])}, a {kind} tracklet with no true match; a query must be a person's "
             f"tracklet: remove the entry (is {QUERY_VARIABLE} from another release, or 0-based?)"
@@ -333,7 +276,7 @@ def _check_images(fs, base: str, split: str, names: list[str]):
         missing.sort()
         shown = ", ".join(f"bbox_{split}/{names[i][:4]}/{names[i]} ({NAME_LISTS[split]} line {i + 1})"
                           for i in missing[:_MISSING_SHOWN])  # fmt: skip
-        raise MarsFormatError(
+        raise ReleaseFormatError(
             f"{len(missing)} of {len(names)} frames listed in {NAME_LISTS[split]} are missing under "
             f"bbox_{split}/, first: {shown}; copy the complete image folders, or pass check_images=False "
             "to read the index only"

@@ -11,7 +11,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 
-from stal_ray.data import storage
+from stal_ray.core import storage
 
 LOG_FILE = "log.txt"
 UPLOAD_EVERY_S = 60.0

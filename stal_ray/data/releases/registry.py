@@ -2,15 +2,17 @@
 
 import posixpath
 
-from stal_ray.data import prid, storage
-from stal_ray.data.ilidsvid import read_ilidsvid
-from stal_ray.data.mars import MarsRelease, read_mars
+from stal_ray.core import storage
+from stal_ray.data.releases import prid
+from stal_ray.data.releases.base import Release
+from stal_ray.data.releases.ilidsvid import read_ilidsvid
+from stal_ray.data.releases.mars import read_mars
 
 DATASETS = ("mars", "ilidsvid", "prid2011")
 
 
 def read_release(dataset: str, root: str, *, split: int = 0, split_file: str | None = None,
-                 out: str | None = None, endpoint_url: str | None = None) -> MarsRelease:
+                 out: str | None = None, endpoint_url: str | None = None) -> Release:
     """The checked release of `dataset` at `root`, with split `split` for iLIDS-VID and PRID-2011.
 
     PRID-2011's splits come from `split_file` when given, else from <out>/splits_prid2011.json, written
