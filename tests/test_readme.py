@@ -25,7 +25,10 @@ def test_load_and_embed_example_runs(tmp_path, monkeypatch, pose_source):
     config = load_config(None, ["model.backbone=tiny", "model.feature_dim=16", "data.seq_len=2",
                                 "data.height=32", "data.width=16", f"model.pose_source={pose_source}"])
     model = STAL.from_config(config, num_classes=3)
-    save_model(str(tmp_path / "runs" / "stal" / "model.pt"), model, config, num_classes=3, labels=[2, 5, 9])
+    # where `make train ARGS="--name stal"` puts it: ~/ray_results/stal/model.pt, the example's path
+    save_model(str(tmp_path / "ray_results" / "stal" / "model.pt"), model, config, num_classes=3,
+               labels=[2, 5, 9])
+    monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(python_block("load_model("), "README.md", "exec"), namespace)
