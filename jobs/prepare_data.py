@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from stal_ray.data.prepared.prepare import add_shard_arguments, check_shard_arguments, prepare
+from stal_ray.data.prepare import add_shard_arguments, check_shard_arguments, prepare
 from stal_ray.data.releases.registry import DATASETS, REGISTRY, read_release
 
 SPLIT = [spec for spec in REGISTRY.values() if spec.splits]  # those with numbered splits
