@@ -78,8 +78,11 @@ bench: venv
 gpu-check: venv
 	$(PY) bench/gpu_check.py $(ARGS)
 
+# ruff, then the package's layers and forbidden imports (pyproject.toml, [tool.importlinter]); CI runs it
+# before `make test`
 lint: venv
-	$(VENV)/bin/ruff check stal_ray jobs tests bench tools
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The event files of every run under ~/ray_results (or LOGDIR=...), on http://localhost:6006
 LOGDIR ?= ~/ray_results

@@ -4,7 +4,7 @@
 import argparse
 import sys
 
-from stal_ray.data.prepared.prepare import add_shard_arguments, check_shard_arguments, prepare
+from stal_ray.data.prepare import add_shard_arguments, check_shard_arguments, prepare
 from stal_ray.data.releases.mars import read_mars
 
 

@@ -4,6 +4,7 @@ import argparse
 
 from stal_ray.core import storage
 from stal_ray.data.prepared.manifest import IncompleteDatasetError, read_manifest
+from stal_ray.data.releases.registry import REGISTRY
 from stal_ray.data.synthetic.generator import ensure_synthetic_shards
 
 
@@ -18,16 +19,9 @@ def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
         read_manifest(uri, endpoint_url=endpoint_url)
     except IncompleteDatasetError:
         fs, path = storage.filesystem(uri, endpoint_url=endpoint_url)
-        if fs.exists(storage.join(path, "info")) or fs.exists(storage.join(path, "bbox_train")):
-            raise storage.StorageError(
-                f"{uri} is a MARS release, not prepared shards: run `python jobs/prepare_mars.py --mars-root "
-                f"{uri} --out DIR` once, then pass --data DIR") from None
-        for folder, dataset in (("i-LIDS-VID", "ilidsvid"), ("prid_2011", "prid2011")):
-            if fs.exists(storage.join(path, folder)):
-                raise storage.StorageError(
-                    f"{uri} is a {folder} release, not prepared shards: run `python jobs/prepare_data.py "
-                    f"--dataset {dataset} --root {uri} --out DIR --split K` once, then pass --data DIR"
-                ) from None
+        for spec in REGISTRY.values():
+            if any(fs.exists(storage.join(path, marker)) for marker in spec.markers):
+                raise storage.StorageError(spec.prepare_hint(uri)) from None
         raise
     return uri
 

@@ -26,7 +26,7 @@ from stal_ray.config import Config, with_overrides
 from stal_ray.core import storage
 from stal_ray.data.prepared import pollution, protocol
 from stal_ray.data.prepared.shards import write_shards
-from stal_ray.data.releases.registry import read_release
+from stal_ray.data.releases.registry import REGISTRY, read_release
 from stal_ray.evaluate.report import METRICS_FILE, write_bytes
 
 SUMMARY_JSON, SUMMARY_TABLE = "summary.json", "summary.md"
@@ -45,9 +45,10 @@ class SplitData:
     endpoint_url: str | None = None
 
     def ensure_splits(self, split: int) -> None:
-        """PRID-2011 without a split file: write the seeded splits file once, before splits run side by
-        side (each would otherwise race to write it)."""
-        if self.dataset == "prid2011" and self.split_file is None:
+        """A data set of seeded splits (PRID-2011) without a split file: write the seeded splits file once,
+        before splits run side by side (each would otherwise race to write it)."""
+        spec = REGISTRY.get(self.dataset)
+        if spec is not None and spec.split_file and self.split_file is None:
             read_release(self.dataset, self.root, split=split, out=self.out, endpoint_url=self.endpoint_url)
 
     def prepare(self, split: int) -> str:

@@ -10,9 +10,11 @@ A model records the description of the data it was trained on (model.pt, extra["
 another data set is a cross-dataset test (the paper's Table VI), said so in metrics.json.
 """
 
-MARS, TWO_CAMERA = "mars", "two_camera"
-PROTOCOL_OF = {"mars": MARS, "ilidsvid": TWO_CAMERA, "prid2011": TWO_CAMERA}
-NAMES = {"mars": "MARS", "ilidsvid": "iLIDS-VID", "prid2011": "PRID-2011"}
+from stal_ray.data.releases.registry import MARS_PROTOCOL as MARS
+from stal_ray.data.releases.registry import REGISTRY, TWO_CAMERA
+
+PROTOCOL_OF = {name: spec.protocol for name, spec in REGISTRY.items()}
+NAMES = {name: spec.title for name, spec in REGISTRY.items()}
 _QUERY_GALLERY = {
     MARS: ("the query_IDX tracklets", "the test tracklets, as eval.protocol says"),
     TWO_CAMERA: ("the camera-1 (iLIDS-VID cam1, PRID-2011 cam_a) sequence of each test person",

@@ -9,7 +9,9 @@ source and settings it writes nothing; of another one it refuses unless asked to
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from tqdm import tqdm
 
@@ -50,75 +52,115 @@ def write_shards(release: Release, out: str, *, keypoints: str | None = None,
     goes into the manifest; its `pollution` settings, when set, black out a box of every frame
     (stal_ray.data.prepared.pollution).
     """
-    if target_file_bytes < 1:
-        raise ValueError(f"target_file_bytes must be >= 1, got {target_file_bytes}")
-    if not 0 <= max_bad_fraction <= 1:
-        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-    keypoints = keypoints or release.keypoints_path
-    dataset = dataset or protocol.describe()
-    fs, root = storage.filesystem(out, endpoint_url=endpoint_url)
-    lookup, keypoint_values, keypoints_digest = shard_rows.read_keypoints(keypoints, endpoint_url)
-    source = {"release": release.root, "keypoints": keypoints,
-              "fingerprint": _fingerprint(release, keypoints_digest)}
+    plan = _Plan.of(release, out, keypoints=keypoints, target_file_bytes=target_file_bytes,
+                    endpoint_url=endpoint_url, progress=progress, max_bad_fraction=max_bad_fraction,
+                    dataset=dataset)
     with storage.errors(out, endpoint_url):
         # checked before the lock (a reader of an up-to-date data set needs no write access) and again
         # under it (another prepare may have published while this one waited)
-        up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes, release,
-                                                        dataset)
+        up_to_date = None if overwrite else plan.up_to_date()
         if up_to_date is not None:
             return up_to_date
-        with publish.prepare_lock(fs, root, out, lock_wait_s):
-            up_to_date = None if overwrite else _up_to_date(out, endpoint_url, source, target_file_bytes,
-                                                            release, dataset)
+        with publish.prepare_lock(plan.fs, plan.root, out, lock_wait_s):
+            up_to_date = None if overwrite else plan.up_to_date()
             if up_to_date is not None:
                 return up_to_date
-            current, previous = _versions(fs, root, out)
-            publish.remove_unreferenced(fs, root, keep={current, previous})  # killed runs' leftovers
-            version = publish.new_version()
-            base = publish.version_root(root, version)
-            total = sum(len(t.frames) for t in (*release.train, *release.test))
-            bad = BadFrames(total, max_bad_fraction)
-            reader = shard_rows.FrameReader(release, bad, dataset.get("pollution"))
+            current, previous = _versions(plan.fs, plan.root, out)
+            # killed runs' leftovers
+            publish.remove_unreferenced(plan.fs, plan.root, keep={current, previous})
+            manifest, bad = plan.publish(current)
             try:
-                join = shard_rows.KeypointJoin(lookup, keypoint_values)
-                train, skipped = shard_rows.train_rows(reader, join)
-                bars = (_bar(progress, len(release.identities("train")), "train identities"),
-                        _bar(progress, len(release.test), "test tracklets"))
-                files = {
-                    "train": write_split(fs, base, "train", TRAIN_SCHEMA, train, target_file_bytes, bars[0]),
-                    "test": write_split(fs, base, "test", TEST_SCHEMA, shard_rows.test_rows(reader, join),
-                                        target_file_bytes, bars[1]),
-                }
-                manifest = Manifest(
-                    schema_version=SCHEMA_VERSION,
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    source=source,
-                    target_file_bytes=target_file_bytes,
-                    counts=shard_rows.counts(release, join, skipped, reader.bad),
-                    files=files,
-                    bad_frames=reader.bad.found,
-                    dataset=dataset,
-                    uri=out,
-                    version=version,
-                    _root=base,
-                )
-                fs.makedirs(base, exist_ok=True)
-                fs.pipe_file(manifest.manifest_path, manifest.to_json().encode())
-                publish.swap_pointer(fs, root, version, previous=current)
-            except BaseException:
-                if not _is_current(fs, root, version):  # interrupted after the swap: it is published
-                    _remove_quietly(fs, base)
-                raise
-            try:
-                publish.remove_unreferenced(fs, root, keep={version, current if keep_previous else None})
+                publish.remove_unreferenced(plan.fs, plan.root,
+                                            keep={manifest.version, current if keep_previous else None})
             except Exception as error:  # the new version is published: what is left goes next time
                 logger.warning("published %s, but could not remove older versions (%s); the next prepare "
                                "removes them", out, error)
-    if reader.bad.found:
+    if bad.found:
         logger.warning("%s: left out %d bad frames (listed in the manifest's bad_frames): %s", out,
-                       len(reader.bad.found), reader.bad.summary())
-    logger.info("wrote %s version %s: %s", out, version, manifest.counts)
+                       len(bad.found), bad.summary())
+    logger.info("wrote %s version %s: %s", out, manifest.version, manifest.counts)
     return manifest
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one write_shards call writes and where, settled before anything is written: the release, its
+    keypoints (read once), the source it is fingerprinted as, the manifest's description and the settings."""
+
+    release: Release
+    out: str
+    endpoint_url: str | None
+    fs: Any
+    root: str
+    keypoints: tuple  # (frame name -> row, keypoint values) of shard_rows.read_keypoints, or Nones
+    source: dict  # the manifest's source: release, keypoints URI, fingerprint
+    dataset: dict  # the manifest's description (protocol.describe)
+    target_file_bytes: int
+    max_bad_fraction: float
+    progress: bool
+
+    @classmethod
+    def of(cls, release: Release, out: str, *, keypoints: str | None, target_file_bytes: int,
+           endpoint_url: str | None, progress: bool, max_bad_fraction: float,
+           dataset: dict | None) -> "_Plan":
+        """The settings checked, the keypoints read and the release fingerprinted."""
+        if target_file_bytes < 1:
+            raise ValueError(f"target_file_bytes must be >= 1, got {target_file_bytes}")
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        keypoints = keypoints or release.keypoints_path
+        fs, root = storage.filesystem(out, endpoint_url=endpoint_url)
+        lookup, keypoint_values, keypoints_digest = shard_rows.read_keypoints(keypoints, endpoint_url)
+        source = {"release": release.root, "keypoints": keypoints,
+                  "fingerprint": _fingerprint(release, keypoints_digest)}
+        return cls(release, out, endpoint_url, fs, root, (lookup, keypoint_values), source,
+                   dataset or protocol.describe(), target_file_bytes, max_bad_fraction, progress)
+
+    def up_to_date(self) -> Manifest | None:
+        return _up_to_date(self.out, self.endpoint_url, self.source, self.target_file_bytes, self.release,
+                           self.dataset)
+
+    def publish(self, current: str | None) -> tuple[Manifest, BadFrames]:
+        """Write the shards and the manifest into a new version folder and swap the pointer to it (from
+        `current`); returns the manifest and the bad frames left out. Interrupted before the swap, the
+        version folder is removed."""
+        release, fs = self.release, self.fs
+        version = publish.new_version()
+        base = publish.version_root(self.root, version)
+        total = sum(len(t.frames) for t in (*release.train, *release.test))
+        reader = shard_rows.FrameReader(release, BadFrames(total, self.max_bad_fraction),
+                                        self.dataset.get("pollution"))
+        try:
+            join = shard_rows.KeypointJoin(*self.keypoints)
+            train, skipped = shard_rows.train_rows(reader, join)
+            bars = (_bar(self.progress, len(release.identities("train")), "train identities"),
+                    _bar(self.progress, len(release.test), "test tracklets"))
+            files = {
+                "train": write_split(fs, base, "train", TRAIN_SCHEMA, train, self.target_file_bytes, bars[0]),
+                "test": write_split(fs, base, "test", TEST_SCHEMA, shard_rows.test_rows(reader, join),
+                                    self.target_file_bytes, bars[1]),
+            }
+            manifest = Manifest(
+                schema_version=SCHEMA_VERSION,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                source=self.source,
+                target_file_bytes=self.target_file_bytes,
+                counts=shard_rows.counts(release, join, skipped, reader.bad),
+                files=files,
+                bad_frames=reader.bad.found,
+                dataset=self.dataset,
+                uri=self.out,
+                version=version,
+                _root=base,
+            )
+            fs.makedirs(base, exist_ok=True)
+            fs.pipe_file(manifest.manifest_path, manifest.to_json().encode())
+            publish.swap_pointer(fs, self.root, version, previous=current)
+        except BaseException:
+            if not _is_current(fs, self.root, version):  # interrupted after the swap: it is published
+                _remove_quietly(fs, base)
+            raise
+        return manifest, reader.bad
 
 
 def _up_to_date(out: str, endpoint_url: str | None, source: dict, target_file_bytes: int,

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,38 +144,66 @@ def write_synthetic_release(
         junk_tracklets, distractor_tracklets, seed,
     )  # fmt: skip
     (root / "info").mkdir(parents=True, exist_ok=True)
-    size = (height, width)
-    all_names, all_keypoints = [], []
+    draw = _Drawing(seed, (height, width), occlusion, style, occluders)
     bar = tqdm(total=len(train) + len(test), desc="synthetic MARS", unit="tracklet",
                disable=not sys.stderr.isatty() if progress is None else not progress)  # fmt: skip
+    names, keypoints = [], []
     for split, tracks in (("train", train), ("test", test)):
-        names, table = [], []
-        for track in tracks:
-            folder = root / f"bbox_{split}" / track.folder
-            folder.mkdir(parents=True, exist_ok=True)
-            frames, keypoints = render(track, seed, size, occlusion, style=style, occluders=occluders)
-            first = len(names) + 1
-            for index, jpeg in enumerate(frames):
-                name = track.name(index + 1)
-                (folder / name).write_bytes(jpeg)
-                names.append(name)
-            table.append((first, len(names), track.identity, track.camera))
-            all_keypoints.append(keypoints)
-            bar.update()
-        (root / mars.NAME_LISTS[split]).write_text("".join(f"{name}\n" for name in names))
-        table_file, variable = mars.TRACK_TABLES[split]
-        _save_mat(root / table_file, variable, np.asarray(table, np.int32))  # int32 (N, 4), as shipped
-        all_names.extend(names)
+        split_names, split_keypoints = _write_split(root, split, tracks, draw, bar)
+        names.extend(split_names)
+        keypoints.extend(split_keypoints)
     bar.close()
     _save_mat(
         root / mars.QUERY_FILE, mars.QUERY_VARIABLE, np.asarray(queries, np.uint16).reshape(1, -1)
     )  # as shipped
-    flat = pa.array(np.concatenate(all_keypoints).reshape(-1), pa.float32())
-    keypoints = pa.table(
-        {"name": pa.array(all_names, pa.string()), "keypoints": pa.FixedSizeListArray.from_arrays(flat, 42)}
-    )
-    pq.write_table(keypoints, root / mars.KEYPOINTS_FILE)
+    _write_keypoints(root / mars.KEYPOINTS_FILE, names, keypoints)
     return str(root)
+
+
+@dataclass(frozen=True)
+class _Drawing:
+    """How every frame is drawn (stal_ray.data.synthetic.render.render's settings)."""
+
+    seed: int
+    size: tuple[int, int]  # (height, width)
+    occlusion: float
+    style: str
+    occluders: str
+
+    def __call__(self, track: Track) -> tuple[list[bytes], np.ndarray]:
+        return render(track, self.seed, self.size, self.occlusion, style=self.style, occluders=self.occluders)
+
+
+def _write_split(root: Path, split: str, tracks: list[Track], draw: _Drawing,
+                 bar: tqdm) -> tuple[list[str], list[np.ndarray]]:
+    """The frames of `tracks` under bbox_<split>/, the split's name list and track table (int32 (N, 4), as
+    shipped); returns the frame names and each tracklet's keypoints, in order."""
+    names, table, keypoints = [], [], []
+    for track in tracks:
+        folder = root / f"bbox_{split}" / track.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        frames, track_keypoints = draw(track)
+        first = len(names) + 1
+        for index, jpeg in enumerate(frames):
+            name = track.name(index + 1)
+            (folder / name).write_bytes(jpeg)
+            names.append(name)
+        table.append((first, len(names), track.identity, track.camera))
+        keypoints.append(track_keypoints)
+        bar.update()
+    (root / mars.NAME_LISTS[split]).write_text("".join(f"{name}\n" for name in names))
+    table_file, variable = mars.TRACK_TABLES[split]
+    _save_mat(root / table_file, variable, np.asarray(table, np.int32))
+    return names, keypoints
+
+
+def _write_keypoints(path: Path, names: list[str], keypoints: list[np.ndarray]) -> None:
+    """info/keypoints.parquet: every frame's name and its 14 joints' (x, y, confidence), flat."""
+    flat = pa.array(np.concatenate(keypoints).reshape(-1), pa.float32())
+    table = pa.table(
+        {"name": pa.array(names, pa.string()), "keypoints": pa.FixedSizeListArray.from_arrays(flat, 42)}
+    )
+    pq.write_table(table, path)
 
 
 # read once: the cache key and the CLI are built from the writer's own parameters and defaults

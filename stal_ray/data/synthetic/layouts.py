@@ -16,7 +16,7 @@ of stal_ray/data/synthetic/render.py, one sequence per person and camera (camera
 """
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ import scipy.io
 from PIL import Image
 
 from stal_ray.data.releases import ilidsvid, prid
+from stal_ray.data.releases.registry import REGISTRY
 from stal_ray.data.synthetic.render import STYLES, Track, check_arguments, render
 
-LAYOUTS = ("mars", "ilidsvid", "prid2011")
-SPLITS = 10
+SPLITS = REGISTRY["ilidsvid"].splits
 PRID_SHORT, PRID_A_ONLY, PRID_B_ONLY = 2, 2, 3
 
 
@@ -69,8 +69,8 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
 
     if style not in STYLES:
         raise ValueError(f"style = {style!r} is invalid: use one of {', '.join(STYLES)}")
-    if layout not in LAYOUTS[1:]:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS[1:])} here (mars: "
+    if layout not in WRITERS:
+        raise ValueError(f"layout must be one of {', '.join(WRITERS)} here (mars: "
                          f"write_synthetic_release), got {layout!r}")
     if persons < 2 or persons % 2 or persons > 798:
         raise ValueError(f"persons must be even, >= 2 (the splits halve them) and <= 798 (3-digit iLIDS-VID "
@@ -84,9 +84,6 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the synthetic release needs a new or empty folder")
-    low, high = frames_per_tracklet
-    if layout == "prid2011":
-        low, high = max(low, prid.MIN_FRAMES), max(high, prid.MIN_FRAMES)
     rng = np.random.default_rng([seed, 5])
 
     def sequence(person: int, camera: int, frames: int) -> list[bytes]:
@@ -94,26 +91,45 @@ def write_layout(out: str, layout: str, *, persons: int = 20, frames_per_trackle
         jpegs, _ = render(track, seed, (height, width), occlusion, style=style, occluders=occluders)
         return [_png(jpeg) for jpeg in jpegs]
 
-    if layout == "ilidsvid":
-        numbers = [n for n in range(1, 2 * persons + 1) if n % 5][:persons]  # gaps, as in the release
-        write_ilidsvid_release(root, {(p, c): sequence(p, c, int(rng.integers(low, high + 1)))
-                                      for p in numbers for c in (1, 2)}, seed=seed)
-        return str(root)
+    WRITERS[layout](root, persons, tuple(frames_per_tracklet), rng, sequence, seed)
+    return str(root)
+
+
+# sequence(person, camera, frames): the PNG frames of one sequence of the synthetic pedestrian `person`
+SequenceOf = Callable[[int, int, int], list[bytes]]
+
+
+def _ilidsvid_layout(root: Path, persons: int, frames: tuple[int, int], rng: np.random.Generator,
+                     sequence: SequenceOf, seed: int) -> None:
+    low, high = frames
+    numbers = [n for n in range(1, 2 * persons + 1) if n % 5][:persons]  # gaps, as in the release
+    write_ilidsvid_release(root, {(p, c): sequence(p, c, int(rng.integers(low, high + 1)))
+                                  for p in numbers for c in (1, 2)}, seed=seed)
+
+
+def _prid_layout(root: Path, persons: int, frames: tuple[int, int], rng: np.random.Generator,
+                 sequence: SequenceOf, seed: int) -> None:
+    low, high = max(frames[0], prid.MIN_FRAMES), max(frames[1], prid.MIN_FRAMES)
     shared = range(1, persons + PRID_SHORT + 1)  # the last PRID_SHORT too short for the protocol
     sequences = {}
     for person in shared:
         for letter, camera in prid.CAMERAS.items():
             short = person > persons
-            frames = prid.MIN_FRAMES - 1 - camera if short else int(rng.integers(low, high + 1))
-            sequences[letter, person] = sequence(person, camera, frames)
+            count = prid.MIN_FRAMES - 1 - camera if short else int(rng.integers(low, high + 1))
+            sequences[letter, person] = sequence(person, camera, count)
     # beyond the shared range each camera numbers its own people: cam_a/person_0201 is not cam_b/person_0201
     looks = iter(range(persons + PRID_SHORT + 1, persons + PRID_SHORT + PRID_A_ONLY + PRID_B_ONLY + 1))
     for letter, count in (("a", PRID_A_ONLY), ("b", PRID_B_ONLY)):
         for person in range(prid.SHARED_PERSONS + 1, prid.SHARED_PERSONS + count + 1):
-            frames = int(rng.integers(low, high + 1))
-            sequences[letter, person] = sequence(next(looks), prid.CAMERAS[letter], frames)
+            length = int(rng.integers(low, high + 1))
+            sequences[letter, person] = sequence(next(looks), prid.CAMERAS[letter], length)
     write_prid_release(root, sequences)
-    return str(root)
+
+
+# the layouts write_layout writes, by data set name (stal_ray.data.releases.registry); MARS's is
+# stal_ray.data.synthetic.generator.write_synthetic_release
+WRITERS: dict[str, Callable[..., None]] = {"ilidsvid": _ilidsvid_layout, "prid2011": _prid_layout}
+LAYOUTS = ("mars", *WRITERS)
 
 
 def _png(jpeg: bytes) -> bytes:
