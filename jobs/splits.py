@@ -19,6 +19,7 @@ from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.core import storage
 from stal_ray.core.storage import StorageError
 from stal_ray.data.releases.base import ReleaseFormatError
+from stal_ray.data.releases.registry import REGISTRY
 from stal_ray.data.source import endpoint_url
 from stal_ray.ray_init import add_ray_arguments, init_ray
 from stal_ray.study.splits import SplitData, run_splits
@@ -26,7 +27,7 @@ from stal_ray.train.trainer import RunStoppedError
 
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_two_camera_tiny.yaml"
-TWO_CAMERA = ("ilidsvid", "prid2011")
+TWO_CAMERA = tuple(name for name, spec in REGISTRY.items() if spec.splits)  # numbered splits
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--cross-dataset and --cross-root go together")
     if args.cross_dataset == args.dataset:
         parser.error(f"--cross-dataset {args.cross_dataset} is the training data set; name the other one")
-    if args.split_file is not None and "prid2011" not in (args.dataset, args.cross_dataset):
-        parser.error("--split-file is for prid2011")
+    takes_split_file = [d for d in (args.dataset, args.cross_dataset) if d and REGISTRY[d].split_file]
+    if args.split_file is not None and not takes_split_file:
+        parser.error("--split-file is for " + " or ".join(n for n, s in REGISTRY.items() if s.split_file))
     if args.pollute_seed != 0 and not args.pollute:
         parser.error("--pollute-seed needs --pollute")
     args.config = args.config or str(DEFAULT_CONFIG)
@@ -81,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data_out = storage.join(args.out, "data")
     data = SplitData(args.dataset, args.root, data_out,
-                     split_file=args.split_file if args.dataset == "prid2011" else None,
+                     split_file=args.split_file if REGISTRY[args.dataset].split_file else None,
                      pollute_seed=args.pollute_seed if args.pollute else None, endpoint_url=args.endpoint_url)
     cross = None if args.cross_dataset is None else SplitData(
         args.cross_dataset, args.cross_root, storage.join(args.out, "cross-data"),
-        split_file=args.split_file if args.cross_dataset == "prid2011" else None,
+        split_file=args.split_file if REGISTRY[args.cross_dataset].split_file else None,
         endpoint_url=args.endpoint_url)  # the paper tests across data sets unpolluted
     try:
         config = config_from_args(args, SHORTCUTS)
