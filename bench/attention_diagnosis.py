@@ -30,7 +30,7 @@ from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking
 from stal_ray.model.stal import STAL
 from stal_ray.objective import STALObjective
 from stal_ray.study.analysis import occlusion_summary
-from stal_ray.study.units import _units, hidden_parts
+from stal_ray.study.units import hidden_parts, unit_scores
 
 T, SIZE = 4, (64, 32)
 VARIANTS = {  # name: (STAL keyword arguments, objective keyword arguments, consistency on)
@@ -132,7 +132,7 @@ def evaluate(model, rows):
                            scores=out.scores.numpy(), hidden=hidden_parts(kp.numpy()),
                            has_keypoints=np.ones(padded // T, bool)))
     model.train()
-    units = _units(chunks)
+    units = unit_scores(chunks)
     summary = occlusion_summary(units)
     # one score per frame (mean over parts) relative to its tracklet's mean: frames with >= 3 hidden parts
     # against frames with none

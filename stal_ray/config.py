@@ -55,7 +55,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     if isinstance(overrides, str):
         overrides = [overrides]
     for override in overrides:
-        layers.append((_parse_override(override), "command line"))
+        layers.append((parse_override(override), "command line"))
     return _build(layers)
 
 
@@ -66,7 +66,7 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
 
 def with_overrides(config: "Config", overrides: Sequence[str], source: str = "override") -> "Config":
     """A copy of config with `section.key=value` overrides on top, checked as load_config checks them."""
-    return _build([(config.to_dict(), "config")] + [(_parse_override(o), source) for o in overrides])
+    return _build([(config.to_dict(), "config")] + [(parse_override(o), source) for o in overrides])
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "the built-in defaults") -> None:
@@ -151,7 +151,7 @@ def _read_text(path: str, endpoint_url: str | None) -> str:
         return fh.read().decode("utf-8")
 
 
-def _parse_override(override: str) -> dict[str, dict[str, Any]]:
+def parse_override(override: str) -> dict[str, dict[str, Any]]:
     """'train.lr=0.01' -> {'train': {'lr': 0.01}}, the value parsed as YAML."""
     form = "expected the form section.key=value, e.g. train.lr=0.01"
     if not isinstance(override, str) or "=" not in override:

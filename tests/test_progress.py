@@ -2,7 +2,8 @@
 loop's line carries its ETA."""
 
 from stal_ray.core.progress import Progress, eta, format_duration
-from stal_ray.train.loop import LoopState, Meter, _progress_line
+from stal_ray.train.reporting import Meter, progress_line
+from stal_ray.train.settings import LoopState
 
 
 def test_durations_read_as_hours_minutes_seconds():
@@ -34,6 +35,6 @@ def test_the_training_line_gives_iteration_share_clips_per_second_and_eta():
             return [0.001]
 
     meter = Meter(steps=10, clips=640, step_time=20.0)  # 2 s per iteration
-    line = _progress_line(LoopState(step=1000, epoch=3), 4600, meter, Scheduler())
+    line = progress_line(LoopState(step=1000, epoch=3), 4600, meter, Scheduler())
     assert line.startswith("iteration 1000/4600 (22%) epoch 3 lr=1.00e-03 ")
     assert "clips/s=32.0" in line and line.endswith("ETA 2h00m")

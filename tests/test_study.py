@@ -18,7 +18,7 @@ from stal_ray.evaluate.distance import TrackletFeatures
 from stal_ray.evaluate.evaluate import evaluate
 from stal_ray.evaluate.features import FeatureSet
 from stal_ray.study import analysis
-from stal_ray.study.units import UnitScores, _units, hidden_parts
+from stal_ray.study.units import UnitScores, hidden_parts, unit_scores
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "study.py"
 R = len(PART_NAMES)
@@ -96,9 +96,9 @@ def test_unit_scores_are_relative_to_their_tracklet_and_skip_padding():
     scores[2, 1] = 100.0  # tracklet 9's padded frame: must not count
     hidden = np.zeros((3, 2, R), bool)
     hidden[1, 0, 2] = True
-    units = _units([{"tracklet": np.array([7, 8, 9]), "chunk": np.array([0, 0, 0]),
-                     "frames": np.array([2, 2, 1]), "scores": scores, "hidden": hidden,
-                     "has_keypoints": np.array([True] * 3)}])
+    units = unit_scores([{"tracklet": np.array([7, 8, 9]), "chunk": np.array([0, 0, 0]),
+                           "frames": np.array([2, 2, 1]), "scores": scores, "hidden": hidden,
+                           "has_keypoints": np.array([True] * 3)}])
     assert len(units.score) == 2 * R + 2 * R + R
     for tracklet in (7, 8, 9):
         assert units.score[units.tracklet == tracklet].mean() == pytest.approx(1.0)

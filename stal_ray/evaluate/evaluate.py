@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import ray
 
-from stal_ray.config import PROTOCOLS, Config, _parse_override, config_from_dict
+from stal_ray.config import PROTOCOLS, Config, config_from_dict, parse_override
 from stal_ray.core import storage
 from stal_ray.data.prepared import protocol as data_protocol
 from stal_ray.data.prepared.integrity import check_shards
@@ -150,7 +150,7 @@ def _with_overrides(config: Config, overrides, model_path: str) -> Config:
         overrides = [overrides]
     layered = config.to_dict()
     for override in overrides:
-        for section, values in _parse_override(override).items():
+        for section, values in parse_override(override).items():
             for key, value in values.items():
                 dotted = f"{section}.{key}"
                 if section == "model" or dotted in _FIXED_BY_MODEL:

@@ -68,10 +68,12 @@ def extract_with_units(dataset: ray.data.Dataset, model_path: str, **stream_opti
         persons = np.asarray(batch["identity"]) > 0
         chunks.append({name: np.asarray(batch[name])[persons] for name in
                        ("tracklet", "chunk", "frames", "scores", "hidden", "has_keypoints")})
-    return totals.result(), _units(chunks)
+    return totals.result(), unit_scores(chunks)
 
 
-def _units(chunks: list[dict[str, np.ndarray]]) -> UnitScores:
+def unit_scores(chunks: list[dict[str, np.ndarray]]) -> UnitScores:
+    """The UnitScores of OcclusionChunks' chunks (persons only): one row per real (not padding) frame and
+    part, its score relative to its tracklet's mean score."""
     if not sum(len(c["tracklet"]) for c in chunks):
         raise ValueError("the test split has no tracklet of a person (only junk and distractors)")
     merged = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}

@@ -18,7 +18,7 @@ from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.prepared.validation import ValidationSplit
 from stal_ray.data.stream.pipeline import undecodable_frames
 from stal_ray.evaluate.report import write_bytes
-from stal_ray.train.loop import MODEL_FILE, STOPPED, best_model_metric, train_loop_per_worker
+from stal_ray.train.loop import train_loop_per_worker
 from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks were defined here first
     check_data,
     check_resources,
@@ -27,6 +27,8 @@ from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks w
     run_folder,
     storage_root,
 )
+from stal_ray.train.reporting import MODEL_FILE, STOPPED, best_model_metric
+from stal_ray.train.settings import Faults, LoopSettings
 from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.tensorboard import TensorBoardCallback
 
@@ -70,7 +72,8 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     under the storage path resumes from that run's latest checkpoint. With a validation split, its
     identities are left out of training and every report carries the validation metrics
     (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values). checksums=False: the caller has
-    checked the training shards (a Tune trial, whose node would otherwise read them all again)."""
+    checked the training shards (a Tune trial, whose node would otherwise read them all again). faults:
+    train.settings.Faults' fields, failures the recovery tests inject."""
     if checksums:
         check_shards(data, ("train",), endpoint_url=endpoint_url)  # a damaged shard: one line, before work
     if validation is not None:
@@ -87,15 +90,14 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     # and which data set that is (data/protocol.py): evaluating it on another one is a cross-dataset test
     dataset = read_manifest(data, endpoint_url=endpoint_url).dataset
     described = {"uri": data, **{key: dataset.get(key) for key in ("name", "split", "pollution")}}
-    loop_config = {
-        "config": config.to_dict(), "data": data, "dataset": described, "labels": labels,
-        "endpoint_url": endpoint_url,
-        "run_dir": run_dir, "exclude_identities": exclude_identities, "faults": faults,
-        "validation": validation.to_json() if validation is not None else None,
-    }
+    settings = LoopSettings(
+        config=config, data=data, labels=tuple(labels), run_dir=run_dir, dataset=described,
+        endpoint_url=endpoint_url,
+        exclude_identities=tuple(exclude_identities) if exclude_identities is not None else None,
+        faults=Faults(**(faults or {})), validation=validation)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=settings.to_dict(),  # plain data; the worker reads it as LoopSettings.from_dict
         scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=name, storage_path=root,
