@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 REPO = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, REPO)
 
-from stal_ray.config import Config  # noqa: E402
+from stal_ray.config import Config, validate  # noqa: E402
 from stal_ray.data.prepared.integrity import CACHE_VARIABLE, check_shards  # noqa: E402
 from stal_ray.data.prepared.manifest import read_manifest  # noqa: E402
 from stal_ray.data.prepared.shards import write_shards  # noqa: E402
@@ -412,7 +412,7 @@ def main() -> None:
     data.decode_concurrency = args.decode_concurrency
     if args.augment:
         data.flip, data.crop_padding, data.color_jitter, data.random_erasing = True, 10, 0.2, 0.5
-    config.validate()
+    validate(config)
 
     with tempfile.TemporaryDirectory(prefix="stal-bench-data-") as temporary:
         workdir = Path(args.workdir or temporary)

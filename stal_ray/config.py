@@ -11,6 +11,11 @@ from typing import Any
 
 import yaml
 
+from stal_ray.config_checks import (  # noqa: F401 - re-exported: `from stal_ray.config import ...`
+    resolve_keypoint_supervision,
+    validate,
+    validate_config,
+)
 from stal_ray.config_rules import WrongType, coerce, describe, hints, show
 from stal_ray.config_schema import (  # noqa: F401 - re-exported: `from stal_ray.config import ...`
     ATTENTION_MODES,
@@ -39,8 +44,6 @@ from stal_ray.config_schema import (  # noqa: F401 - re-exported: `from stal_ray
     ModelConfig,
     TrainConfig,
     TuneConfig,
-    resolve_keypoint_supervision,
-    validate_config,
 )
 from stal_ray.core import storage
 

@@ -14,6 +14,7 @@ from stal_ray.config import (
     config_from_args,
     config_from_dict,
     load_config,
+    validate,
 )
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -39,7 +40,7 @@ def test_defaults_load_and_validate():
     # beyond the paper, off by default; Zhong et al.'s k1, k2, λ when on
     assert not config.eval.rerank
     assert (config.eval.rerank_k1, config.eval.rerank_k2, config.eval.rerank_lambda) == (20, 6, 0.3)
-    assert Config().validate() == config
+    assert validate(Config()) == config
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -252,7 +253,7 @@ def test_validate_catches_settings_changed_in_code():
     config = Config()
     config.train.momentum = 1.0
     with pytest.raises(ConfigError, match=r"train\.momentum = 1\.0 is invalid: must be a number in \[0, 1\)"):
-        config.validate()
+        validate(config)
 
 
 def test_argparse_helpers_build_config(tmp_path):
