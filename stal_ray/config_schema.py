@@ -31,6 +31,9 @@ SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
 # ||ā|| of Eq. 8: "l2" (Euclidean) or "l1" (Σ_r ā^r, the form Eq. 12 differentiates)
 PART_NORMS = ("l2", "l1")
+# data.mixing and data.weighting (data/stream/sampling.py, docs/sampling.md)
+MIXING = ("global", "shards")
+WEIGHTING = ("frames", "identities")
 STAN_FCS = ("clip", "frame")
 NO_PRETRAINED = "none"  # model.pretrained: train the backbone from random weights, on purpose
 
@@ -89,11 +92,21 @@ class DataConfig:
     # K, clips per identity in a batch (>= 2 so every anchor has a positive)
     clips_per_identity: int = 4
     # groups of K clips an identity gives per epoch at most (null: about frames / (K·T), every frame once).
-    # The paper samples P identities, then K tracklets of each (§IV-A): identities weigh alike, whatever their
-    # frames. Uncapped, MARS's largest identity (22,641 frames) gives 708 groups in one burst, which the
-    # stream must hold back until other identities fill the batches (2.5 GiB of clips at 256×128); capped,
-    # it gives 32 like 19% of the identities, and other epochs sample its other frames.
+    # The paper does not batch identities: it trains on one triplet (anchor, positive, negative clip) per
+    # iteration (§III-E); P×K batches are this project's choice (docs/sampling.md). Uncapped, MARS's largest
+    # identity (22,641 frames) gives 708 groups; capped, it gives 32 like 19% of the identities. An identity
+    # with more than K·32 tracklets gives one clip to each of a rotating subset: every tracklet within
+    # ceil(tracklets / (K·32)) epochs (3 on MARS), other frames every epoch.
     max_groups_per_identity: int | None = 32
+    # how an epoch's groups are ordered: "global" — a random permutation of all training identities per
+    # epoch (train.seed, epoch), each batch's P identities drawn from a window of 4·P of them, whatever
+    # order the rows sit in the files; "shards" — the old stream: identities in the order of the shuffled
+    # files, each identity's groups in a row (bench/sampler.py: neighbours in identity order)
+    mixing: str = "global"
+    # how much an identity weighs per epoch: "frames" — groups in proportion to its frames, up to the cap
+    # (torchreid's RandomIdentitySampler and fast-reid's NaiveIdentitySampler weigh by samples alike);
+    # "identities" — every identity the same number of groups (the mean), as fast-reid's balanced sampler
+    weighting: str = "frames"
     # Ray Data CPU tasks decoding JPEG frames at once, at most (null: as many as the cluster's free CPUs
     # allow, so CPU nodes added to the cluster add decoding; Ray Data's autoscaling of tasks). A cap keeps
     # CPUs for other work, e.g. a laptop's CPU train workers (synthetic_tiny.yaml: 2)

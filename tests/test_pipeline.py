@@ -32,6 +32,7 @@ from stal_ray.data.stream.pipeline import (
     training_dataset,
     validation_dataset,
 )
+from stal_ray.data.stream.sampling import epoch_plan
 from stal_ray.data.synthetic.generator import write_synthetic_release
 
 P, K, T, H, W = 3, 2, 4, 16, 8
@@ -147,6 +148,30 @@ def test_streaming_split_shards_give_balanced_batches(epoch, dataset_uri, config
             groups += len(batch["identities"]) // K
     # every group went to exactly one worker (the number of groups does not depend on the epoch)
     assert groups == sum(len(batch["identities"]) // K for batch in epoch)
+
+
+def test_the_stream_emits_the_epochs_plan_in_its_order(ray_cluster, dataset_uri, config):
+    """Groups leave the read tasks in the plan's order (identities mixed over the whole training set, not
+    in the shards' order), each with the plan's frames."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        rows = training_dataset(dataset_uri, config, epoch=3).take_all()
+    finally:
+        context.execution_options.preserve_order = before
+    table = train_table(dataset_uri)
+    tracklets = {identity: np.array(row) for identity, row in
+                 zip(table.column("identity").to_pylist(), table.column("tracklet").to_pylist(), strict=True)}
+    plan = epoch_plan(tracklets, clips_per_identity=K, seq_len=T, identities_per_batch=P,
+                      seed=config.train.seed, epoch=3, max_groups=config.data.max_groups_per_identity)
+    assert [int(row["identity"]) for row in rows] == plan.identity.tolist()
+    assert [int(row["group"]) for row in rows] == plan.group.tolist()
+    for row, identity, positions in zip(rows, plan.identity, plan.positions, strict=True):
+        np.testing.assert_array_equal(row["tracklets"], tracklets[int(identity)][positions[:, 0]])
+    assert plan.identity.tolist() != sorted(plan.identity.tolist())
 
 
 def torch_cat(tensors):

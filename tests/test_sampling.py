@@ -1,9 +1,19 @@
-"""Tests of data.sampling: restricted random sampling and identity rows cut into K-clip groups."""
+"""Tests of data.sampling: restricted random sampling, identity rows cut into K-clip groups, and the
+epoch's plan (mixing, cap rotation, weighting)."""
+
+import math
 
 import numpy as np
 import pytest
 
-from stal_ray.data.stream.sampling import identity_groups, restricted_random_sample, sequence_of_length
+from stal_ray.data.stream.sampling import (
+    epoch_plan,
+    identity_groups,
+    interleave,
+    restricted_random_sample,
+    rotation,
+    sequence_of_length,
+)
 
 
 def frames_of(lengths: list[int]) -> np.ndarray:
@@ -109,3 +119,112 @@ def test_a_small_identity_is_not_changed_by_the_cap():
     plain = identity_groups(tracklet_of_frame, 2, 4, np.random.default_rng(3))
     capped = identity_groups(tracklet_of_frame, 2, 4, np.random.default_rng(3), max_groups=32)
     assert len(plain) == len(capped) and all((a == b).all() for a, b in zip(plain, capped, strict=True))
+
+
+def clip_tracklets(groups, tracklet_of_frame) -> set:
+    return {int(t) for group in groups for t in tracklet_of_frame[group[:, 0]]}
+
+
+@pytest.mark.parametrize("tracklets, clips", [(271, 128), (186, 128), (10, 3), (9, 3), (100, 99)])
+def test_rotation_covers_every_tracklet_within_each_cycle_and_any_2m_minus_1_epochs(tracklets, clips):
+    m = math.ceil(tracklets / clips)
+    taken = [rotation(tracklets, clips, epoch, (5, 9)) for epoch in range(4 * m)]
+    for chosen in taken:
+        assert len(chosen) == len(set(chosen.tolist())) == clips  # one clip each, distinct tracklets
+    for cycle in range(4):
+        assert set(np.concatenate(taken[cycle * m:(cycle + 1) * m]).tolist()) == set(range(tracklets))
+    for start in range(len(taken) - (2 * m - 1) + 1):
+        assert set(np.concatenate(taken[start:start + 2 * m - 1]).tolist()) == set(range(tracklets))
+    assert not all((taken[0] == taken[m]).all() for _ in [0]) or m == 1  # cycles draw new permutations
+
+
+def test_the_cap_no_longer_drops_the_same_tracklets_every_epoch():
+    """MARS's identity 5: 271 tracklets, more than K·32 = 128 clips: every tracklet within 3 epochs."""
+    rng = np.random.default_rng(0)
+    tracklet_of_frame = frames_of(rng.integers(5, 120, 271).tolist())
+    seen = set()
+    for epoch in range(3):
+        groups = identity_groups(tracklet_of_frame, 4, 8, np.random.default_rng([0, epoch, 5]), max_groups=32,
+                                 epoch=epoch, seed=(0, 5))
+        assert len(groups) == 32
+        for group in groups:  # K clips of K different tracklets, T sorted frames each
+            assert len(set(tracklet_of_frame[group[:, 0]].tolist())) == 4
+            assert (np.diff(group, axis=1) >= 0).all()
+        this = clip_tracklets(groups, tracklet_of_frame)
+        assert len(this) == 128
+        seen |= this
+    assert seen == set(np.unique(tracklet_of_frame).tolist())
+
+
+def identities_of(count: int, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out, row = {}, 0
+    for identity in range(1, count + 1):
+        lengths = rng.integers(3, 60, rng.integers(1, 12))
+        out[identity] = np.repeat(np.arange(row, row + len(lengths)), lengths)
+        row += len(lengths)
+    return out
+
+
+def plan(tracklets, **overrides):
+    settings = dict(clips_per_identity=2, seq_len=4, identities_per_batch=4, seed=3, epoch=1, max_groups=6)
+    return epoch_plan(tracklets, **{**settings, **overrides})
+
+
+def test_global_mixing_does_not_depend_on_how_rows_sit_in_the_files():
+    tracklets = identities_of(60)
+    sorted_order = plan(tracklets, stored_order=sorted(tracklets))
+    reversed_order = plan(tracklets, stored_order=sorted(tracklets, reverse=True))
+    np.testing.assert_array_equal(sorted_order.identity, reversed_order.identity)
+    np.testing.assert_array_equal(sorted_order.positions, reversed_order.positions)
+    # the shards' order, by contrast, follows the files
+    shards = plan(tracklets, mixing="shards", stored_order=sorted(tracklets))
+    assert (np.diff(shards.identity) >= 0).all()
+    assert not (np.diff(sorted_order.identity) >= 0).all()
+
+
+def test_a_batch_draws_p_identities_from_all_of_them():
+    """Runs of P in the plan hold P distinct identities, spread over identity order like a uniform draw."""
+    tracklets = identities_of(200)
+    order = plan(tracklets, epoch=0)
+    spreads, runs, total = [], 0, 0
+    for window in np.unique(order.window):
+        identities = order.identity[order.window == window]
+        for start in range(0, len(identities) - 3, 4):  # the window's runs of P, from its start
+            members = identities[start:start + 4]
+            total += 1
+            if len(set(members.tolist())) == 4:
+                runs += 1
+                spreads.append(np.abs(members[:, None] - members[None, :])[np.triu_indices(4, 1)].mean())
+    assert runs >= 0.95 * total
+    assert 0.30 < np.mean(spreads) / 200 < 0.37  # a uniform draw: (N + 1) / 3N
+    # every group of the epoch once, windows consecutive
+    assert (np.diff(order.window) >= 0).all()
+    shards = plan(tracklets, epoch=0, mixing="shards")
+    assert sorted(zip(shards.identity.tolist(), shards.group.tolist(), strict=True)) == \
+        sorted(zip(order.identity.tolist(), order.group.tolist(), strict=True))
+
+
+def test_the_same_seed_gives_the_same_plan_and_another_epoch_another():
+    tracklets = identities_of(40)
+    a, b, c = plan(tracklets), plan(tracklets), plan(tracklets, epoch=2)
+    np.testing.assert_array_equal(a.identity, b.identity)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    assert not np.array_equal(a.identity[:20], c.identity[:20])
+
+
+def test_identity_weighting_gives_every_identity_the_same_groups():
+    tracklets = identities_of(50)
+    frames = plan(tracklets, weighting="frames")
+    identities = plan(tracklets, weighting="identities")
+    assert len(set(np.bincount(identities.identity)[1:].tolist())) == 1
+    assert len(set(np.bincount(frames.identity)[1:].tolist())) > 1
+    assert abs(len(identities) - len(frames)) <= 50
+
+
+def test_interleave_keeps_every_group_and_leaves_the_remainder_round_robin():
+    counts = np.array([1, 5, 2, 9, 3])
+    order = interleave(counts, 3, np.random.default_rng(0))
+    np.testing.assert_array_equal(np.bincount(order, minlength=5), counts)
+    full = len(order) - len(order) % 3
+    assert all(len(set(order[s:s + 3].tolist())) == 3 for s in range(0, full - 6, 3))

@@ -44,7 +44,9 @@ class TrainingBatches:
         self.source = dataset_or_shard
         self.p = identities_per_batch
         self.preprocess = preprocess or IMAGENET
-        # groups of one identity arrive together (one row expands into all of them): mix them before batching
+        # groups arrive in the epoch plan's order (data.sampling.epoch_plan: P identities at a time within a
+        # window; with data.mixing = shards, each identity's groups in a row): the buffer mixes the windows'
+        # ends and whatever waits for a batch without its identity
         self.shuffle_buffer = shuffle_buffer if shuffle_buffer is not None else 8 * identities_per_batch
         self.seed = seed
         self.drop_last = drop_last

@@ -1,10 +1,11 @@
 """Ray Data pipelines over the prepared shards: identity-balanced training groups and evaluation chunks.
 
-Training: the manifest's <uri>/train files in a seeded order per epoch, one read task each (one row per
-identity) -> each identity cut into groups of K clips of T frames (data.sampling; only the chosen frames'
-JPEG bytes travel on, gathered in Arrow by data.frames) -> decoding CPU tasks (data.images; as many as the
-cluster's free CPUs allow, or data.decode_concurrency) -> the
-trainer's data.batches, which puts P groups of P distinct identities in a batch. Held-out identities
+Training: the epoch's plan (data.sampling.epoch_plan, from the light identity and tracklet columns only:
+which groups of K clips of T frames, of which identities, in which order; docs/sampling.md) -> one read
+task per window of the plan, reading its identities' rows and cutting their groups in plan order (only the
+chosen frames' JPEG bytes travel on, gathered in Arrow by data.frames) -> decoding CPU tasks (data.images;
+as many as the cluster's free CPUs allow, or data.decode_concurrency) -> the trainer's data.batches, which
+puts P groups of P distinct identities in a batch. Held-out identities
 (exclude_identities) are dropped by the Parquet reader. Evaluation: read_parquet of every frame of every
 test tracklet, in chunks of T, decoded the same way. Validation (data.validation): the same chunks, cut
 from the training rows of the held-out identities (a filter Ray Data pushes down into the Parquet scan).
@@ -16,6 +17,7 @@ credentials: the filesystem handed to them carries them (see _read_filesystem).
 import contextlib
 import math
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,7 @@ from stal_ray.data.stream.augment import Augmentation
 from stal_ray.data.stream.batches import RecycledBuffers
 from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.stream.images import decode_frame, decode_frames_with_sizes
-from stal_ray.data.stream.sampling import identity_groups, sequence_of_length
+from stal_ray.data.stream.sampling import EpochPlan, epoch_plan, identity_groups, sequence_of_length
 
 if TYPE_CHECKING:
     from stal_ray.data.prepared.validation import ValidationSplit
@@ -285,17 +287,80 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
     return ds
 
 
-def _file_groups(items: pa.Table, *, filesystem: pafs.FileSystem, exclude: list[int],
-                 **sampling: Any) -> Iterator[pa.Table]:
-    """Training shard files -> the K-clip groups (_identity_groups) of every identity row in them, streamed
-    a few rows at a time: a task holds one row group, not a whole file. Rows of excluded identities are
-    dropped by the Parquet scan, which skips row groups whose identity statistics exclude them unread."""
-    condition = ~pc.field("identity").isin(exclude) if exclude else None
-    for path in items.column("path").to_pylist():
-        rows = pyarrow.dataset.dataset(path, filesystem=filesystem, format="parquet")
-        for batch in rows.to_batches(filter=condition, batch_size=_ROWS_PER_READ):
-            if batch.num_rows:
-                yield _identity_groups(batch, **sampling)
+def _training_index(paths: list[str], filesystem: pafs.FileSystem, exclude: set[int],
+                    ) -> tuple[dict[int, np.ndarray], dict[int, tuple[int, int]], list[int]]:
+    """From the light columns of the training files (identity, the per-frame tracklet; never the frames):
+    each identity's tracklet_of_frame, its (file, row group), and the identities in stored order."""
+    tracklets, where, stored = {}, {}, []
+    for number, path in enumerate(paths):
+        with filesystem.open_input_file(path) as source:
+            parquet = pq.ParquetFile(source)
+            for group in range(parquet.num_row_groups):
+                rows = parquet.read_row_group(group, columns=["identity", "tracklet"])
+                lengths = to_numpy(pc.list_value_length(rows.column("tracklet")))
+                starts = np.cumsum(lengths) - lengths
+                flat = to_numpy(pc.list_flatten(rows.column("tracklet")))
+                for row, identity in enumerate(to_numpy(rows.column("identity")).tolist()):
+                    if identity in exclude:
+                        continue
+                    tracklets[identity] = flat[starts[row]:starts[row] + lengths[row]]
+                    where[identity] = (number, group)
+                    stored.append(identity)
+    return tracklets, where, stored
+
+
+def _window_items(plan: EpochPlan, where: dict[int, tuple[int, int]], paths: list[str]) -> list[dict]:
+    """One item per window of the plan: its groups (pickled: identity, group, positions) and the row groups
+    that hold its identities."""
+    items = []
+    for window in range(int(plan.window.max()) + 1 if len(plan) else 0):
+        take = plan.window == window
+        identities = plan.identity[take]
+        locations = sorted({where[int(i)] for i in np.unique(identities)})
+        items.append({"window": window, "plan": pickle.dumps({
+            "identity": identities, "group": plan.group[take], "positions": plan.positions[take],
+            "locations": [(paths[f], g) for f, g in locations]})})
+    return items
+
+
+def _window_groups(items: pa.Table, *, filesystem: pafs.FileSystem, labels: dict[int, int],
+                   clips_per_identity: int, seq_len: int, emit: int = 64) -> Iterator[pa.Table]:
+    """Windows of the plan -> their groups of K clips in plan order: label, identity, group, tracklets (K,),
+    and the K·T chosen frames' JPEG bytes and keypoints. Each row group holding a window identity is read
+    once, and only the chosen frames of the window's rows are kept (frames.StoredRows.table)."""
+    for blob in items.column("plan").to_pylist():
+        plan = pickle.loads(blob)
+        order = np.arange(len(plan["identity"]))
+        parts, indices = [], []
+        for path, group in plan["locations"]:
+            with filesystem.open_input_file(path) as source:
+                rows = pq.ParquetFile(source).read_row_group(group)
+            stored = StoredRows(rows)
+            tracklet_of_frame = stored.per_frame("tracklet")
+            row_of = {identity: row for row, identity in enumerate(stored.column("identity").tolist())}
+            mine = order[np.isin(plan["identity"], list(row_of))]
+            if not len(mine):
+                continue
+            chosen, tracklets = [], []
+            for index in mine.tolist():
+                row = row_of[int(plan["identity"][index])]
+                positions = stored.starts[row] + plan["positions"][index]
+                chosen.append(positions.reshape(-1))
+                tracklets.append(tracklet_of_frame[positions[:, 0]])
+            identities = plan["identity"][mine]
+            parts.append(stored.table(np.array(chosen), {
+                "label": np.array([labels[int(i)] for i in identities], dtype=np.int64),
+                "identity": identities.astype(np.int64),
+                "group": plan["group"][mine].astype(np.int64),
+                "tracklets": np.array(tracklets, dtype=np.int32).reshape(-1, clips_per_identity)}))
+            indices.append(mine)
+            del rows, stored
+        if not parts:
+            continue
+        # back into plan order: part j holds the plan entries indices[j]
+        table = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(indices), kind="stable")))
+        for start in range(0, table.num_rows, emit):
+            yield table.slice(start, emit)
 
 
 def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | None = None,
@@ -316,18 +381,26 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
         # a batch needs P distinct identities: with fewer, training_batches could never fill one
         raise ValueError(f"{uri}: {len(labels)} training identities, fewer than identities_per_batch = "
                          f"{data.identities_per_batch}")
-    # A different file order every epoch, the same one for the same seed and epoch. Files are read by plain
-    # tasks, one per file, rather than read_parquet, which starts a pool of footer-reading actors (new
-    # processes) in every execution: once per epoch here, where the manifest already lists the files.
+    # The epoch's plan from the light columns alone, on this process: which groups, in which order
+    # (data.mixing, data.weighting; docs/sampling.md). Files are then read by plain tasks, one per window of
+    # the plan, rather than read_parquet, which starts a pool of footer-reading actors (new processes) in
+    # every execution: once per epoch here, where the manifest already lists the files.
     paths = read_manifest(uri, endpoint_url=endpoint_url).paths("train")
-    order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
-    ds = ray.data.from_items([{"path": paths[i]} for i in order], override_num_blocks=max(len(paths), 1))
-    exclude = sorted({int(i) for i in exclude_identities or ()})
-    ds = ds.map_batches(_file_groups, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
-        filesystem=_read_filesystem(uri, endpoint_url), exclude=exclude,
-        clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
-        epoch=epoch, labels={identity: label for label, identity in enumerate(labels)},
-        max_groups=data.max_groups_per_identity))
+    filesystem = _read_filesystem(uri, endpoint_url)
+    tracklets, where, stored = _training_index(paths, filesystem, {int(i) for i in exclude_identities or ()})
+    # the old stream's order, for data.mixing = "shards": a different file order every epoch, rows as stored
+    file_order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
+    rank = {int(f): position for position, f in enumerate(file_order)}
+    stored = sorted(stored, key=lambda identity: rank[where[identity][0]])
+    plan = epoch_plan(tracklets, clips_per_identity=data.clips_per_identity, seq_len=data.seq_len,
+                      identities_per_batch=data.identities_per_batch, seed=config.train.seed, epoch=epoch,
+                      max_groups=data.max_groups_per_identity, weighting=data.weighting, mixing=data.mixing,
+                      stored_order=stored)
+    items = _window_items(plan, where, paths)
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    ds = ds.map_batches(_window_groups, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
+        filesystem=filesystem, labels={identity: label for label, identity in enumerate(labels)},
+        clips_per_identity=data.clips_per_identity, seq_len=data.seq_len))
     return _decode(ds, data, (data.clips_per_identity, data.seq_len),
                    augment=Augmentation.from_config(config, epoch))
 
