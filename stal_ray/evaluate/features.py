@@ -10,8 +10,6 @@ scale, so the sums use the unnormalised sigmoid scores (STALOutput.scores), whos
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -342,21 +340,9 @@ def save_features(feature_set: FeatureSet, path_or_url: str) -> None:
 
 
 def _write_table(table: pa.Table, path_or_url: str) -> None:
-    fs, path = storage.filesystem(path_or_url, check=False)
-    if "://" in path_or_url and not path_or_url.startswith("file://"):
-        with storage.errors(path_or_url), fs.open(path, "wb") as out:
-            pq.write_table(table, out)
-        return
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".features-", suffix=".tmp")
-    os.close(handle)
-    try:
-        pq.write_table(table, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    # readable by this user only on local disk (0o600), as tempfile made the file before
+    with storage.open_atomic(path_or_url, mode=0o600) as out:
+        pq.write_table(table, out)
 
 
 def load_features(path_or_url: str) -> FeatureSet:

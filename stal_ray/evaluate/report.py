@@ -3,8 +3,6 @@ a printed table; written to a local folder or any fsspec URL (s3://)."""
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 
 import matplotlib
@@ -25,22 +23,9 @@ CMC_RANKS_PLOTTED = 20
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """data to a local path (temporary file, then a rename: never half a file) or an fsspec URL."""
-    fs, path = storage.filesystem(uri, check=False)
-    if "://" in uri and not uri.startswith("file://"):
-        with storage.errors(uri), fs.open(path, "wb") as out:
-            out.write(data)
-        return
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """data to a local path or an fsspec URL in one step (storage.write_atomic), readable by this user only
+    on local disk, as report files always were. train/, tune.py and study/ write their files with it too."""
+    storage.write_atomic(uri, data, mode=0o600)
 
 
 # what each number of metrics.json is; mAP's text depends on the AP rule of the protocol (ranking.AP_RULE_OF)

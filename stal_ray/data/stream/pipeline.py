@@ -10,7 +10,7 @@ test tracklet, in chunks of T, decoded the same way. Validation (data.validation
 from the training rows of the held-out identities (a filter Ray Data pushes down into the Parquet scan).
 
 Read tasks run on any node of the cluster, whose environment may lack the driver's S3 endpoint and
-credentials: the filesystem handed to them carries them (see _read_filesystem).
+credentials: the filesystem handed to them carries them (see storage.read_filesystem).
 """
 
 import contextlib
@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import botocore.session
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,8 +26,6 @@ import pyarrow.dataset
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
-import s3fs
-from botocore.credentials import RefreshableCredentials
 from ray.data.expressions import col
 
 from stal_ray.core import storage
@@ -196,33 +193,6 @@ def _decode_clips(batch: pa.Table, *, height: int, width: int, clip_shape: tuple
     return out
 
 
-def _read_filesystem(uri: str, endpoint_url: str | None) -> pafs.FileSystem:
-    """The pyarrow filesystem for read tasks, with the S3 settings they need whatever their node's settings.
-
-    The endpoint travels already: storage resolves it here and the pickled s3fs keeps its constructor
-    arguments. Credentials do not (each node would look up its own chain), so a Ray cluster started before
-    they were set, or whose nodes lack them, fails to read. Static credentials that this process resolves
-    (environment variables, a credentials file) are therefore passed in too; refreshable ones (instance
-    role, assumed role, SSO) are not, since a frozen copy expires: nodes then resolve their own, as Ray's
-    S3 readers do.
-    """
-    fs, _ = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
-    if not isinstance(fs, s3fs.S3FileSystem):
-        return storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)[0]
-    options = dict(fs.storage_options)
-    if not any(options.get(name) for name in ("key", "secret", "token", "anon", "profile", "session")):
-        session = botocore.session.Session()
-        credentials = session.get_credentials()
-        if credentials is not None and not isinstance(credentials, RefreshableCredentials):
-            frozen = credentials.get_frozen_credentials()
-            options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
-        region = session.get_config_variable("region")
-        if region:
-            options["client_kwargs"] = {"region_name": region, **options.get("client_kwargs", {})}
-        fs = type(fs)(**options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
 @contextlib.contextmanager
 def _footer_readers(files: int) -> Iterator[None]:
     """Fewer Parquet footer-reading actors while a read is planned, unless the user chose a number.
@@ -249,7 +219,7 @@ def _read(uri: str, split: str, endpoint_url: str | None, *,
     paths = manifest.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
-        ds = ray.data.read_parquet(paths, filesystem=_read_filesystem(uri, endpoint_url))
+        ds = ray.data.read_parquet(paths, filesystem=storage.read_filesystem(uri, endpoint_url))
     # an expression filter right after the read is pushed into the Parquet scan: rows are dropped as they are
     # read, and row groups whose identity statistics exclude them are skipped unread
     if keep is not None:
@@ -324,7 +294,7 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
     ds = ray.data.from_items([{"path": paths[i]} for i in order], override_num_blocks=max(len(paths), 1))
     exclude = sorted({int(i) for i in exclude_identities or ()})
     ds = ds.map_batches(_file_groups, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
-        filesystem=_read_filesystem(uri, endpoint_url), exclude=exclude,
+        filesystem=storage.read_filesystem(uri, endpoint_url), exclude=exclude,
         clips_per_identity=data.clips_per_identity, seq_len=data.seq_len, seed=config.train.seed,
         epoch=epoch, labels={identity: label for label, identity in enumerate(labels)},
         max_groups=data.max_groups_per_identity))
