@@ -16,14 +16,10 @@ from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.source import resolve_data
 from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate import report
+from stal_ray.evaluate.chunks import FeatureSet
 from stal_ray.evaluate.distance import MODES, branch_distances, fuse
-from stal_ray.evaluate.features import (
-    FeatureSet,
-    extract_features,
-    load_features,
-    save_features,
-    tracklet_frames,
-)
+from stal_ray.evaluate.feature_store import load_features, save_features
+from stal_ray.evaluate.features import extract_features, tracklet_frames
 from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking, query_gallery_split
 from stal_ray.evaluate.rerank import reranked_distance
 from stal_ray.model.export import load_model_config
