@@ -3,12 +3,13 @@
 (a) Ranking. The 1980 queries x 9330 gallery tracklets of MARS under the torchreid protocol (identities and
 cameras from the real index tables in tests/data/mars_info), random distances. evaluate_ranking, asked for
 the official code's trapezoid AP (it computes the step AP and mINP in the same pass), against
-reference_evaluate of tests/test_ranking.py (torchreid's eval_func as written, with a stable sort, and
-fast-reid's INP), which is also the test's reference; both must give the same step mAP, mINP and CMC. Its
-trapezoid AP is checked per query against the test's transcription of the official MARS code on every 15th
-query (untimed). A per-query loop with no Python loop over gallery entries is timed beside them, for
-context: the goal is on torchreid's loop. So is evaluate_ranking on heavily tied distances (4 levels: ties
-between true matches and thousands of other entries in every row), checked against the official code too.
+reference_evaluate of stal_ray/evaluate/reference.py (torchreid's eval_func as written, with a stable sort,
+and fast-reid's INP), which is also the test's reference; both must give the same step mAP, mINP and CMC.
+Its trapezoid AP is checked per query against the same module's transcription of the official MARS code on
+every 15th query (untimed). A per-query loop with no Python loop over gallery entries is timed beside them,
+for context: the goal is on torchreid's loop. So is evaluate_ranking on heavily tied distances (4 levels:
+ties between true matches and thousands of other entries in every row), checked against the official code
+too.
 
 (b) Distance. fused_distance (stal mode: Eq. 8 over 6 parts of 1024 dimensions plus the global branch of 1024)
 for 1980 x 9330 against the bare matrix products it cannot avoid: the R batched q·gᵀ products and the global
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stal_ray.evaluate.distance import TrackletFeatures, fused_distance  # noqa: E402
 from stal_ray.evaluate.ranking import evaluate_ranking, query_gallery_split  # noqa: E402
-from tests.test_ranking import official_evaluation, reference_evaluate  # noqa: E402
+from stal_ray.evaluate.reference import official_evaluation, reference_evaluate  # noqa: E402
 
 MARS_INFO = Path(__file__).resolve().parents[1] / "tests" / "data" / "mars_info"
 GOAL_SPEEDUP = 20.0  # evaluate_ranking over torchreid's loop

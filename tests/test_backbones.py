@@ -1,4 +1,5 @@
-"""Tests for stal_ray/model/backbones.py: shapes, batched part networks vs per-part references, loading."""
+"""Tests for stal_ray/model/backbones.py, blocks.py and pretrained.py: shapes, batched part networks vs
+per-part references, loading."""
 
 import copy
 import logging
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stal_ray.model.backbones import BACKBONES, build_backbone, load_pretrained
+from stal_ray.model.backbones import BACKBONES, build_backbone
+from stal_ray.model.pretrained import load_pretrained
 
 DATA = Path(__file__).parent / "data"
 PAPER_INPUT = {"bninception": (224, 224), "resnet50": (256, 128), "tiny": (64, 32)}

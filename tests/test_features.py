@@ -13,13 +13,9 @@ from stal_ray.data.prepared.shards import write_shards
 from stal_ray.data.releases.mars import read_mars
 from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.data.synthetic.generator import write_synthetic_release
-from stal_ray.evaluate.features import (
-    TrackletSums,
-    chunk_sums,
-    extract_features,
-    load_features,
-    save_features,
-)
+from stal_ray.evaluate.chunks import TrackletSums, chunk_sums
+from stal_ray.evaluate.feature_store import load_features, save_features
+from stal_ray.evaluate.features import extract_features
 from stal_ray.model.export import save_model
 from stal_ray.model.stal import STAL
 from stal_ray.objective import aggregate_temporal, spatial_scores

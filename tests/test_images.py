@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stal_ray.data.stream.images import _decode_turbo, decode_frame, decode_frames_with_sizes
+from stal_ray.data.stream.images import decode_frame, decode_frames_with_sizes, decode_turbo
 
 
 def pil_reference(data: bytes, height: int, width: int) -> np.ndarray:
@@ -38,7 +38,7 @@ SIZES = [((256, 128), (256, 128)), ((256, 128), (224, 224)), ((256, 128), (64, 3
 @pytest.mark.parametrize("stored, target", SIZES)
 def test_libjpeg_turbo_decodes_jpegs_exactly_as_pil(stored, target):
     jpeg = encode(noise(*stored), quality=90)
-    assert _decode_turbo(jpeg, np.zeros((*target, 3), np.uint8)) is not None  # the fast path took it
+    assert decode_turbo(jpeg, np.zeros((*target, 3), np.uint8)) is not None  # the fast path took it
     image, size = decode_frame(jpeg, *target)
     assert size == stored and image.shape == (*target, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image, pil_reference(jpeg, *target))
@@ -58,7 +58,7 @@ def test_pil_decodes_what_libjpeg_turbo_does_not(kind):
     pixels = noise(256, 128, seed=2)
     data = encode(pixels, fmt="PNG") if kind == "png" else encode(pixels, "CMYK")
     # refused (PNG) or left to PIL (CMYK: PIL's own conversion)
-    assert _decode_turbo(data, np.zeros((256, 128, 3), np.uint8)) is None
+    assert decode_turbo(data, np.zeros((256, 128, 3), np.uint8)) is None
     image, size = decode_frame(data, 256, 128)
     assert size == (256, 128)
     np.testing.assert_array_equal(image, pil_reference(data, 256, 128))

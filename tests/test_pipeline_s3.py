@@ -9,14 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from stal_ray.config import Config
-from stal_ray.core.storage import StorageError, arrow_filesystem
+from stal_ray.core.storage import StorageError, arrow_filesystem, read_filesystem
 from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.prepared.shards import write_shards
 from stal_ray.data.prepared.validation import ensure_validation_split
 from stal_ray.data.releases.mars import read_mars
 from stal_ray.data.stream.batches import training_batches
 from stal_ray.data.stream.pipeline import (
-    _read_filesystem,
     evaluation_dataset,
     training_dataset,
     validation_dataset,
@@ -94,7 +93,7 @@ def test_validation_split_and_chunks_from_s3(s3_uri, moto_server, config):
 
 def test_read_tasks_need_no_credentials_in_their_environment(ray_cluster, s3_uri, moto_server):
     # a worker whose environment has no AWS credentials (and no instance role to fall back on) still reads
-    fs = _read_filesystem(s3_uri, moto_server)
+    fs = read_filesystem(s3_uri, moto_server)
     path = read_manifest(s3_uri, endpoint_url=moto_server).paths("train")[0]
     bare = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_DEFAULT_REGION": "",
             "AWS_EC2_METADATA_DISABLED": "true"}

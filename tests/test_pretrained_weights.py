@@ -139,7 +139,7 @@ def test_a_hashed_url_is_downloaded_once_per_node_into_torch_hubs_cache(weights_
     server.shutdown()  # the cached copy serves every later load
     model = tiny_model(f"{url}/{name}")
     assert all(torch.equal(model.backbone.state_dict()[key], value) for key, value in weights.items())
-    assert not list(cached.parent.glob("*.partial-*"))
+    assert not list(cached.parent.glob(".tmp-*"))  # no temporary file of storage.open_atomic left
 
 
 def test_a_file_whose_sha256_does_not_match_its_name_is_refused_and_not_cached(weights_server):

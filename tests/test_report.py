@@ -8,6 +8,7 @@ from PIL import Image
 
 from stal_ray.evaluate.ranking import RankingResult
 from stal_ray.evaluate.report import (
+    Metrics,
     format_table,
     plot_attention,
     plot_cmc,
@@ -30,8 +31,9 @@ def results() -> dict[str, RankingResult]:
 
 def test_metrics_json_has_exactly_the_agreed_schema(tmp_path, results):
     model = {"path": "run/model.pt", "iteration": 40, "selected_by": "best val_mAP", "score": 0.7}
-    path = write_metrics(str(tmp_path / "out"), results, fusion_rate=0.3, protocol="official", num_query=10,
-                         num_gallery=40, num_test_ids=7, skipped=1, model=model)
+    path = write_metrics(str(tmp_path / "out"), Metrics(results, fusion_rate=0.3, protocol="official",
+                                                        num_query=10, num_gallery=40, num_test_ids=7,
+                                                        skipped=1, model=model))
     assert path == str(tmp_path / "out" / "metrics.json")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     definitions = metrics.pop("definitions")
@@ -62,8 +64,8 @@ def test_metrics_json_has_exactly_the_agreed_schema(tmp_path, results):
 def test_metrics_json_names_the_rerank_settings_only_when_reranked(tmp_path, results):
     common = dict(fusion_rate=0.3, protocol="official", num_query=10, num_gallery=40, num_test_ids=7,
                   skipped=1)
-    write_metrics(str(tmp_path / "on"), results, **common, rerank={"k1": 20, "k2": 6, "lambda": 0.3})
-    write_metrics(str(tmp_path / "off"), results, **common)
+    write_metrics(str(tmp_path / "on"), Metrics(results, **common, rerank={"k1": 20, "k2": 6, "lambda": 0.3}))
+    write_metrics(str(tmp_path / "off"), Metrics(results, **common))
     assert json.loads((tmp_path / "on" / "metrics.json").read_text())["rerank"] == {"k1": 20, "k2": 6,
                                                                                      "lambda": 0.3}
     assert "rerank" not in json.loads((tmp_path / "off" / "metrics.json").read_text())
@@ -71,8 +73,8 @@ def test_metrics_json_names_the_rerank_settings_only_when_reranked(tmp_path, res
 
 def test_metrics_json_of_the_torchreid_protocol_names_the_step_rule(tmp_path):
     step = {"stal": result(0.5, [0.6, 0.9], ap="step")}
-    write_metrics(str(tmp_path), step, fusion_rate=0.3, protocol="torchreid", num_query=10, num_gallery=40,
-                  num_test_ids=7, skipped=1)
+    write_metrics(str(tmp_path), Metrics(step, fusion_rate=0.3, protocol="torchreid", num_query=10,
+                                         num_gallery=40, num_test_ids=7, skipped=1))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     definitions = metrics["definitions"]
     assert metrics["ap_rule"] == "step" and definitions["mAP"] == definitions["mAP_step"]

@@ -79,3 +79,24 @@ def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
     assert storage.absolute("/data/x") == "/data/x"
     assert storage.absolute("s3://bucket/runs") == "s3://bucket/runs"
     assert storage.absolute(None) is None
+
+
+def test_an_atomic_write_replaces_the_file_whole_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "new" / "folder" / "file.bin"
+    storage.write_atomic(str(target), b"first")
+    storage.write_atomic(f"file://{target}", b"second", mode=0o600, fsync=True)
+    assert target.read_bytes() == b"second" and target.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(RuntimeError, match="cut short"), storage.open_atomic(str(target)) as out:
+        out.write(b"half of a thi")
+        raise RuntimeError("cut short")
+    assert target.read_bytes() == b"second"  # a failed write leaves the old file as it was
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+def test_an_atomic_write_to_an_object_store_is_one_put_at_the_end():
+    storage.write_atomic("memory://atomic/one.bin", b"bytes")
+    with pytest.raises(RuntimeError), storage.open_atomic("memory://atomic/two.bin") as out:
+        out.write(b"half")
+        raise RuntimeError("cut short")
+    fs, _ = storage.filesystem("memory://atomic")
+    assert fs.cat_file("/atomic/one.bin") == b"bytes" and not fs.exists("/atomic/two.bin")

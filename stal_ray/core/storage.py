@@ -1,15 +1,20 @@
 """Filesystems for local paths and s3:// URLs (fsspec, pyarrow) failing in seconds with a StorageError."""
 
 import contextlib
+import io
 import logging
 import os
 import posixpath
 import urllib.parse
+import uuid
 from collections.abc import Iterator
+from typing import BinaryIO
 
+import botocore.session
 import fsspec
 import pyarrow.fs as pafs
 import s3fs
+from botocore.credentials import RefreshableCredentials
 from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
@@ -96,6 +101,99 @@ def arrow_filesystem(uri: str, *, endpoint_url: str | None = None,
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def read_filesystem(uri: str, endpoint_url: str | None) -> pafs.FileSystem:
+    """The pyarrow filesystem for Ray read tasks, with the S3 settings they need whatever their node's own.
+
+    The endpoint travels already: `filesystem` resolves it here and the pickled s3fs keeps its constructor
+    arguments. Credentials do not (each node would look up its own chain), so a Ray cluster started before
+    they were set, or whose nodes lack them, fails to read. Static credentials that this process resolves
+    (environment variables, a credentials file) are therefore passed in too; refreshable ones (instance
+    role, assumed role, SSO) are not, since a frozen copy expires: nodes then resolve their own, as Ray's
+    S3 readers do.
+    """
+    fs, _ = filesystem(uri, endpoint_url=endpoint_url, check=False)
+    if not isinstance(fs, s3fs.S3FileSystem):
+        return arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)[0]
+    options = dict(fs.storage_options)
+    if not any(options.get(name) for name in ("key", "secret", "token", "anon", "profile", "session")):
+        session = botocore.session.Session()
+        credentials = session.get_credentials()
+        if credentials is not None and not isinstance(credentials, RefreshableCredentials):
+            frozen = credentials.get_frozen_credentials()
+            options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
+        region = session.get_config_variable("region")
+        if region:
+            options["client_kwargs"] = {"region_name": region, **options.get("client_kwargs", {})}
+        fs = type(fs)(**options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+# --- Atomic writes: a reader sees the old file or the new one, never half of one. On local disk the bytes go
+# to a temporary file in the same folder, renamed over the target (os.replace, atomic within a filesystem);
+# on S3 (and other object stores) as one PUT, which the store makes visible whole or not at all.
+# mode: permission bits of a new local file before the umask; 0o666 is what open() gives, 0o600 (this user
+# only) what tempfile gives. fsync: flush the bytes to disk before the rename (survives a crash of the node).
+
+
+def write_atomic(uri: str, data: bytes, *, endpoint_url: str | None = None, fsync: bool = False,
+                 mode: int = 0o666) -> None:
+    """`data` to a local path, file:// or s3:// URI in one step; a local folder is created if missing."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, check=False)
+    if isinstance(fs, LocalFileSystem):
+        put_atomic(fs, path, data, fsync=fsync, mode=mode)
+        return
+    with errors(uri, endpoint_url):
+        put_atomic(fs, path, data)
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, fsync: bool = False,
+               mode: int = 0o666) -> None:
+    """write_atomic for a caller that holds the filesystem already: `path` is inside `fs`."""
+    if isinstance(fs, LocalFileSystem):
+        with _replacing(path, fsync=fsync, mode=mode) as out:
+            out.write(data)
+    else:
+        fs.pipe_file(path, data)  # one PUT
+
+
+@contextlib.contextmanager
+def open_atomic(uri: str, *, endpoint_url: str | None = None, fsync: bool = False,
+                mode: int = 0o666) -> Iterator[BinaryIO]:
+    """A binary file to stream `uri`'s content into (torch.save, pyarrow.parquet.write_table, a download),
+    put in place when the block ends without an error, dropped when it raises. Local: the temporary file
+    itself; elsewhere an in-memory buffer, sent as one PUT at the end."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url, check=False)
+    if isinstance(fs, LocalFileSystem):
+        with _replacing(path, fsync=fsync, mode=mode) as out:
+            yield out
+        return
+    buffer = io.BytesIO()
+    yield buffer
+    with errors(uri, endpoint_url):
+        fs.pipe_file(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def _replacing(path: str, *, fsync: bool, mode: int) -> Iterator[BinaryIO]:
+    """A new temporary file beside local `path`, renamed over it on success and removed on an error."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    # .tmp-: the prefix publish.remove_unreferenced clears, should a killed process leave one behind
+    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            yield out
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def join(uri: str, *parts: str) -> str:

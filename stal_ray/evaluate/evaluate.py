@@ -4,9 +4,11 @@ under the MARS protocol, the report (metrics.json, plots)."""
 
 import io
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import ray
+import torch
 
 from stal_ray.config import PROTOCOLS, Config, config_from_dict, parse_override
 from stal_ray.core import storage
@@ -16,15 +18,11 @@ from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.source import resolve_data
 from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate import report
+from stal_ray.evaluate.chunks import FeatureSet
 from stal_ray.evaluate.distance import MODES, branch_distances, fuse
-from stal_ray.evaluate.features import (
-    FeatureSet,
-    extract_features,
-    load_features,
-    save_features,
-    tracklet_frames,
-)
-from stal_ray.evaluate.ranking import ap_rule, evaluate_ranking, query_gallery_split
+from stal_ray.evaluate.feature_store import load_features, save_features
+from stal_ray.evaluate.features import extract_features, tracklet_frames
+from stal_ray.evaluate.ranking import RankingResult, ap_rule, evaluate_ranking, query_gallery_split
 from stal_ray.evaluate.rerank import reranked_distance
 from stal_ray.model.export import load_model_config
 
@@ -54,15 +52,9 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     evaluations running side by side (jobs/splits.py --parallel) divide it between them.
     """
     config, meta = load_model_config(model_path)
-    provenance = model_provenance(model_path, meta)
     config = _with_overrides(config, config_overrides, model_path)
     fusion_rate = config.eval.fusion_rate if fusion_rate is None else float(fusion_rate)
-    modes = tuple(modes)
-    unknown = [mode for mode in modes if mode not in MODES]
-    if unknown or not modes:
-        raise ValueError(f"modes {list(modes)} are invalid: use one or more of {', '.join(MODES)}")
-    if protocol is not None and protocol not in PROTOCOLS:
-        raise ValueError(f"protocol {protocol!r} is invalid: use one of {', '.join(PROTOCOLS)}")
+    modes = _checked_modes(modes, protocol)
     if data_uri is None:  # the data the model was trained on (None: the embedded synthetic data set)
         data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url)
         print(f"evaluating on {data_uri}, the data set the model was trained on")
@@ -78,6 +70,52 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     dataset = data_protocol.cross_dataset(meta.get("extra", {}).get("data"), described)
     if "note" in dataset:
         print(dataset["note"])
+    ranked = _rank(feature_set, modes, fusion_rate, protocol, config)
+    rerank = ({"k1": config.eval.rerank_k1, "k2": config.eval.rerank_k2, "lambda": config.eval.rerank_lambda}
+              if config.eval.rerank else None)
+    metrics = report.Metrics(ranked.results, fusion_rate, protocol, len(ranked.query_index),
+                             len(ranked.gallery_index), ranked.num_test_ids(),
+                             ranked.results[modes[0]].skipped_queries, model_provenance(model_path, meta),
+                             rerank=rerank, dataset=dataset)
+    metrics_path = _write_report(out_dir, metrics, feature_set, ranked if save_distances else None)
+    corrupt = int(feature_set.corrupt_frames.sum())
+    print(f"{metrics.num_query} queries, {metrics.num_gallery} gallery tracklets, {metrics.num_test_ids} "
+          f"identities, protocol {protocol}, fusion rate {fusion_rate}"
+          + (f"; {corrupt} frames did not decode (black frames were used)" if corrupt else ""))
+    print(report.format_table(ranked.results))
+    print(f"metrics: {metrics_path}")
+    return report.metrics_dict(metrics)
+
+
+def _checked_modes(modes, protocol: str | None) -> tuple[str, ...]:
+    """`modes` as a tuple, once each is known to be a distance mode and `protocol` (when given) a protocol."""
+    modes = tuple(modes)
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes {list(modes)} are invalid: use one or more of {', '.join(MODES)}")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is invalid: use one of {', '.join(PROTOCOLS)}")
+    return modes
+
+
+@dataclass
+class _Ranked:
+    """The test split ranked under one protocol, one RankingResult per mode (in the order asked for)."""
+
+    results: dict[str, RankingResult]
+    query_index: np.ndarray  # rows of the FeatureSet that are queries
+    gallery_index: np.ndarray  # and gallery entries
+    ids: dict[str, np.ndarray]  # q_pids, g_pids, q_cams, g_cams
+    first_distance: torch.Tensor  # (Nq, Ng) of the first mode, for distances.npz
+
+    def num_test_ids(self) -> int:
+        """Identities a query or gallery entry belongs to; junk (-1) and distractors (0) are nobody."""
+        return len(set(np.concatenate([self.ids["q_pids"], self.ids["g_pids"]]).tolist()) - {-1, 0})
+
+
+def _rank(feature_set: FeatureSet, modes: tuple[str, ...], fusion_rate: float, protocol: str,
+          config: Config) -> _Ranked:
+    """The fused distance of every mode (re-ranked with eval.rerank) and its CMC, mAP and mINP."""
     query_index, gallery_index = query_gallery_split(feature_set.identity, feature_set.camera,
                                                      feature_set.is_query, protocol)
     query, gallery = feature_set.features[query_index], feature_set.features[gallery_index]
@@ -96,34 +134,25 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
                 first_distance = distance
             results[mode] = evaluate_ranking(distance, *ids.values(), ranks=tuple(config.eval.ranks),
                                              ap=ap_rule(protocol))
-    results = {mode: results[mode] for mode in modes}
+    return _Ranked({mode: results[mode] for mode in modes}, query_index, gallery_index, ids, first_distance)
 
-    first = results[modes[0]]
-    # identities a query or gallery entry belongs to; junk (-1) and distractors (0) are nobody
-    num_test_ids = len(set(np.concatenate([ids["q_pids"], ids["g_pids"]]).tolist()) - {-1, 0})
-    rerank = ({"k1": config.eval.rerank_k1, "k2": config.eval.rerank_k2, "lambda": config.eval.rerank_lambda}
-              if config.eval.rerank else None)
-    metrics_path = report.write_metrics(out_dir, results, fusion_rate, protocol, len(query_index),
-                                        len(gallery_index), num_test_ids, first.skipped_queries, provenance,
-                                        rerank=rerank, dataset=dataset)
-    report.plot_cmc(storage.join(out_dir, report.CMC_FILE), results)
+
+def _write_report(out_dir: str, metrics: report.Metrics, feature_set: FeatureSet,
+                  distances: _Ranked | None) -> str:
+    """metrics.json, cmc.png, attention.png and, when `distances` are given, distances.npz (the first mode's
+    distance with the identities and cameras it ranks) into out_dir; returns metrics.json's path."""
+    metrics_path = report.write_metrics(out_dir, metrics)
+    report.plot_cmc(storage.join(out_dir, report.CMC_FILE), metrics.results)
     report.plot_attention(storage.join(out_dir, report.ATTENTION_FILE), feature_set.sample_scores,
                           feature_set.sample_frames, _captions(feature_set))
-    if save_distances:
+    if distances is not None:
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, dist=first_distance.detach().cpu().numpy(), mode=modes[0],
-                            q_tracklets=feature_set.tracklet[query_index],
-                            g_tracklets=feature_set.tracklet[gallery_index], **ids)
+        np.savez_compressed(buffer, dist=distances.first_distance.detach().cpu().numpy(),
+                            mode=next(iter(distances.results)),
+                            q_tracklets=feature_set.tracklet[distances.query_index],
+                            g_tracklets=feature_set.tracklet[distances.gallery_index], **distances.ids)
         report.write_bytes(storage.join(out_dir, DISTANCES_FILE), buffer.getvalue())
-    corrupt = int(feature_set.corrupt_frames.sum())
-    print(f"{len(query_index)} queries, {len(gallery_index)} gallery tracklets, {num_test_ids} identities, "
-          f"protocol {protocol}, fusion rate {fusion_rate}"
-          + (f"; {corrupt} frames did not decode (black frames were used)" if corrupt else ""))
-    print(report.format_table(results))
-    print(f"metrics: {metrics_path}")
-    return report.metrics_dict(results, fusion_rate, protocol, len(query_index), len(gallery_index),
-                               num_test_ids, first.skipped_queries, provenance, rerank=rerank,
-                               dataset=dataset)
+    return metrics_path
 
 
 def _reranked(distance, query, gallery, mode: str, fusion_rate: float, config: Config):

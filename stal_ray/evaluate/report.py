@@ -3,9 +3,8 @@ a printed table; written to a local folder or any fsspec URL (s3://)."""
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -25,22 +24,9 @@ CMC_RANKS_PLOTTED = 20
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """data to a local path (temporary file, then a rename: never half a file) or an fsspec URL."""
-    fs, path = storage.filesystem(uri, check=False)
-    if "://" in uri and not uri.startswith("file://"):
-        with storage.errors(uri), fs.open(path, "wb") as out:
-            out.write(data)
-        return
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """data to a local path or an fsspec URL in one step (storage.write_atomic), readable by this user only
+    on local disk, as report files always were. train/, tune.py and study/ write their files with it too."""
+    storage.write_atomic(uri, data, mode=0o600)
 
 
 # what each number of metrics.json is; mAP's text depends on the AP rule of the protocol (ranking.AP_RULE_OF)
@@ -76,44 +62,56 @@ def familiar_metrics(result) -> dict[str, float]:
     return values
 
 
-def metrics_dict(results: Mapping, fusion_rate: float, protocol: str, num_query: int, num_gallery: int,
-                 num_test_ids: int, skipped: int, model: Mapping | None = None, *,
-                 rerank: Mapping | None = None, dataset: Mapping | None = None) -> dict:
+@dataclass(frozen=True)
+class Metrics:
+    """What metrics.json reports of one evaluation: `results` (mode -> ranking.RankingResult, ranked under
+    one protocol) and how they were obtained. `model`: which model file was evaluated, from which iteration
+    and why (evaluate.model_provenance); `rerank`: k1, k2 and lambda, only when the distances were
+    re-ranked; `dataset`: the evaluated data set, its protocol, what the model was trained on and whether
+    this is a cross-dataset test (data.protocol.cross_dataset)."""
+
+    results: Mapping
+    fusion_rate: float
+    protocol: str
+    num_query: int
+    num_gallery: int
+    num_test_ids: int
+    skipped: int  # queries with no true match in the gallery, left out of every number
+    model: Mapping | None = None
+    rerank: Mapping | None = None
+    dataset: Mapping | None = None
+
+
+def metrics_dict(metrics: Metrics) -> dict:
     """The metrics.json document: per mode mAP (the protocol's AP rule), mAP_step, mINP and CMC at the
-    reported ranks as fractions in [0, 1], and the same in percent under torchreid/fast-reid names;
-    `model`: which model file was evaluated, from which iteration and why (evaluate.model_provenance); and
-    `rerank`, only when the distances were re-ranked; `dataset`: the evaluated data set, its protocol,
-    what the model was trained on and whether this is a cross-dataset test (data.protocol.cross_dataset)."""
-    rule = ap_rule_of(results)
+    reported ranks as fractions in [0, 1], and the same in percent under torchreid/fast-reid names, with
+    the fields of `metrics` around them."""
+    rule = ap_rule_of(metrics.results)
     return {
-        "model": dict(model or {}),
-        "dataset": dict(dataset or {}),
+        "model": dict(metrics.model or {}),
+        "dataset": dict(metrics.dataset or {}),
         "modes": {mode: {"mAP": float(result.mAP), "mAP_step": float(result.mAP_step),
                          "mINP": float(result.mINP),
                          "cmc": {str(rank): float(value) for rank, value in sorted(result.cmc.items())},
                          "percent": familiar_metrics(result)}
-                  for mode, result in results.items()},
+                  for mode, result in metrics.results.items()},
         "ap_rule": rule,
         "definitions": {"mAP": AP_DEFINITIONS[rule], **DEFINITIONS},
-        "fusion_rate": float(fusion_rate),
-        "protocol": protocol,
-        "num_query": int(num_query),
-        "num_gallery": int(num_gallery),
-        "num_test_ids": int(num_test_ids),
-        "skipped_queries": int(skipped),
+        "fusion_rate": float(metrics.fusion_rate),
+        "protocol": metrics.protocol,
+        "num_query": int(metrics.num_query),
+        "num_gallery": int(metrics.num_gallery),
+        "num_test_ids": int(metrics.num_test_ids),
+        "skipped_queries": int(metrics.skipped),
         # only when the distances were re-ranked (eval.rerank): its k1, k2 and lambda
-        **({"rerank": dict(rerank)} if rerank else {}),
+        **({"rerank": dict(metrics.rerank)} if metrics.rerank else {}),
     }
 
 
-def write_metrics(out_dir: str, results: Mapping, fusion_rate: float, protocol: str, num_query: int,
-                  num_gallery: int, num_test_ids: int, skipped: int, model: Mapping | None = None, *,
-                  rerank: Mapping | None = None, dataset: Mapping | None = None) -> str:
+def write_metrics(out_dir: str, metrics: Metrics) -> str:
     """Write out_dir/metrics.json (metrics_dict) and return its path."""
     path = storage.join(out_dir, METRICS_FILE)
-    document = metrics_dict(results, fusion_rate, protocol, num_query, num_gallery, num_test_ids, skipped,
-                            model, rerank=rerank, dataset=dataset)
-    write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
+    write_bytes(path, (json.dumps(metrics_dict(metrics), indent=2) + "\n").encode())
     return path
 
 

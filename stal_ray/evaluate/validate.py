@@ -8,8 +8,9 @@ import numpy as np
 import ray.data
 import torch
 
+from stal_ray.evaluate.chunks import FeatureSet, TrackletSums
 from stal_ray.evaluate.distance import branch_distances, fuse
-from stal_ray.evaluate.features import ChunkFeatures, FeatureSet, TrackletSums
+from stal_ray.evaluate.features import ChunkFeatures
 from stal_ray.evaluate.ranking import RankingResult, ap_rule, evaluate_ranking, query_gallery_split
 
 

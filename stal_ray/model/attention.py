@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from stal_ray.config import ATTENTION_MODES, STAN_FCS
-from stal_ray.model.backbones import ConvBNReLU
+from stal_ray.model.blocks import ConvBNReLU
 
 
 class STAN(nn.Module):

@@ -2,8 +2,6 @@
 DeepSpeed; saved through fsspec (local path, file://, s3://), loaded with torch.load(weights_only=True)."""
 
 import io
-import os
-import tempfile
 from typing import Any
 
 import torch
@@ -25,23 +23,10 @@ def save_model(path_or_url: str, model: STAL, config: Config, *, num_classes: in
         "preprocess": model.preprocess.to_dict(),
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
     }
-    fs, path = storage.filesystem(path_or_url, check=False)
-    if "://" in path_or_url and not path_or_url.startswith("file://"):  # s3:// and other object stores
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        with storage.errors(path_or_url), fs.open(path, "wb") as out:
-            out.write(buffer.getvalue())
-        return
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".model-", suffix=".tmp", delete=False) as out:
-        try:
-            torch.save(payload, out)
-        except BaseException:
-            out.close()
-            os.unlink(out.name)  # no stray temporary file from a failed save (full disk, interrupt)
-            raise
-    os.replace(out.name, path)
+    # streamed into a temporary file beside it on local disk (0o600, as tempfile made it before), one PUT
+    # of an in-memory copy elsewhere
+    with storage.open_atomic(path_or_url, mode=0o600) as out:
+        torch.save(payload, out)
 
 
 def _read_payload(path_or_url: str, map_location: str | torch.device = "cpu") -> dict:

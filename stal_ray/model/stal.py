@@ -8,8 +8,10 @@ from torch import nn
 from stal_ray.config import NO_PRETRAINED
 from stal_ray.core.skeleton import NUM_JOINTS, NUM_PARTS
 from stal_ray.model.attention import STAN, normalize_scores
-from stal_ray.model.backbones import PartLinear, build_backbone, load_pretrained
+from stal_ray.model.backbones import build_backbone
+from stal_ray.model.blocks import PartLinear
 from stal_ray.model.parts import PoseSource, part_boxes, roi_pool
+from stal_ray.model.pretrained import load_pretrained
 from stal_ray.model.ran import ResidualAttention
 
 

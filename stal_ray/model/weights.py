@@ -76,7 +76,6 @@ def local_weights(uri: str, *, endpoint_url: str | None = None) -> str:
 
 
 def _download(location: str, path: str, expected: str, uri: str, endpoint_url: str | None) -> None:
-    partial = f"{path}.partial-{os.getpid()}"
     print(f"downloading {location} to {path}", flush=True)
     start, digest, size = time.monotonic(), hashlib.sha256(), 0
     try:
@@ -85,23 +84,20 @@ def _download(location: str, path: str, expected: str, uri: str, endpoint_url: s
         # for byte ranges, which not every server answers (Python's http.server does not: a file larger than
         # one block failed there with "doesn't appear to support range requests")
         streamed = {"block_size": 0} if location.startswith(("http://", "https://")) else {}
-        with storage.errors(location, endpoint_url), fs.open(inner, "rb", **streamed) as source, \
-                open(partial, "wb") as target:
-            while chunk := source.read(CHUNK):
-                digest.update(chunk)
-                target.write(chunk)
-                size += len(chunk)
-        _check(location, digest.hexdigest(), expected, uri)
-        os.replace(partial, path)
+        # into a temporary file beside `path`, which takes its place only once the sha256 is checked
+        with storage.open_atomic(path) as target:
+            with storage.errors(location, endpoint_url), fs.open(inner, "rb", **streamed) as source:
+                while chunk := source.read(CHUNK):
+                    digest.update(chunk)
+                    target.write(chunk)
+                    size += len(chunk)
+            _check(location, digest.hexdigest(), expected, uri)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"pretrained weights not found: {location} ({error}); check "
                                 "model.pretrained") from None
     except OSError as error:  # an unreachable host, an HTTP error status, a full disk
         raise FileNotFoundError(f"cannot download pretrained weights {location}: {error}; check "
                                 "model.pretrained and this node's network") from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     print(f"downloaded {size / 2**20:.1f} MiB in {time.monotonic() - start:.1f} s, sha256 {expected} "
           "checked", flush=True)
 

@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from fsspec.implementations.local import LocalFileSystem
 
 from stal_ray.core import storage
 from stal_ray.core.progress import Progress
@@ -160,17 +159,12 @@ def _resume_state(fs, root: str, manifest: Manifest, model: PoseModel) -> dict:
 def _write_state(fs, root: str, state: dict) -> None:
     body = json.dumps(state, indent=1).encode()
     path = posixpath.join(root, RESUME)
-    if isinstance(fs, LocalFileSystem):
-        publish._replace_local(path, body)
-    else:
-        fs.pipe_file(path, body)
+    storage.put_atomic(fs, path, body, fsync=True)
 
 
 def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpoint_url: str | None,
          workers: int | None, num_gpus: float, threads: int, save) -> tuple[dict, dict]:
     """Run the model over every shard not yet done, writing each as its last row comes back."""
-    from stal_ray.data.stream.pipeline import _read_filesystem
-
     pending = [{"split": split, "file": entry.path, "path": path}
                for split in SPLITS
                for entry, path in zip(manifest.files[split], manifest.paths(split), strict=True)
@@ -190,7 +184,7 @@ def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpo
         workers = max(1, int(per_actor))
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
     ds = ds.map_batches(_read_rows, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"filesystem": _read_filesystem(manifest.uri, endpoint_url)})
+                        fn_kwargs={"filesystem": storage.read_filesystem(manifest.uri, endpoint_url)})
     ds = ds.map_batches(PoseEstimator, batch_size=_ROWS_PER_BATCH, batch_format="pyarrow",
                         fn_constructor_kwargs={"model": model, "threads": threads, "use_gpu": num_gpus > 0},
                         # every actor decodes and letterboxes its frames on `threads` CPUs, GPU or not

@@ -82,10 +82,9 @@ def blazepose_bytes() -> tuple[bytes, str]:
     if cached.is_file():
         return _checked(cached.read_bytes(), str(cached)), f"{MEDIAPIPE_PIN} wheel (cached {cached})"
     content = _checked(_from_wheel(), f"{MEDIAPIPE_PIN}:{BLAZEPOSE_MEMBER}")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
-    tmp.write_bytes(content)
-    os.replace(tmp, cached)
+    from stal_ray.core import storage  # here, as in load_model: the workers that unpickle estimators skip it
+
+    storage.write_atomic(str(cached), content)
     return content, f"{MEDIAPIPE_PIN} wheel (cached {cached})"
 
 

@@ -16,11 +16,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from stal_ray.core import storage
-from stal_ray.data.prepared.manifest import _PREPARE, CorruptDatasetError, Manifest, read_manifest
+from stal_ray.data.prepared.manifest import PREPARE_COMMAND, CorruptDatasetError, Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +54,7 @@ def _save_cache(path: Path | None, cache: dict) -> None:
     if path is None:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-            json.dump(cache, fh)
-        os.replace(fh.name, path)
+        storage.write_atomic(str(path), json.dumps(cache).encode(), mode=0o600)  # 0o600: as tempfile's
     except OSError as error:
         logger.debug("shard hash cache %s not written: %s", path, error)
 
@@ -110,5 +106,5 @@ def check_shards(uri: str, splits=("train", "test"), *, endpoint_url: str | None
 def _refuse(uri: str, shard: str) -> None:
     raise CorruptDatasetError(
         f"{uri}: shard {shard} differs from the sha256 its manifest records (its bytes changed after it was "
-        f"written); prepare the data set again ({_PREPARE.format(uri=uri)} --overwrite, then "
+        f"written); prepare the data set again ({PREPARE_COMMAND.format(uri=uri)} --overwrite, then "
         "jobs/estimate_pose.py if it had estimated joints)")

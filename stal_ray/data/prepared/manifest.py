@@ -78,7 +78,7 @@ TEST_SCHEMA = pa.schema([
 ])
 SCHEMAS = {"train": TRAIN_SCHEMA, "test": TEST_SCHEMA}
 
-_PREPARE = "python jobs/prepare_mars.py --mars-root DIR --out {uri}"
+PREPARE_COMMAND = "python jobs/prepare_mars.py --mars-root DIR --out {uri}"
 
 
 class IncompleteDatasetError(StorageError):
@@ -149,7 +149,7 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
     shard is missing or has another size.
     """
     fs, root = storage.filesystem(uri, endpoint_url=endpoint_url)
-    rerun = f"run {_PREPARE.format(uri=uri)}"
+    rerun = f"run {PREPARE_COMMAND.format(uri=uri)}"
     with storage.errors(uri, endpoint_url):
         try:
             version, _ = publish.current_version(fs, root)
@@ -250,4 +250,4 @@ def verify(uri: str, *, endpoint_url: str | None = None) -> None:
                     bad.append(entry.path)
     if bad:
         raise CorruptDatasetError(f"{uri}: {len(bad)} shard(s) differ from their manifest checksum, first "
-                                  f"{bad[0]}; re-run {_PREPARE.format(uri=uri)} --overwrite")
+                                  f"{bad[0]}; re-run {PREPARE_COMMAND.format(uri=uri)} --overwrite")

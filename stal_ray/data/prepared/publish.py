@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 
 from fsspec.implementations.local import LocalFileSystem
 
+from stal_ray.core import storage
 from stal_ray.core.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -108,20 +109,7 @@ def swap_pointer(fs, root: str, version: str, previous: str | None) -> None:
                        "published": datetime.now(timezone.utc).isoformat(timespec="seconds")},
                       indent=2) + "\n"
     path = posixpath.join(root, POINTER)
-    if isinstance(fs, LocalFileSystem):
-        _replace_local(path, body.encode())
-    else:
-        fs.pipe_file(path, body.encode())  # one PUT: S3 never serves a partly written object
-
-
-def _replace_local(path: str, body: bytes) -> None:
-    """Write a local file through a temporary name and a rename: a reader opens the old file or the new."""
-    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with open(tmp, "wb") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    storage.put_atomic(fs, path, body.encode(), fsync=True)  # a reader opens the old pointer or the new
 
 
 def remove_unreferenced(fs, root: str, keep: set[str | None]) -> None:
@@ -268,9 +256,6 @@ def _heartbeat(fs, path: str, owner: dict, stop: threading.Event) -> None:
             if (_read_lock(fs, path) or {}).get("token") != owner["token"]:
                 logger.error("the prepare lock %s was taken over by another prepare", path)
                 return
-            if isinstance(fs, LocalFileSystem):
-                _replace_local(path, _lock_body(owner))
-            else:
-                fs.pipe_file(path, _lock_body(owner))
+            storage.put_atomic(fs, path, _lock_body(owner), fsync=True)
         except Exception as error:  # a storage hiccup: the next beat tries again
             logger.warning("could not refresh the prepare lock %s (%s)", path, error)

@@ -28,9 +28,9 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 
 
-def _decode_turbo(jpeg: bytes, out: np.ndarray) -> tuple[int, int] | None:
-    """Decode into `out` (H, W, 3) with simplejpeg (strict: a truncated frame raises) and return the stored
-    (height, width); None, `out` untouched, for what PIL must decode."""
+def decode_turbo(jpeg: bytes, out: np.ndarray) -> tuple[int, int] | None:
+    """decode_frame's fast path: decode into `out` (H, W, 3) with simplejpeg (strict: a truncated frame
+    raises) and return the stored (height, width); None, `out` untouched, for what PIL must decode."""
     height, width = out.shape[:2]
     try:
         rows, cols, colorspace, _ = simplejpeg.decode_jpeg_header(jpeg)
@@ -64,7 +64,7 @@ def _decode_pil(data: bytes, height: int, width: int) -> tuple[np.ndarray, tuple
 
 def _decode_into(jpeg: bytes, out: np.ndarray) -> tuple[int, int] | None:
     """Decode into `out` (H, W, 3); the stored (height, width), or None (`out` zeros) when it cannot be."""
-    size = _decode_turbo(jpeg, out)
+    size = decode_turbo(jpeg, out)
     if size is None:
         decoded = _decode_pil(jpeg, *out.shape[:2])
         if decoded is not None:

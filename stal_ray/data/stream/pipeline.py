@@ -11,7 +11,7 @@ test tracklet, in chunks of T, decoded the same way. Validation (data.validation
 from the training rows of the held-out identities (a filter Ray Data pushes down into the Parquet scan).
 
 Read tasks run on any node of the cluster, whose environment may lack the driver's S3 endpoint and
-credentials: the filesystem handed to them carries them (see _read_filesystem).
+credentials: the filesystem handed to them carries them (see storage.read_filesystem).
 """
 
 import contextlib
@@ -21,7 +21,6 @@ import pickle
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import botocore.session
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,8 +28,6 @@ import pyarrow.dataset
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
-import s3fs
-from botocore.credentials import RefreshableCredentials
 from ray.data.expressions import col
 
 from stal_ray.core import storage
@@ -39,7 +36,7 @@ from stal_ray.data.stream.augment import Augmentation
 from stal_ray.data.stream.batches import RecycledBuffers
 from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.stream.images import decode_frame, decode_frames_with_sizes
-from stal_ray.data.stream.sampling import EpochPlan, epoch_plan, identity_groups, sequence_of_length
+from stal_ray.data.stream.sampling import EpochPlan, epoch_plan, sequence_of_length
 
 if TYPE_CHECKING:
     from stal_ray.data.prepared.validation import ValidationSplit
@@ -84,32 +81,6 @@ def undecodable_frames(uri: str, identity: int, tracklets: Iterable[int], *, end
                 if len(found) == limit:
                     return found
     return found
-
-
-def _identity_groups(rows: pa.RecordBatch | pa.Table, *, clips_per_identity: int, seq_len: int, seed: int,
-                     epoch: int, labels: dict[int, int], max_groups: int | None = None) -> pa.Table:
-    """Identity rows -> their groups of K clips: label, identity, group (its number among the identity's
-    groups: what seeds its augmentation), tracklets (K,), and the K·T chosen frames' JPEG bytes and keypoints
-    (frames.StoredRows.table; only those travel on to decoding)."""
-    stored = StoredRows(rows)
-    tracklet_of_frame = stored.per_frame("tracklet")
-    chosen, columns = [], {"label": [], "identity": [], "group": [], "tracklets": []}
-    for row, identity in enumerate(stored.column("identity").tolist()):
-        start = stored.starts[row]
-        own = tracklet_of_frame[start:start + stored.lengths[row]]
-        # seeded by (seed, epoch, identity): reproducible whatever order files are read in, new every epoch
-        rng = np.random.default_rng([seed, epoch, identity])
-        for number, group in enumerate(identity_groups(own, clips_per_identity, seq_len, rng, max_groups)):
-            chosen.append(start + group.reshape(-1))
-            columns["label"].append(labels[identity])
-            columns["identity"].append(identity)
-            columns["group"].append(number)
-            columns["tracklets"].append(own[group[:, 0]])
-    return stored.table(np.array(chosen).reshape(-1, clips_per_identity * seq_len), {
-        "label": np.array(columns["label"], dtype=np.int64),
-        "identity": np.array(columns["identity"], dtype=np.int64),
-        "group": np.array(columns["group"], dtype=np.int64),
-        "tracklets": np.array(columns["tracklets"], dtype=np.int32).reshape(-1, clips_per_identity)})
 
 
 def _held_out_chunks(rows: pa.Table, *, seq_len: int, queries: frozenset[int]) -> pa.Table:
@@ -198,33 +169,6 @@ def _decode_clips(batch: pa.Table, *, height: int, width: int, clip_shape: tuple
     return out
 
 
-def _read_filesystem(uri: str, endpoint_url: str | None) -> pafs.FileSystem:
-    """The pyarrow filesystem for read tasks, with the S3 settings they need whatever their node's settings.
-
-    The endpoint travels already: storage resolves it here and the pickled s3fs keeps its constructor
-    arguments. Credentials do not (each node would look up its own chain), so a Ray cluster started before
-    they were set, or whose nodes lack them, fails to read. Static credentials that this process resolves
-    (environment variables, a credentials file) are therefore passed in too; refreshable ones (instance
-    role, assumed role, SSO) are not, since a frozen copy expires: nodes then resolve their own, as Ray's
-    S3 readers do.
-    """
-    fs, _ = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
-    if not isinstance(fs, s3fs.S3FileSystem):
-        return storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)[0]
-    options = dict(fs.storage_options)
-    if not any(options.get(name) for name in ("key", "secret", "token", "anon", "profile", "session")):
-        session = botocore.session.Session()
-        credentials = session.get_credentials()
-        if credentials is not None and not isinstance(credentials, RefreshableCredentials):
-            frozen = credentials.get_frozen_credentials()
-            options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
-        region = session.get_config_variable("region")
-        if region:
-            options["client_kwargs"] = {"region_name": region, **options.get("client_kwargs", {})}
-        fs = type(fs)(**options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
 @contextlib.contextmanager
 def _footer_readers(files: int) -> Iterator[None]:
     """Fewer Parquet footer-reading actors while a read is planned, unless the user chose a number.
@@ -251,7 +195,7 @@ def _read(uri: str, split: str, endpoint_url: str | None, *,
     paths = manifest.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
-        ds = ray.data.read_parquet(paths, filesystem=_read_filesystem(uri, endpoint_url))
+        ds = ray.data.read_parquet(paths, filesystem=storage.read_filesystem(uri, endpoint_url))
     # an expression filter right after the read is pushed into the Parquet scan: rows are dropped as they are
     # read, and row groups whose identity statistics exclude them are skipped unread
     if keep is not None:
@@ -386,7 +330,7 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
     # the plan, rather than read_parquet, which starts a pool of footer-reading actors (new processes) in
     # every execution: once per epoch here, where the manifest already lists the files.
     paths = read_manifest(uri, endpoint_url=endpoint_url).paths("train")
-    filesystem = _read_filesystem(uri, endpoint_url)
+    filesystem = storage.read_filesystem(uri, endpoint_url)
     tracklets, where, stored = _training_index(paths, filesystem, {int(i) for i in exclude_identities or ()})
     # the old stream's order, for data.mixing = "shards": a different file order every epoch, rows as stored
     file_order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
