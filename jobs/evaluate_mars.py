@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "PRID-2011 are always ranked camera 1 against camera 2 (torchreid)")
     parser.add_argument("--save-distances", action="store_true",
                         help="also write distances.npz (the first mode's query x gallery matrix)")
+    parser.add_argument("--visualize", type=int, default=None, metavar="K",
+                        help="ranked galleries: for 10 sampled queries and the 10 of lowest AP, an image per "
+                             "mode of the query's frames and its top-K gallery tracklets (green: a match) in "
+                             "OUT/ranked/ (default: the model's eval.visualize, 0: none)")
     parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                         help="override an eval or data setting, e.g. --set eval.batch_size=64")
     parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate(args.checkpoint, args.data, args.out, config_overrides=args.overrides,
                  fusion_rate=args.fusion_rate, modes=args.modes, protocol=args.protocol,
-                 save_distances=args.save_distances, endpoint_url=args.endpoint_url)
+                 save_distances=args.save_distances, endpoint_url=args.endpoint_url,
+                 visualize_top=args.visualize)
     except (ConfigError, StorageError, FileNotFoundError, ValueError) as error:
         print(f"evaluate_mars: error: {error}", file=sys.stderr)
         return 2

@@ -139,6 +139,7 @@ _RULES: dict[str, Rule] = {
     "eval.rerank_k1": int_at_least(1),
     "eval.rerank_k2": int_at_least(1),
     "eval.rerank_lambda": interval(0, 1, closed_low=True, closed_high=True),
+    "eval.visualize": int_at_least(0),
     "tune.num_samples": int_at_least(1),
     "tune.local_weight": search_range(low_exclusive=False),
     "tune.margin_global": search_range(low_exclusive=True),

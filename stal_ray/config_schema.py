@@ -231,6 +231,9 @@ class EvalConfig:
     rerank_k1: int = 20
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
+    # ranked galleries (torchreid's visrank): for 10 sampled queries and the 10 of lowest AP, per mode, an
+    # image of the query's frames and its top-K gallery tracklets into <out>/ranked/ (K; 0: none)
+    visualize: int = 0
 
 
 @dataclass

@@ -17,7 +17,7 @@ from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.source import resolve_data
 from stal_ray.data.stream.pipeline import evaluation_dataset
-from stal_ray.evaluate import report
+from stal_ray.evaluate import report, visualize
 from stal_ray.evaluate.chunks import FeatureSet
 from stal_ray.evaluate.distance import MODES, branch_distances, fuse
 from stal_ray.evaluate.feature_store import load_features, save_features
@@ -40,7 +40,8 @@ _FIXED_BY_MODEL = ("data.seq_len", "data.height", "data.width")
 def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_overrides=(),
              fusion_rate: float | None = None, modes=MODES, protocol: str | None = None,
              save_distances: bool = False, features_path: str | None = None, endpoint_url: str | None = None,
-             use_gpu: bool | None = None, concurrency: int | None = None, cpu_share: float = 0.5) -> dict:
+             use_gpu: bool | None = None, concurrency: int | None = None, cpu_share: float = 0.5,
+             visualize_top: int | None = None) -> dict:
     """Evaluate `model_path` (stal_ray.model.export) on the test split at `data_uri` (prepared shards; None:
     the embedded synthetic data set) and write the report into out_dir; returns the metrics.json document.
 
@@ -50,11 +51,17 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     reused by a later call for the same model file and data set, which then reads nothing else.
     cpu_share: the share of a node's CPUs a CPU feature actor takes (its PyTorch threads; the rest decodes);
     evaluations running side by side (jobs/splits.py --parallel) divide it between them.
+    visualize_top: K of the ranked galleries drawn into out_dir/ranked/ (stal_ray.evaluate.visualize), 0 for
+    none (default: the config's eval.visualize).
     """
     config, meta = load_model_config(model_path)
     config = _with_overrides(config, config_overrides, model_path)
     fusion_rate = config.eval.fusion_rate if fusion_rate is None else float(fusion_rate)
     modes = _checked_modes(modes, protocol)
+    visualize_top = config.eval.visualize if visualize_top is None else int(visualize_top)
+    if visualize_top < 0:
+        raise ValueError(f"--visualize (eval.visualize) {visualize_top} is invalid: give the gallery "
+                         "tracklets to draw per query, e.g. --visualize 10, or 0 for none")
     if data_uri is None:  # the data the model was trained on (None: the embedded synthetic data set)
         data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url)
         print(f"evaluating on {data_uri}, the data set the model was trained on")
@@ -70,7 +77,7 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     dataset = data_protocol.cross_dataset(meta.get("extra", {}).get("data"), described)
     if "note" in dataset:
         print(dataset["note"])
-    ranked = _rank(feature_set, modes, fusion_rate, protocol, config)
+    ranked = _rank(feature_set, modes, fusion_rate, protocol, config, visualize_top)
     rerank = ({"k1": config.eval.rerank_k1, "k2": config.eval.rerank_k2, "lambda": config.eval.rerank_lambda}
               if config.eval.rerank else None)
     metrics = report.Metrics(ranked.results, fusion_rate, protocol, len(ranked.query_index),
@@ -84,6 +91,8 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
           + (f"; {corrupt} frames did not decode (black frames were used)" if corrupt else ""))
     print(report.format_table(ranked.results))
     print(f"metrics: {metrics_path}")
+    if ranked.shown:
+        print(f"ranked galleries: {_draw_ranked(out_dir, ranked, feature_set, config, endpoint_url)}")
     return report.metrics_dict(metrics)
 
 
@@ -107,6 +116,8 @@ class _Ranked:
     gallery_index: np.ndarray  # and gallery entries
     ids: dict[str, np.ndarray]  # q_pids, g_pids, q_cams, g_cams
     first_distance: torch.Tensor  # (Nq, Ng) of the first mode, for distances.npz
+    # mode -> the queries drawn with their top-K (eval.visualize), empty when none are
+    shown: dict[str, list[visualize.RankedQuery]]
 
     def num_test_ids(self) -> int:
         """Identities a query or gallery entry belongs to; junk (-1) and distractors (0) are nobody."""
@@ -114,14 +125,17 @@ class _Ranked:
 
 
 def _rank(feature_set: FeatureSet, modes: tuple[str, ...], fusion_rate: float, protocol: str,
-          config: Config) -> _Ranked:
-    """The fused distance of every mode (re-ranked with eval.rerank) and its CMC, mAP and mINP."""
+          config: Config, visualize_top: int = 0) -> _Ranked:
+    """The fused distance of every mode (re-ranked with eval.rerank) and its CMC, mAP and mINP; with
+    visualize_top, the top-K of the queries drawn (visualize.chosen_queries), taken while the mode's
+    distance is alive."""
     query_index, gallery_index = query_gallery_split(feature_set.identity, feature_set.camera,
                                                      feature_set.is_query, protocol)
     query, gallery = feature_set.features[query_index], feature_set.features[gallery_index]
     ids = dict(q_pids=feature_set.identity[query_index], g_pids=feature_set.identity[gallery_index],
                q_cams=feature_set.camera[query_index], g_cams=feature_set.camera[gallery_index])
-    results, first_distance = {}, None
+    results, first_distance, shown = {}, None, {}
+    tracklets = {"q": feature_set.tracklet[query_index], "g": feature_set.tracklet[gallery_index]}
     # global and local are branches of the stal distance: one branch_distances per attention mode, and only
     # one pair of (Nq, Ng) matrices alive at a time
     for attention in dict.fromkeys(_ATTENTION_OF.get(mode, mode) for mode in modes):
@@ -132,9 +146,17 @@ def _rank(feature_set: FeatureSet, modes: tuple[str, ...], fusion_rate: float, p
                 distance = _reranked(distance, query, gallery, mode, fusion_rate, config)
             if mode == modes[0]:
                 first_distance = distance
-            results[mode] = evaluate_ranking(distance, *ids.values(), ranks=tuple(config.eval.ranks),
-                                             ap=ap_rule(protocol))
-    return _Ranked({mode: results[mode] for mode in modes}, query_index, gallery_index, ids, first_distance)
+            results[mode] = result = evaluate_ranking(distance, *ids.values(), ranks=tuple(config.eval.ranks),
+                                                      ap=ap_rule(protocol))
+            if visualize_top:
+                chosen = visualize.chosen_queries(result.evaluated, result.average_precision,
+                                                  seed=config.train.seed)
+                rows = distance[torch.as_tensor(list(chosen), dtype=torch.long, device=distance.device)]
+                shown[mode] = visualize.ranked_queries(chosen, rows.detach().cpu().numpy(), ids, tracklets,
+                                                       result.evaluated, result.average_precision,
+                                                       visualize_top)
+    return _Ranked({mode: results[mode] for mode in modes}, query_index, gallery_index, ids, first_distance,
+                   {mode: shown[mode] for mode in modes if mode in shown})
 
 
 def _write_report(out_dir: str, metrics: report.Metrics, feature_set: FeatureSet,
@@ -153,6 +175,18 @@ def _write_report(out_dir: str, metrics: report.Metrics, feature_set: FeatureSet
                             g_tracklets=feature_set.tracklet[distances.gallery_index], **distances.ids)
         report.write_bytes(storage.join(out_dir, DISTANCES_FILE), buffer.getvalue())
     return metrics_path
+
+
+def _draw_ranked(out_dir: str, ranked: _Ranked, feature_set: FeatureSet, config: Config,
+                 endpoint_url: str | None) -> str:
+    """The ranked galleries of ranked.shown into out_dir/ranked/, their frames read from the test shards
+    the features came from (only the row groups of the tracklets drawn); returns the index's path."""
+    num_frames = dict(zip(feature_set.tracklet.tolist(), feature_set.num_frames.tolist(), strict=True))
+    positions = visualize.frames_to_read(ranked.shown, num_frames)
+    frames = tracklet_frames(feature_set.source["data"], positions, config.data.height, config.data.width,
+                             endpoint_url=endpoint_url)
+    top = max(len(query.gallery) for queries in ranked.shown.values() for query in queries)
+    return visualize.write_ranked_results(out_dir, ranked.shown, frames, top)
 
 
 def _reranked(distance, query, gallery, mode: str, fusion_rate: float, config: Config):

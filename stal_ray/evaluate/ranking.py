@@ -63,6 +63,8 @@ class RankingResult:
     # fast-reid's mean inverse negative penalty: per query, its true matches over the rank of the last one
     mINP: float = float("nan")
     inverse_negative_penalty: np.ndarray | None = None  # per evaluated query
+    # (Nq,) bool: the queries evaluated (those with a true match), to which the per-query arrays belong
+    evaluated: np.ndarray | None = None
 
     def __post_init__(self):
         if self.mAP_step is None and self.ap == "step":
@@ -140,6 +142,7 @@ def evaluate_ranking(dist, q_pids, g_pids, q_cams, g_cams, ranks=(1, 5, 10, 20),
         mAP_step=float(step[evaluated].mean()),
         mINP=float(inverse_negative_penalty[evaluated].mean()),
         inverse_negative_penalty=inverse_negative_penalty[evaluated],
+        evaluated=evaluated,
     )
 
 
