@@ -82,12 +82,18 @@ def test_the_wheel_holds_jobs_configs_scripts_license_and_metadata(wheel):
     assert not any(spec.operator in ("==", "===") for r in requirements for spec in r.specifier)
 
 
-def fresh_environment(root: Path) -> Path:
-    """A virtual environment of its own (no system site-packages, no pip) that finds the dependencies in
-    this environment's site-packages through a .pth file (no network), after its own: the installed wheel's
-    stal_ray, not the checkout's editable one, is the one imported."""
+def install_in_fresh_environment(wheel: Path, root: Path) -> Path:
+    """A virtual environment of its own (no system site-packages, no pip) with the wheel installed, that
+    then finds the dependencies in this environment's site-packages through a .pth file (no network), after
+    its own: the wheel's stal_ray, not the checkout's editable one, is the one imported. The .pth comes after
+    the install, so that pip never sees (nor offers to uninstall) this environment's stal_ray."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
     python = root / "bin" / "python"
+    # nothing of the checkout in sight either (PYTHONPATH, an egg-info in the working directory)
+    alone = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                    "--no-index", "--disable-pip-version-check", str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=300, cwd=root.parent, env=alone)
     own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          check=True, capture_output=True, text=True).stdout.strip()
     ours = [path for path in sys.path if path.endswith("site-packages") and Path(path).is_dir()]
@@ -95,12 +101,9 @@ def fresh_environment(root: Path) -> Path:
     return python
 
 
-@pytest.mark.e2e  # a virtual environment, the wheel installed, --help and a short training: ~1-2 minutes
+@pytest.mark.e2e  # a virtual environment, the wheel installed, --help and a short training: ~2 minutes
 def test_installed_outside_the_checkout_the_console_scripts_help_and_train(wheel, tmp_path):
-    python = fresh_environment(tmp_path / "venv")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-                    "--no-index", "--disable-pip-version-check", str(wheel)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    python = install_in_fresh_environment(wheel, tmp_path / "venv")
     bin_ = tmp_path / "venv" / "bin"
     assert all((bin_ / script).is_file() for script in SCRIPTS)
     work = tmp_path / "work"  # outside the checkout, nothing of it on the path
