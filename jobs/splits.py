@@ -13,7 +13,6 @@ other data set's split. Polluted (Table VII): --pollute. Started again with the 
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.core import storage
@@ -26,7 +25,7 @@ from stal_ray.study.splits import SplitData, run_splits
 from stal_ray.train.trainer import RunStoppedError
 
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_two_camera_tiny.yaml"
+DEFAULT_CONFIG = "synthetic_two_camera_tiny"  # a packaged config (config.packaged_configs())
 TWO_CAMERA = tuple(name for name, spec in REGISTRY.items() if spec.splits)  # numbered splits
 
 

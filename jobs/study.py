@@ -10,7 +10,6 @@ Started again with the same --out, it resumes: finished models are not trained a
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.core import storage
@@ -24,7 +23,7 @@ from stal_ray.study.variants import VARIANTS
 from stal_ray.train.trainer import RunStoppedError
 
 SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "study_occluded.yaml"
+DEFAULT_CONFIG = "study_occluded"  # a packaged config (config.packaged_configs())
 # the synthetic data set of the study when no --data is given: like the paper's "polluted" data (Table VII),
 # most frames with an occluder, and enough test identities for the ablations to separate
 # (occluders "moving": bursts of frames behind a post, a car or a passer-by,

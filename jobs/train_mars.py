@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import sys
 import time
-from pathlib import Path
 
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.core.run_log import run_log
@@ -28,7 +27,7 @@ from stal_ray.train.trainer import RunStoppedError, run_folder, train
 # flags that stand for a setting
 SHORTCUTS = {"num_workers": "train.num_workers", "min_workers": "train.min_workers",
              "use_gpu": "train.use_gpu", "storage_path": "train.storage_path"}
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_tiny.yaml"
+DEFAULT_CONFIG = "synthetic_tiny"  # a packaged config (config.packaged_configs())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

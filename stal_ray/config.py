@@ -1,12 +1,16 @@
 """Settings layered into a Config: the defaults, a YAML file (with its `base:` chain), `section.key=value`
 overrides, then checked (config_schema.py says what each setting is and allows). The one import for jobs
-and modules: the schema's names are re-exported here."""
+and modules: the schema's names are re-exported here.
+
+A YAML file is a path, a URL, or the name of a config the package ships (`mars_resnet50`, the file
+stal_ray/configs/mars_resnet50.yaml, which in a checkout is configs/mars_resnet50.yaml)."""
 
 import argparse
 import difflib
 import os
 import posixpath
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -47,11 +51,15 @@ from stal_ray.config_schema import (  # noqa: F401 - re-exported: `from stal_ray
 )
 from stal_ray.core import storage
 
+# the configs shipped with the package (in a checkout, a link to the top-level configs/)
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
                 endpoint_url: str | None = None) -> Config:
     """Defaults, then the YAML file (its `base:` chain first), then `section.key=value` overrides, checked.
-    `path` is a local path or a URL the data's storage layer reads (s3:// with `endpoint_url`, https://)."""
+    `path` is a local path, a URL the data's storage layer reads (s3:// with `endpoint_url`, https://) or the
+    name of a packaged config (packaged_configs())."""
     layers: list[tuple[Mapping, str]] = []
     if path is not None:
         layers += _read_yaml(os.fspath(path), chain=(), referrer=None, endpoint_url=endpoint_url)
@@ -72,14 +80,37 @@ def with_overrides(config: "Config", overrides: Sequence[str], source: str = "ov
     return _build([(config.to_dict(), "config")] + [(parse_override(o), source) for o in overrides])
 
 
+def packaged_configs() -> list[str]:
+    """The names of the configs the package ships, e.g. ['ilidsvid_bninception', ..., 'synthetic_tiny']."""
+    return sorted(path.stem for path in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def packaged_config(name: str) -> str | None:
+    """The file of the packaged config `name` (with or without .yaml), or None when `name` is not one: a
+    path with a folder or a URL never is."""
+    if not name or "://" in name or "/" in name or os.sep in name or name.startswith((".", "~")):
+        return None
+    path = PACKAGED_CONFIGS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    return str(path) if path.is_file() else None
+
+
+def _locate(path: str) -> str:
+    """A local path as given when it exists, else the packaged config it names, else the path as given
+    (whose reading then fails with the names on offer)."""
+    if "://" in path or os.path.exists(path):
+        return path
+    return packaged_config(path) or path
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "the built-in defaults") -> None:
     """Add --config PATH and repeatable --set KEY=VALUE (stored in args.config and args.overrides); `default`
     names, for --help, what a job uses without --config (args.config stays None, so the job can tell)."""
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="URI", default=None,
-                       help="YAML file layered over the built-in defaults: a path, s3:// (with "
-                            "--endpoint-url) or https:// URL, e.g. configs/mars_bninception.yaml or a "
-                            f"search's s3://bucket/ray_results/NAME/best.yaml (default: {default})")
+                       help="YAML file layered over the built-in defaults: a packaged config's name ("
+                            f"{', '.join(packaged_configs())}), a path, or an s3:// (with --endpoint-url) or "
+                            "https:// URL, e.g. mars_resnet50, configs/mars_bninception.yaml or a search's "
+                            f"s3://bucket/ray_results/NAME/best.yaml (default: {default})")
     group.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                        help="override one setting, e.g. --set train.lr=0.01 --set eval.ranks=[1,5]; "
                             "values are parsed as YAML; repeatable, applied after --config")
@@ -108,6 +139,7 @@ def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None,
                endpoint_url: str | None) -> list[tuple[Mapping, str]]:
     """Layers of one YAML file (a path or a URL), its `base:` chain first."""
     where = f" (base of {referrer})" if referrer else ""
+    path = _locate(path)
     is_url = "://" in path and not path.startswith("file://")
     real = path if is_url else os.path.realpath(path.removeprefix("file://"))
     if real in chain:
@@ -115,7 +147,8 @@ def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None,
     try:
         data = yaml.safe_load(_read_text(path, endpoint_url) if is_url else _read_text(real, None))
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}{where}") from None
+        names = "" if is_url else f"; the packaged configs, by name: {', '.join(packaged_configs())}"
+        raise ConfigError(f"config file not found: {path}{where}{names}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}{where}: {e}") from None
     except yaml.YAMLError as e:
@@ -131,13 +164,16 @@ def _read_yaml(path: str, chain: tuple[str, ...], referrer: str | None,
     if base is not None:
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: base = {show(base)} is invalid: must be the path of a YAML file")
-        # relative to the file that names it, wherever that file is
+        # relative to the file that names it, wherever that file is; a local file's base may also name a
+        # packaged config (`base: mars_resnet50`) where no such file is beside it
         if "://" in base:
             base_path = base
         elif is_url:
             base_path = posixpath.join(posixpath.dirname(path), base)
         else:
             base_path = os.path.join(os.path.dirname(path), os.path.expanduser(base))
+            if not os.path.exists(base_path):
+                base_path = packaged_config(base) or base_path
         layers += _read_yaml(base_path, chain + (real,), referrer=path, endpoint_url=endpoint_url)
     layers.append((data, path))
     return layers

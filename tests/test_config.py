@@ -14,6 +14,7 @@ from stal_ray.config import (
     config_from_args,
     config_from_dict,
     load_config,
+    packaged_configs,
     validate,
 )
 
@@ -46,6 +47,39 @@ def test_defaults_load_and_validate():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_loads(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_every_checkout_config_is_a_packaged_one_by_name(tmp_path, monkeypatch):
+    """configs/ is what the package ships (stal_ray/configs links to it): each YAML loads by its name, from
+    anywhere, with or without .yaml, to what its path loads, `base:` chain included."""
+    monkeypatch.chdir(tmp_path)
+    names = packaged_configs()
+    assert names == sorted(path.stem for path in CONFIGS.glob("*.yaml")) and "mars_resnet50" in names
+    for name in names:
+        assert load_config(name) == load_config(f"{name}.yaml") == load_config(CONFIGS / f"{name}.yaml")
+    # mars_resnet50 is its own settings over mars_bninception's (base:), both found in the package
+    assert load_config("mars_resnet50").model.backbone == "resnet50"
+    assert load_config("mars_resnet50").data.seq_len == load_config("mars_bninception").data.seq_len
+
+
+def test_a_file_of_that_name_wins_over_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "train: {lr: 0.125}\n", "synthetic_tiny.yaml")
+    assert load_config("synthetic_tiny.yaml").train.lr == 0.125
+    assert load_config("synthetic_tiny").train.lr == load_config(CONFIGS / "synthetic_tiny.yaml").train.lr
+
+
+def test_a_base_may_name_a_packaged_config(tmp_path):
+    path = write(tmp_path, "base: mars_resnet50\ntrain: {lr: 0.25}\n")
+    config = load_config(path)
+    assert config.model.backbone == "resnet50" and config.train.lr == 0.25
+
+
+def test_an_unknown_name_lists_the_packaged_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="config file not found: mars_resnet51") as err:
+        load_config("mars_resnet51")
+    assert "mars_resnet50" in str(err.value) and "synthetic_tiny" in str(err.value)
 
 
 def test_synthetic_tiny_is_small():

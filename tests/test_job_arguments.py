@@ -25,7 +25,7 @@ def test_data_without_config_is_refused(name, capsys):
     assert "--data s3://bucket/mars needs --config" in capsys.readouterr().err
     args = job.parse_args(["--data", "s3://bucket/mars", "--config", "configs/mars_resnet50.yaml"])
     assert args.config == "configs/mars_resnet50.yaml"
-    assert job.parse_args([]).config.endswith("configs/synthetic_tiny.yaml")  # the synthetic data set
+    assert job.parse_args([]).config == "synthetic_tiny"  # the packaged config of the synthetic data set
 
 
 @pytest.mark.parametrize("name", JOBS)

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11, as the Makefile's
 
@@ -49,9 +50,19 @@ def test_lock_pins_every_requirement_of_pyproject_with_hashes_for_the_pythons_it
     # every pin carries its hashes (uv checks every file it installs against them)
     blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
     assert all("--hash=sha256:" in block for block in blocks if "==" in block)
-    ray_pin = next(r for r in project["dependencies"] if r.startswith("ray["))
-    assert f"ray=={ray_pin.split('==')[1]}" in lines, "the lock's Ray is not pyproject's"
+    ray_range = Requirement(next(r for r in project["dependencies"] if r.startswith("ray[")))
+    ray_locked = next(line.split(" ; ")[0].split("==")[1] for line in lines if line.startswith("ray=="))
+    assert ray_range.specifier.contains(ray_locked), "the lock's Ray is outside pyproject's range"
     # the GPU nodes' CUDA build of torch resolves from the lock too, under a Linux marker
     assert any(line.startswith("triton==") and "sys_platform == 'linux'" in line for line in lines)
     assert any(line.startswith("nvidia-cudnn-cu") for line in lines)
     assert "torch==2.13.0" in lines
+
+
+def test_the_package_asks_for_ranges_and_only_the_lock_pins():
+    """An exact pin in the package's metadata would refuse every other version beside it (issue 33)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"].values()
+    for requirement in project["dependencies"] + [r for extra in extras for r in extra]:
+        operators = {spec.operator for spec in Requirement(requirement).specifier}
+        assert not operators & {"==", "==="}, f"{requirement}: an exact pin belongs in requirements.lock"
