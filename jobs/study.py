@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, SHORTCUTS)
         init_ray(args.address)
         uri = args.data or config.data.root
-        data = (resolve_data(uri, endpoint_url=args.endpoint_url) if uri
+        data = (resolve_data(uri, endpoint_url=args.endpoint_url).uri if uri
                 else ensure_synthetic_shards(occlusion=args.occlusion, occluders=args.occluders,
                                              seed=args.synthetic_seed, **SYNTHETIC))
         print(f"study on {data}, into {args.out}")

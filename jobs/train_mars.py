@@ -69,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(args, SHORTCUTS)
             check_settings(config)  # before Ray starts: a config without weights is refused in seconds
             init_ray(args.address)
-            data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
+            prepared = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
+            data = prepared.uri
             name = args.name or f"stal-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
             # from here on, this job's output (its workers' lines too) is kept as log.txt in the run folder
             log.enter_context(run_log(run_folder(config, name), endpoint_url=args.endpoint_url))
             # the test split too: a damaged one would stop the evaluation after hours of training
-            check_shards(data, ("train",) if args.no_eval else ("train", "test"),
-                         endpoint_url=args.endpoint_url)
+            check_shards(prepared, ("train",) if args.no_eval else ("train", "test"))
             print(f"training run {name!r} on {data}")
             result = train(config, data, name=name, endpoint_url=args.endpoint_url)
         except (ConfigError, StorageError, RunStoppedError) as error:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(args, SHORTCUTS)
             check_settings(config)  # before Ray starts: a config without weights is refused in seconds
             init_ray(args.address)
-            data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
+            data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url).uri
             name = args.name or f"tune-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
             # from here on, this job's output is kept as log.txt in the search's folder
             log.enter_context(run_log(run_folder(config, name), endpoint_url=args.endpoint_url))

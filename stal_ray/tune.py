@@ -30,6 +30,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from stal_ray.config import Config, ConfigError, config_from_dict
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.validation import ValidationSplit, ensure_validation_split
 from stal_ray.evaluate.report import write_bytes
@@ -166,9 +167,10 @@ def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None
     storage.check_output_folder(root, "--storage-path (train.storage_path)", endpoint_url=endpoint_url)
     experiment_dir = storage.join(root, name)
     min_training = config.data.identities_per_batch
-    check_shards(data, ("train",), endpoint_url=endpoint_url)  # once here, not in every trial's traceback
-    split = ensure_validation_split(data, config.data.val_identities, config.train.seed,
-                                    endpoint_url=endpoint_url, min_training_identities=min_training)
+    prepared = PreparedData.read(data, endpoint_url=endpoint_url)
+    check_shards(prepared, ("train",))  # once here, not in every trial's traceback
+    split = ensure_validation_split(prepared, config.data.val_identities, config.train.seed,
+                                    min_training_identities=min_training)
     print(f"validation split {split.uri}: {len(split.identities)} held-out identities, "
           f"{len(split.query_tracklets)} queries, {len(split.tracklets)} gallery tracklets")
     _check_concurrency(config)

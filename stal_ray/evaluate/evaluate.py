@@ -14,7 +14,6 @@ from stal_ray.config import PROTOCOLS, Config, config_from_dict, parse_override
 from stal_ray.core import storage
 from stal_ray.data.prepared import protocol as data_protocol
 from stal_ray.data.prepared.integrity import check_shards
-from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.source import resolve_data
 from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate import report
@@ -56,7 +55,7 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     fusion_rate = config.eval.fusion_rate if fusion_rate is None else float(fusion_rate)
     modes = _checked_modes(modes, protocol)
     if data_uri is None:  # the data the model was trained on (None: the embedded synthetic data set)
-        data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url)
+        data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url).uri
         print(f"evaluating on {data_uri}, the data set the model was trained on")
     features_path = features_path or storage.join(out_dir, FEATURES_FILE)
     # a report that cannot be written is refused now, not after hours of feature extraction
@@ -199,8 +198,8 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     data = config.data
     # the data set's version too: a data set prepared again at the same URI (e.g. --pollute --overwrite, or
     # joints added by estimate_pose.py) is another data set, whose features must be extracted again
-    data_uri = resolve_data(data_uri, endpoint_url=endpoint_url)
-    manifest = read_manifest(data_uri, endpoint_url=endpoint_url)
+    prepared = resolve_data(data_uri, endpoint_url=endpoint_url)
+    data_uri, manifest = prepared.uri, prepared.manifest
     source = {"model": model_path, "model_key": model_key, "data": data_uri,
               "data_version": f"{manifest.version} {manifest.created}",
               "seq_len": data.seq_len, "height": data.height, "width": data.width}
@@ -217,7 +216,7 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
                 print(f"reusing features from {features_path}")
                 return saved
             print(f"{features_path} came from another model file or data set: extracting again")
-    check_shards(data_uri, ("test",), endpoint_url=endpoint_url, manifest=manifest)  # before hours of work
+    check_shards(prepared, ("test",))  # before hours of work
     gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu is not False else 0
     if concurrency is None:
         concurrency = max(1, gpus)  # one actor per GPU
@@ -225,7 +224,7 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=2)
     num_cpus = 1 if gpus else max(1, int(node_cpus * cpu_share))
     described = manifest.dataset
-    dataset = evaluation_dataset(data_uri, config, endpoint_url=endpoint_url)
+    dataset = evaluation_dataset(prepared, config)
     feature_set = extract_features(dataset, model_path, batch_size=config.eval.batch_size, use_gpu=use_gpu,
                                    concurrency=concurrency, num_cpus=num_cpus,
                                    keep_scores_for=SAMPLED_TRACKLETS,

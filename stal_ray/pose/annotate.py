@@ -30,6 +30,7 @@ import ray.data
 from stal_ray.core import storage
 from stal_ray.core.progress import Progress
 from stal_ray.data.prepared import publish
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest, read_manifest
 from stal_ray.data.prepared.shard_files import PartWriter, ShardFile
@@ -112,7 +113,7 @@ def estimate_pose(uri: str, model: PoseModel, *, endpoint_url: str | None = None
         if _done(manifest, model):
             return PoseResult(manifest, reused=True)
         # damaged input is refused, never rewritten with fresh checksums that would hide the damage
-        check_shards(uri, SPLITS, endpoint_url=endpoint_url, manifest=manifest)
+        check_shards(PreparedData(uri, endpoint_url, manifest), SPLITS)
         state = _resume_state(fs, root, manifest, model)
         version, base = state["version"], publish.version_root(root, state["version"])
         current, previous = publish.current_version(fs, root)

@@ -5,6 +5,7 @@ import time
 
 from stal_ray.config import Config, with_overrides
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate.features import extract_features, tracklet_frames
 from stal_ray.evaluate.report import plot_attention, plot_cmc, shown_frames, write_bytes
@@ -40,7 +41,7 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     alpha, protocol = config.eval.fusion_rate, config.eval.protocol
 
     def test_split(**options):
-        return evaluation_dataset(data, config, endpoint_url=endpoint_url, **options)
+        return evaluation_dataset(PreparedData.read(data, endpoint_url=endpoint_url), config, **options)
 
     print("study: extracting test features", flush=True)
     features, units = {}, {}

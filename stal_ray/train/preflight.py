@@ -8,6 +8,7 @@ import ray
 
 from stal_ray.config import NO_PRETRAINED, Config, ConfigError
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.prepared.validation import held_out_count
 from stal_ray.data.stream.pipeline import identity_labels
@@ -30,7 +31,7 @@ def preflight(config: Config, data: str | None, *, endpoint_url: str | None = No
         storage.filesystem(root, endpoint_url=endpoint_url)  # one HEAD: a missing bucket fails here
     if data is None:
         return [], {}
-    labels = identity_labels(data, endpoint_url=endpoint_url, **(
+    labels = identity_labels(PreparedData.read(data, endpoint_url=endpoint_url), **(
         {"exclude_identities": exclude_identities} if exclude_identities else {}))
     # a search trains on what its validation split leaves: counted here, before the split is carved
     kept = len(labels) - (0 if held_out is None else held_out_count(held_out, len(labels)))

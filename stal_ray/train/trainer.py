@@ -13,6 +13,7 @@ from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, resolve_keypoint_supervision
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.prepared.validation import ValidationSplit
@@ -75,7 +76,8 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
     checked the training shards (a Tune trial, whose node would otherwise read them all again). faults:
     train.settings.Faults' fields, failures the recovery tests inject."""
     if checksums:
-        check_shards(data, ("train",), endpoint_url=endpoint_url)  # a damaged shard: one line, before work
+        # a damaged shard: one line, before work
+        check_shards(PreparedData.read(data, endpoint_url=endpoint_url), ("train",))
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
     labels, counts = preflight(config, data, endpoint_url=endpoint_url, exclude_identities=exclude_identities)
@@ -146,8 +148,8 @@ def _no_batch_message(note: dict, data: str, config: Config, endpoint_url: str |
         first = note.get("first_skipped") or {}
         frames = ""
         if "identity" in first:  # the stream carries pixels, not names: look the frames up in the shards
-            bad = undecodable_frames(data, first["identity"], first.get("tracklets", ()),
-                                     endpoint_url=endpoint_url)
+            bad = undecodable_frames(PreparedData.read(data, endpoint_url=endpoint_url), first["identity"],
+                                     first.get("tracklets", ()))
             frames = f"; frames that do not decode: {', '.join(bad)}" if bad else ""
         return (f"epoch {note['epoch']} of {data} gave no batch: all {note['skipped_groups']} clip groups "
                 f"had frames that do not decode (first: identity {first.get('identity', '?')}, track-table "
