@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(args, SHORTCUTS)
             check_settings(config)  # before Ray starts: a config without weights is refused in seconds
             init_ray(args.address)
-            data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url).uri
+            data = resolve_data(args.data or config.data.root, endpoint_url=args.endpoint_url)
             name = args.name or f"tune-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
             # from here on, this job's output is kept as log.txt in the search's folder
             log.enter_context(run_log(run_folder(config, name), endpoint_url=args.endpoint_url))
-            print(f"search {name!r} on {data}")
-            result = run_search(config, data, name=name, endpoint_url=args.endpoint_url, resume=args.resume)
+            print(f"search {name!r} on {data.uri}")
+            result = run_search(config, data, name=name, resume=args.resume)
         except SearchInterrupted as interrupted:
             print(f"tune_stal: {interrupted}", file=sys.stderr)
             return 130
