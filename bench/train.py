@@ -138,7 +138,7 @@ def main() -> None:
         return {"share": metrics["data_wait_share_run"], "iterations": iterations,
                 "epochs": metrics["epoch"] + 1, "clips_per_s": metrics["clips_per_s"]}
 
-    short = fed_run(resolve_data(None), args.steps * 3, "data-wait-embedded")
+    short = fed_run(resolve_data(None).uri, args.steps * 3, "data-wait-embedded")
     long_data = ensure_synthetic_shards(identities=args.long_identities, test_identities=4,
                                         frames_per_tracklet=(10, 24))
     long = fed_run(long_data, args.long_iterations, "data-wait-long-epochs")

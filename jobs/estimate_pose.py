@@ -7,6 +7,7 @@ import logging
 import sys
 
 from stal_ray.core.storage import StorageError, absolute
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.source import endpoint_url
 from stal_ray.ray_init import add_ray_arguments, init_ray
 
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.model, endpoint_url=args.endpoint_url)
         init_ray(args.address)
-        result = estimate_pose(args.data, model, endpoint_url=args.endpoint_url, workers=args.workers,
-                               num_gpus=args.num_gpus)
+        data = PreparedData.read(args.data, endpoint_url=args.endpoint_url)
+        result = estimate_pose(data, model, workers=args.workers, num_gpus=args.num_gpus)
     except (UnknownModelError, StorageError) as error:
         print(f"estimate_pose: error: {error}", file=sys.stderr)
         return 2

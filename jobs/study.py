@@ -14,6 +14,7 @@ import sys
 from stal_ray.config import ConfigError, add_config_arguments, config_from_args
 from stal_ray.core import storage
 from stal_ray.core.storage import StorageError
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.synthetic.generator import ensure_synthetic_shards
 from stal_ray.data.synthetic.occluders import OCCLUDER_STYLES
@@ -87,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, SHORTCUTS)
         init_ray(args.address)
         uri = args.data or config.data.root
-        data = (resolve_data(uri, endpoint_url=args.endpoint_url) if uri
-                else ensure_synthetic_shards(occlusion=args.occlusion, occluders=args.occluders,
-                                             seed=args.synthetic_seed, **SYNTHETIC))
-        print(f"study on {data}, into {args.out}")
+        data = resolve_data(uri, endpoint_url=args.endpoint_url) if uri else PreparedData.read(
+            ensure_synthetic_shards(occlusion=args.occlusion, occluders=args.occluders,
+                                    seed=args.synthetic_seed, **SYNTHETIC))
+        print(f"study on {data.uri}, into {args.out}")
         command = "python jobs/study.py " + shlex.join(argv)
-        report = run_study(config, data, args.out, command=command, endpoint_url=args.endpoint_url,
+        report = run_study(config, data, args.out, command=command,
                            sequence_lengths=args.sequence_lengths,
                            variants=tuple(v for v in VARIANTS if v.name in {"stal", *args.variants}))
     except (ConfigError, StorageError, RunStoppedError) as error:

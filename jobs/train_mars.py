@@ -73,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             # from here on, this job's output (its workers' lines too) is kept as log.txt in the run folder
             log.enter_context(run_log(run_folder(config, name), endpoint_url=args.endpoint_url))
             # the test split too: a damaged one would stop the evaluation after hours of training
-            check_shards(data, ("train",) if args.no_eval else ("train", "test"),
-                         endpoint_url=args.endpoint_url)
-            print(f"training run {name!r} on {data}")
-            result = train(config, data, name=name, endpoint_url=args.endpoint_url)
+            check_shards(data, ("train",) if args.no_eval else ("train", "test"))
+            print(f"training run {name!r} on {data.uri}")
+            result = train(config, data, name=name)
         except (ConfigError, StorageError, RunStoppedError) as error:
             print(f"train_mars: error: {error}", file=sys.stderr)
             return 2
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_eval:
             from stal_ray.evaluate.evaluate import evaluate
 
-            metrics = evaluate(result.model_path, data, result.run_dir, endpoint_url=args.endpoint_url)
+            metrics = evaluate(result.model_path, data, result.run_dir)
             stal = metrics["modes"]["stal"]
             print(f"test mAP {stal['mAP']:.1%} ({metrics['ap_rule']} rule), mAP_step {stal['mAP_step']:.1%}, "
                   f"mINP {stal['mINP']:.1%}, Rank-1 {stal['cmc']['1']:.1%}")

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             name = args.name or f"tune-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
             # from here on, this job's output is kept as log.txt in the search's folder
             log.enter_context(run_log(run_folder(config, name), endpoint_url=args.endpoint_url))
-            print(f"search {name!r} on {data}")
-            result = run_search(config, data, name=name, endpoint_url=args.endpoint_url, resume=args.resume)
+            print(f"search {name!r} on {data.uri}")
+            result = run_search(config, data, name=name, resume=args.resume)
         except SearchInterrupted as interrupted:
             print(f"tune_stal: {interrupted}", file=sys.stderr)
             return 130

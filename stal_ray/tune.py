@@ -30,6 +30,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from stal_ray.config import Config, ConfigError, config_from_dict
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.validation import ValidationSplit, ensure_validation_split
 from stal_ray.evaluate.report import write_bytes
@@ -73,13 +74,12 @@ def trial_config(config: Config, params: Mapping[str, Any], *, fusion_rate: floa
     return config_from_dict(layered)
 
 
-def _run_trial(params: dict[str, Any], *, base: dict, data: str, split: str, runs: str,
-               endpoint_url: str | None) -> None:
+def _run_trial(params: dict[str, Any], *, base: dict, data: PreparedData, split: str, runs: str) -> None:
     """One trial: a TorchTrainer run named after the trial (so a resumed search resumes it from its last
     checkpoint), whose reports reach Tune through TuneReportCallback."""
     layered = trial_config(config_from_dict(base), params).to_dict()
     layered["train"]["storage_path"] = runs
-    train(config_from_dict(layered), data, name=tune.get_context().get_trial_id(), endpoint_url=endpoint_url,
+    train(config_from_dict(layered), data, name=tune.get_context().get_trial_id(),
           validation=ValidationSplit.from_json(split), callbacks=[TuneReportCallback()],
           checksums=False)  # run_search checked the training shards in the driver
 
@@ -156,27 +156,28 @@ def check_resume_folder(experiment_dir: str) -> None:
                     f"(chmod -R go-w {top}, after checking its contents), or start a new search")
 
 
-def run_search(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
-               resume: bool = False) -> SearchResult:
+def run_search(config: Config, data: PreparedData | str, *, name: str, resume: bool = False) -> SearchResult:
     """Run the search `name` under train.storage_path (or resume an interrupted one: finished trials are
-    kept, unfinished ones continue from their last checkpoint) and write results.csv and best.yaml."""
+    kept, unfinished ones continue from their last checkpoint) and write results.csv and best.yaml. Every
+    trial trains on `data` as the driver read it."""
+    data = as_prepared(data)
     # before the validation split and any trial: each trial would refuse the same settings on its own, late
-    preflight(config, data, endpoint_url=endpoint_url, held_out=config.data.val_identities)
+    preflight(config, data, held_out=config.data.val_identities)
     root = storage_root(config)
-    storage.check_output_folder(root, "--storage-path (train.storage_path)", endpoint_url=endpoint_url)
+    storage.check_output_folder(root, "--storage-path (train.storage_path)", endpoint_url=data.endpoint_url)
     experiment_dir = storage.join(root, name)
     min_training = config.data.identities_per_batch
-    check_shards(data, ("train",), endpoint_url=endpoint_url)  # once here, not in every trial's traceback
+    check_shards(data, ("train",))  # once here, not in every trial's traceback
     split = ensure_validation_split(data, config.data.val_identities, config.train.seed,
-                                    endpoint_url=endpoint_url, min_training_identities=min_training)
+                                    min_training_identities=min_training)
     print(f"validation split {split.uri}: {len(split.identities)} held-out identities, "
           f"{len(split.query_tracklets)} queries, {len(split.tracklets)} gallery tracklets")
     _check_concurrency(config)
-    report_stream_balance(config, data, endpoint_url=endpoint_url)  # what one trial's stream can supply
+    report_stream_balance(config, data)  # what one trial's stream can supply
     metric = f"val_{config.tune.metric}"
     trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=config.to_dict(), data=data, split=split.to_json(),
-        runs=storage.join(experiment_dir, RUNS), endpoint_url=endpoint_url), DRIVER_RESOURCES)
+        runs=storage.join(experiment_dir, RUNS)), DRIVER_RESOURCES)
     if resume:
         if not tune.Tuner.can_restore(experiment_dir):
             raise ConfigError(f"--resume: no search to resume at {experiment_dir}; check --name and "

@@ -105,10 +105,12 @@ def test_features_of_an_earlier_version_of_the_data_set_are_not_reused(first_run
                                                                        monkeypatch, capsys):
     """The same URI prepared again (e.g. --pollute --overwrite, or joints added) is another data set."""
     out, _ = first_run
-    read_manifest = evaluate_module.read_manifest
+    resolve_data = evaluate_module.resolve_data
 
     def republished(*args, **kwargs):
-        return dataclasses.replace(read_manifest(*args, **kwargs), version="v-prepared-again")
+        data = resolve_data(*args, **kwargs)
+        again = dataclasses.replace(data.manifest, version="v-prepared-again")
+        return dataclasses.replace(data, manifest=again)
 
     class Extracted(Exception):
         pass
@@ -116,7 +118,7 @@ def test_features_of_an_earlier_version_of_the_data_set_are_not_reused(first_run
     def extraction(*args, **kwargs):
         raise Extracted
 
-    monkeypatch.setattr(evaluate_module, "read_manifest", republished)
+    monkeypatch.setattr(evaluate_module, "resolve_data", republished)
     monkeypatch.setattr(evaluate_module, "extract_features", extraction)
     with pytest.raises(Extracted):
         evaluate(model_path, shards_uri, str(out), modes=("stal",))

@@ -19,6 +19,7 @@ from stal_ray.config import ConfigError, load_config
 from stal_ray.core import storage
 from stal_ray.core.storage import StorageError
 from stal_ray.data.prepared import integrity
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.manifest import CorruptDatasetError, IncompleteDatasetError, read_manifest
 from stal_ray.data.prepared.shards import write_shards
 from stal_ray.data.releases.frame_check import LinkGuard, UnsafeFrameError, jpeg_problem
@@ -319,7 +320,7 @@ def test_a_damaged_shard_on_s3_is_refused_and_the_etag_keys_the_cache(prepared, 
     out = make_bucket() + "/prepared"
     release = read_manifest(prepared).source["release"]
     write_shards(read_mars(release), out, target_file_bytes=TARGET, endpoint_url=moto_server, progress=False)
-    integrity.check_shards(out, endpoint_url=moto_server)
+    integrity.check_shards(PreparedData.read(out, endpoint_url=moto_server))
     manifest = read_manifest(out, endpoint_url=moto_server)
     fs, _ = storage.filesystem(out, endpoint_url=moto_server)
     path = manifest.paths("train")[0]
@@ -327,4 +328,4 @@ def test_a_damaged_shard_on_s3_is_refused_and_the_etag_keys_the_cache(prepared, 
     data[100:108] = bytes(8)
     fs.pipe_file(path, bytes(data))  # same size, a new object: a new ETag
     with pytest.raises(CorruptDatasetError, match="train/part-00000.parquet"):
-        integrity.check_shards(out, endpoint_url=moto_server)
+        integrity.check_shards(PreparedData.read(out, endpoint_url=moto_server))

@@ -75,4 +75,4 @@ def test_evaluate_and_study_paths_become_absolute(tmp_path, monkeypatch):
 def test_resolved_data_is_absolute(small_release_root, tmp_path, monkeypatch):
     write_shards(read_mars(small_release_root), str(tmp_path / "shards"), progress=False)
     monkeypatch.chdir(tmp_path)
-    assert resolve_data("shards") == str(tmp_path / "shards")
+    assert resolve_data("shards").uri == str(tmp_path / "shards")

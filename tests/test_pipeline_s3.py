@@ -10,10 +10,12 @@ import pytest
 
 from stal_ray.config import Config
 from stal_ray.core.storage import StorageError, arrow_filesystem, read_filesystem
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.prepared.shards import write_shards
 from stal_ray.data.prepared.validation import ensure_validation_split
 from stal_ray.data.releases.mars import read_mars
+from stal_ray.data.source import resolve_data
 from stal_ray.data.stream.batches import training_batches
 from stal_ray.data.stream.pipeline import (
     evaluation_dataset,
@@ -52,8 +54,8 @@ def table(uri: str, split: str, endpoint_url: str) -> pa.Table:
 
 def test_training_batches_from_s3(s3_uri, moto_server, config):
     assert len(read_manifest(s3_uri, endpoint_url=moto_server).files["train"]) >= 2
-    batches = list(training_batches(training_dataset(s3_uri, config, endpoint_url=moto_server), P, seed=0,
-                                    drop_last=False))
+    data = PreparedData.read(s3_uri, endpoint_url=moto_server)
+    batches = list(training_batches(training_dataset(data, config), P, seed=0, drop_last=False))
     assert len(batches) >= 2
     for index, batch in enumerate(batches):
         counts = Counter(batch["identities"].tolist())
@@ -68,7 +70,7 @@ def test_evaluation_chunks_from_s3_cover_every_test_frame_once(s3_uri, moto_serv
     lengths = dict(zip(test.column("tracklet").to_pylist(),
                        (len(frames) for frames in test.column("frames").to_pylist()), strict=True))
     covered = Counter()
-    for row in evaluation_dataset(s3_uri, config, endpoint_url=moto_server).iter_rows():
+    for row in evaluation_dataset(PreparedData.read(s3_uri, endpoint_url=moto_server), config).iter_rows():
         assert row["clips"].shape == (T, H, W, 3)
         for frame in range(row["chunk"] * T, row["chunk"] * T + row["valid"]):
             covered[(row["tracklet"], frame)] += 1
@@ -76,15 +78,16 @@ def test_evaluation_chunks_from_s3_cover_every_test_frame_once(s3_uri, moto_serv
 
 
 def test_validation_split_and_chunks_from_s3(s3_uri, moto_server, config):
-    split = ensure_validation_split(s3_uri, 0.2, endpoint_url=moto_server)
+    split = ensure_validation_split(PreparedData.read(s3_uri, endpoint_url=moto_server), 0.2)
     assert not split.reused and split.uri == s3_uri + "/validation/split-0.2-0.json"
-    assert ensure_validation_split(s3_uri, 0.2, endpoint_url=moto_server).reused
+    assert ensure_validation_split(PreparedData.read(s3_uri, endpoint_url=moto_server), 0.2).reused
     lengths = Counter()
     for row in table(s3_uri, "train", moto_server).select(["identity", "tracklet"]).to_pylist():
         if row["identity"] in split.identities:
             lengths.update(row["tracklet"])
     covered = Counter()
-    for row in validation_dataset(s3_uri, config, split, endpoint_url=moto_server).iter_rows():
+    data = PreparedData.read(s3_uri, endpoint_url=moto_server)
+    for row in validation_dataset(data, config, split).iter_rows():
         assert row["identity"] in split.identities
         for frame in range(row["chunk"] * T, row["chunk"] * T + row["valid"]):
             covered[(row["tracklet"], frame)] += 1
@@ -109,7 +112,7 @@ def test_read_tasks_need_no_credentials_in_their_environment(ray_cluster, s3_uri
 def test_missing_bucket_is_named_within_seconds(moto_server, config):
     start = time.monotonic()
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-for-pipeline' does not exist"):
-        training_dataset("s3://no-such-bucket-for-pipeline/mars", config, endpoint_url=moto_server)
+        PreparedData.read("s3://no-such-bucket-for-pipeline/mars", endpoint_url=moto_server)
     with pytest.raises(StorageError, match="no-such-bucket-for-pipeline"):
-        evaluation_dataset("s3://no-such-bucket-for-pipeline/mars", config, endpoint_url=moto_server)
+        resolve_data("s3://no-such-bucket-for-pipeline/mars", endpoint_url=moto_server)
     assert time.monotonic() - start < 10

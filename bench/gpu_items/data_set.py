@@ -22,7 +22,7 @@ def run(result: ItemResult, profile: Profile, args) -> None:
     if not profile.train_every:
         from stal_ray.data.source import resolve_data
 
-        shards = resolve_data(None)
+        shards = resolve_data(None).uri
         result.set(shards=shards, built=False)
     else:
         shards, built = mars_like_shards(Path(args.workdir), profile.train_every, profile.test_every)

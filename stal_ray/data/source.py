@@ -3,27 +3,28 @@
 import argparse
 
 from stal_ray.core import storage
-from stal_ray.data.prepared.manifest import IncompleteDatasetError, read_manifest
+from stal_ray.data.prepared.handle import PreparedData
+from stal_ray.data.prepared.manifest import IncompleteDatasetError
 from stal_ray.data.releases.registry import REGISTRY
 from stal_ray.data.synthetic.generator import ensure_synthetic_shards
 
 
-def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> str:
-    """URI of prepared shards: `uri` checked (a complete data set with a manifest; a local path made
-    absolute), or when None the embedded synthetic data set, generated and sharded into the cache on first
-    use."""
+def resolve_data(uri: str | None, *, endpoint_url: str | None = None) -> PreparedData:
+    """The prepared data set a job reads, its manifest read once here: `uri` checked (a complete data set
+    with a manifest; a local path made absolute), or when None the embedded synthetic data set, generated
+    and sharded into the cache on first use. The one place a job gives an endpoint for its data: the handle
+    carries it on."""
     if uri is None:
-        return ensure_synthetic_shards()
+        return PreparedData.read(ensure_synthetic_shards())
     uri = storage.absolute(uri)  # read by Ray tasks, whose working directory is the cluster's
     try:
-        read_manifest(uri, endpoint_url=endpoint_url)
+        return PreparedData.read(uri, endpoint_url=endpoint_url)
     except IncompleteDatasetError:
         fs, path = storage.filesystem(uri, endpoint_url=endpoint_url)
         for spec in REGISTRY.values():
             if any(fs.exists(storage.join(path, marker)) for marker in spec.markers):
                 raise storage.StorageError(spec.prepare_hint(uri)) from None
         raise
-    return uri
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

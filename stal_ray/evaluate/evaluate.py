@@ -13,8 +13,8 @@ import torch
 from stal_ray.config import PROTOCOLS, Config, config_from_dict, parse_override
 from stal_ray.core import storage
 from stal_ray.data.prepared import protocol as data_protocol
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.integrity import check_shards
-from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.source import resolve_data
 from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate import report, visualize
@@ -37,13 +37,15 @@ _ATTENTION_OF = {"global": "stal", "local": "stal"}
 _FIXED_BY_MODEL = ("data.seq_len", "data.height", "data.width")
 
 
-def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_overrides=(),
+def evaluate(model_path: str, data: PreparedData | str | None, out_dir: str, *, config_overrides=(),
              fusion_rate: float | None = None, modes=MODES, protocol: str | None = None,
              save_distances: bool = False, features_path: str | None = None, endpoint_url: str | None = None,
              use_gpu: bool | None = None, concurrency: int | None = None, cpu_share: float = 0.5,
              visualize_top: int | None = None) -> dict:
-    """Evaluate `model_path` (stal_ray.model.export) on the test split at `data_uri` (prepared shards; None:
-    the embedded synthetic data set) and write the report into out_dir; returns the metrics.json document.
+    """Evaluate `model_path` (stal_ray.model.export) on the test split of `data` (the prepared data set, or
+    its URI; None: the data set the model was trained on) and write the report into out_dir; returns the
+    metrics.json document. endpoint_url: the object store's endpoint of model_path, out_dir and
+    features_path, and of `data` given as a URI (default: the endpoint of `data` given as a handle).
 
     The data settings come from the model file's config, with config_overrides (`section.key=value`, e.g.
     eval.batch_size=64, data.decode_concurrency=4) on top. fusion_rate (α) and protocol default to the
@@ -62,14 +64,16 @@ def evaluate(model_path: str, data_uri: str | None, out_dir: str, *, config_over
     if visualize_top < 0:
         raise ValueError(f"--visualize (eval.visualize) {visualize_top} is invalid: give the gallery "
                          "tracklets to draw per query, e.g. --visualize 10, or 0 for none")
-    if data_uri is None:  # the data the model was trained on (None: the embedded synthetic data set)
-        data_uri = resolve_data(config.data.root, endpoint_url=endpoint_url)
-        print(f"evaluating on {data_uri}, the data set the model was trained on")
+    if isinstance(data, PreparedData) and endpoint_url is None:
+        endpoint_url = data.endpoint_url
+    if data is None:  # the data the model was trained on (None: the embedded synthetic data set)
+        data = resolve_data(config.data.root, endpoint_url=endpoint_url)
+        print(f"evaluating on {data.uri}, the data set the model was trained on")
     features_path = features_path or storage.join(out_dir, FEATURES_FILE)
     # a report that cannot be written is refused now, not after hours of feature extraction
     storage.check_output_folder(out_dir, "--out", endpoint_url=endpoint_url)
 
-    feature_set = _features(model_path, data_uri, config, features_path, endpoint_url, use_gpu, concurrency,
+    feature_set = _features(model_path, data, config, features_path, endpoint_url, use_gpu, concurrency,
                             cpu_share)
     # iLIDS-VID and PRID-2011 rank camera 1 against camera 2 whatever eval.protocol says (data/protocol.py)
     described = data_protocol.of_manifest(feature_set.source.get("dataset"))
@@ -183,8 +187,8 @@ def _draw_ranked(out_dir: str, ranked: _Ranked, feature_set: FeatureSet, config:
     the features came from (only the row groups of the tracklets drawn); returns the index's path."""
     num_frames = dict(zip(feature_set.tracklet.tolist(), feature_set.num_frames.tolist(), strict=True))
     positions = visualize.frames_to_read(ranked.shown, num_frames)
-    frames = tracklet_frames(feature_set.source["data"], positions, config.data.height, config.data.width,
-                             endpoint_url=endpoint_url)
+    data = resolve_data(feature_set.source["data"], endpoint_url=endpoint_url)
+    frames = tracklet_frames(data, positions, config.data.height, config.data.width)
     top = max(len(query.gallery) for queries in ranked.shown.values() for query in queries)
     return visualize.write_ranked_results(out_dir, ranked.shown, frames, top)
 
@@ -224,8 +228,9 @@ def _with_overrides(config: Config, overrides, model_path: str) -> Config:
     return config_from_dict(layered)
 
 
-def _features(model_path: str, data_uri: str, config: Config, features_path: str, endpoint_url: str | None,
-              use_gpu: bool | None, concurrency: int | None, cpu_share: float = 0.5) -> FeatureSet:
+def _features(model_path: str, prepared: PreparedData | str, config: Config, features_path: str,
+              endpoint_url: str | None, use_gpu: bool | None, concurrency: int | None,
+              cpu_share: float = 0.5) -> FeatureSet:
     """The saved features when they came from this model file and data set, else extracted and saved."""
     fs, path = storage.filesystem(model_path, endpoint_url=endpoint_url, check=False)
     with storage.errors(model_path, endpoint_url):
@@ -233,8 +238,9 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     data = config.data
     # the data set's version too: a data set prepared again at the same URI (e.g. --pollute --overwrite, or
     # joints added by estimate_pose.py) is another data set, whose features must be extracted again
-    data_uri = resolve_data(data_uri, endpoint_url=endpoint_url)
-    manifest = read_manifest(data_uri, endpoint_url=endpoint_url)
+    if not isinstance(prepared, PreparedData):
+        prepared = resolve_data(prepared, endpoint_url=endpoint_url)
+    data_uri, manifest = prepared.uri, prepared.manifest
     source = {"model": model_path, "model_key": model_key, "data": data_uri,
               "data_version": f"{manifest.version} {manifest.created}",
               "seq_len": data.seq_len, "height": data.height, "width": data.width}
@@ -251,7 +257,7 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
                 print(f"reusing features from {features_path}")
                 return saved
             print(f"{features_path} came from another model file or data set: extracting again")
-    check_shards(data_uri, ("test",), endpoint_url=endpoint_url, manifest=manifest)  # before hours of work
+    check_shards(prepared, ("test",))  # before hours of work
     gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu is not False else 0
     if concurrency is None:
         concurrency = max(1, gpus)  # one actor per GPU
@@ -259,14 +265,13 @@ def _features(model_path: str, data_uri: str, config: Config, features_path: str
     node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=2)
     num_cpus = 1 if gpus else max(1, int(node_cpus * cpu_share))
     described = manifest.dataset
-    dataset = evaluation_dataset(data_uri, config, endpoint_url=endpoint_url)
+    dataset = evaluation_dataset(prepared, config)
     feature_set = extract_features(dataset, model_path, batch_size=config.eval.batch_size, use_gpu=use_gpu,
                                    concurrency=concurrency, num_cpus=num_cpus,
                                    keep_scores_for=SAMPLED_TRACKLETS,
                                    total_frames=manifest.counts["test"]["frames"])
     positions = {t: report.shown_frames(len(s)) for t, s in feature_set.sample_scores.items()}
-    feature_set.sample_frames = tracklet_frames(data_uri, positions, data.height, data.width,
-                                                endpoint_url=endpoint_url)
+    feature_set.sample_frames = tracklet_frames(prepared, positions, data.height, data.width)
     feature_set.source = {**source, "dataset": described}  # what the data set is, read with its features
     save_features(feature_set, features_path)
     return feature_set

@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from stal_ray.core import storage
 from stal_ray.core.progress import Progress
-from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.stream.images import decode_frames
 from stal_ray.evaluate.chunks import METADATA_FIELDS, FeatureSet, TrackletSums, chunk_sums
 from stal_ray.model.export import load_model
@@ -110,17 +109,15 @@ def extract_features(dataset: ray.data.Dataset, model_path: str, *, keep_scores_
     return totals.result(keep_scores_for)
 
 
-def tracklet_frames(uri: str, positions: dict[int, np.ndarray], height: int, width: int, *,
-                    endpoint_url: str | None = None) -> dict[int, np.ndarray]:
+def tracklet_frames(data: PreparedData, positions: dict[int, np.ndarray], height: int,
+                    width: int) -> dict[int, np.ndarray]:
     """uint8 (k, H, W, 3) frames at `positions` of a few test tracklets, read straight from the shards (the
     test split is in tracklet order, so the Parquet filter skips the other row groups unread)."""
     if not positions:
         return {}
-    manifest = read_manifest(uri, endpoint_url=endpoint_url)
-    fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
     wanted = sorted(int(t) for t in positions)
-    with storage.errors(uri, endpoint_url):
-        table = pq.ParquetDataset(manifest.paths("test"), filesystem=fs,
+    with data.errors():
+        table = pq.ParquetDataset(data.paths("test"), filesystem=data.arrow_filesystem(),
                                   filters=[("tracklet", "in", wanted)]).read(columns=["tracklet", "frames"])
     out = {}
     for tracklet, frames in zip(table.column("tracklet").to_pylist(), table.column("frames").to_pylist(),

@@ -30,8 +30,9 @@ import ray.data
 from stal_ray.core import storage
 from stal_ray.core.progress import Progress
 from stal_ray.data.prepared import publish
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.prepared.integrity import check_shards
-from stal_ray.data.prepared.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest, read_manifest
+from stal_ray.data.prepared.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest
 from stal_ray.data.prepared.shard_files import PartWriter, ShardFile
 from stal_ray.pose.models import PoseModel, decode, estimator
 
@@ -96,23 +97,26 @@ def _done(manifest: Manifest, model: PoseModel) -> bool:
     return (manifest.pose or {}).get("model", {}).get("sha256") == model.sha256
 
 
-def estimate_pose(uri: str, model: PoseModel, *, endpoint_url: str | None = None, workers: int | None = None,
+def estimate_pose(data: PreparedData | str, model: PoseModel, *, workers: int | None = None,
                   num_gpus: float = 0, threads: int = 1, keep_previous: bool = True) -> PoseResult:
-    """Add `model`'s joints to every frame of the prepared data set at `uri` (module docstring). workers:
-    model actors (default: one per GPU with num_gpus, else one per CPU of the cluster); num_gpus: GPUs per
-    actor (0: CPU); threads: CPU threads per model call."""
-    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    """Add `model`'s joints to every frame of the prepared data set `data` (module docstring): of its
+    current version, read again under the prepare lock, since another run may have published one since
+    `data` was read. workers: model actors (default: one per GPU with num_gpus, else one per CPU of the
+    cluster); num_gpus: GPUs per actor (0: CPU); threads: CPU threads per model call."""
+    data = as_prepared(data)
+    uri, manifest = data.uri, data.manifest
     if _done(manifest, model):
         logger.info("%s already has joints of %s (version %s); nothing to do", uri, model.name,
                     manifest.version)
         return PoseResult(manifest, reused=True)
-    fs, root = storage.filesystem(uri, endpoint_url=endpoint_url)
-    with storage.errors(uri, endpoint_url), publish.prepare_lock(fs, root, uri):
-        manifest = read_manifest(uri, endpoint_url=endpoint_url)  # another run may have finished
+    fs, root = data.filesystem(check=True)
+    with data.errors(), publish.prepare_lock(fs, root, uri):
+        data = data.reread()  # another run may have finished
+        manifest = data.manifest
         if _done(manifest, model):
             return PoseResult(manifest, reused=True)
         # damaged input is refused, never rewritten with fresh checksums that would hide the damage
-        check_shards(uri, SPLITS, endpoint_url=endpoint_url, manifest=manifest)
+        check_shards(data, SPLITS)
         state = _resume_state(fs, root, manifest, model)
         version, base = state["version"], publish.version_root(root, state["version"])
         current, previous = publish.current_version(fs, root)
@@ -123,7 +127,7 @@ def estimate_pose(uri: str, model: PoseModel, *, endpoint_url: str | None = None
             logger.info("resuming version %s: %d of %d shards already have joints", version, resumed,
                         sum(len(files) for files in manifest.files.values()))
         start = time.monotonic()
-        frames, unreadable = _run(manifest, model, fs, base, state, endpoint_url, workers, num_gpus, threads,
+        frames, unreadable = _run(data, model, fs, base, state, workers, num_gpus, threads,
                                   lambda: _write_state(fs, root, state))
         seconds = time.monotonic() - start
         new = _publish(fs, root, manifest, model, state, version, current)
@@ -162,9 +166,10 @@ def _write_state(fs, root: str, state: dict) -> None:
     storage.put_atomic(fs, path, body, fsync=True)
 
 
-def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpoint_url: str | None,
-         workers: int | None, num_gpus: float, threads: int, save) -> tuple[dict, dict]:
+def _run(data: PreparedData, model: PoseModel, fs, base: str, state: dict, workers: int | None,
+         num_gpus: float, threads: int, save) -> tuple[dict, dict]:
     """Run the model over every shard not yet done, writing each as its last row comes back."""
+    manifest = data.manifest
     pending = [{"split": split, "file": entry.path, "path": path}
                for split in SPLITS
                for entry, path in zip(manifest.files[split], manifest.paths(split), strict=True)
@@ -184,7 +189,7 @@ def _run(manifest: Manifest, model: PoseModel, fs, base: str, state: dict, endpo
         workers = max(1, int(per_actor))
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
     ds = ds.map_batches(_read_rows, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"filesystem": storage.read_filesystem(manifest.uri, endpoint_url)})
+                        fn_kwargs={"filesystem": data.read_filesystem()})
     ds = ds.map_batches(PoseEstimator, batch_size=_ROWS_PER_BATCH, batch_format="pyarrow",
                         fn_constructor_kwargs={"model": model, "threads": threads, "use_gpu": num_gpus > 0},
                         # every actor decodes and letterboxes its frames on `threads` CPUs, GPU or not

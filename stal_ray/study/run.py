@@ -5,6 +5,7 @@ import time
 
 from stal_ray.config import Config, with_overrides
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.stream.pipeline import evaluation_dataset
 from stal_ray.evaluate.features import extract_features, tracklet_frames
 from stal_ray.evaluate.report import plot_attention, plot_cmc, shown_frames, write_bytes
@@ -23,7 +24,7 @@ ATTENTION_EXAMPLES = 4  # tracklets in the Fig. 12 figure
 REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
 
 
-def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url: str | None = None,
+def run_study(config: Config, data: PreparedData | str, out: str, *, command: str,
               sequence_lengths=SEQUENCE_LENGTHS, fusion_rates=FUSION_RATES, variants=VARIANTS) -> str:
     """Run every step into `out` and return the path of report.md. `command` is recorded in the report.
     `variants` (stal always among them) chooses the models trained; the sections that compare a variant
@@ -31,16 +32,17 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     start = time.perf_counter()
     if "stal" not in {v.name for v in variants}:
         raise ValueError("a study needs the stal variant: every section ranks its model")
+    endpoint_url = data.endpoint_url if isinstance(data, PreparedData) else None
     storage.check_output_folder(out, "--out", endpoint_url=endpoint_url)  # before hours of training
+    data = as_prepared(data)
     # before the first variant's run folder is written, with the storage path the variants train into
-    preflight(with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"]), data,
-              endpoint_url=endpoint_url)
-    trained = train_variants(config, data, out, endpoint_url=endpoint_url, variants=variants)
+    preflight(with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"]), data)
+    trained = train_variants(config, data, out, variants=variants)
     stream = dict(batch_size=config.eval.batch_size, use_gpu=config.train.use_gpu or None)
     alpha, protocol = config.eval.fusion_rate, config.eval.protocol
 
     def test_split(**options):
-        return evaluation_dataset(data, config, endpoint_url=endpoint_url, **options)
+        return evaluation_dataset(data, config, **options)
 
     print("study: extracting test features", flush=True)
     features, units = {}, {}
@@ -54,7 +56,7 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
                for name, feature_set in features.items()}
     stal = rankers["stal"]
 
-    results = StudyResults(data=data, command=command, config=config, alpha=alpha, protocol=protocol,
+    results = StudyResults(data=data.uri, command=command, config=config, alpha=alpha, protocol=protocol,
                            num_query=len(stal.query), num_gallery=len(stal.gallery),
                            identities=len((set(stal.ids[0].tolist()) | set(stal.ids[1].tolist())) - {-1, 0}),
                            train_seconds={n: v.seconds for n, v in trained.items()})
@@ -96,13 +98,13 @@ def run_study(config: Config, data: str, out: str, *, command: str, endpoint_url
     figures.plot_fusion_rates(figure("fusion_rate.png"), results.fusion, alpha)
     figures.plot_sequence_lengths(figure("sequence_length.png"), results.length_labels, results.length_grid)
     results.examples = _attention_maps(figure("attention_maps.png"), units["stal"], features["stal"], data,
-                                       config, endpoint_url)
+                                       config)
     results.seconds = time.perf_counter() - start
     write_bytes(storage.join(out, RESULTS_FILE), json.dumps(results.to_json(), indent=2).encode())
     return write_report(storage.join(out, REPORT_FILE), results)
 
 
-def _attention_maps(path, units, feature_set, data, config, endpoint_url) -> list[dict]:
+def _attention_maps(path, units, feature_set, data: PreparedData, config) -> list[dict]:
     """Fig. 12 for the tracklets with the most hidden units (any tracklets when nothing is known hidden)."""
     chosen = analysis.most_occluded(units, ATTENTION_EXAMPLES) or sorted(set(units.tracklet.tolist()))[
         :ATTENTION_EXAMPLES]
@@ -124,7 +126,6 @@ def _attention_maps(path, units, feature_set, data, config, endpoint_url) -> lis
                               f"{example['hidden_mean']:.2f} "
                               f"vs {example['visible_mean']:.2f} visible")
     positions = {t: shown_frames(len(s)) for t, s in scores.items()}
-    frames = tracklet_frames(data, positions, config.data.height, config.data.width,
-                             endpoint_url=endpoint_url)
+    frames = tracklet_frames(data, positions, config.data.height, config.data.width)
     plot_attention(path, scores, frames, captions, marks=hidden)
     return examples

@@ -25,6 +25,7 @@ import ray
 from stal_ray.config import Config, with_overrides
 from stal_ray.core import storage
 from stal_ray.data.prepared import pollution, protocol
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.shards import write_shards
 from stal_ray.data.releases.registry import REGISTRY, read_release
 from stal_ray.evaluate.report import METRICS_FILE, write_bytes
@@ -51,15 +52,15 @@ class SplitData:
         if spec is not None and spec.split_file and self.split_file is None:
             read_release(self.dataset, self.root, split=split, out=self.out, endpoint_url=self.endpoint_url)
 
-    def prepare(self, split: int) -> str:
-        """The shards of split `split` (written once, then reused); returns their URI."""
+    def prepare(self, split: int) -> PreparedData:
+        """The shards of split `split` (written once, then reused), as the prepare wrote or found them."""
         uri = storage.join(self.out, f"split-{split}")
         release = read_release(self.dataset, self.root, split=split, split_file=self.split_file, out=self.out,
                                endpoint_url=self.endpoint_url)
         polluted = None if self.pollute_seed is None else pollution.settings(self.pollute_seed)
-        write_shards(release, uri, endpoint_url=self.endpoint_url, progress=False, lock_wait_s=600,
-                     dataset=protocol.describe(self.dataset, split, polluted))
-        return uri
+        manifest = write_shards(release, uri, endpoint_url=self.endpoint_url, progress=False, lock_wait_s=600,
+                                dataset=protocol.describe(self.dataset, split, polluted))
+        return PreparedData(uri, self.endpoint_url, manifest)
 
 
 def run_splits(config: Config, data: SplitData, out: str, splits: list[int], *, command: str,
@@ -112,14 +113,13 @@ def run_split(config: Config, data: SplitData, out: str, split: int, cross: Spli
     shards = data.prepare(split)
     split_config = with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"],
                                   source=f"split {split}")
-    print(f"splits: training split {split} on {shards}", flush=True)
-    trained = train(split_config, shards, name=f"split-{split}", endpoint_url=data.endpoint_url)
+    print(f"splits: training split {split} on {shards.uri}", flush=True)
+    trained = train(split_config, shards, name=f"split-{split}")
     if results["test"] is None:
-        results["test"] = evaluate(trained.model_path, shards, run_dir, endpoint_url=data.endpoint_url,
-                                   cpu_share=0.5 / side_by_side)
+        results["test"] = evaluate(trained.model_path, shards, run_dir, cpu_share=0.5 / side_by_side)
     if cross is not None and results["cross"] is None:
         results["cross"] = evaluate(trained.model_path, cross.prepare(split), cross_dir,
-                                    endpoint_url=cross.endpoint_url, cpu_share=0.5 / side_by_side)
+                                    cpu_share=0.5 / side_by_side)
     return results
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from stal_ray.config import Config, with_overrides
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.train.trainer import train
 
 
@@ -34,7 +35,7 @@ class TrainedVariant:
     seconds: float  # wall time of its training run (short when an earlier study had finished it)
 
 
-def train_variants(config: Config, data: str, out: str, *, endpoint_url: str | None = None,
+def train_variants(config: Config, data: PreparedData, out: str, *,
                    variants: tuple[Variant, ...] = VARIANTS) -> dict[str, TrainedVariant]:
     """Train every variant into <out>/runs/<name>; a run already there resumes (and a finished one only
     writes its model again), so an interrupted study picks up where it stopped."""
@@ -45,6 +46,6 @@ def train_variants(config: Config, data: str, out: str, *, endpoint_url: str | N
                                         source=f"study variant {variant.name}")
         print(f"study: training {variant.name} ({variant.description})", flush=True)
         start = time.perf_counter()
-        result = train(variant_config, data, name=variant.name, endpoint_url=endpoint_url)
+        result = train(variant_config, data, name=variant.name)
         trained[variant.name] = TrainedVariant(variant, result.model_path, time.perf_counter() - start)
     return trained

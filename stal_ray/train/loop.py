@@ -241,7 +241,8 @@ def epoch_shard(settings: LoopSettings, epoch: int, rank: int, world: int):
     splits = [None]
     if rank == 0:
         excluded = settings.exclude_identities
-        dataset = training_dataset(settings.data, config, epoch=epoch, endpoint_url=settings.endpoint_url,
+        # the driver's handle: the manifest is not read again, and every epoch reads the run's version
+        dataset = training_dataset(settings.data, config, epoch=epoch,
                                    labels=list(settings.labels),
                                    **({"exclude_identities": list(excluded)} if excluded else {}))
         splits = [dataset] if world == 1 else [dataset.streaming_split(world, equal=True)]
@@ -258,7 +259,7 @@ def validator(settings: LoopSettings) -> Callable[[Any], dict[str, float]] | Non
     config, split = settings.config, settings.validation
 
     def run(model) -> dict[str, float]:
-        dataset = validation_dataset(settings.data, config, split, endpoint_url=settings.endpoint_url)
+        dataset = validation_dataset(settings.data, config, split)
         return validate(model, dataset, config.tune.fusion_rates, protocol=config.eval.protocol,
                         batch_size=config.eval.batch_size, part_norm=config.model.part_norm)
 

@@ -8,20 +8,24 @@ import ray
 
 from stal_ray.config import NO_PRETRAINED, Config, ConfigError
 from stal_ray.core import storage
-from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.prepared.validation import held_out_count
 from stal_ray.data.stream.pipeline import identity_labels
 from stal_ray.model.backbones import check_weights_choice
 from stal_ray.model.weights import local_weights
 
 
-def preflight(config: Config, data: str | None, *, endpoint_url: str | None = None,
+def preflight(config: Config, data: PreparedData | str | None, *, endpoint_url: str | None = None,
               exclude_identities: list[int] | None = None,
               held_out: float | None = None) -> tuple[list[int], dict[str, int]]:
     """Refuse what `config` cannot train on `data` (None: the data is yet to be prepared, as in splits; its
     checks then run per split). held_out: the share of training identities a search will hold out for
     validation (data.val_identities), counted before its split is written. Returns the training labels
-    (before that split) and the manifest's training counts ([], {} without data)."""
+    (before that split) and the manifest's training counts ([], {} without data). endpoint_url: the object
+    store's endpoint of the storage path when there is no data yet; with data, the data's."""
+    if data is not None:
+        data = as_prepared(data)
+        endpoint_url = data.endpoint_url
     root = storage_root(config)
     storage.check_output_folder(root, "--storage-path (train.storage_path)", endpoint_url=endpoint_url)
     check_resources(config)
@@ -30,11 +34,11 @@ def preflight(config: Config, data: str | None, *, endpoint_url: str | None = No
         storage.filesystem(root, endpoint_url=endpoint_url)  # one HEAD: a missing bucket fails here
     if data is None:
         return [], {}
-    labels = identity_labels(data, endpoint_url=endpoint_url, **(
+    labels = identity_labels(data, **(
         {"exclude_identities": exclude_identities} if exclude_identities else {}))
     # a search trains on what its validation split leaves: counted here, before the split is carved
     kept = len(labels) - (0 if held_out is None else held_out_count(held_out, len(labels)))
-    return labels, check_data(config, data, labels[:max(0, kept)], endpoint_url=endpoint_url)
+    return labels, check_data(config, data, labels[:max(0, kept)])
 
 
 def check_weights(config: Config) -> None:
@@ -91,25 +95,25 @@ def check_resources(config: Config) -> None:
                   "a fixed cluster, lower --num-workers)", flush=True)
 
 
-def check_data(config: Config, data: str, labels: list[int], *,
-               endpoint_url: str | None = None) -> dict[str, int]:
+def check_data(config: Config, data: PreparedData | str, labels: list[int]) -> dict[str, int]:
     """Settings the prepared data set cannot train, refused in the driver before any worker starts.
 
     A tracklet shorter than data.seq_len is not refused: restricted random sampling repeats its frames in
     order (data.sampling), as evaluation pads a short chunk.
     """
     model, p, workers = config.model, config.data.identities_per_batch, config.train.num_workers
-    counts = read_manifest(data, endpoint_url=endpoint_url).counts["train"]
+    data = as_prepared(data)
+    counts, uri = data.manifest.counts["train"], data.uri
     if model.pose_source == "keypoints" and not counts.get("frames_with_keypoints"):
         raise ConfigError(
-            f"model.pose_source = keypoints, but {data} has no keypoints (0 of {counts['frames']} training "
+            f"model.pose_source = keypoints, but {uri} has no keypoints (0 of {counts['frames']} training "
             "frames): set model.pose_source=learned (a keypoint head) or prior (the canonical pose), or "
-            f"estimate them (python jobs/estimate_pose.py --data {data}), or prepare the data set with "
+            f"estimate them (python jobs/estimate_pose.py --data {uri}), or prepare the data set with "
             "keypoints (jobs/prepare_mars.py --keypoints FILE)")
     if len(labels) < p * workers:
         raise ConfigError(
             f"data.identities_per_batch = {p} with train.num_workers = {workers} needs at least "
-            f"{p * workers} training identities (each worker's batches hold {p} distinct ones), but {data} "
+            f"{p * workers} training identities (each worker's batches hold {p} distinct ones), but {uri} "
             f"leaves {len(labels)} for training: lower data.identities_per_batch or --num-workers, or lower "
             "data.val_identities")
     return counts

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stal_ray.config import Config, config_from_dict
+from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.prepared.validation import ValidationSplit
 
 
@@ -40,11 +41,10 @@ class LoopSettings:
     config.yaml."""
 
     config: Config  # the run's settings, data.root and model.keypoint_supervision resolved
-    data: str  # URI of the prepared shards trained on
+    data: PreparedData  # the prepared data set trained on, its manifest as the driver read it
     labels: tuple[int, ...]  # the person id of every classifier output
     run_dir: str  # the run folder: model.pt and a stop note (STOPPED) go there
     dataset: Mapping[str, Any] | None = None  # the data set trained on (data/protocol.py), for model.pt
-    endpoint_url: str | None = None  # the object store's endpoint, for s3:// data
     exclude_identities: tuple[int, ...] | None = None  # person ids left out of training (validation's)
     faults: Faults = field(default_factory=Faults)  # failures injected by the recovery tests
     validation: ValidationSplit | None = None  # with a split, rank 0 validates at every report
@@ -53,9 +53,9 @@ class LoopSettings:
         """A plain dict (built-in types only) for Ray Train's train_loop_config."""
         excluded = self.exclude_identities
         return {
-            "config": self.config.to_dict(), "data": self.data,
+            "config": self.config.to_dict(), "data": self.data.to_dict(),
             "dataset": dict(self.dataset) if self.dataset is not None else None, "labels": list(self.labels),
-            "endpoint_url": self.endpoint_url, "run_dir": self.run_dir,
+            "run_dir": self.run_dir,
             "exclude_identities": list(excluded) if excluded is not None else None,
             "faults": asdict(self.faults),
             "validation": self.validation.to_json() if self.validation is not None else None,
@@ -66,9 +66,9 @@ class LoopSettings:
         """Inverse of to_dict: what a worker reads its train_loop_config as."""
         excluded = d.get("exclude_identities")
         return cls(
-            config=config_from_dict(d["config"]), data=d["data"], labels=tuple(d["labels"]),
-            run_dir=d["run_dir"],
-            dataset=d.get("dataset"), endpoint_url=d.get("endpoint_url"),
+            config=config_from_dict(d["config"]), data=PreparedData.from_dict(d["data"]),
+            labels=tuple(d["labels"]), run_dir=d["run_dir"],
+            dataset=d.get("dataset"),
             exclude_identities=tuple(excluded) if excluded is not None else None,
             faults=Faults(**(d.get("faults") or {})),
             validation=ValidationSplit.from_json(d["validation"]) if d.get("validation") else None,

@@ -19,8 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 import ray
 
-from stal_ray.core import storage
-from stal_ray.data.prepared.manifest import read_manifest
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.stream.images import decode_frames
 
 # The stream's frames per CPU-second (every Ray process counted, beyond the per-epoch start) over a bare
@@ -87,12 +86,12 @@ class StreamBalance:
                 f"{self.supply / self.demand:.0%} of what they consume; {fix}")
 
 
-def decode_rate(data_uri: str, data, *, endpoint_url: str | None = None) -> float:
+def decode_rate(prepared: PreparedData | str, data) -> float:
     """Frames per CPU-second this process decodes the data set's frames at data.height x data.width: the
     first SAMPLE_FRAMES frames of its first training file, decoded for SAMPLE_SECONDS of CPU at least."""
-    manifest = read_manifest(data_uri, endpoint_url=endpoint_url)
-    fs, _ = storage.arrow_filesystem(data_uri, endpoint_url=endpoint_url, check=False)
-    rows = pyarrow.dataset.dataset(manifest.paths("train")[0], filesystem=fs, format="parquet")
+    prepared = as_prepared(prepared)
+    rows = pyarrow.dataset.dataset(prepared.paths("train")[0], filesystem=prepared.arrow_filesystem(),
+                                   format="parquet")
     jpegs = []
     for batch in rows.to_batches(columns=["frames"], batch_size=1):
         jpegs += pc.list_flatten(batch.column("frames")).to_pylist()
@@ -141,11 +140,10 @@ def balance(config, rate_per_core: float, resources: dict[str, float]) -> Stream
                          gflop_per_frame=gflop, sustained_tflops=tflops)
 
 
-def report_stream_balance(config, data_uri: str, *, endpoint_url: str | None = None) -> StreamBalance:
+def report_stream_balance(config, data: PreparedData | str) -> StreamBalance:
     """Print the run's supply and demand line (and the warning when the GPUs would wait); the driver calls it
     as a run starts, on the cluster it has joined."""
-    found = balance(config, decode_rate(data_uri, config.data, endpoint_url=endpoint_url),
-                    ray.cluster_resources())
+    found = balance(config, decode_rate(data, config.data), ray.cluster_resources())
     print(found.line(), flush=True)
     if found.warning():
         print(found.warning(), flush=True)

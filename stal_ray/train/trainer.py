@@ -13,8 +13,8 @@ from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, resolve_keypoint_supervision
 from stal_ray.core import storage
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.prepared.integrity import check_shards
-from stal_ray.data.prepared.manifest import read_manifest
 from stal_ray.data.prepared.validation import ValidationSplit
 from stal_ray.data.stream.pipeline import undecodable_frames
 from stal_ray.evaluate.report import write_bytes
@@ -64,35 +64,36 @@ class TrainResult:
     checkpoint: ray.train.Checkpoint | None  # the last DeepSpeed checkpoint
 
 
-def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | None = None,
+def build_trainer(config: Config, data: PreparedData | str, *, name: str,
                   exclude_identities: list[int] | None = None, faults: dict | None = None,
                   callbacks: list | None = None, validation: ValidationSplit | None = None,
                   checksums: bool = True) -> TorchTrainer:
-    """A TorchTrainer for `train_loop_per_worker` on the shards at `data`. A run with an existing `name`
+    """A TorchTrainer for `train_loop_per_worker` on the prepared data set `data` (its workers get the
+    handle, so they read the version the driver read, never the manifest again). A run with an existing `name`
     under the storage path resumes from that run's latest checkpoint. With a validation split, its
     identities are left out of training and every report carries the validation metrics
     (evaluate.validate: val_mAP, val_rank1, val_alpha and per-α values). checksums=False: the caller has
     checked the training shards (a Tune trial, whose node would otherwise read them all again). faults:
     train.settings.Faults' fields, failures the recovery tests inject."""
+    data = as_prepared(data)
     if checksums:
-        check_shards(data, ("train",), endpoint_url=endpoint_url)  # a damaged shard: one line, before work
+        check_shards(data, ("train",))  # a damaged shard: one line, before work
     if validation is not None:
         exclude_identities = sorted(set(exclude_identities or ()) | set(validation.identities))
-    labels, counts = preflight(config, data, endpoint_url=endpoint_url, exclude_identities=exclude_identities)
+    labels, counts = preflight(config, data, exclude_identities=exclude_identities)
     root = storage_root(config)
     # model.pt records the data it was trained on: evaluate_mars.py without --data evaluates that
     config = copy.deepcopy(config)
-    config.data.root = data
+    config.data.root = data.uri
     config.model.keypoint_supervision, why = resolve_keypoint_supervision(
         config.model, counts.get("frames_with_keypoints", 0))
     print(why, flush=True)
     run_dir = storage.join(root, name)
     # and which data set that is (data/protocol.py): evaluating it on another one is a cross-dataset test
-    dataset = read_manifest(data, endpoint_url=endpoint_url).dataset
-    described = {"uri": data, **{key: dataset.get(key) for key in ("name", "split", "pollution")}}
+    dataset = data.manifest.dataset
+    described = {"uri": data.uri, **{key: dataset.get(key) for key in ("name", "split", "pollution")}}
     settings = LoopSettings(
         config=config, data=data, labels=tuple(labels), run_dir=run_dir, dataset=described,
-        endpoint_url=endpoint_url,
         exclude_identities=tuple(exclude_identities) if exclude_identities is not None else None,
         faults=Faults(**(faults or {})), validation=validation)
     return TorchTrainer(
@@ -103,7 +104,7 @@ def build_trainer(config: Config, data: str, *, name: str, endpoint_url: str | N
             name=name, storage_path=root,
             checkpoint_config=checkpoint_config(config, validation is not None),
             failure_config=failure_config(config),
-            callbacks=[*(callbacks or ()), TensorBoardCallback(run_dir, endpoint_url)],
+            callbacks=[*(callbacks or ()), TensorBoardCallback(run_dir, data.endpoint_url)],
         ),
     )
 
@@ -141,27 +142,28 @@ def checkpoint_config(config: Config, validating: bool) -> ray.train.CheckpointC
                                       checkpoint_score_order="max")
 
 
-def _no_batch_message(note: dict, data: str, config: Config, endpoint_url: str | None) -> str:
+def _no_batch_message(note: dict, data: PreparedData, config: Config) -> str:
+    uri = data.uri
     if note.get("skipped_groups"):
         first = note.get("first_skipped") or {}
         frames = ""
         if "identity" in first:  # the stream carries pixels, not names: look the frames up in the shards
-            bad = undecodable_frames(data, first["identity"], first.get("tracklets", ()),
-                                     endpoint_url=endpoint_url)
+            bad = undecodable_frames(data, first["identity"], first.get("tracklets", ()))
             frames = f"; frames that do not decode: {', '.join(bad)}" if bad else ""
-        return (f"epoch {note['epoch']} of {data} gave no batch: all {note['skipped_groups']} clip groups "
+        return (f"epoch {note['epoch']} of {uri} gave no batch: all {note['skipped_groups']} clip groups "
                 f"had frames that do not decode (first: identity {first.get('identity', '?')}, track-table "
                 f"rows {first.get('tracklets', '?')}{frames}); stopped without a retry, which would decode "
                 "the same bytes. The frames were damaged before the prepare (its checksums guard the shards, "
                 "not the release): check the release's frames, then prepare again with --overwrite")
-    return (f"epoch {note['epoch']} of {data} gave no batch of {config.data.identities_per_batch} distinct "
+    return (f"epoch {note['epoch']} of {uri} gave no batch of {config.data.identities_per_batch} distinct "
             "identities: the data set is too small for data.identities_per_batch; lower it")
 
 
-def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
+def train(config: Config, data: PreparedData | str, *, name: str, **kwargs) -> TrainResult:
     """Run (or resume) training; raise NonFiniteLossError when the loss went non-finite, NoBatchError when
     an epoch gave no batch, WorkersLostError when the worker group could not start again within
     train.worker_wait_s (all RunStoppedError: a retry would repeat them)."""
+    data = as_prepared(data)
     trainer = build_trainer(config, data, name=name, **kwargs)
     run_dir = storage.join(storage_root(config), name)
     fs, stopped = storage.filesystem(storage.join(run_dir, STOPPED), check=False)
@@ -169,7 +171,7 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
         fs.rm(stopped)  # from an earlier attempt under this name: this one starts from its last checkpoint
     settings = yaml.safe_dump(trainer.train_loop_config["config"], sort_keys=False)  # data.root resolved
     write_bytes(storage.join(run_dir, CONFIG_FILE), settings.encode())
-    report_stream_balance(config, data, endpoint_url=kwargs.get("endpoint_url"))
+    report_stream_balance(config, data)
     try:
         result = trainer.fit()
     except ray.train.ControllerError as error:
@@ -179,7 +181,7 @@ def train(config: Config, data: str, *, name: str, **kwargs) -> TrainResult:
             note = json.load(note_file)
         where = result.checkpoint.path if result.checkpoint else "none was reported yet"
         if note.get("reason") == "no batch":
-            raise NoBatchError(_no_batch_message(note, data, config, kwargs.get("endpoint_url")))
+            raise NoBatchError(_no_batch_message(note, data, config))
         raise NonFiniteLossError(
             f"the loss became non-finite at epoch {note['epoch']}, iteration {note['iteration']} "
             f"({note['terms']}); training stopped. The last good checkpoint: {where}. Lower train.lr, "

@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 
 from stal_ray.core import storage
-from stal_ray.data.prepared.manifest import PREPARE_COMMAND, CorruptDatasetError, Manifest, read_manifest
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
+from stal_ray.data.prepared.manifest import PREPARE_COMMAND, CorruptDatasetError, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -67,21 +68,21 @@ def _sha256(fs, path: str) -> str:
     return digest.hexdigest()
 
 
-def check_shards(uri: str, splits=("train", "test"), *, endpoint_url: str | None = None,
-                 manifest: Manifest | None = None) -> Manifest:
-    """The manifest of the data set at `uri`, every shard of `splits` checked against its sha256.
+def check_shards(data: PreparedData | str, splits=("train", "test")) -> Manifest:
+    """The manifest of the data set `data`, every shard of `splits` checked against its sha256.
 
     Raises CorruptDatasetError naming the first damaged shard and the fix (prepare again) before any work;
-    IncompleteDatasetError (from read_manifest) for a missing shard, a wrong size or a manifest that names a
-    file outside its data set.
+    IncompleteDatasetError (from read_manifest, when `data` is a URI) for a missing shard, a wrong size or a
+    manifest that names a file outside its data set.
     """
-    manifest = manifest or read_manifest(uri, endpoint_url=endpoint_url)
-    fs, _ = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
+    data = as_prepared(data)
+    uri, manifest = data.uri, data.manifest
+    fs, _ = data.filesystem()
     where = cache_path()
     cache = _load_cache(where)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     work = []
-    with storage.errors(uri, endpoint_url):
+    with data.errors():
         for split in splits:
             for entry, path in zip(manifest.files[split], manifest.paths(split), strict=True):
                 key, identity = f"{protocol}://{path}", fs.ukey(path)

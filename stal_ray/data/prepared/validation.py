@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from stal_ray.core import storage
-from stal_ray.data.prepared.manifest import Manifest, read_manifest
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def _file_name(fraction: float, seed: int) -> str:
     return f"split-{fraction:.6g}-{seed}.json"
 
 
-def ensure_validation_split(uri: str, fraction: float, seed: int = 0, *, endpoint_url: str | None = None,
+def ensure_validation_split(data: PreparedData | str, fraction: float, seed: int = 0, *,
                             min_training_identities: int = MIN_HELD_OUT) -> ValidationSplit:
-    """The validation split of the prepared data set at `uri`: read when written before, else chosen and
+    """The validation split of the prepared data set `data`: read when written before, else chosen and
     written once (split.reused says which).
 
     fraction: share of training identities held out (data.val_identities), in (0, 1); at least 2 identities
@@ -80,12 +80,13 @@ def ensure_validation_split(uri: str, fraction: float, seed: int = 0, *, endpoin
     if not 0 < fraction < 1:
         raise ValueError(f"data.val_identities = {fraction} cannot carve a validation split: it is the share "
                          "of training identities held out and must be in (0, 1), e.g. 0.1")
-    manifest = read_manifest(uri, endpoint_url=endpoint_url)
-    fingerprint = str(manifest.source.get("fingerprint"))
-    fs, root = storage.filesystem(uri, endpoint_url=endpoint_url, check=False)
+    data = as_prepared(data)
+    uri = data.uri
+    fingerprint = str(data.manifest.source.get("fingerprint"))
+    fs, root = data.filesystem()
     path = posixpath.join(root, FOLDER, _file_name(fraction, seed))
     where = split_uri(uri, fraction, seed)
-    with storage.errors(uri, endpoint_url):
+    with data.errors():
         try:
             text = fs.cat_file(path).decode()
         except FileNotFoundError:
@@ -101,9 +102,9 @@ def ensure_validation_split(uri: str, fraction: float, seed: int = 0, *, endpoin
                 return split
             logger.warning("%s was carved from another data set (fingerprint %s, now %s); writing it again",
                            where, split.dataset[:12], fingerprint[:12])
-    split = _choose(uri, manifest, fraction, seed, min_training_identities, endpoint_url)
+    split = _choose(data, fraction, seed, min_training_identities)
     split.dataset, split.uri = fingerprint, where
-    with storage.errors(uri, endpoint_url):
+    with data.errors():
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         # concurrent trials may race here: each writes its own temporary object and the moves all put the
         # same bytes (the choice is deterministic) in place, so a reader never sees half a file
@@ -126,11 +127,10 @@ def held_out_count(fraction: float, total: int) -> int:
     return max(MIN_HELD_OUT, math.ceil(round(fraction * total, 9)))
 
 
-def _choose(uri: str, manifest: Manifest, fraction: float, seed: int, min_training: int,
-            endpoint_url: str | None) -> ValidationSplit:
-    fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
+def _choose(data: PreparedData, fraction: float, seed: int, min_training: int) -> ValidationSplit:
+    uri = data.uri
     # the small per-frame columns only: the frames (nearly all of the bytes) are not read
-    table = pq.ParquetDataset(manifest.paths("train"), filesystem=fs).read(
+    table = pq.ParquetDataset(data.paths("train"), filesystem=data.arrow_filesystem()).read(
         columns=["identity", "tracklet", "camera"])
     rows = sorted(zip(table.column("identity").to_pylist(), table.column("tracklet").to_pylist(),
                       table.column("camera").to_pylist(), strict=True))

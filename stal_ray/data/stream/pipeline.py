@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.expressions import col
 
-from stal_ray.core import storage
-from stal_ray.data.prepared.manifest import JOINTS, read_manifest
+from stal_ray.data.prepared.handle import PreparedData, as_prepared
+from stal_ray.data.prepared.manifest import JOINTS
 from stal_ray.data.stream.augment import Augmentation
 from stal_ray.data.stream.batches import RecycledBuffers
 from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
@@ -53,24 +53,23 @@ _BLOCK_BYTES = 32 << 20
 _ROWS_PER_READ = 4
 
 
-def identity_labels(uri: str, *, endpoint_url: str | None = None,
+def identity_labels(data: PreparedData | str, *,
                     exclude_identities: Iterable[int] | None = None) -> list[int]:
     """Sorted training identities, less exclude_identities (the held-out validation ones, e.g.
-    split.identities): identity_labels(uri)[label] is the person id of classifier `label`."""
-    manifest = read_manifest(uri, endpoint_url=endpoint_url)
-    fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
-    table = pq.ParquetDataset(manifest.paths("train"), filesystem=fs).read(columns=["identity"])
+    split.identities): identity_labels(data)[label] is the person id of classifier `label`."""
+    data = as_prepared(data)
+    table = pq.ParquetDataset(data.paths("train"), filesystem=data.arrow_filesystem()).read(
+        columns=["identity"])
     return sorted(set(table.column("identity").to_pylist()) - set(exclude_identities or ()))
 
 
-def undecodable_frames(uri: str, identity: int, tracklets: Iterable[int], *, endpoint_url: str | None = None,
+def undecodable_frames(data: PreparedData | str, identity: int, tracklets: Iterable[int], *,
                        limit: int = 3) -> list[str]:
     """The first `limit` frames of `identity`'s `tracklets` (track-table rows) that do not decode, named as
     the release names them (track-table row, camera, frame number): the driver's look at what a training
     epoch skipped, read from the identity's own row only."""
-    manifest = read_manifest(uri, endpoint_url=endpoint_url)
-    fs, _ = storage.arrow_filesystem(uri, endpoint_url=endpoint_url, check=False)
-    rows = pq.ParquetDataset(manifest.paths("train"), filesystem=fs,
+    data = as_prepared(data)
+    rows = pq.ParquetDataset(data.paths("train"), filesystem=data.arrow_filesystem(),
                              filters=[("identity", "=", identity)]).read()
     wanted, found = set(tracklets), []
     for row in rows.to_pylist():
@@ -188,14 +187,12 @@ def _footer_readers(files: int) -> Iterator[None]:
         os.environ.pop(_FOOTER_ACTORS_VARIABLE, None)
 
 
-def _read(uri: str, split: str, endpoint_url: str | None, *,
-          keep: Iterable[int] | None = None) -> ray.data.Dataset:
+def _read(data: PreparedData, split: str, *, keep: Iterable[int] | None = None) -> ray.data.Dataset:
     """The split's rows in stored order, only those of identities in `keep` when given."""
-    manifest = read_manifest(uri, endpoint_url=endpoint_url)
-    paths = manifest.paths(split)
+    paths = data.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
-        ds = ray.data.read_parquet(paths, filesystem=storage.read_filesystem(uri, endpoint_url))
+        ds = ray.data.read_parquet(paths, filesystem=data.read_filesystem())
     # an expression filter right after the read is pushed into the Parquet scan: rows are dropped as they are
     # read, and row groups whose identity statistics exclude them are skipped unread
     if keep is not None:
@@ -307,8 +304,7 @@ def _window_groups(items: pa.Table, *, filesystem: pafs.FileSystem, labels: dict
             yield table.slice(start, emit)
 
 
-def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | None = None,
-                     labels: list[int] | None = None,
+def training_dataset(data: PreparedData | str, config, *, epoch: int = 0, labels: list[int] | None = None,
                      exclude_identities: Iterable[int] | None = None) -> ray.data.Dataset:
     """Rows = groups of K clips of one identity: clips uint8 (K, T, H, W, 3), keypoints (K, T, 14, 3) in
     the resized frame's pixels, has_keypoints, label (0..N-1 over sorted training identities), identity,
@@ -318,19 +314,20 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
     `labels` is given, of the labels. Build one per epoch (epoch= changes the sampled frames); shard it across
     workers with streaming_split.
     """
-    data = config.data
+    prepared, data = as_prepared(data), config.data
     if labels is None:
-        labels = identity_labels(uri, endpoint_url=endpoint_url, exclude_identities=exclude_identities)
+        labels = identity_labels(prepared, exclude_identities=exclude_identities)
     if len(labels) < data.identities_per_batch:
         # a batch needs P distinct identities: with fewer, training_batches could never fill one
-        raise ValueError(f"{uri}: {len(labels)} training identities, fewer than identities_per_batch = "
-                         f"{data.identities_per_batch}")
+        raise ValueError(f"{prepared.uri}: {len(labels)} training identities, fewer than "
+                         f"identities_per_batch = {data.identities_per_batch}")
     # The epoch's plan from the light columns alone, on this process: which groups, in which order
     # (data.mixing, data.weighting; docs/sampling.md). Files are then read by plain tasks, one per window of
     # the plan, rather than read_parquet, which starts a pool of footer-reading actors (new processes) in
-    # every execution: once per epoch here, where the manifest already lists the files.
-    paths = read_manifest(uri, endpoint_url=endpoint_url).paths("train")
-    filesystem = storage.read_filesystem(uri, endpoint_url)
+    # every execution: once per epoch here, where the manifest already lists the files. The handle's manifest
+    # was read once in the driver: every epoch reads the version the run started with.
+    paths = prepared.paths("train")
+    filesystem = prepared.read_filesystem()
     tracklets, where, stored = _training_index(paths, filesystem, {int(i) for i in exclude_identities or ()})
     # the old stream's order, for data.mixing = "shards": a different file order every epoch, rows as stored
     file_order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
@@ -349,32 +346,31 @@ def training_dataset(uri: str, config, *, epoch: int = 0, endpoint_url: str | No
                    augment=Augmentation.from_config(config, epoch))
 
 
-def evaluation_dataset(uri: str, config, *, endpoint_url: str | None = None,
-                       sequence_length: int | None = None, seed: int = 0) -> ray.data.Dataset:
+def evaluation_dataset(data: PreparedData | str, config, *, sequence_length: int | None = None,
+                       seed: int = 0) -> ray.data.Dataset:
     """Rows = chunks of T consecutive frames of a test tracklet (all of its frames, the last chunk padded by
     repeating its last frame; `valid` says how many are real): clips uint8 (T, H, W, 3), keypoints
     (T, 14, 3), has_keypoints, tracklet, identity, camera, is_query, chunk, valid, corrupt_frames.
 
     sequence_length L: each tracklet contributes L frames instead of all of them, drawn as the paper's
     sequence-length test does (sampling.sequence_of_length; the same seed, the same frames)."""
+    ds = _read(as_prepared(data), "test")
     data = config.data
-    ds = _read(uri, "test", endpoint_url)
     ds = ds.map_batches(_tracklet_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
                         fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed))
     return _decode(ds, data, (data.seq_len,))
 
 
-def validation_dataset(uri: str, config, split: "ValidationSplit", *,
-                       endpoint_url: str | None = None) -> ray.data.Dataset:
+def validation_dataset(data: PreparedData | str, config, split: "ValidationSplit") -> ray.data.Dataset:
     """Rows as evaluation_dataset's, for the held-out tracklets of a validation split (from
     data.validation.ensure_validation_split): every frame of each, in chunks of T; is_query marks the
     split's queries; `tracklet` is the training track-table row. Reads only the training shards."""
-    manifest = read_manifest(uri, endpoint_url=endpoint_url)
-    if split.dataset != str(manifest.source.get("fingerprint")):
-        raise ValueError(f"{uri}: the validation split {split.uri or ''} was carved from another prepared "
-                         "data set (it was rebuilt since); call ensure_validation_split again")
+    prepared = as_prepared(data)
+    if split.dataset != str(prepared.manifest.source.get("fingerprint")):
+        raise ValueError(f"{prepared.uri}: the validation split {split.uri or ''} was carved from another "
+                         "prepared data set (it was rebuilt since); call ensure_validation_split again")
     data = config.data
-    ds = _read(uri, "train", endpoint_url, keep=split.identities)
+    ds = _read(prepared, "train", keep=split.identities)
     ds = ds.map_batches(_held_out_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
                         fn_kwargs=dict(seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
     return _decode(ds, data, (data.seq_len,))
