@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from stal_ray.core.flags import add_deprecated
 from stal_ray.core.storage import StorageError, absolute
 from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.source import endpoint_url
@@ -22,18 +23,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"{BLAZEPOSE} (default; BlazePose on CPU, weights from the mediapipe wheel), or "
                              "a path or URL of a .onnx SimCC top-down model (e.g. an RTMPose export; GPU "
                              "with onnxruntime-gpu) or of a .tflite BlazePose landmark model")
-    parser.add_argument("--num-gpus", type=float, default=0, metavar="N",
-                        help="GPUs per model worker (default 0: CPU workers, one per CPU)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="model workers (default: one per GPU with --num-gpus, else one per CPU)")
+    parser.add_argument("--use-gpu", action="store_true",
+                        help="one GPU per model worker (--num-gpus 1; default: CPU workers, one per CPU)")
+    parser.add_argument("--num-gpus", type=float, default=None, metavar="F",
+                        help="the GPU share of each model worker, for several workers on one GPU (e.g. 0.5; "
+                             "Ray's num_gpus of the actors; default: 1 with --use-gpu, else 0)")
+    parser.add_argument("--num-workers", type=int, default=None, metavar="N",
+                        help="model workers (default: one per GPU with --use-gpu, else one per CPU)")
+    add_deprecated(parser, "--workers", "--num-workers", dest="num_workers", type=int)
     parser.add_argument("--endpoint-url", default=None, metavar="URL", type=endpoint_url,
                         help="S3-compatible endpoint for s3:// URIs (e.g. MinIO)")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
+    if args.num_gpus is None:
+        args.num_gpus = 1.0 if args.use_gpu else 0.0
     if args.num_gpus < 0:
         parser.error(f"--num-gpus must be >= 0, got {args.num_gpus}")
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.num_workers is not None and args.num_workers < 1:
+        parser.error(f"--num-workers must be >= 1, got {args.num_workers}")
     args.data = absolute(args.data)  # Ray tasks run in the cluster's working directory
     if "://" not in args.model and args.model.endswith((".onnx", ".tflite")):
         args.model = absolute(args.model)
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model, endpoint_url=args.endpoint_url)
         init_ray(args.address)
         data = PreparedData.read(args.data, endpoint_url=args.endpoint_url)
-        result = estimate_pose(data, model, workers=args.workers, num_gpus=args.num_gpus)
+        result = estimate_pose(data, model, workers=args.num_workers, num_gpus=args.num_gpus)
     except (UnknownModelError, StorageError) as error:
         print(f"estimate_pose: error: {error}", file=sys.stderr)
         return 2

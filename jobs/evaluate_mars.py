@@ -1,29 +1,28 @@
 """Evaluate a trained STAL model on a test split (MARS, iLIDS-VID, PRID-2011; another data set than the
 model's is a cross-dataset test): CMC and mAP per mode, metrics.json and plots.
 
-Alone:              python jobs/evaluate_mars.py --checkpoint runs/stal/model.pt --out eval/
+Alone:              python jobs/evaluate_mars.py --model runs/stal/model.pt --out eval/
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/evaluate_mars.py \\
-                        --checkpoint s3://bucket/runs/stal/model.pt --data s3://bucket/mars --out s3://bucket/eval
+                        --model s3://bucket/runs/stal/model.pt --data s3://bucket/mars --out s3://bucket/eval
 """
 
 import argparse
 import sys
 
-from stal_ray.config import PROTOCOLS, ConfigError
+from stal_ray.config import DISTANCE_MODES, PROTOCOLS, ConfigError
 from stal_ray.core import storage
+from stal_ray.core.flags import add_deprecated, require
 from stal_ray.core.storage import StorageError
 from stal_ray.data.source import endpoint_url
-from stal_ray.evaluate.distance import MODES
-from stal_ray.evaluate.evaluate import evaluate
-from stal_ray.evaluate.report import METRICS_FILE
 from stal_ray.ray_init import add_ray_arguments, init_ray
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="model.pt written by jobs/train_mars.py, local or s3://")
+    parser.add_argument("--model", metavar="PATH", default=None,
+                        help="model.pt written by jobs/train_mars.py, local or s3:// (required)")
+    add_deprecated(parser, "--checkpoint", "--model", dest="model")
     parser.add_argument("--data", metavar="URI", default=None,
                         help="prepared shards (jobs/prepare_mars.py), local or s3:// "
                              "(default: the data set the model was trained on, its data.root)")
@@ -31,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder for metrics.json, cmc.png, attention.png, features.parquet")
     parser.add_argument("--fusion-rate", type=float, default=None, metavar="A",
                         help="α in d = d_l + α·d_g (default: the model's eval.fusion_rate)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+    parser.add_argument("--modes", nargs="+", default=list(DISTANCE_MODES), choices=DISTANCE_MODES,
                         help="distances to rank by (default: all)")
     parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
                         help="query/gallery protocol and AP rule: official (the MARS code's trapezoid mAP) "
@@ -45,23 +44,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "OUT/ranked/ (default: the model's eval.visualize, 0: none)")
     parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                         help="override an eval or data setting, e.g. --set eval.batch_size=64")
+    parser.add_argument("--num-workers", type=int, default=None, metavar="N",
+                        help="feature workers, each holding the model (default: one per GPU of the cluster, "
+                             "which the workers use when it has any, else one)")
     parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
                         help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
+    require(parser, args, model="--model")
+    if args.num_workers is not None and args.num_workers < 1:
+        parser.error(f"--num-workers must be >= 1, got {args.num_workers}")
     # read and written by Ray tasks, whose working directory is the cluster's
-    args.checkpoint, args.data, args.out = map(storage.absolute, (args.checkpoint, args.data, args.out))
+    args.model, args.data, args.out = map(storage.absolute, (args.model, args.data, args.out))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # torch and Ray: after the arguments, so that --help and a bad flag answer at once
+    from stal_ray.evaluate.evaluate import evaluate
+    from stal_ray.evaluate.report import METRICS_FILE
+
     init_ray(args.address)
     try:
-        evaluate(args.checkpoint, args.data, args.out, config_overrides=args.overrides,
+        evaluate(args.model, args.data, args.out, config_overrides=args.overrides,
                  fusion_rate=args.fusion_rate, modes=args.modes, protocol=args.protocol,
                  save_distances=args.save_distances, endpoint_url=args.endpoint_url,
-                 visualize_top=args.visualize)
+                 visualize_top=args.visualize, concurrency=args.num_workers)
     except (ConfigError, StorageError, FileNotFoundError, ValueError) as error:
         print(f"evaluate_mars: error: {error}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ rate, sequence length and attention maps on occluded data, written to OUT/report
 Alone:              python jobs/study.py --out study      (occluded synthetic data set, tiny CNN, CPU)
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/study.py --data s3://bucket/polluted-mars \\
                         --config configs/mars_resnet50.yaml --use-gpu --out s3://bucket/study
-Started again with the same --out, it resumes: finished models are not trained again.
+Started again with the same --out, it resumes: finished models are not trained again. Settings other than
+those of OUT/config.yaml are refused unless --allow-changed-config (docs/jobs.md).
 """
 
 import argparse
@@ -19,11 +20,9 @@ from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.data.synthetic.generator import ensure_synthetic_shards
 from stal_ray.data.synthetic.occluders import OCCLUDER_STYLES
 from stal_ray.ray_init import add_ray_arguments, init_ray
-from stal_ray.study.run import SEQUENCE_LENGTHS, run_study
-from stal_ray.study.variants import VARIANTS
-from stal_ray.train.trainer import RunStoppedError
+from stal_ray.study.variants import SEQUENCE_LENGTHS, VARIANTS
 
-SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu"}
+SHORTCUTS = {"num_workers": "train.num_workers", "use_gpu": "train.use_gpu", "iterations": "train.iterations"}
 DEFAULT_CONFIG = "study_occluded"  # a packaged config (config.packaged_configs())
 # the synthetic data set of the study when no --data is given: like the paper's "polluted" data (Table VII),
 # most frames with an occluder, and enough test identities for the ablations to separate
@@ -73,6 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--use-gpu", action="store_true", default=None,
                         help="one GPU per worker (train.use_gpu; default: the config's, off in "
                              "study_occluded.yaml)")
+    parser.add_argument("--iterations", type=int, default=None, metavar="N",
+                        help="training iterations of each model (train.iterations; default: the config's, "
+                             "800 in study_occluded.yaml)")
+    parser.add_argument("--allow-changed-config", action="store_true",
+                        help="resume the study in --out with settings other than those of its config.yaml; "
+                             "the change is recorded in its config-changes.yaml (default: such a resume is "
+                             "refused, naming the settings that differ)")
     args = parser.parse_args(argv)
     args.config = args.config or str(DEFAULT_CONFIG)
     args.out = storage.absolute(args.out)  # written by Ray tasks
@@ -84,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # torch, DeepSpeed and Ray: after the arguments, so that --help and a bad flag answer at once
+    from stal_ray.study.run import run_study
+    from stal_ray.train.trainer import RunStoppedError
+
     try:
         config = config_from_args(args, SHORTCUTS)
         init_ray(args.address)
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "python jobs/study.py " + shlex.join(argv)
         report = run_study(config, data, args.out, command=command,
                            sequence_lengths=args.sequence_lengths,
-                           variants=tuple(v for v in VARIANTS if v.name in {"stal", *args.variants}))
+                           variants=tuple(v for v in VARIANTS if v.name in {"stal", *args.variants}),
+                           allow_changed_config=args.allow_changed_config)
     except (ConfigError, StorageError, RunStoppedError) as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2

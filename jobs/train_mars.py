@@ -4,7 +4,9 @@ Alone:              python jobs/train_mars.py                      (tiny model, 
 On a Ray cluster:   ray job submit --working-dir . -- python jobs/train_mars.py \\
                         --config configs/mars_resnet50.yaml --data s3://bucket/mars --num-workers 8 \\
                         --use-gpu --storage-path s3://bucket/ray_results
-A run started again with the same --name resumes from its latest checkpoint. --data needs --config.
+A run started again with the same --storage-path and --name resumes from its latest checkpoint, with the
+settings of its config.yaml: other settings are refused unless --allow-changed-config (docs/jobs.md).
+--data needs --config.
 
 The run folder <storage path>/<name> holds config.yaml (the resolved settings), the checkpoints,
 tensorboard/ (tensorboard --logdir <run folder>), model.pt, metrics.json and log.txt (this job's output).
@@ -21,12 +23,11 @@ from stal_ray.core.storage import StorageError
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.source import add_data_arguments, resolve_data
 from stal_ray.ray_init import add_ray_arguments, init_ray
-from stal_ray.train.preflight import check_settings
-from stal_ray.train.trainer import RunStoppedError, run_folder, train
 
 # flags that stand for a setting
 SHORTCUTS = {"num_workers": "train.num_workers", "min_workers": "train.min_workers",
-             "use_gpu": "train.use_gpu", "storage_path": "train.storage_path"}
+             "use_gpu": "train.use_gpu", "storage_path": "train.storage_path",
+             "iterations": "train.iterations"}
 DEFAULT_CONFIG = "synthetic_tiny"  # a packaged config (config.packaged_configs())
 
 
@@ -52,6 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "needs s3:// or a shared mount: a local path is refused there")
     parser.add_argument("--name", default=None, help="run name; an existing run of this name is resumed "
                                                      "(default: stal-<backbone>-<YYYYmmdd-HHMMSS>)")
+    parser.add_argument("--iterations", type=int, default=None, metavar="N",
+                        help="training iterations (train.iterations; default: the config's, 200 in "
+                             "synthetic_tiny.yaml, 150000 in the MARS configs)")
+    parser.add_argument("--allow-changed-config", action="store_true",
+                        help="resume the run --name with settings other than those of its config.yaml; the "
+                             "change is recorded in its config-changes.yaml (default: such a resume is "
+                             "refused, naming the settings that differ)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")
     args = parser.parse_args(argv)
     if args.data and not args.config:
@@ -63,6 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # torch, DeepSpeed and Ray: after the arguments, so that --help and a bad flag answer at once
+    from stal_ray.train.preflight import check_settings
+    from stal_ray.train.trainer import RunStoppedError, run_folder, train
+
     with contextlib.ExitStack() as log:
         try:
             config = config_from_args(args, SHORTCUTS)
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             # the test split too: a damaged one would stop the evaluation after hours of training
             check_shards(data, ("train",) if args.no_eval else ("train", "test"))
             print(f"training run {name!r} on {data.uri}")
-            result = train(config, data, name=name)
+            result = train(config, data, name=name, allow_changed_config=args.allow_changed_config)
         except (ConfigError, StorageError, RunStoppedError) as error:
             print(f"train_mars: error: {error}", file=sys.stderr)
             return 2

@@ -25,6 +25,7 @@ from stal_ray.config_schema import (  # noqa: F401 - re-exported: `from stal_ray
     ATTENTION_MODES,
     BACKBONES,
     BRANCHES,
+    DISTANCE_MODES,
     KEYPOINT_SUPERVISION,
     LR_SCHEDULES,
     MINING,

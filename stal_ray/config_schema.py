@@ -24,6 +24,10 @@ BRANCHES = ("fused", "global", "local")
 # which branches' terms of Eq. 3 train (the branch ablation of §IV-C2 trains each branch alone)
 TRAINED_BRANCHES = ("both", "global", "local")
 PROTOCOLS = ("official", "torchreid")
+# The paper's test switches: stal = temporal and spatial attention, tan = temporal only, san = spatial only,
+# baseline = no attention (all scores 1); global and local = one branch of the stal distance alone. Here, not
+# in evaluate/distance.py (which re-exports them as MODES), so evaluate_mars.py --help needs no torch.
+DISTANCE_MODES = ("stal", "baseline", "tan", "san", "global", "local")
 # beyond the paper (its SGD and step decay are the defaults): train.optimizer and train.lr_schedule
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "cosine", "multistep")

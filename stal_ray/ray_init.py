@@ -6,9 +6,6 @@ import argparse
 import os
 import sys
 
-import ray
-import ray.data
-
 # Logical CPUs of a local Ray on a small machine: train workers and the Ray Data decoding tasks each ask for
 # one CPU, and with only as many as there are cores they wait on each other forever (DESIGN.md, "Testing").
 LOCAL_MIN_CPUS = 8
@@ -30,6 +27,9 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     """Join the cluster at `address`, else at RAY_ADDRESS (which `ray job submit` sets for its jobs); with
     neither, start a private local Ray with at least LOCAL_MIN_CPUS logical CPUs (address="local": a bare
     ray.init() would attach to any cluster `ray start` left on this machine)."""
+    import ray  # here, not at the top: a job's --help is answered before Ray is imported
+    import ray.data
+
     os.environ.setdefault(PRINT_PATCH_VARIABLE, "0")
     # progress bars where someone watches a terminal; in a job's log file they are lines of escape codes
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()

@@ -34,6 +34,7 @@ from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.validation import ValidationSplit, ensure_validation_split
 from stal_ray.evaluate.report import write_bytes
+from stal_ray.train.run_config import record_config
 from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.trainer import preflight, storage_root, train
 
@@ -47,7 +48,7 @@ DRIVER_RESOURCES = {"cpu": 0.1}
 
 
 class SearchInterrupted(RuntimeError):
-    """The search stopped before all of its trials finished; its state is saved for --resume."""
+    """The search stopped before all of its trials finished; its state is saved for the same --name."""
 
 
 @dataclass
@@ -74,14 +75,16 @@ def trial_config(config: Config, params: Mapping[str, Any], *, fusion_rate: floa
     return config_from_dict(layered)
 
 
-def _run_trial(params: dict[str, Any], *, base: dict, data: PreparedData, split: str, runs: str) -> None:
+def _run_trial(params: dict[str, Any], *, base: dict, data: PreparedData, split: str, runs: str,
+               allow_changed_config: bool = False) -> None:
     """One trial: a TorchTrainer run named after the trial (so a resumed search resumes it from its last
     checkpoint), whose reports reach Tune through TuneReportCallback."""
     layered = trial_config(config_from_dict(base), params).to_dict()
     layered["train"]["storage_path"] = runs
     train(config_from_dict(layered), data, name=tune.get_context().get_trial_id(),
           validation=ValidationSplit.from_json(split), callbacks=[TuneReportCallback()],
-          checksums=False)  # run_search checked the training shards in the driver
+          checksums=False,  # run_search checked the training shards in the driver
+          allow_changed_config=allow_changed_config)  # run_search recorded the change, if any
 
 
 class _TrialProgress(tune.Callback):
@@ -151,21 +154,33 @@ def check_resume_folder(experiment_dir: str) -> None:
             if not owner or (status.st_mode & others and not stat.S_ISLNK(status.st_mode)):
                 why = "is owned by another user" if not owner else "can be written by other users"
                 raise ConfigError(
-                    f"--resume: {path} {why}; Ray Tune unpickles this search folder's state, so a file "
+                    f"resuming: {path} {why}; Ray Tune unpickles this search folder's state, so a file "
                     "planted there would run as you. Resume only from a folder only you can write "
                     f"(chmod -R go-w {top}, after checking its contents), or start a new search")
 
 
-def run_search(config: Config, data: PreparedData | str, *, name: str, resume: bool = False) -> SearchResult:
-    """Run the search `name` under train.storage_path (or resume an interrupted one: finished trials are
-    kept, unfinished ones continue from their last checkpoint) and write results.csv and best.yaml. Every
-    trial trains on `data` as the driver read it."""
+def run_search(config: Config, data: PreparedData | str, *, name: str, resume: bool = False,
+               allow_changed_config: bool = False) -> SearchResult:
+    """Run the search `name` under train.storage_path and write results.csv and best.yaml. Every trial trains
+    on `data` as the driver read it. A search `name` that exists is resumed (finished trials are kept,
+    unfinished ones continue from their last checkpoint) with the settings of its config.yaml: others raise
+    ChangedConfigError naming them, unless allow_changed_config, which records the change
+    (train/run_config.py). resume=True (the deprecated --resume): refuse to start a search that does not
+    exist yet."""
     data = as_prepared(data)
     # before the validation split and any trial: each trial would refuse the same settings on its own, late
     preflight(config, data, held_out=config.data.val_identities)
     root = storage_root(config)
     storage.check_output_folder(root, "--storage-path (train.storage_path)", endpoint_url=data.endpoint_url)
     experiment_dir = storage.join(root, name)
+    exists = tune.Tuner.can_restore(experiment_dir)
+    if resume and not exists:
+        raise ConfigError(f"--resume: no search to resume at {experiment_dir}; check --name and "
+                          "--storage-path, or start it without --resume")
+    settings = config.to_dict()
+    settings["data"]["root"] = data.uri  # the data set the search trains and validates on
+    record_config(experiment_dir, settings, allow_changed=allow_changed_config,
+                  endpoint_url=data.endpoint_url, what="search")
     min_training = config.data.identities_per_batch
     check_shards(data, ("train",))  # once here, not in every trial's traceback
     split = ensure_validation_split(data, config.data.val_identities, config.train.seed,
@@ -177,18 +192,14 @@ def run_search(config: Config, data: PreparedData | str, *, name: str, resume: b
     metric = f"val_{config.tune.metric}"
     trainable = tune.with_resources(tune.with_parameters(
         _run_trial, base=config.to_dict(), data=data, split=split.to_json(),
-        runs=storage.join(experiment_dir, RUNS)), DRIVER_RESOURCES)
-    if resume:
-        if not tune.Tuner.can_restore(experiment_dir):
-            raise ConfigError(f"--resume: no search to resume at {experiment_dir}; check --name and "
-                              "--storage-path, or start it without --resume")
+        runs=storage.join(experiment_dir, RUNS), allow_changed_config=allow_changed_config),
+        DRIVER_RESOURCES)
+    if exists:
+        print(f"resuming the search {name!r} at {experiment_dir}", flush=True)
         check_resume_folder(experiment_dir)  # Tune unpickles its state: only the user's own files
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        if tune.Tuner.can_restore(experiment_dir):
-            raise ConfigError(f"a search named {name!r} exists at {experiment_dir}: pass --resume to "
-                              "finish it or choose another --name")
         tuner = tune.Tuner(
             trainable, param_space=search_space(config),
             tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=_scheduler(config),
@@ -207,8 +218,8 @@ def run_search(config: Config, data: PreparedData | str, *, name: str, resume: b
     if finished < max(len(grid), config.tune.num_samples):
         # Ctrl-C (or SIGINT from a scheduler): Tune saved the experiment's state and returned early
         raise SearchInterrupted(f"the search {name!r} was interrupted with {finished} of "
-                                f"{config.tune.num_samples} trials finished; finish it with the same command "
-                                f"and --resume --name {name}")
+                                f"{config.tune.num_samples} trials finished; finish it by running the same "
+                                f"command again (the same --storage-path and --name {name})")
     rows = results_rows(grid, metric, config.train.iterations)
     if not any(math.isfinite(row[metric]) for row in rows):
         raise RuntimeError(f"no trial of {experiment_dir} reported a validation result; see the trials' "

@@ -6,11 +6,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stal_ray.config_schema import DISTANCE_MODES
 from stal_ray.objective import normalize_part_scores
 
-# The paper's test switches: stal = temporal and spatial attention, tan = temporal only, san = spatial only,
-# baseline = no attention (all scores 1); global and local = one branch of the stal distance alone.
-MODES = ("stal", "baseline", "tan", "san", "global", "local")
+MODES = DISTANCE_MODES  # the paper's test switches (config_schema.py says what each is)
 
 
 def check_mode(mode: str) -> None:

@@ -12,11 +12,10 @@ from stal_ray.evaluate.report import plot_attention, plot_cmc, shown_frames, wri
 from stal_ray.study import analysis, figures
 from stal_ray.study.report import StudyResults, write_report
 from stal_ray.study.units import extract_with_units
-from stal_ray.study.variants import VARIANTS, train_variants
+from stal_ray.study.variants import SEQUENCE_LENGTHS, VARIANTS, train_variants
 from stal_ray.train.preflight import preflight
+from stal_ray.train.run_config import record_config
 
-# Fig. 11's lengths (the paper goes to 128 on iLIDS-VID; None = every frame of the tracklet)
-SEQUENCE_LENGTHS = (1, 2, 4, 8, 16, None)
 FUSION_RATES = tuple(round(0.1 * i, 1) for i in range(11))  # Fig. 8: 0 to 1 by 0.1
 # the models of the STAN comparison (report section 6): their unit scores are extracted
 STAN_VARIANTS = ("stan_clip_fc", "stan_no_bn", "stal")
@@ -25,10 +24,13 @@ REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
 
 
 def run_study(config: Config, data: PreparedData | str, out: str, *, command: str,
-              sequence_lengths=SEQUENCE_LENGTHS, fusion_rates=FUSION_RATES, variants=VARIANTS) -> str:
+              sequence_lengths=SEQUENCE_LENGTHS, fusion_rates=FUSION_RATES, variants=VARIANTS,
+              allow_changed_config: bool = False) -> str:
     """Run every step into `out` and return the path of report.md. `command` is recorded in the report.
     `variants` (stal always among them) chooses the models trained; the sections that compare a variant
-    left out are left out of the report."""
+    left out are left out of the report. A study in `out` started earlier resumes with the settings of its
+    config.yaml: others raise ChangedConfigError naming them, unless allow_changed_config, which records the
+    change (train/run_config.py)."""
     start = time.perf_counter()
     if "stal" not in {v.name for v in variants}:
         raise ValueError("a study needs the stal variant: every section ranks its model")
@@ -37,7 +39,11 @@ def run_study(config: Config, data: PreparedData | str, out: str, *, command: st
     data = as_prepared(data)
     # before the first variant's run folder is written, with the storage path the variants train into
     preflight(with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"]), data)
-    trained = train_variants(config, data, out, variants=variants)
+    settings = config.to_dict()
+    settings["data"]["root"] = data.uri  # the data set studied (the synthetic one's cache path, generated)
+    record_config(out, settings, allow_changed=allow_changed_config, endpoint_url=data.endpoint_url,
+                  what="study")
+    trained = train_variants(config, data, out, variants=variants, allow_changed_config=allow_changed_config)
     stream = dict(batch_size=config.eval.batch_size, use_gpu=config.train.use_gpu or None)
     alpha, protocol = config.eval.fusion_rate, config.eval.protocol
 

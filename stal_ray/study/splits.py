@@ -11,7 +11,8 @@ Layout under `out`:
     summary.json, summary.md the per-split figures, their mean and standard deviation
 
 Started again with the same `out`, it resumes: a split whose metrics.json is there is not run again, an
-interrupted training resumes from its last checkpoint, and shards already written are reused.
+interrupted training resumes from its last checkpoint, and shards already written are reused; the settings
+must be those of out/config.yaml unless a change is allowed (train/run_config.py).
 """
 
 import json
@@ -64,27 +65,32 @@ class SplitData:
 
 
 def run_splits(config: Config, data: SplitData, out: str, splits: list[int], *, command: str,
-               cross: SplitData | None = None, parallel: int = 1) -> str:
+               cross: SplitData | None = None, parallel: int = 1, allow_changed_config: bool = False) -> str:
     """Prepare, train and evaluate every split in `splits` into `out` (module docstring), `parallel` splits at
     once (each a Ray task of its own, so on a cluster they run side by side), then write the summary.
     With `cross`, each split's model is also evaluated on that data set's split of the same number."""
     from stal_ray.train.preflight import preflight  # Ray Data: only where splits run
+    from stal_ray.train.run_config import record_config
 
     start = time.perf_counter()
     storage.check_output_folder(out, "--out", endpoint_url=data.endpoint_url)  # before any split trains
     # the settings' checks before any split is prepared; the data's run per split, once its shards exist
     preflight(with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"]), None,
               endpoint_url=data.endpoint_url)
+    # a finished split is not run again: its metrics must come from the settings the others run with
+    record_config(out, config.to_dict(), allow_changed=allow_changed_config, endpoint_url=data.endpoint_url,
+                  what="set of splits")
     if parallel > 1:
         for source in (data, cross):
             if source is not None:
                 source.ensure_splits(splits[0])
         task = ray.remote(num_cpus=0)(run_split)
         with ThreadPoolExecutor(parallel) as pool:  # at most `parallel` splits in flight
-            results = list(pool.map(lambda k: ray.get(task.remote(config, data, out, k, cross, parallel)),
-                                    splits))
+            results = list(pool.map(lambda k: ray.get(task.remote(config, data, out, k, cross, parallel,
+                                                              allow_changed_config)), splits))
     else:
-        results = [run_split(config, data, out, k, cross) for k in splits]
+        results = [run_split(config, data, out, k, cross, allow_changed_config=allow_changed_config)
+                   for k in splits]
     summary = summarise(dict(zip(splits, results, strict=True)), data, cross, command,
                         time.perf_counter() - start)
     write_bytes(storage.join(out, SUMMARY_JSON), (json.dumps(summary, indent=2) + "\n").encode())
@@ -95,7 +101,7 @@ def run_splits(config: Config, data: SplitData, out: str, splits: list[int], *, 
 
 
 def run_split(config: Config, data: SplitData, out: str, split: int, cross: SplitData | None,
-              side_by_side: int = 1) -> dict:
+              side_by_side: int = 1, allow_changed_config: bool = False) -> dict:
     """{"test": metrics.json of split `split`'s model on its own test split, "cross": on the cross data set's
     split (None without one)}; each read back when an earlier run wrote it. side_by_side: splits running at
     once, which share the nodes' CPUs in their evaluations (else their feature actors hold every CPU and the
@@ -114,7 +120,7 @@ def run_split(config: Config, data: SplitData, out: str, split: int, cross: Spli
     split_config = with_overrides(config, [f"train.storage_path={storage.join(out, 'runs')}"],
                                   source=f"split {split}")
     print(f"splits: training split {split} on {shards.uri}", flush=True)
-    trained = train(split_config, shards, name=f"split-{split}")
+    trained = train(split_config, shards, name=f"split-{split}", allow_changed_config=allow_changed_config)
     if results["test"] is None:
         results["test"] = evaluate(trained.model_path, shards, run_dir, cpu_share=0.5 / side_by_side)
     if cross is not None and results["cross"] is None:

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from stal_ray.config import Config, with_overrides
 from stal_ray.core import storage
 from stal_ray.data.prepared.handle import PreparedData
-from stal_ray.train.trainer import train
+
+# Fig. 11's lengths (the paper goes to 128 on iLIDS-VID; None = every frame of the tracklet); here, beside the
+# variants, so that jobs/study.py's --help names both without importing the training stack
+SEQUENCE_LENGTHS = (1, 2, 4, 8, 16, None)
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,12 @@ class TrainedVariant:
 
 
 def train_variants(config: Config, data: PreparedData, out: str, *,
-                   variants: tuple[Variant, ...] = VARIANTS) -> dict[str, TrainedVariant]:
+                   variants: tuple[Variant, ...] = VARIANTS,
+                   allow_changed_config: bool = False) -> dict[str, TrainedVariant]:
     """Train every variant into <out>/runs/<name>; a run already there resumes (and a finished one only
     writes its model again), so an interrupted study picks up where it stopped."""
+    from stal_ray.train.trainer import train  # Ray Train and DeepSpeed: only where a variant trains
+
     runs = storage.join(out, "runs")
     trained = {}
     for variant in variants:
@@ -46,6 +52,6 @@ def train_variants(config: Config, data: PreparedData, out: str, *,
                                         source=f"study variant {variant.name}")
         print(f"study: training {variant.name} ({variant.description})", flush=True)
         start = time.perf_counter()
-        result = train(variant_config, data, name=variant.name)
+        result = train(variant_config, data, name=variant.name, allow_changed_config=allow_changed_config)
         trained[variant.name] = TrainedVariant(variant, result.model_path, time.perf_counter() - start)
     return trained

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.train
-import yaml
 from ray.train.torch import TorchTrainer
 
 from stal_ray.config import Config, resolve_keypoint_supervision
@@ -17,7 +16,6 @@ from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.validation import ValidationSplit
 from stal_ray.data.stream.pipeline import undecodable_frames
-from stal_ray.evaluate.report import write_bytes
 from stal_ray.train.loop import train_loop_per_worker
 from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks were defined here first
     check_data,
@@ -28,11 +26,10 @@ from stal_ray.train.preflight import (  # noqa: F401 - re-exported: the checks w
     storage_root,
 )
 from stal_ray.train.reporting import MODEL_FILE, STOPPED, best_model_metric
+from stal_ray.train.run_config import CONFIG_FILE, record_config  # noqa: F401 - CONFIG_FILE re-exported
 from stal_ray.train.settings import Faults, LoopSettings
 from stal_ray.train.supply import report_stream_balance
 from stal_ray.train.tensorboard import TensorBoardCallback
-
-CONFIG_FILE = "config.yaml"  # the run's resolved settings, written into the run folder as it starts
 
 
 class RunStoppedError(RuntimeError):
@@ -159,18 +156,22 @@ def _no_batch_message(note: dict, data: PreparedData, config: Config) -> str:
             "identities: the data set is too small for data.identities_per_batch; lower it")
 
 
-def train(config: Config, data: PreparedData | str, *, name: str, **kwargs) -> TrainResult:
+def train(config: Config, data: PreparedData | str, *, name: str, allow_changed_config: bool = False,
+          **kwargs) -> TrainResult:
     """Run (or resume) training; raise NonFiniteLossError when the loss went non-finite, NoBatchError when
     an epoch gave no batch, WorkersLostError when the worker group could not start again within
-    train.worker_wait_s (all RunStoppedError: a retry would repeat them)."""
+    train.worker_wait_s (all RunStoppedError: a retry would repeat them). A run `name` that exists resumes
+    with the settings of its config.yaml: others raise ChangedConfigError (a ConfigError) naming them, unless
+    allow_changed_config, which records the change in its config-changes.yaml (train/run_config.py)."""
     data = as_prepared(data)
     trainer = build_trainer(config, data, name=name, **kwargs)
     run_dir = storage.join(storage_root(config), name)
+    # data.root resolved: the settings the run trains with
+    record_config(run_dir, trainer.train_loop_config["config"], allow_changed=allow_changed_config,
+                  endpoint_url=data.endpoint_url)
     fs, stopped = storage.filesystem(storage.join(run_dir, STOPPED), check=False)
     if fs.exists(stopped):
         fs.rm(stopped)  # from an earlier attempt under this name: this one starts from its last checkpoint
-    settings = yaml.safe_dump(trainer.train_loop_config["config"], sort_keys=False)  # data.root resolved
-    write_bytes(storage.join(run_dir, CONFIG_FILE), settings.encode())
     report_stream_balance(config, data)
     try:
         result = trainer.fit()
