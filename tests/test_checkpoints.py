@@ -87,7 +87,8 @@ def test_resuming_from_a_planted_checkpoint_does_not_run_it(ray_cluster, shards_
         plant(target, marker)
     with pytest.raises(Exception, match=r"victim/checkpoint_\w+/engine/mp_rank_00_model_states.pt: "
                                         "refused to load"):
-        train(make_config(storage, "train.iterations=4", "train.max_failures=0"), shards_uri, name="victim")
+        train(make_config(storage, "train.iterations=4", "train.max_failures=0"), shards_uri, name="victim",
+              allow_changed_config=True)
     assert not marker.exists(), "the planted payload ran on a worker"
 
 

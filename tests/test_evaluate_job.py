@@ -178,7 +178,7 @@ def test_job_script_runs_in_a_process_that_already_has_ray(first_run, shards_uri
     out, _ = first_run
     # the features are reused: this tests the job's plumbing, not the extraction again
     shutil.copy(out / "features.parquet", tmp_path / "features.parquet")
-    code = load_job().main(["--checkpoint", model_path, "--data", shards_uri, "--out", str(tmp_path),
+    code = load_job().main(["--model", model_path, "--data", shards_uri, "--out", str(tmp_path),
                      "--modes", "stal", "baseline", "--fusion-rate", "0.3", "--protocol", "torchreid"])
     assert code == 0
     printed = capsys.readouterr().out.strip().splitlines()
@@ -197,13 +197,13 @@ def test_without_data_the_job_evaluates_the_data_the_model_was_trained_on(first_
                                                                           tmp_path, capsys):
     out, _ = first_run
     shutil.copy(out / "features.parquet", tmp_path / "features.parquet")  # reused only for that data set
-    code = load_job().main(["--checkpoint", model_path, "--out", str(tmp_path), "--modes", "stal"])
+    code = load_job().main(["--model", model_path, "--out", str(tmp_path), "--modes", "stal"])
     assert code == 0
     printed = capsys.readouterr().out
     assert f"evaluating on {shards_uri}" in printed and "reusing features" in printed
 
 
 def test_job_script_names_a_missing_checkpoint(ray_cluster, tmp_path, capsys):
-    code = load_job().main(["--checkpoint", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "out")])
+    code = load_job().main(["--model", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "out")])
     assert code == 2
     assert "model file not found: " in capsys.readouterr().err

@@ -102,7 +102,7 @@ def test_bad_frames_are_left_out_listed_and_counted(root):
 def test_summary_lists_bad_frames_and_the_threshold_refuses_a_damaged_release(root):
     bad = damage(root)
     out = str(root.parent / "mars")
-    run = [sys.executable, str(JOB), "--mars-root", str(root), "--out", out]
+    run = [sys.executable, str(JOB), "--root", str(root), "--out", out]
     result = subprocess.run([*run, "--max-bad-frames", "0.05"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "3 bad frames left out of their tracklets" in result.stdout
@@ -137,7 +137,7 @@ def test_symlink_out_of_the_release_is_refused_before_it_is_read(root):
         read_manifest(out)
     for folder, _, names in os.walk(root.parent / "mars"):  # nothing of the secret was written anywhere
         assert not any(b"do-not-ship" in (Path(folder) / n).read_bytes() for n in names)
-    result = subprocess.run([sys.executable, str(JOB), "--mars-root", str(root), "--out", out],
+    result = subprocess.run([sys.executable, str(JOB), "--root", str(root), "--out", out],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"frame {frame} resolves to {secret}" in result.stderr
 

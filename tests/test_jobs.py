@@ -15,8 +15,8 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # arguments each job requires, besides the one under test
 REQUIRED = {
     "train_mars": [], "tune_stal": [], "study": ["--out", "study"],
-    "evaluate_mars": ["--checkpoint", "model.pt", "--out", "eval"],
-    "prepare_mars": ["--mars-root", "release", "--out", "shards"],
+    "evaluate_mars": ["--model", "model.pt", "--out", "eval"],
+    "prepare_mars": ["--root", "release", "--out", "shards"],
     "estimate_pose": ["--data", "shards"],
     "splits": ["--dataset", "ilidsvid", "--root", "release", "--out", "splits"],
 }
@@ -64,11 +64,11 @@ def test_relative_storage_data_and_pretrained_paths_become_absolute(name, tmp_pa
 def test_evaluate_and_study_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     evaluate = job("evaluate_mars")
-    args = evaluate.parse_args(["--checkpoint", "runs/a/model.pt", "--data", "shards", "--out", "ev"])
-    assert (args.checkpoint, args.data, args.out) == (
+    args = evaluate.parse_args(["--model", "runs/a/model.pt", "--data", "shards", "--out", "ev"])
+    assert (args.model, args.data, args.out) == (
         str(tmp_path / "runs/a/model.pt"), str(tmp_path / "shards"), str(tmp_path / "ev"))
-    args = evaluate.parse_args(["--checkpoint", "s3://b/model.pt", "--out", "s3://b/ev"])
-    assert (args.checkpoint, args.data, args.out) == ("s3://b/model.pt", None, "s3://b/ev")
+    args = evaluate.parse_args(["--model", "s3://b/model.pt", "--out", "s3://b/ev"])
+    assert (args.model, args.data, args.out) == ("s3://b/model.pt", None, "s3://b/ev")
     assert job("study").parse_args(["--out", "study"]).out == str(tmp_path / "study")
 
 

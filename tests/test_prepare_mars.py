@@ -18,7 +18,7 @@ def prepare(*args: str) -> subprocess.CompletedProcess:
 
 def test_prepares_a_local_dataset_then_finds_it_up_to_date(small_release_root, tmp_path):
     out = str(tmp_path / "mars")
-    args = ("--mars-root", small_release_root, "--out", out, "--target-file-mb", "0.02")
+    args = ("--root", small_release_root, "--out", out, "--target-file-mb", "0.02")
     first = prepare(*args)
     assert first.returncode == 0, first.stderr
     assert f"{out}: written" in first.stdout and "train: 5 identities" in first.stdout
@@ -34,7 +34,7 @@ def test_prepares_a_local_dataset_then_finds_it_up_to_date(small_release_root, t
 
 def test_prepares_on_s3(small_release_root, moto_server, make_bucket):
     out = make_bucket() + "/prepared/mars"
-    result = prepare("--mars-root", small_release_root, "--out", out, "--endpoint-url", moto_server)
+    result = prepare("--root", small_release_root, "--out", out, "--endpoint-url", moto_server)
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(out, endpoint_url=moto_server)
     assert manifest.counts["train"]["identities"] == 5
@@ -42,7 +42,7 @@ def test_prepares_on_s3(small_release_root, moto_server, make_bucket):
 
 
 def test_bad_mars_root_exits_2_with_one_line(tmp_path):
-    result = prepare("--mars-root", str(tmp_path / "no-release"), "--out", str(tmp_path / "out"))
+    result = prepare("--root", str(tmp_path / "no-release"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "info/train_name.txt" in result.stderr and str(tmp_path / "no-release") in result.stderr
@@ -50,7 +50,7 @@ def test_bad_mars_root_exits_2_with_one_line(tmp_path):
 
 
 def test_missing_bucket_exits_2_with_one_line(small_release_root, moto_server):
-    result = prepare("--mars-root", small_release_root, "--out", "s3://no-such-bucket-here/mars",
+    result = prepare("--root", small_release_root, "--out", "s3://no-such-bucket-here/mars",
                      "--endpoint-url", moto_server)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

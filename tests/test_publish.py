@@ -95,7 +95,7 @@ def test_kill_between_copy_and_swap_keeps_the_old_dataset_whole(release, small_r
     out, endpoint_url = place
     old = write_shards(release, out, target_file_bytes=TARGET, endpoint_url=endpoint_url, progress=False)
     old_tables = contents(old, endpoint_url)
-    args = ("--mars-root", small_release_root, "--out", out, "--overwrite", "--target-file-mb", "0.2",
+    args = ("--root", small_release_root, "--out", out, "--overwrite", "--target-file-mb", "0.2",
             *endpoint_args(endpoint_url))
     process, _, _ = start_held(tmp_path, *args)
     try:
@@ -153,7 +153,7 @@ def test_dataset_written_before_versions_is_read_then_replaced(release, tmp_path
 def test_second_prepare_into_one_folder_is_refused_while_the_first_finishes(release, small_release_root,
                                                                             tmp_path):
     out = str(tmp_path / "mars")
-    args = ("--mars-root", small_release_root, "--out", out, "--target-file-mb", "0.02")
+    args = ("--root", small_release_root, "--out", out, "--target-file-mb", "0.02")
     first, _, go = start_held(tmp_path, *args)
     try:
         second = prepare(*args)

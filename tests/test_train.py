@@ -85,7 +85,8 @@ def test_resumed_run_equals_uninterrupted_run(ray_cluster, shards_uri, tmp_path)
     deterministic = ("train.deterministic=true", "train.checkpoint_every=100")
     whole = train(make_config(tmp_path, "train.iterations=6", *deterministic), shards_uri, name="whole")
     train(make_config(tmp_path, "train.iterations=3", *deterministic), shards_uri, name="split")
-    resumed = train(make_config(tmp_path, "train.iterations=6", *deterministic), shards_uri, name="split")
+    resumed = train(make_config(tmp_path, "train.iterations=6", *deterministic), shards_uri, name="split",
+                    allow_changed_config=True)  # trained on to 6 iterations: a change of the run, recorded
     assert resumed.metrics["iteration"] == 6
     expected, got = state_dict(whole.model_path), state_dict(resumed.model_path)
     assert expected.keys() == got.keys()

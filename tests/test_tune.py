@@ -81,7 +81,7 @@ def test_search_stops_weak_trials_and_its_best_yaml_trains(ray_cluster, shards_u
     assert trained.metrics["iteration"] == 2
 
 
-def test_existing_search_needs_resume_and_bad_schedules_are_refused(ray_cluster, shards_uri, tmp_path):
+def test_resume_of_a_missing_search_and_bad_schedules_are_refused(ray_cluster, shards_uri, tmp_path):
     config = load_config(None, OVERRIDES + [f"train.storage_path={tmp_path}"])
     with pytest.raises(ConfigError, match="no search to resume"):
         run_search(config, shards_uri, name="never-started", resume=True)
@@ -114,13 +114,15 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(shards_uri
         assert time.monotonic() < deadline, "".join(lines[-50:])
     assert finished is not None, "".join(lines[-50:])
     output, _ = first.communicate(timeout=300)
-    assert first.returncode == 130 and "--resume --name resumable" in output, output[-4000:]
+    assert first.returncode == 130 and "the same command again" in output, output[-4000:]
+    assert "--name resumable" in output, output[-4000:]
     experiment = tmp_path / "resumable"
     finished_dir = next(path for path in experiment.iterdir() if path.is_dir() and finished in path.name)
     reports_before = (finished_dir / "result.json").read_text().count("\n")
     assert not (experiment / RESULTS_FILE).exists()  # the search did not get to its end
 
-    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    # the same command resumes the search of the same --name (no --resume: the rule of every job)
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     rows = results(experiment)
     assert len(rows) == 2 and all(row["status"] == "completed" for row in rows), rows

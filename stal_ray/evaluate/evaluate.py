@@ -52,7 +52,7 @@ def evaluate(model_path: str, data: PreparedData | str | None, out_dir: str, *, 
     config's eval settings. Features are saved to features_path (default out_dir/features.parquet) and
     reused by a later call for the same model file and data set, which then reads nothing else.
     cpu_share: the share of a node's CPUs a CPU feature actor takes (its PyTorch threads; the rest decodes);
-    evaluations running side by side (jobs/splits.py --parallel) divide it between them.
+    evaluations running side by side (jobs/splits.py --max-concurrent) divide it between them.
     visualize_top: K of the ranked galleries drawn into out_dir/ranked/ (stal_ray.evaluate.visualize), 0 for
     none (default: the config's eval.visualize).
     """

@@ -7,7 +7,7 @@ pixels and to the paper's 14 joints (joints.py).
   ai-edge-litert's TFLite interpreter on CPU. 33 landmarks with visibility and presence.
 * an ONNX top-down model with SimCC outputs (RTMPose exports: input (N, 3, H, W) RGB normalised by the
   ImageNet mean and std, outputs simcc_x (N, K, W·r) and simcc_y (N, K, H·r)), by local path or fsspec URL,
-  run by onnxruntime: on CPU the `pose` extra's build, on GPU (--num-gpus) the `pose-gpu` extra's
+  run by onnxruntime: on CPU the `pose` extra's build, on GPU (--use-gpu, --num-gpus) the `pose-gpu` extra's
   onnxruntime-gpu, never both (check_onnxruntime refuses a GPU run that would fall back to the CPU).
 
 The models' bytes are read once (load_model, in the driver) and travel to the workers with the estimator,

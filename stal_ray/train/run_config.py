@@ -19,9 +19,9 @@ CONFIG_FILE = "config.yaml"  # the run's resolved settings, written into the run
 CHANGES_FILE = "config-changes.yaml"  # each allowed change of a resumed run: when, and key: saved -> new
 # settings that say where and on what a run runs, not what it computes: a resume may change them freely
 PLACEMENT = frozenset({
-    "train.num_workers", "train.min_workers", "train.resize_check_s", "train.placement_strategy",
-    "train.worker_resource", "train.worker_wait_s", "train.max_failures", "train.storage_path",
-    "train.shared_storage", "data.decode_concurrency",
+    "train.num_workers", "train.min_workers", "train.use_gpu", "train.resize_check_s",
+    "train.placement_strategy", "train.worker_resource", "train.worker_wait_s", "train.max_failures",
+    "train.storage_path", "train.shared_storage", "data.decode_concurrency",
 })
 
 

@@ -78,7 +78,7 @@ TEST_SCHEMA = pa.schema([
 ])
 SCHEMAS = {"train": TRAIN_SCHEMA, "test": TEST_SCHEMA}
 
-PREPARE_COMMAND = "python jobs/prepare_mars.py --mars-root DIR --out {uri}"
+PREPARE_COMMAND = "python jobs/prepare_mars.py --root DIR --out {uri}"
 
 
 class IncompleteDatasetError(StorageError):

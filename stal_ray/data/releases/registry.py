@@ -78,7 +78,7 @@ _PREPARE_DATA = "python jobs/prepare_data.py --dataset {name} --root {uri} --out
 REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("mars", "MARS", _read_mars, MARS_PROTOCOL, root_help="bbox_train/, bbox_test/, info/",
                 markers=("info", "bbox_train"), called="MARS",
-                prepare_command="python jobs/prepare_mars.py --mars-root {uri} --out DIR"),
+                prepare_command="python jobs/prepare_mars.py --root {uri} --out DIR"),
     DatasetSpec("ilidsvid", "iLIDS-VID", _read_ilidsvid, TWO_CAMERA,
                 root_help="the folder holding i-LIDS-VID/ and 'train-test people splits/'",
                 markers=("i-LIDS-VID",), called="i-LIDS-VID", prepare_command=_PREPARE_DATA, splits=10),
