@@ -183,8 +183,8 @@ def test_the_job_passes_visualize_on():
     spec = importlib.util.spec_from_file_location("evaluate_mars", JOB)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.parse_args(["--checkpoint", "m.pt", "--out", "o", "--visualize", "5"]).visualize == 5
-    assert job.parse_args(["--checkpoint", "m.pt", "--out", "o"]).visualize is None
+    assert job.parse_args(["--model", "m.pt", "--out", "o", "--visualize", "5"]).visualize == 5
+    assert job.parse_args(["--model", "m.pt", "--out", "o"]).visualize is None
 
 
 def test_a_negative_k_is_refused_with_the_flag_and_the_fix(drawn, tmp_path):
