@@ -11,7 +11,7 @@ import sys
 
 from stal_ray.config import DISTANCE_MODES, PROTOCOLS, ConfigError
 from stal_ray.core import storage
-from stal_ray.core.flags import add_deprecated, require
+from stal_ray.core.flags import add_deprecated, positive_int, require
 from stal_ray.core.storage import StorageError
 from stal_ray.data.source import endpoint_url
 from stal_ray.ray_init import add_ray_arguments, init_ray
@@ -44,16 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "OUT/ranked/ (default: the model's eval.visualize, 0: none)")
     parser.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                         help="override an eval or data setting, e.g. --set eval.batch_size=64")
-    parser.add_argument("--num-workers", type=int, default=None, metavar="N",
-                        help="feature workers, each holding the model (default: one per GPU of the cluster, "
-                             "which the workers use when it has any, else one)")
+    parser.add_argument("--num-workers", type=positive_int, default=None, metavar="N",
+                        help="feature workers, each holding the model (default: one per GPU, else one)")
     parser.add_argument("--endpoint-url", metavar="URL", default=None, type=endpoint_url,
                         help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
     require(parser, args, model="--model")
-    if args.num_workers is not None and args.num_workers < 1:
-        parser.error(f"--num-workers must be >= 1, got {args.num_workers}")
     # read and written by Ray tasks, whose working directory is the cluster's
     args.model, args.data, args.out = map(storage.absolute, (args.model, args.data, args.out))
     return args

@@ -29,6 +29,17 @@ def add_deprecated(parser: argparse.ArgumentParser | argparse._ArgumentGroup, ol
                         help=argparse.SUPPRESS, **extra)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count (workers, iterations): a whole number >= 1, refused in one line otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def require(parser: argparse.ArgumentParser, args: argparse.Namespace, **flags: str) -> None:
     """What required=True says, for flags that also have a deprecated spelling (argparse would ask for the new
     spelling even when the old one was given): flags maps a dest to the flag's name."""
