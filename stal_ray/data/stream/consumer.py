@@ -58,8 +58,8 @@ def default_threads() -> int:
 
 def encoded_rows(block: pa.Table | dict) -> list[dict[str, Any]]:
     """A block of consumer-decoded rows (pyarrow, or Ray's numpy format) -> one dict per row: every column
-    as numpy but `frames`, the row's JPEG bytes (memoryviews into the block: no copy), `keypoints` (F·42,)
-    in stored pixels."""
+    as numpy but `frames`, the row's JPEG bytes (memoryviews of one copy per row), `keypoints` (F·42,) in
+    stored pixels."""
     if isinstance(block, dict):  # numpy batch format: frames an object array of bytes
         names = [name for name in block if name != "frames"]
         frames = [[bytes(f) for f in row] for row in block["frames"]]
@@ -70,9 +70,17 @@ def encoded_rows(block: pa.Table | dict) -> list[dict[str, Any]]:
         offsets = np.frombuffer(flat.buffers()[1], dtype=offset_type)[flat.offset:flat.offset + len(flat) + 1]
         data = memoryview(flat.buffers()[2]).cast("B")
         per_row = len(flat) // max(1, block.num_rows)
-        views = [data[offsets[i]:offsets[i + 1]] for i in range(len(flat))]
-        frames = [views[r * per_row:(r + 1) * per_row] for r in range(block.num_rows)]
-        columns = {name: to_numpy(block.column(name)) for name in block.column_names if name != "frames"}
+        frames = []
+        for row in range(block.num_rows):
+            # the row's bytes copied out of the block (~1 us a frame), so the block is let go at once: the
+            # consumer pins the JPEG of the groups it holds, not whole blocks (docs/decoding.md)
+            first = offsets[row * per_row:(row + 1) * per_row + 1]
+            own = memoryview(bytes(data[first[0]:first[-1]]))
+            frames.append([own[a:b] for a, b in zip((first[:-1] - first[0]).tolist(),
+                                                     (first[1:] - first[0]).tolist(), strict=True)])
+        # copies (np.array), not views: a view of any column would keep the whole block's memory alive
+        columns = {name: np.array(to_numpy(block.column(name))) for name in block.column_names
+                   if name != "frames"}
     return [{"frames": frames[row], **{name: values[row] for name, values in columns.items()}}
             for row in range(len(frames))]
 
