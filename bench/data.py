@@ -43,19 +43,20 @@ from the training shards over their stored size <= 1.3.
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import psutil
-import pyarrow.parquet as pq
 
 REPO = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, REPO)
@@ -65,11 +66,12 @@ from stal_ray.data.prepared.integrity import CACHE_VARIABLE, check_shards  # noq
 from stal_ray.data.prepared.manifest import read_manifest  # noqa: E402
 from stal_ray.data.prepared.shards import write_shards  # noqa: E402
 from stal_ray.data.releases.mars import read_mars  # noqa: E402
+from stal_ray.data.stream import consumer  # noqa: E402
 from stal_ray.data.stream.augment import Augmentation  # noqa: E402
 from stal_ray.data.stream.batches import training_batches  # noqa: E402
+from stal_ray.data.stream.consumer import ConsumerDecoder  # noqa: E402
 from stal_ray.data.stream.images import decode_frames  # noqa: E402
 from stal_ray.data.stream.pipeline import (  # noqa: E402
-    _identity_groups,
     decode_batch_size,
     evaluation_dataset,
     identity_labels,
@@ -78,6 +80,7 @@ from stal_ray.data.stream.pipeline import (  # noqa: E402
 from stal_ray.data.synthetic.generator import ensure_synthetic_release  # noqa: E402
 
 THROUGHPUT_GOAL = 0.70  # pipeline frames per core over the bare loop's
+CONSUMER_GOAL = 0.80  # the same, decoding at the consumer (data.decode_at = consumer; issue 35)
 READ_GOAL = 1.30  # bytes read per epoch over bytes stored
 READ_LOG = "STAL_BENCH_READ_LOG"  # where CountingFileSystem logs; set before ray.init so workers inherit it
 
@@ -258,13 +261,12 @@ def prepare(args, workdir: Path) -> tuple[str, dict]:
 
 
 def sampled_frames(uri: str, config: Config, epoch: int) -> list[list[bytes]]:
-    """The JPEG bytes of every decoding call the pipeline makes in `epoch` (groups of decode_batch_size)."""
-    labels = {identity: label for label, identity in enumerate(identity_labels(uri))}
-    groups = []
-    for path in read_manifest(uri).paths("train"):
-        groups += _identity_groups(pq.read_table(path), clips_per_identity=config.data.clips_per_identity,
-                                   seq_len=config.data.seq_len, seed=config.train.seed, epoch=epoch,
-                                   labels=labels).column("frames").to_pylist()
+    """The JPEG bytes of every decoding call the pipeline makes in `epoch` (groups of decode_batch_size),
+    read from the epoch's own stream with data.decode_at = consumer (the same groups, not decoded)."""
+    encoded = copy.deepcopy(config)
+    encoded.data.decode_at = "consumer"
+    groups = [list(map(bytes, row)) for block in training_dataset(uri, encoded, epoch=epoch).iter_batches(
+        batch_size=None, batch_format="pyarrow") for row in block.column("frames").to_pylist()]
     size = decode_batch_size(config.data, (config.data.clips_per_identity, config.data.seq_len))
     return [[f for g in groups[i:i + size] for f in g] for i in range(0, len(groups), size)]
 
@@ -297,19 +299,72 @@ def median(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda run: run["cpu_s"])[len(runs) // 2]
 
 
+class Delivered:
+    """The shard as the consumer reads it, counting the bytes of every block it hands over (what crossed the
+    object store to the consumer) and the bytes the consumer keeps alive at the peak: a decoded block lives
+    while any group view into it is held (data.batches), an encoded group's JPEG copy while the group is
+    (data.consumer.encoded_rows)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.bytes, self.live, self.peak = dataset, 0, 0, 0
+
+    def _hold(self, owner, size: int) -> None:
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(owner, self._release, size)
+
+    def _release(self, size: int) -> None:
+        self.live -= size
+
+    def iter_batches(self, **kwargs):
+        for block in self.dataset.iter_batches(**kwargs):
+            if isinstance(block, dict):
+                self.bytes += sum(np.asarray(v).nbytes for v in block.values())
+                owner = block["clips"]
+                while isinstance(owner.base, np.ndarray):
+                    owner = owner.base
+                self._hold(owner, block["clips"].nbytes)
+            else:
+                self.bytes += block.nbytes
+            yield block
+
+    def rows(self, block) -> list[dict]:
+        """encoded_rows, each row's frames in a list the bench can watch."""
+        rows = _ENCODED_ROWS(block)
+        for row in rows:
+            row["frames"] = _Watched(row["frames"])
+            self._hold(row["frames"], sum(len(f) for f in row["frames"]))
+        return rows
+
+
+class _Watched(list):
+    __slots__ = ("__weakref__",)
+
+
+_ENCODED_ROWS = consumer.encoded_rows
+
+
 def pipeline_epoch(uri: str, config: Config, epoch: int, *, normalize: bool = True,
                    exclude: list[int] | None = None) -> dict:
-    """Frames delivered (clips x T), wall, CPU (all processes) and driver CPU of one training epoch."""
+    """Frames delivered (clips x T), wall, CPU (all processes) and driver CPU of one training epoch; bytes
+    delivered to the consumer and its peak pinned bytes (Delivered)."""
+    at_consumer = config.data.decode_at == "consumer"
     with CpuMeter() as meter:
         baseline, start = meter.snapshot(), time.perf_counter()
-        batches = training_batches(training_dataset(uri, config, epoch=epoch, exclude_identities=exclude),
-                                   config.data.identities_per_batch, seed=0, drop_last=False,
-                                   normalize=normalize)
-        frames = sum(batch["clips"].shape[0] * config.data.seq_len for batch in batches)
+        source = Delivered(training_dataset(uri, config, epoch=epoch, exclude_identities=exclude))
+        decoder = ConsumerDecoder.from_config(config, epoch) if at_consumer else None
+        consumer.encoded_rows = source.rows
+        try:
+            batches = training_batches(source, config.data.identities_per_batch, seed=0, drop_last=False,
+                                       normalize=normalize, decoder=decoder)
+            frames = sum(batch["clips"].shape[0] * config.data.seq_len for batch in batches)
+        finally:
+            consumer.encoded_rows = _ENCODED_ROWS
         wall = time.perf_counter() - start
         cpu, driver, kinds = meter.since(baseline), meter.driver(baseline), meter.by_kind(baseline)
     assert batches.skipped_groups == 0, f"{batches.skipped_groups} groups skipped for corrupt frames"
-    return {"frames": frames, "wall_s": wall, "cpu_s": cpu, "driver_cpu_s": driver, "cpu_by_process": kinds}
+    return {"frames": frames, "wall_s": wall, "cpu_s": cpu, "driver_cpu_s": driver, "cpu_by_process": kinds,
+            "delivered_bytes": source.bytes, "pinned_peak_bytes": source.peak}
 
 
 def marginal(full: dict, small: dict, name: str) -> dict:
@@ -401,6 +456,12 @@ def main() -> None:
                         help="the training stream augments as configs/mars_resnet50_strong.yaml does "
                              "(flip, pad 10 and crop, colour jitter 0.2, random erasing 0.5); the goal stays "
                              "against the bare decoding loop; a bare loop that augments is shown beside it")
+    parser.add_argument("--decode-at", nargs="+", default=["stream", "consumer"],
+                        choices=["stream", "consumer"], help="data.decode_at modes measured, each epoch "
+                        "interleaved with the others and the bare loop (consumer: data.decode_concurrency "
+                        "threads in this process)")
+    parser.add_argument("--no-float", action="store_true", help="uint8 batches only (not the float ones)")
+    parser.add_argument("--throughput-only", action="store_true", help="skip bytes read and checksums")
     parser.add_argument("--workdir", default=None, help="keep the data set here (default: a temporary dir)")
     parser.add_argument("--out", default="bench/results/data.json")
     args = parser.parse_args()
@@ -418,8 +479,6 @@ def main() -> None:
         workdir = Path(args.workdir or temporary)
         shards, counts = prepare(args, workdir)
         stored_frames = counts["frames"]
-        calls = sampled_frames(shards, config, epoch=0)
-        mean_jpeg = float(np.mean([len(f) for c in calls for f in c]))
 
         import importlib
 
@@ -440,31 +499,43 @@ def main() -> None:
             # kind first: they start the worker processes that later epochs reuse, and map the object
             # store's pages into them (see the module docstring)
             few = identity_labels(shards)[data.identities_per_batch:]
-            pipeline_epoch(shards, config, epoch=0, normalize=False, exclude=few)
-            pipeline_epoch(shards, config, epoch=0, normalize=False)
+            calls = sampled_frames(shards, config, epoch=0)
+            mean_jpeg = float(np.mean([len(f) for c in calls for f in c]))
+            configs = {}
+            for mode in args.decode_at:
+                configs[mode] = copy.deepcopy(config)
+                configs[mode].data.decode_at = mode
+                pipeline_epoch(shards, configs[mode], epoch=0, normalize=False, exclude=few)
+                pipeline_epoch(shards, configs[mode], epoch=0, normalize=False)
             bares, epochs = [], {}
-            for normalize in (False, True):
+            for normalize in (False,) if args.no_float else (False, True):
                 # interleaved, bare loop included, so a change in the machine's load hits all alike
-                runs = []
+                runs = {mode: [] for mode in args.decode_at}
                 for _ in range(args.repeats):
                     bares.append(bare_loop(calls, data.height, data.width))
-                    runs.append((pipeline_epoch(shards, config, epoch=0, normalize=normalize),
-                                 pipeline_epoch(shards, config, epoch=0, normalize=normalize, exclude=few)))
-                epochs[normalize] = median([f for f, _ in runs]), median([s for _, s in runs])
+                    for mode in args.decode_at:
+                        runs[mode].append((
+                            pipeline_epoch(shards, configs[mode], epoch=0, normalize=normalize),
+                            pipeline_epoch(shards, configs[mode], epoch=0, normalize=normalize, exclude=few)))
+                for mode in args.decode_at:
+                    epochs[mode, normalize] = (median([f for f, _ in runs[mode]]),
+                                               median([s for _, s in runs[mode]]))
             bare = median(bares)
             augmented = median([bare_loop(calls, data.height, data.width, config)
                                 for _ in range(args.repeats)]) if args.augment else None
-            reads = bytes_read(shards, config, os.environ[READ_LOG])
-            checksums = checksum_cost(shards, config, workdir, epochs[False][0]["wall_s"])
+            reads = checksums = None
+            if not args.throughput_only:
+                reads = bytes_read(shards, config, os.environ[READ_LOG])
+                checksums = checksum_cost(shards, config, workdir, epochs["stream", False][0]["wall_s"])
         finally:
             ray.shutdown()
 
     rows = [bare]
-    for normalize, label in ((False, "uint8"), (True, "float, normalised")):
-        full, small = epochs[normalize]
-        rows += [{"name": f"pipeline {label}: epoch", **full},
-                 {"name": f"pipeline {label}: {data.identities_per_batch} ids", **small},
-                 marginal(full, small, f"pipeline {label}: marginal")]
+    for (mode, normalize), (full, small) in epochs.items():
+        label = f"{mode} {'float' if normalize else 'uint8'}"
+        rows += [{"name": f"{label}: epoch", **full},
+                 {"name": f"{label}: {data.identities_per_batch} ids", **small},
+                 marginal(full, small, f"{label}: marginal")]
     for row in rows:
         row["frames_per_s"] = row["frames"] / row["wall_s"]
         row["cores"] = row["cpu_s"] / row["wall_s"]
@@ -478,28 +549,52 @@ def main() -> None:
                          cores=augmented["cpu_s"] / augmented["wall_s"],
                          frames_per_core_s=augmented["frames"] / augmented["cpu_s"])
     ratios = {row["name"]: row["frames_per_core_s"] / bare["frames_per_core_s"] for row in rows[1:]}
-    goal_row = "pipeline uint8: marginal"
+    goal_row = f"{args.decode_at[0]} uint8: marginal"
     ratio = ratios[goal_row]
 
     print(f"STAL data benchmark: {args.identities} identities, {stored_frames} stored training frames "
           f"{args.frame_height}x{args.frame_width} JPEG ({mean_jpeg / 1024:.1f} KiB mean) in "
-          f"{reads['files']} shards, decoded to {data.height}x{data.width}; P={data.identities_per_batch} "
+          f"{reads['files'] if reads else '?'} shards, "
+          f"decoded to {data.height}x{data.width}; P={data.identities_per_batch} "
           f"K={data.clips_per_identity} T={data.seq_len}; {data.decode_concurrency} decoding tasks, "
           f"ray num_cpus={args.num_cpus}, {psutil.cpu_count()} cores here"
           + ("; augmented (flip, pad 10, jitter 0.2, erasing 0.5)" if args.augment else ""))
     print(f"{'':<34}{'frames':>8}{'wall s':>8}{'frames/s':>10}{'CPU s':>8}{'driver':>8}{'cores':>7}"
-          f"{'frames/core-s':>15}{'of bare':>9}")
+          f"{'frames/core-s':>15}{'of bare':>9}{'B/frame':>9}{'pinned MB':>10}")
     for row in rows:
         of_bare = f"{ratios[row['name']]:>9.0%}" if row["name"] in ratios else f"{'':>9}"
+        per_frame = row.get("delivered_bytes", 0) / max(row["frames"], 1)
+        pinned_mb = row.get("pinned_peak_bytes", 0) / 2**20
+        delivered = f"{per_frame:>9.0f}{pinned_mb:>10.1f}" \
+            if "delivered_bytes" in row and not row["name"].endswith("marginal") else ""
         print(f"{row['name']:<34}{row['frames']:>8}{row['wall_s']:>8.2f}{row['frames_per_s']:>10.0f}"
               f"{row['cpu_s']:>8.2f}{row['driver_cpu_s']:>8.2f}{row['cores']:>7.2f}"
-              f"{row['frames_per_core_s']:>15.0f}{of_bare}")
-    for row in rows[1:4]:
-        top = ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in list(row["cpu_by_process"].items())[:6])
-        print(f"  CPU s of {row['name']}: {top}")
+              f"{row['frames_per_core_s']:>15.0f}{of_bare}{delivered}")
+    for row in rows[1:]:
+        if row["name"].endswith("marginal"):
+            kinds = list(row["cpu_by_process"].items())[:6]
+            top = ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in kinds)
+            print(f"  CPU s of {row['name']}: {top}")
     verdict = "PASS" if ratio >= THROUGHPUT_GOAL else "FAIL"
-    print(f"pipeline (uint8 clips, marginal) / bare loop frames per core: {ratio:.0%} "
-          f"(goal >= {THROUGHPUT_GOAL:.0%}): {verdict}")
+    print(f"{goal_row} / bare loop frames per core: {ratio:.0%} (goal >= {THROUGHPUT_GOAL:.0%}): {verdict}")
+    if "consumer uint8: marginal" in ratios:
+        mode_ratio = ratios["consumer uint8: marginal"]
+        print(f"consumer uint8: marginal / bare loop frames per core: {mode_ratio:.0%} (goal >= "
+              f"{CONSUMER_GOAL:.0%}): {'PASS' if mode_ratio >= CONSUMER_GOAL else 'FAIL'}")
+    if {("stream", False), ("consumer", False)} <= set(epochs):
+        pinned = {mode: epochs[mode, False][0]["pinned_peak_bytes"] for mode in ("stream", "consumer")}
+        smaller = pinned["stream"] / max(pinned["consumer"], 1)
+        print(f"pinned by the consumer at the peak, stream / consumer: {pinned['stream'] / 2**20:.1f} MB / "
+              f"{pinned['consumer'] / 2**20:.1f} MB = {smaller:.1f}x (goal >= 4x): "
+              f"{'PASS' if smaller >= 4 else 'FAIL'}")
+    if reads is None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": vars(args), "cores_here": psutil.cpu_count(),
+                                   "stored_frames": stored_frames, "mean_jpeg_bytes": mean_jpeg, "rows": rows,
+                                   "frames_per_core_of_bare": ratios}, indent=2))
+        print(f"wrote {out}")
+        return
     read_verdict = "PASS" if reads["ratio"] <= READ_GOAL else "FAIL"
     print(f"training shard bytes read per epoch / stored: {reads['train_bytes_read'] / 2**20:.1f} MiB / "
           f"{reads['stored_bytes'] / 2**20:.1f} MiB = {reads['ratio']:.2f} (goal <= {READ_GOAL}): "

@@ -1,7 +1,7 @@
 """Benchmark: every path that only a GPU can show, in one command, each item under its own time limit.
 
 Items (bench/gpu_items/), each run in its own process that joins one local Ray cluster, in this order, with
-its time limit in a full run (460 s together, < 8 minutes with Ray's start; the README's GPU section says
+its time limit in a full run (480 s together, < 8 minutes with Ray's start; the README's GPU section says
 what each is expected to take on one H100):
 
   data         90 s  the data set of the next items (kept under --workdir: a rerun reuses it)
@@ -14,6 +14,8 @@ what each is expected to take on one H100):
                      matrix on the device equal to the CPU's
   pose         30 s  an ONNX SimCC pose model on onnxruntime's CUDA provider against its CPU provider
   determinism  75 s  two short runs with train.deterministic give identical losses
+  decode       20 s  data.decode_at = consumer's decoders: nvJPEG (torchvision, optional) against the CPU's
+                     libjpeg-turbo, frames/s and the difference in levels (goal: mean < 1)
 
 An item past its limit is stopped (its process group killed) and the next one starts with what it left in
 its JSON; the limits are cut to what is left of --budget. Each item prints a table; every goal gets PASS or
@@ -47,9 +49,10 @@ ITEMS = {
     "evaluation": ("bench.gpu_items.evaluation", 45, 120, True),
     "pose": ("bench.gpu_items.pose", 30, 120, False),
     "determinism": ("bench.gpu_items.determinism", 75, 120, True),
+    "decode": ("bench.gpu_items.decode", 20, 60, False),
 }
 # Quick: ~1 minute in all on an idle 2-core machine; the limits leave room for a machine shared with others.
-FULL_BUDGET_S, QUICK_BUDGET_S = 460, 600
+FULL_BUDGET_S, QUICK_BUDGET_S = 480, 600
 MIN_ITEM_S = 10  # an item given less than this is not started
 STOP_GRACE_S = 5
 

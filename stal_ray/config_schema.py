@@ -38,6 +38,7 @@ PART_NORMS = ("l2", "l1")
 # data.mixing and data.weighting (data/stream/sampling.py, docs/sampling.md)
 MIXING = ("global", "shards")
 WEIGHTING = ("frames", "identities")
+DECODE_AT = ("stream", "consumer")
 STAN_FCS = ("clip", "frame")
 NO_PRETRAINED = "none"  # model.pretrained: train the backbone from random weights, on purpose
 
@@ -115,6 +116,12 @@ class DataConfig:
     # allow, so CPU nodes added to the cluster add decoding; Ray Data's autoscaling of tasks). A cap keeps
     # CPUs for other work, e.g. a laptop's CPU train workers (synthetic_tiny.yaml: 2)
     decode_concurrency: int | None = None
+    # where JPEG frames become pixels (docs/decoding.md): "stream" — in the Ray Data decoding tasks, pixels
+    # through the object store (8x the bytes of JPEG at 256x128); "consumer" — the stream carries the chosen
+    # frames' JPEG bytes and the training worker (and evaluation's feature actors) decodes each batch straight
+    # into its buffer, with a thread pool on CPU, or nvJPEG (torchvision.io.decode_jpeg) on the worker's GPU
+    # when torchvision is installed; augmentation follows there. The same seed gives the same input either way
+    decode_at: str = "stream"
     # fraction of training identities held out as the Tune validation split (never the test split)
     val_identities: float = 0.1
     # Training augmentation (data.augment), none in the paper (§IV-A), each off by default; every clip gets

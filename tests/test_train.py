@@ -223,3 +223,21 @@ def test_deterministic_runs_switch_on_deterministic_kernels(tmp_path):
         assert not torch.backends.cudnn.benchmark
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_decoding_at_the_consumer_trains_and_validates_as_the_stream_does(ray_cluster, shards_uri, tmp_path):
+    """data.decode_at=consumer end to end: the workers decode and augment the JPEG rows, rank 0's validation
+    decodes its chunks, and the run (deterministic) ends with the stream run's weights and metrics."""
+    split = ensure_validation_split(shards_uri, 0.3, 0)
+    common = ("train.iterations=4", "train.deterministic=true", "data.val_identities=0.3",
+              "tune.fusion_rates=[0.3]", "data.flip=true", "data.crop_padding=2", "data.color_jitter=0.2",
+              "data.random_erasing=0.5")
+    results = {mode: train(make_config(tmp_path, *common, f"data.decode_at={mode}"), shards_uri,
+                           name=f"decode-{mode}", validation=split) for mode in ("stream", "consumer")}
+    stream, consumer = results["stream"], results["consumer"]
+    assert consumer.metrics["iteration"] == 4 and consumer.metrics["skipped_groups"] == 0
+    for name in ("loss_total", "val_mAP", "best_iteration"):
+        assert consumer.metrics[name] == stream.metrics[name], name
+    expected, got = state_dict(stream.model_path), state_dict(consumer.model_path)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

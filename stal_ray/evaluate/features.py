@@ -13,6 +13,7 @@ import torch
 
 from stal_ray.core.progress import Progress
 from stal_ray.data.prepared.handle import PreparedData
+from stal_ray.data.stream.consumer import ConsumerDecoder, encoded_rows
 from stal_ray.data.stream.images import decode_frames
 from stal_ray.evaluate.chunks import METADATA_FIELDS, FeatureSet, TrackletSums, chunk_sums
 from stal_ray.model.export import load_model
@@ -47,13 +48,24 @@ class ChunkFeatures:
         # falls back to the canonical boxes inside the model
         self.needs_keypoints = self.model.pose.kind == "keypoints"
         self.preprocess = model.preprocess  # what the model was trained on (model.pt carries it)
+        self.decoder: ConsumerDecoder | None = None  # made on the first encoded batch
+
+    def _decode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of encoded chunks (data.consumer) as the stream's decoding tasks would have given it."""
+        if self.decoder is None:
+            self.decoder = ConsumerDecoder(device=self.device)
+        rows = encoded_rows(batch)
+        decoded = self.decoder(rows, (len(rows[0]["frames"]),))
+        return {**{name: value for name, value in batch.items() if name != "frames"}, **decoded}
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "frames" in batch:  # data.decode_at = consumer: JPEG bytes, decoded here (on the GPU with nvJPEG)
+            batch = self._decode(batch)
         with warnings.catch_warnings():
             # Ray hands out read-only arrays; they are only read here
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            clips = torch.from_numpy(batch["clips"]).to(self.device)  # uint8 (B, T, H, W, 3)
+            clips = torch.as_tensor(batch["clips"]).to(self.device)  # uint8 (B, T, H, W, 3)
             keypoints = torch.from_numpy(batch["keypoints"]).to(self.device) if self.needs_keypoints else None
             valid = torch.from_numpy(np.asarray(batch["valid"], dtype=np.int64)).to(self.device)
         clips = self.preprocess(clips.permute(0, 1, 4, 2, 3))  # (B, T, 3, H, W) float

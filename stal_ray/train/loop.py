@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from stal_ray.core import storage
 from stal_ray.data.stream.batches import training_batches
+from stal_ray.data.stream.consumer import ConsumerDecoder
 from stal_ray.data.stream.pipeline import training_dataset, validation_dataset
 from stal_ray.evaluate.validate import validate
 from stal_ray.model.stal import STAL
@@ -143,9 +144,14 @@ def train_epoch(worker: Worker) -> bool:
     shard = epoch_shard(worker.settings, state.epoch, worker.rank, worker.world)
     # on a GPU the batch crosses as uint8 and is normalised there: a quarter of the bytes, and none of the
     # consumer's CPU, which normalising costs about as much of as decoding did (bench/data.py)
+    # data.decode_at = consumer: the shard carries JPEG bytes, decoded and augmented here, on the GPU when
+    # nvJPEG is there (data.consumer)
+    decoder = ConsumerDecoder.from_config(config, state.epoch, worker.device) \
+        if config.data.decode_at == "consumer" else None
     batches = training_batches(shard, config.data.identities_per_batch,
                                preprocess=worker.engine.module.preprocess,
-                               seed=config.train.seed + state.epoch, normalize=not worker.on_gpu)
+                               seed=config.train.seed + state.epoch, normalize=not worker.on_gpu,
+                               decoder=decoder)
     stream = iter(batches)
     for _ in range(state.batches_into_epoch):  # resuming mid-epoch: the batches already trained on
         next(stream, None)

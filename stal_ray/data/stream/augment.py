@@ -63,23 +63,29 @@ class Augmentation:
             for identity, group in zip(identities.tolist(), groups.tolist(), strict=True)
         ]) if len(identities) else np.zeros((0, _DRAWS))
 
-    def __call__(self, clips: np.ndarray, keypoints: np.ndarray, identities: np.ndarray,
-                 groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, clips, keypoints: np.ndarray, identities: np.ndarray,
+                 groups: np.ndarray) -> tuple:
         """clips uint8 (rows, K, T, H, W, 3), keypoints (rows, K, T, 14, 3) in its pixels, and each row's
-        identity and group number -> both augmented (new arrays, or the inputs changed in place)."""
-        shape, joint_shape = clips.shape, keypoints.shape
+        identity and group number -> both augmented (new arrays, or the inputs changed in place). clips may
+        be a torch tensor on any device (data.consumer's nvJPEG path): the same operations run there (the
+        colour jitter's clip mean summed in another order, so a level may differ by one)."""
+        shape, joint_shape = tuple(clips.shape), keypoints.shape
         rows, k = shape[:2]
         height, width = shape[-3:-1]
         u = self.draws(np.asarray(identities), np.asarray(groups), k)
         clips = clips.reshape(rows * k, *shape[2:])
-        if not clips.flags.writeable:
+        if isinstance(clips, np.ndarray) and not clips.flags.writeable:
             clips = clips.copy()
         keypoints = keypoints.reshape(rows * k, *joint_shape[2:]).copy()
         seen = keypoints[..., 2] > 0
         x, y = keypoints[..., 0], keypoints[..., 1]  # views
+        torch_pixels = not isinstance(clips, np.ndarray)
         if self.flip:
             flipped = np.flatnonzero(u[:, 0] < 0.5)
-            clips[flipped] = clips[flipped][:, :, :, ::-1]
+            if torch_pixels:
+                clips[flipped] = clips[flipped].flip(3)
+            else:
+                clips[flipped] = clips[flipped][:, :, :, ::-1]
             x[flipped] = np.where(seen[flipped], width - x[flipped], x[flipped])
             keypoints[flipped] = keypoints[flipped][:, :, MIRRORED_JOINTS]
             seen = keypoints[..., 2] > 0
@@ -94,16 +100,25 @@ class Augmentation:
             keypoints[..., 2] = np.where(seen & outside, 0.0, keypoints[..., 2])
             seen = keypoints[..., 2] > 0
         if self.color_jitter > 0:
-            _jitter(clips, u[:, 3:8], self.color_jitter)
+            (_jitter_torch if torch_pixels else _jitter)(clips, u[:, 3:8], self.color_jitter)
         if self.random_erasing > 0:
             boxes = _erase_boxes(u[:, 9:13], height, width)
             colours = np.floor(u[:, 13:16] * 256).astype(np.uint8)
             for clip in np.flatnonzero(u[:, 8] < self.random_erasing):
                 top, left, bottom, right = boxes[clip]
-                clips[clip, :, top:bottom, left:right] = colours[clip]
+                clips[clip, :, top:bottom, left:right] = _like(clips, colours[clip])
                 covered = (x[clip] >= left) & (x[clip] <= right) & (y[clip] >= top) & (y[clip] <= bottom)
                 keypoints[clip, ..., 2] = np.where(covered, 0.0, keypoints[clip, ..., 2])
         return clips.reshape(shape), keypoints.reshape(joint_shape)
+
+
+def _like(clips, values: np.ndarray):
+    """values as an array of clips' kind: numpy, or a torch tensor on clips' device."""
+    if isinstance(clips, np.ndarray):
+        return values
+    import torch
+
+    return torch.from_numpy(values).to(clips.device)
 
 
 def _shift(clip: np.ndarray, dy: int, dx: int) -> None:
@@ -112,7 +127,9 @@ def _shift(clip: np.ndarray, dy: int, dx: int) -> None:
     height, width = clip.shape[1:3]
     target = (slice(max(dy, 0), height + min(dy, 0)), slice(max(dx, 0), width + min(dx, 0)))
     source = (slice(max(-dy, 0), height + min(-dy, 0)), slice(max(-dx, 0), width + min(-dx, 0)))
-    clip[:, target[0], target[1]] = clip[:, source[0], source[1]]  # numpy copies overlapping views safely
+    moved = clip[:, source[0], source[1]]
+    # numpy copies overlapping views safely; torch (data.consumer on a GPU) needs the copy made first
+    clip[:, target[0], target[1]] = moved if isinstance(clip, np.ndarray) else moved.clone()
     rows = slice(0, dy) if dy > 0 else slice(height + dy, height)
     columns = slice(0, dx) if dx > 0 else slice(width + dx, width)
     clip[:, rows] = 0
@@ -123,18 +140,23 @@ def _jitter(clips: np.ndarray, u: np.ndarray, strength: float) -> None:
     """Colour jitter in place, one lookup table per clip and channel: brightness b and contrast c in
     [1 - s, 1 + s] and a gain g per channel in [1 - s/2, 1 + s/2] (a camera's colour cast), all affine:
     v -> g·b·(m + c·(v - m)), m the clip's mean intensity."""
-    brightness = 1 + strength * (2 * u[:, 0] - 1)
-    contrast = 1 + strength * (2 * u[:, 1] - 1)
-    gains = 1 + strength / 2 * (2 * u[:, 2:5] - 1)  # (N, 3)
     flat = clips.reshape(len(clips), -1)
     mean = flat[:, ::max(1, flat.shape[1] // 4096)].mean(axis=1)  # a sample of ~4096 values per clip
-    values = np.arange(256, dtype=np.float32)
-    level = mean[:, None] + contrast[:, None] * (values[None, :] - mean[:, None])  # (N, 256)
-    tables = brightness[:, None, None] * gains[:, :, None] * level[:, None, :]  # (N, 3, 256)
-    tables = np.clip(np.rint(tables), 0, 255).astype(np.uint8)
+    tables = _jitter_tables(mean, u, strength)
     for clip in range(len(clips)):
         for channel in range(3):  # a take per channel: 3x faster than one gather over (pixel, channel)
             np.take(tables[clip, channel], clips[clip, ..., channel], out=clips[clip, ..., channel])
+
+
+def _jitter_tables(mean: np.ndarray, u: np.ndarray, strength: float) -> np.ndarray:
+    """(N, 3, 256) uint8 lookup tables of _jitter from each clip's mean intensity and its draws."""
+    brightness = 1 + strength * (2 * u[:, 0] - 1)
+    contrast = 1 + strength * (2 * u[:, 1] - 1)
+    gains = 1 + strength / 2 * (2 * u[:, 2:5] - 1)  # (N, 3)
+    values = np.arange(256, dtype=np.float32)
+    level = mean[:, None] + contrast[:, None] * (values[None, :] - mean[:, None])  # (N, 256)
+    tables = brightness[:, None, None] * gains[:, :, None] * level[:, None, :]  # (N, 3, 256)
+    return np.clip(np.rint(tables), 0, 255).astype(np.uint8)
 
 
 def _erase_boxes(u: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -147,3 +169,16 @@ def _erase_boxes(u: np.ndarray, height: int, width: int) -> np.ndarray:
     top = np.floor(u[:, 2] * (height - box_height + 1)).astype(np.int64)
     left = np.floor(u[:, 3] * (width - box_width + 1)).astype(np.int64)
     return np.stack([top, left, top + box_height, left + box_width], axis=1)
+
+
+def _jitter_torch(clips, u: np.ndarray, strength: float) -> None:
+    """_jitter on a torch tensor, on its device: the same tables, one gather for the batch."""
+    import torch
+
+    flat = clips.reshape(len(clips), -1)
+    mean = flat[:, ::max(1, flat.shape[1] // 4096)].double().mean(dim=1).cpu().numpy()
+    tables = _jitter_tables(mean, u, strength)
+    tables = torch.from_numpy(tables.reshape(-1)).to(clips.device)  # (N·3·256,)
+    base = (torch.arange(len(clips), device=clips.device) * 768).view(-1, *([1] * (clips.dim() - 1)))
+    channel = torch.arange(3, device=clips.device) * 256
+    clips.copy_(tables[base + channel + clips.long()])

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from stal_ray.core.preprocess import Preprocess
+    from stal_ray.data.stream.consumer import ConsumerDecoder
 
 
 class TrainingBatches:
@@ -33,11 +34,16 @@ class TrainingBatches:
     costs
     this process about as much CPU as decoding the frames did (bench/data.py), and a quarter of the bytes
     cross to the device.
+
+    decoder (data.consumer.ConsumerDecoder; data.decode_at = consumer): the shard's rows are JPEG bytes, and
+    each batch's are decoded (and augmented) into its buffer as it is assembled; a group with a corrupt
+    frame is found then, skipped and counted as the stream's decoding tasks would have, and the next group
+    that fits takes its place.
     """
 
     def __init__(self, dataset_or_shard, identities_per_batch: int, *, preprocess: "Preprocess | None" = None,
                  shuffle_buffer: int | None = None, seed: int | None = None, drop_last: bool = True,
-                 normalize: bool = True):
+                 normalize: bool = True, decoder: "ConsumerDecoder | None" = None):
         # here, not at the top: the Ray Data workers that import this module never need torch
         from stal_ray.core.preprocess import IMAGENET
 
@@ -51,6 +57,7 @@ class TrainingBatches:
         self.seed = seed
         self.drop_last = drop_last
         self.normalize = normalize
+        self.decoder = decoder
         self.skipped_groups = 0
         self.corrupt_frames = 0
         self.first_skipped: dict | None = None  # identity and tracklet rows of the first group skipped
@@ -63,6 +70,18 @@ class TrainingBatches:
         # blocks of _BLOCK_BYTES.
         rng = np.random.default_rng(self.seed)
         buffer: list[dict[str, np.ndarray]] = []
+        if self.decoder is not None:
+            # JPEG rows: views into the blocks, nothing decoded before the batch is assembled
+            from stal_ray.data.stream.consumer import encoded_rows
+
+            for block in self.source.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for group in encoded_rows(block):
+                    buffer.append(group)
+                    if len(buffer) > self.shuffle_buffer:
+                        yield _take_random(buffer, rng)
+            while buffer:
+                yield _take_random(buffer, rng)
+            return
         for batch in self.source.iter_batches(batch_size=None, batch_format="numpy"):
             for index in range(len(batch["label"])):
                 corrupt = int(batch["corrupt_frames"][index])
@@ -90,7 +109,10 @@ class TrainingBatches:
                 continue
             current.append(group)
             while len(current) == self.p:
-                yield self._collate(current)
+                batch = self._collate(current)
+                if batch is None:  # the consumer's decoding dropped corrupt groups: fill again
+                    break
+                yield batch
                 current = self._refill([], deferred)
         # the stream is over: what waits still makes batches of distinct identities where it can
         while deferred:
@@ -99,10 +121,16 @@ class TrainingBatches:
             if len(current) == self.p or len(deferred) == before:
                 # full, or nothing waiting fits: a partial batch goes out only when drop_last is off
                 if len(current) == self.p or not self.drop_last:
-                    yield self._collate(current)
+                    batch = self._collate(current)
+                    if batch is None:
+                        continue
+                    yield batch
                 current = []
-        if current and not self.drop_last:
-            yield self._collate(current)
+        while current and not self.drop_last:
+            batch = self._collate(current)
+            if batch is not None:
+                yield batch
+                break
 
     def _refill(self, current: list[dict], deferred: list[dict]) -> list[dict]:
         """Move waiting groups into `current` (in arrival order) while it has room and they are new."""
@@ -112,11 +140,20 @@ class TrainingBatches:
                 deferred.remove(waiting)
         return current
 
-    def _collate(self, groups: list[dict[str, np.ndarray]]) -> "dict[str, torch.Tensor | None]":
+    def _collate(self, groups: list[dict[str, np.ndarray]]) -> "dict[str, torch.Tensor | None] | None":
         import torch
 
+        decoded = None
+        if self.decoder is not None:
+            groups, decoded = self._decoded(groups)
+            if decoded is None:
+                return None
         k, t, h, w, _ = groups[0]["clips"].shape
-        if not self.normalize:
+        if decoded is not None and not self.normalize:
+            # decoded into one buffer already (on the GPU with nvJPEG): no second copy
+            clips = decoded.reshape(len(groups) * k, t, h, w, 3)
+            clips = torch.as_tensor(clips).permute(0, 1, 4, 2, 3)
+        elif not self.normalize:
             # a channels-first view of one copy: .to(device) keeps its strides, so the layout changes on the
             # device, not in this process
             clips = self.buffers.empty((len(groups) * k, t, h, w, 3), np.uint8)
@@ -141,6 +178,28 @@ class TrainingBatches:
             "keypoints": torch.from_numpy(np.concatenate([g["keypoints"] for g in groups]))
             if has_keypoints else None,
         }
+
+    def _decoded(self, groups: list[dict]) -> tuple[list[dict], "np.ndarray | torch.Tensor | None"]:
+        """Encoded groups decoded into one batch buffer (data.consumer): the groups with their clips (views
+        of it, as the stream's decoded groups are of their blocks) and the buffer, (rows, K, T, H, W, 3). No
+        buffer, and the corrupt groups removed from `groups`, when any has a frame that did not decode."""
+        k, t = len(groups[0]["tracklets"]), len(groups[0]["frames"]) // len(groups[0]["tracklets"])
+        h, w = int(groups[0]["height"]), int(groups[0]["width"])
+        out = None if self.decoder.on_gpu else self.buffers.empty((len(groups) * k * t, h, w, 3), np.uint8)
+        decoded = self.decoder(groups, (k, t), out=out)
+        corrupt = decoded["corrupt_frames"]
+        if corrupt.any():
+            for index in sorted(np.flatnonzero(corrupt).tolist(), reverse=True):
+                group = groups.pop(index)
+                self.skipped_groups += 1
+                self.corrupt_frames += int(corrupt[index])
+                if self.first_skipped is None:
+                    self.first_skipped = {"identity": int(group["identity"]),
+                                          "tracklets": np.asarray(group["tracklets"]).tolist()}
+            return groups, None
+        return [{**group, "clips": decoded["clips"][index], "keypoints": decoded["keypoints"][index],
+                 "has_keypoints": decoded["has_keypoints"][index]} for index, group in enumerate(groups)], \
+            decoded["clips"]
 
     def normalized(self, clips: "torch.Tensor") -> "torch.Tensor":
         """uint8 clips (from normalize=False) as the model's input (float, preprocessed), on their device."""

@@ -31,9 +31,9 @@ import ray.data
 from ray.data.expressions import col
 
 from stal_ray.data.prepared.handle import PreparedData, as_prepared
-from stal_ray.data.prepared.manifest import JOINTS
 from stal_ray.data.stream.augment import Augmentation
 from stal_ray.data.stream.batches import RecycledBuffers
+from stal_ray.data.stream.clips import clip_rows
 from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.stream.images import decode_frame, decode_frames_with_sizes
 from stal_ray.data.stream.sampling import EpochPlan, epoch_plan, sequence_of_length
@@ -144,28 +144,24 @@ def _decode_clips(batch: pa.Table, *, height: int, width: int, clip_shape: tuple
                   augment: Augmentation | None = None) -> dict[str, np.ndarray]:
     """Ray Data task: every row's frames -> uint8 (*clip_shape, H, W, 3), keypoints scaled to (H, W);
     training groups augmented when `augment` is given (data.augment)."""
-    rows = batch.num_rows
     jpegs = pc.list_flatten(batch.column("frames")).to_pylist()
     images, ok, sizes = decode_frames_with_sizes(
         jpegs, height, width, out=_DECODED.empty((len(jpegs), height, width, 3), np.uint8))
-    keypoints = np.array(to_numpy(batch.column("keypoints")), dtype=np.float32).reshape(-1, JOINTS, 3)
-    # keypoints are in the stored frame's pixels: scale them to the resized frame
-    scale = np.where(sizes > 0, np.array([height, width]) / np.maximum(sizes, 1), 0.0)
-    keypoints[..., 0] *= scale[:, None, 1]
-    keypoints[..., 1] *= scale[:, None, 0]
-    has_keypoints = ~np.isnan(keypoints).reshape(rows, -1).all(axis=1)
-    # a frame without keypoints gets confidence 0, so it cannot pull the pose head
-    keypoints = np.nan_to_num(keypoints, nan=0.0)
     out = {name: to_numpy(batch.column(name)) for name in batch.column_names
            if name not in ("frames", "keypoints")}
-    out["clips"] = images.reshape(rows, *clip_shape, height, width, 3)
-    out["keypoints"] = keypoints.reshape(rows, *clip_shape, JOINTS, 3)
-    out["has_keypoints"] = has_keypoints
-    out["corrupt_frames"] = (~ok).reshape(rows, -1).sum(axis=1)
+    out.update(clip_rows(images, ok, sizes, to_numpy(batch.column("keypoints")), rows=batch.num_rows,
+                         clip_shape=clip_shape))
     if augment is not None:
         out["clips"], out["keypoints"] = augment(out["clips"], out["keypoints"], out["identity"],
                                                  out["group"])
     return out
+
+
+def _encoded_clips(batch: pa.Table, *, height: int, width: int) -> pa.Table:
+    """data.decode_at = consumer: the rows as they are (the chosen frames' JPEG bytes, the stored keypoints)
+    and the size the consumer decodes them to (data.consumer)."""
+    return batch.append_column("height", pa.array(np.full(batch.num_rows, height, np.int32))).append_column(
+        "width", pa.array(np.full(batch.num_rows, width, np.int32)))
 
 
 @contextlib.contextmanager
@@ -213,7 +209,12 @@ def decode_batch_size(data, clip_shape: tuple[int, ...]) -> int:
 def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
             augment: Augmentation | None = None) -> ray.data.Dataset:
     """Decoding tasks after `ds`: at most data.decode_concurrency at once, or (None) as many as the cluster's
-    free CPUs allow."""
+    free CPUs allow. With data.decode_at = consumer, no decoding here: the rows keep their JPEG bytes and
+    stored keypoints, and say the size to decode to (the consumer decodes and augments, data.consumer)."""
+    if data.decode_at == "consumer":
+        # fused into the task before it by Ray Data: no task of its own, no copy of the bytes
+        return ds.map_batches(_encoded_clips, fn_kwargs=dict(height=data.height, width=data.width),
+                              batch_size=None, batch_format="pyarrow")
     # Tasks, not an actor pool: Ray reuses its worker processes for tasks, while actors are new processes
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
     # Uncapped, Ray Data starts a task wherever a CPU is free and re-reads the cluster's size as it runs, so
