@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+STARTED = time.perf_counter()  # an item's process: its start-up (torch, Ray, the item's imports) from here
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -100,8 +101,10 @@ def run_item(args) -> None:
         # as Ray's workers run (OMP_NUM_THREADS=1): like for like, and OpenMP threads that wait on each
         # other on a loaded machine cost seconds a step
         torch.set_num_threads(1)
+    result = ItemResult(args.item_out)
+    result.timed("start-up (python, imports)", time.perf_counter() - STARTED)
     start = time.perf_counter()
-    module.run(ItemResult(args.item_out), profile(args.quick), args)
+    module.run(result, profile(args.quick), args)
     print(f"{args.item}: done in {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -193,6 +196,8 @@ def print_table(name: str, result: dict) -> None:
             print(f"{row['name']:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(line, widths, strict=True)))
     for check in result["checks"]:
         print(f"  {check['name']}: {check['value']} (goal {check['goal']}): {check['verdict']}")
+    if result.get("phases"):
+        print("  time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["phases"].items()))
     sys.stdout.flush()
 
 
@@ -216,6 +221,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"GPU check ({'quick' if args.quick else 'full'}) on {device}, budget {budget:.0f} s", flush=True)
     os.environ[RAY_ADDRESS] = start_ray(args)
+    ray_start_s = time.perf_counter() - started
+    print(f"Ray started in {ray_start_s:.1f} s", flush=True)
     results, context = {}, {}
     try:
         for name in names:
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - started
     bad = [name for name, result in results.items() if failed(result)]
     summary = {"device": device, "profile": profile(args.quick).to_dict(), "budget_s": budget,
-               "seconds": total, "items": results, "failed": bad}
+               "seconds": total, "ray_start_s": ray_start_s, "items": results, "failed": bad}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, default=str))

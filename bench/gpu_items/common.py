@@ -4,6 +4,8 @@ result file each item fills in as it goes, and timing on the device."""
 import json
 import os
 import statistics
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +76,21 @@ class ItemResult:
         """A goal: verdict is PASS, FAIL, or why none applies (n/a on cpu, skipped: ...)."""
         self.data["checks"].append({"name": name, "value": value, "goal": goal, "verdict": verdict})
         self.save()
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time a part of the item (start-up, a TorchTrainer run, ...): {name: seconds} in the JSON's
+        `phases`, printed in the item's table, so that where an item's time goes is on record."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timed(name, time.perf_counter() - start)
+
+    def timed(self, name: str, seconds: float) -> None:
+        self.data.setdefault("phases", {})[name] = round(seconds, 2)
+        self.save()
+        print(f"{name}: {seconds:.1f} s", flush=True)
 
     def set(self, **fields) -> None:
         self.data.update(fields)

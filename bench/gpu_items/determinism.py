@@ -29,10 +29,12 @@ def losses(shards: str, profile: Profile, device: torch.device, name: str) -> li
 
 def run(result: ItemResult, profile: Profile, args) -> None:
     device = torch.device(args.device)
-    connect_ray()
+    with result.phase("Ray connection"):
+        connect_ray()
     runs = []
     for number in (1, 2):
-        runs.append(losses(args.context["shards"], profile, device, f"deterministic-{number}"))
+        with result.phase(f"run {number} (TorchTrainer)"):
+            runs.append(losses(args.context["shards"], profile, device, f"deterministic-{number}"))
         last = runs[-1][-1]
         result.row(name=f"run {number}", reports=len(runs[-1]), iteration=int(last["iteration"]),
                    loss_total=last["loss_total"])
