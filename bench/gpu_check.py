@@ -16,7 +16,11 @@ what each is expected to take on one H100):
   determinism  75 s  two short runs with train.deterministic give identical losses
 
 An item past its limit is stopped (its process group killed) and the next one starts with what it left in
-its JSON; the limits are cut to what is left of --budget. Each item prints a table; every goal gets PASS or
+its JSON; the limits are cut to what is left of --budget. Each item's table ends with where its time went
+(start-up, Ray connection, each TorchTrainer run, ...; `phases` in the JSON). --quick runs evaluation, pose
+and determinism in a second lane beside train and stream, and the determinism item's two runs at once: a
+tiny item is mostly process and actor start-up, which two lanes overlap on the cores; a full run keeps one
+lane and Ray's defaults. Each item prints a table; every goal gets PASS or
 FAIL, or says why none applies (n/a on cpu: a GPU's goal on a CPU). All of it goes to --out (JSON), each
 item's log to bench/results/gpu_check-logs/. Exit status 1 when a check fails or an item errs or times out.
 
