@@ -18,7 +18,11 @@ what each is expected to take on one H100):
                      libjpeg-turbo, frames/s and the difference in levels (goal: mean < 1)
 
 An item past its limit is stopped (its process group killed) and the next one starts with what it left in
-its JSON; the limits are cut to what is left of --budget. Each item prints a table; every goal gets PASS or
+its JSON; the limits are cut to what is left of --budget. Each item's table ends with where its time went
+(start-up, Ray connection, each TorchTrainer run, ...; `phases` in the JSON). --quick runs evaluation, pose
+and determinism in a second lane beside train and stream, and the determinism item's two runs at once: a
+tiny item is mostly process and actor start-up, which two lanes overlap on the cores; a full run keeps one
+lane and Ray's defaults. Each item prints a table; every goal gets PASS or
 FAIL, or says why none applies (n/a on cpu: a GPU's goal on a CPU). All of it goes to --out (JSON), each
 item's log to bench/results/gpu_check-logs/. Exit status 1 when a check fails or an item errs or times out.
 
@@ -33,9 +37,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+STARTED = time.perf_counter()  # an item's process: its start-up (torch, Ray, the item's imports) from here
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -54,6 +61,12 @@ ITEMS = {
 # Quick: ~1 minute in all on an idle 2-core machine; the limits leave room for a machine shared with others.
 FULL_BUDGET_S, QUICK_BUDGET_S = 480, 600
 MIN_ITEM_S = 10  # an item given less than this is not started
+# Quick mode: after the data item, these items (each needs only the data set) run in a second lane beside the
+# others, which keep their order (stream reads the train item's step rate): a tiny item is mostly the start-up
+# of processes and Ray actors, waits that two lanes overlap on the CPU's cores. A full run keeps one lane: its
+# items measure the GPU and the machine's CPUs, and must not share them.
+QUICK_ALONGSIDE = ("evaluation", "pose", "determinism")
+PRINTING = threading.Lock()  # one item's table at a time
 STOP_GRACE_S = 5
 
 
@@ -103,19 +116,32 @@ def run_item(args) -> None:
         # as Ray's workers run (OMP_NUM_THREADS=1): like for like, and OpenMP threads that wait on each
         # other on a loaded machine cost seconds a step
         torch.set_num_threads(1)
+    result = ItemResult(args.item_out)
+    result.timed("start-up (python, imports)", time.perf_counter() - STARTED)
     start = time.perf_counter()
-    module.run(ItemResult(args.item_out), profile(args.quick), args)
+    module.run(result, profile(args.quick), args)
     print(f"{args.item}: done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+# Quick mode's Ray: a single local node has no preemption to watch (a watcher actor per TorchTrainer run), and
+# the controller's poll every 0.5 s instead of 2 s ends a run of a few steps seconds sooner (both read by Ray
+# Train from the driver's environment); no idle workers prestarted for the orchestrator's job, which runs no
+# task. A full run keeps Ray's defaults.
+QUICK_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+QUICK_RAY_SYSTEM = {"prestart_worker_first_driver": False}
 
 
 def start_ray(args) -> str:
     import ray
 
+    if args.quick:
+        os.environ.update(QUICK_RAY_ENV)  # the item processes and Ray's own inherit it
     cpus = os.cpu_count() or 1
     # more logical CPUs than cores: train workers, read tasks and decoding tasks must not wait on each other
     # for a slot (docs/architecture.md, "Ray resources"); the stream item decodes on all cores but two
     ray.init(address="local", num_cpus=max(8, cpus + 2), include_dashboard=False, log_to_driver=False,
-             configure_logging=False, object_store_memory=(512 << 20) if args.quick else 8 << 30)
+             configure_logging=False, object_store_memory=(512 << 20) if args.quick else 8 << 30,
+             **({"_system_config": QUICK_RAY_SYSTEM} if args.quick else {}))
     return ray.get_runtime_context().gcs_address
 
 
@@ -196,6 +222,8 @@ def print_table(name: str, result: dict) -> None:
             print(f"{row['name']:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(line, widths, strict=True)))
     for check in result["checks"]:
         print(f"  {check['name']}: {check['value']} (goal {check['goal']}): {check['verdict']}")
+    if result.get("phases"):
+        print("  time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["phases"].items()))
     sys.stdout.flush()
 
 
@@ -219,31 +247,46 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"GPU check ({'quick' if args.quick else 'full'}) on {device}, budget {budget:.0f} s", flush=True)
     os.environ[RAY_ADDRESS] = start_ray(args)
+    ray_start_s = time.perf_counter() - started
+    print(f"Ray started in {ray_start_s:.1f} s", flush=True)
     results, context = {}, {}
-    try:
-        for name in names:
+
+    def run_lane(lane: list[str]) -> None:
+        for name in lane:
             module, full_limit, quick_limit, needs_data = ITEMS[name]
             left = budget - (time.perf_counter() - started)
             limit = min(quick_limit if args.quick else full_limit, left)
             if needs_data and "shards" not in context:
-                if "data" in names:
-                    results[name] = skipped("not run: the data item gave no data set")
-                    print_table(name, results[name])
-                    continue
-                context["shards"] = prepare_data(args, logs, left)
-            if limit < MIN_ITEM_S:
+                results[name] = skipped("not run: the data item gave no data set")
+            elif limit < MIN_ITEM_S:
                 results[name] = skipped(f"not run: {left:.0f} s of the budget left")
             else:
                 results[name] = run_one(args, name, limit, context, logs)
             context.update({key: value for key, value in results[name].items()
                             if key in ("shards", "step_frames_per_s")})
-            print_table(name, results[name])
+            with PRINTING:
+                print_table(name, results[name])
+
+    try:
+        if "data" not in names and any(ITEMS[name][3] for name in names):
+            context["shards"] = prepare_data(args, logs, budget - (time.perf_counter() - started))
+        run_lane([name for name in names if name == "data"])
+        rest = [name for name in names if name != "data"]
+        if args.quick:  # two lanes at once, each item under its own limit as in a full run
+            lanes = [[name for name in rest if name not in QUICK_ALONGSIDE],
+                     [name for name in rest if name in QUICK_ALONGSIDE]]
+            with ThreadPoolExecutor(len(lanes)) as pool:
+                for lane in [pool.submit(run_lane, lane) for lane in lanes]:
+                    lane.result()
+        else:
+            run_lane(rest)
     finally:
         ray.shutdown()
+    results = {name: results[name] for name in names if name in results}  # in the items' order
     total = time.perf_counter() - started
     bad = [name for name, result in results.items() if failed(result)]
     summary = {"device": device, "profile": profile(args.quick).to_dict(), "budget_s": budget,
-               "seconds": total, "items": results, "failed": bad}
+               "seconds": total, "ray_start_s": ray_start_s, "items": results, "failed": bad}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, default=str))

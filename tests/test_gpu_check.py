@@ -43,8 +43,9 @@ def test_an_item_that_fails_says_why_in_one_line(tmp_path, monkeypatch):
     assert result["rows"] == [] and gpu_check.failed(result)
 
 
-# four Ray Train runs and three Ray Data streams, each item in a process of its own: about 90 CPU-seconds,
-# 3-4 minutes on the shared 2-core machine, so `make test-e2e` (CI runs it after `make test`)
+# four Ray Train runs and three Ray Data streams, each item in a process of its own: about 95 CPU-seconds,
+# in two lanes 57-92 s on the shared 2-core machine (loaded), not reliably under a minute, so `make test-e2e`
+# (CI runs it after `make test`)
 @pytest.mark.e2e
 def test_quick_check_runs_every_item_on_cpu_and_gives_each_goal_a_verdict(tmp_path):
     out = tmp_path / "gpu_check.json"
@@ -58,6 +59,7 @@ def test_quick_check_runs_every_item_on_cpu_and_gives_each_goal_a_verdict(tmp_pa
     for name, item in items.items():
         assert item["status"] == "ok", (name, item["status"])
         assert item["seconds"] <= item["limit_s"]
+        assert item["phases"]["start-up (python, imports)"] > 0  # where the item's time went, on record
         for check in item["checks"]:  # a GPU's goal on a CPU says so, never a PASS it did not earn
             assert check["verdict"] == "PASS" or check["verdict"].startswith("n/a"), (name, check)
     checks = {c["name"]: c for item in items.values() for c in item["checks"]}

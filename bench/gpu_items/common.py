@@ -4,6 +4,8 @@ result file each item fills in as it goes, and timing on the device."""
 import json
 import os
 import statistics
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ class Profile:
     pose_frames: int
     pose_input: tuple[int, int]  # the stand-in SimCC model's input (height, width)
     ranking_query_step: int  # every k-th of MARS's 1980 queries is ranked
+    concurrent_runs: bool  # on a CPU, the determinism item's two runs start at once
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,11 +49,11 @@ FULL = Profile(
                             ("bninception", "configs/mars_bninception.yaml")),
     steps=20, warm_up=3, stream_config="configs/mars_resnet50.yaml", fed_iterations=300,
     determinism_iterations=8, train_every=4, test_every=48, pose_frames=128, pose_input=(256, 192),
-    ranking_query_step=1)
+    ranking_query_step=1, concurrent_runs=False)
 QUICK = Profile(
     name="quick", backbones=(("tiny", "configs/synthetic_tiny.yaml"),), steps=3, warm_up=1,
     stream_config="configs/synthetic_tiny.yaml", fed_iterations=4, determinism_iterations=2, train_every=0,
-    test_every=0, pose_frames=16, pose_input=(64, 48), ranking_query_step=10)
+    test_every=0, pose_frames=16, pose_input=(64, 48), ranking_query_step=10, concurrent_runs=True)
 
 
 def profile(quick: bool) -> Profile:
@@ -74,6 +77,21 @@ class ItemResult:
         """A goal: verdict is PASS, FAIL, or why none applies (n/a on cpu, skipped: ...)."""
         self.data["checks"].append({"name": name, "value": value, "goal": goal, "verdict": verdict})
         self.save()
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time a part of the item (start-up, a TorchTrainer run, ...): {name: seconds} in the JSON's
+        `phases`, printed in the item's table, so that where an item's time goes is on record."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timed(name, time.perf_counter() - start)
+
+    def timed(self, name: str, seconds: float) -> None:
+        self.data.setdefault("phases", {})[name] = round(seconds, 2)
+        self.save()
+        print(f"{name}: {seconds:.1f} s", flush=True)
 
     def set(self, **fields) -> None:
         self.data.update(fields)

@@ -86,6 +86,9 @@ def ranking(result: ItemResult, device: torch.device, query_step: int) -> None:
 
 def run(result: ItemResult, profile: Profile, args) -> None:
     device = torch.device(args.device)
-    connect_ray()
-    result.row(**extraction(args.context["shards"], profile, device))
-    ranking(result, device, profile.ranking_query_step)
+    with result.phase("Ray connection"):
+        connect_ray()
+    with result.phase("extraction"):
+        result.row(**extraction(args.context["shards"], profile, device))
+    with result.phase("ranking"):
+        ranking(result, device, profile.ranking_query_step)

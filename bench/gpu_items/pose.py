@@ -89,13 +89,15 @@ def run(result: ItemResult, profile: Profile, args) -> None:
     if args.pose_model:
         model = load_model(args.pose_model)
     else:
-        content = stand_in(*profile.pose_input)
+        with result.phase("stand-in export"):
+            content = stand_in(*profile.pose_input)
         model = PoseModel("onnx", "stand-in (ResNet-18 trunk, untrained)", content,
                           hashlib.sha256(content).hexdigest(), "bench/gpu_items/pose.py")
     result.set(model=model.name)
     images = [decode(frame) for frame in frame_pool(profile.pose_frames)]
     cpu_run = estimator(model, threads=1)
-    seconds, on_cpu = timed(cpu_run, images)
+    with result.phase("CPU provider"):
+        seconds, on_cpu = timed(cpu_run, images)
     result.row(name=f"{model.name}, CPU provider, 1 thread", frames=len(images), seconds=seconds,
                frames_per_s=len(images) / seconds)
     if args.device != "cuda":

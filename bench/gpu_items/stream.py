@@ -86,13 +86,16 @@ def run(result: ItemResult, profile: Profile, args) -> None:
     device = torch.device(args.device)
     shards = args.context["shards"]
     config = stream_config(profile, device)
-    connect_ray()
-    equal = normalisation_equal(shards, config, device)
+    with result.phase("Ray connection"):
+        connect_ray()
+    with result.phase("normalisation"):
+        equal = normalisation_equal(shards, config, device)
     for name, same in equal.items():
         result.check(f"uint8 normalised on {device.type} == CPU float ({name})",
                      "equal" if same else "differ", "torch.equal", verdict(same))
     data = config.data
-    supplied = supply(shards, config)
+    with result.phase("stream alone"):
+        supplied = supply(shards, config)
     result.row(name=f"stream alone, {data.decode_concurrency} decoding tasks, {data.height}x{data.width}",
                frames=supplied["frames"], seconds=supplied["seconds"], frames_per_s=supplied["frames_per_s"])
     consumed = args.context.get("step_frames_per_s")
@@ -101,7 +104,8 @@ def run(result: ItemResult, profile: Profile, args) -> None:
         result.row(name="the step's consumption (train item, under Ray Train)", frames_per_s=consumed)
         result.check("stream frames/s over the step's", f"{ratio:.2f}x", ">= 1x",
                      verdict(ratio >= 1) if device.type == "cuda" else "n/a on cpu")
-    reports = fed_run(shards, profile, device)
+    with result.phase("fed run (TorchTrainer)"):
+        reports = fed_run(shards, profile, device)
     for index, report in enumerate(reports):
         window = "first window (stream start)" if index == 0 else "steady window"
         result.row(name=f"fed run, {window}", iteration=int(report["iteration"]),

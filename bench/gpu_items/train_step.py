@@ -198,7 +198,8 @@ def run(result: ItemResult, profile: Profile, args) -> None:
         data = config.data
         frames = data.identities_per_batch * data.clips_per_identity * data.seq_len
         start = time.perf_counter()
-        measured[backbone] = {"frames": frames, "plain": plain(config, device, profile)}
+        with result.phase(f"{backbone}: plain steps"):
+            measured[backbone] = {"frames": frames, "plain": plain(config, device, profile)}
         release(device)  # the plain model's memory, before the next one (and the Ray worker) on the device
         result.row(**row(backbone, "plain PyTorch", config, measured[backbone]["plain"],
                          measured[backbone]["plain"]["flops"], peak, time.perf_counter() - start))
@@ -214,10 +215,12 @@ def run(result: ItemResult, profile: Profile, args) -> None:
         if backbone == profile.backbones[0][0]:  # the stream item's model: what its stream must supply
             result.set(step_frames_per_s=result.data["rows"][-1]["frames_per_s"])
 
-    connect_ray()
+    with result.phase("Ray connection"):
+        connect_ray()
     print("starting the TorchTrainer", flush=True)
     try:
-        under_ray(configs, device, profile, Path(str(result.path) + ".ray.jsonl"), on_line)
+        with result.phase("TorchTrainer run (worker start, DeepSpeed, steps)"):
+            under_ray(configs, device, profile, Path(str(result.path) + ".ray.jsonl"), on_line)
     finally:  # a worker that failed on the second backbone still leaves the first one's verdicts
         goals(result, measured, device, peak)
 
