@@ -5,19 +5,13 @@ with how to resume.
 """
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import ray.cloudpickle
-from conftest import free_port, stop_process_group
 from ray.train import UserCallback
 from test_train import OVERRIDES, shards_uri  # noqa: F401 (shards_uri is a fixture)
 
@@ -26,72 +20,15 @@ from stal_ray.core import storage
 from stal_ray.train.tensorboard import read_scalars
 from stal_ray.train.trainer import WorkersLostError, train
 
+# the cluster of `ray start` processes, shared with bench/node_loss.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from multinode_cluster import Cluster, alive_nodes, cluster_env, wait_for  # noqa: E402
+
 pytestmark = pytest.mark.multinode
 
-RAY = str(Path(sys.executable).parent / "ray")
 # Ray Train's wait per attempt to start a worker group (60 s by default): short, so a fixed group gives up
 # within the test (train.worker_wait_s counts attempts of it)
 START_TIMEOUT_S = "10"
-TRAINER = '--resources={"trainer": 1}'
-
-
-class Cluster:
-    """A head node and a second node, each a `ray start --block` process in its own session."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]):
-        self.port, self.env, self.tmp = free_port(), env, tmp
-        # a short session folder of its own (Ray's socket paths must fit in 107 bytes)
-        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        # one train worker per node (train.worker_resource): the second node's loss takes one of two
-        self.head = self._start("head", ["--head", f"--port={self.port}", "--num-cpus=6", TRAINER,
-                                         f"--ray-client-server-port={free_port()}",
-                                         f"--dashboard-port={free_port()}",
-                                         "--include-dashboard=false", f"--temp-dir={self.temp_dir}"])
-        self.address = f"127.0.0.1:{self.port}"
-        self.second = None
-
-    def _start(self, name: str, arguments: list[str]) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "a")
-        # every port of its own: two nodes share this host, and other Ray clusters may run on it
-        ports = [f"--{flag}={free_port()}" for flag in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
-        return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1",
-                                 "--object-store-memory=150000000", *ports, *arguments],
-                                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-
-    def start_second(self) -> None:
-        self.second = self._start("second", [f"--address={self.address}", "--num-cpus=3", TRAINER])
-
-    def kill_second(self) -> list[int]:
-        """SIGKILL the second node's `ray start`, raylet and every process under it (its workers) -> pids."""
-        root = psutil.Process(self.second.pid)
-        processes = [root, *root.children(recursive=True)]
-        for process in processes:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.second.wait()
-        return [process.pid for process in processes]
-
-    def stop(self) -> None:
-        for process in (self.second, self.head):
-            if process is not None and process.poll() is None:
-                stop_process_group(process, timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def alive_nodes(ray) -> int:
-    return sum(1 for node in ray.nodes() if node["Alive"])
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -103,17 +40,14 @@ def cluster(tmp_path_factory, moto_server):
                     "(make test-multinode)")
     tmp = tmp_path_factory.mktemp("cluster")
     # the nodes' processes reach moto by the endpoint variable (Ray Train's pyarrow S3 and our fsspec)
-    # RAY_AUTH_MODE: `ray start --head` turns token authentication on by itself when ~/.ray/auth_token exists
-    # (another cluster on this machine may have made one), and then refuses the second node and this driver
-    env = {**os.environ, "AWS_ENDPOINT_URL": moto_server, "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "disabled"}
+    env = cluster_env(AWS_ENDPOINT_URL=moto_server)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AWS_ENDPOINT_URL", moto_server)
         patch.setenv("RAY_AUTH_MODE", "disabled")
         patch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", START_TIMEOUT_S)
         nodes = Cluster(tmp, env)
         try:
-            wait_for(lambda: subprocess.run([RAY, "status", f"--address={nodes.address}"], env=env,
-                                            capture_output=True).returncode == 0, 120, "the head node")
+            nodes.wait_for_head()
             nodes.start_second()
             ray.init(address=nodes.address, log_to_driver=False, configure_logging=False)
             wait_for(lambda: alive_nodes(ray) == 2, 120, "the second node to join")
