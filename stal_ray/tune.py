@@ -227,7 +227,7 @@ def run_search(config: Config, data: PreparedData | str, *, name: str, resume: b
     best = rows[0]
     best_config = trial_config(config, best, fusion_rate=best["val_alpha"])
     layered = best_config.to_dict()
-    layered["data"]["root"] = data  # the data set the search validated on
+    layered["data"]["root"] = data.uri  # the data set the search validated on
     best_config = config_from_dict(layered)
     results_csv = storage.join(experiment_dir, RESULTS_FILE)
     best_yaml = storage.join(experiment_dir, BEST_FILE)
