@@ -24,8 +24,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stop_group(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM to a session's process group, SIGKILL if it has not gone within `timeout` seconds."""
+def stop_process_group(process: subprocess.Popen, timeout: float = 5) -> None:
+    """End a process started with start_new_session=True and everything it started (e.g. `ray start
+    --head --block`): SIGTERM to its group, SIGKILL to the group if it has not gone within `timeout` seconds
+    (a `ray start --block` head takes about 30 s to stop gracefully; a test's throwaway cluster need not)."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=timeout)
@@ -101,5 +103,5 @@ class Cluster:
     def stop(self) -> None:
         for process in (self.second, self.head):
             if process is not None and process.poll() is None:
-                _stop_group(process, timeout=10)
+                stop_process_group(process, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -2,13 +2,16 @@
 
 import os
 import shutil
-import signal
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+
+# free ports and process-group stops: one copy, in the cluster helper bench/ and the multinode tests share
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from multinode_cluster import free_port, stop_process_group  # noqa: E402, F401 - tests import them from here
 
 # the real release's index tables, copied from shared/mars/info so a clean checkout has them
 REAL_MARS_INFO = Path(__file__).parent / "data" / "mars_info"
@@ -57,15 +60,6 @@ FAKE_AWS_ENV = {
 # Unset for the session: a profile, token or endpoint from the developer's shell would redirect the tests.
 UNSET_AWS_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
                  "AWS_ENDPOINT_URL_S3", "STAL_S3_ENDPOINT")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (free when asked; good enough for tests)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -140,19 +134,6 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
-
-
-def stop_process_group(process, timeout: float = 5) -> None:
-    """End a process started with start_new_session=True and everything it started (e.g. `ray start
-    --head --block`): SIGTERM to its group, SIGKILL to the group if it has not gone within `timeout` seconds
-    (a `ray start --block` head takes about 30 s to stop gracefully; a test's throwaway cluster need not).
-    """
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @pytest.fixture(autouse=True, scope="session")
