@@ -35,6 +35,9 @@ SCHEDULERS = ("asha", "fifo")
 TUNE_METRICS = ("mAP", "rank1")
 # ||ā|| of Eq. 8: "l2" (Euclidean) or "l1" (Σ_r ā^r, the form Eq. 12 differentiates)
 PART_NORMS = ("l2", "l1")
+# where RAN sits on the global branch (model.ran_after): after the low/high split (4b), or after inception-4c
+# as the paper's Table I lists it (BN-Inception only)
+RAN_PLACES = ("4b", "4c")
 # data.mixing and data.weighting (data/stream/sampling.py, docs/sampling.md)
 MIXING = ("global", "shards")
 WEIGHTING = ("frames", "identities")
@@ -74,6 +77,10 @@ class ModelConfig:
     stan_fc: str = "frame"
     # the residual attention branch on the global branch (RAN, §III-B); false = the ablation without it
     residual_attention: bool = True
+    # where RAN sits (BN-Inception): "4b", on the low-level map the part branch also reads (Fig. 2(b)'s
+    # split at inception-4b), or "4c", after the global branch's inception-4c (Table I: 4c, ran, 4d); other
+    # backbones have no 4c and take "4b", their low/high split
+    ran_after: str = "4b"
     # ||ā|| in Eq. 8's part weights an^r = ā^r / ||ā||: "l2" (Euclidean; trains better, README) or "l1"
     # (the form whose gradient Eq. 12 gives)
     part_norm: str = "l2"
