@@ -91,6 +91,7 @@ _RULES: dict[str, Rule] = {
     "data.max_groups_per_identity": lambda v: None if v is None else int_at_least(1)(v),
     "data.mixing": one_of(MIXING),
     "data.weighting": one_of(WEIGHTING),
+    "data.seed": lambda v: None if v is None else int_at_least(0)(v),
     "data.decode_concurrency": lambda v: None if v is None else int_at_least(1)(v),
     "data.decode_at": one_of(DECODE_AT),
     "data.val_identities": interval(0, 1, closed_low=True, closed_high=False),

@@ -111,7 +111,7 @@ class DataConfig:
     # ceil(tracklets / (K·32)) epochs (3 on MARS), other frames every epoch.
     max_groups_per_identity: int | None = 32
     # how an epoch's groups are ordered: "global" — a random permutation of all training identities per
-    # epoch (train.seed, epoch), each batch's P identities drawn from a window of 4·P of them, whatever
+    # epoch (the stream's seed, epoch), each batch's P identities drawn from a window of 4·P of them, whatever
     # order the rows sit in the files; "shards" — the old stream: identities in the order of the shuffled
     # files, each identity's groups in a row (bench/sampler.py: neighbours in identity order)
     mixing: str = "global"
@@ -119,6 +119,10 @@ class DataConfig:
     # (torchreid's RandomIdentitySampler and fast-reid's NaiveIdentitySampler weigh by samples alike);
     # "identities" — every identity the same number of groups (the mean), as fast-reid's balanced sampler
     weighting: str = "frames"
+    # seed of the stream alone: each epoch's order, the frames drawn from each tracklet, augmentation (null:
+    # train.seed). Set apart from train.seed, it tells what the spread of results over seeds comes from:
+    # the stream's draws or the initialisation (docs/sampling.md)
+    seed: int | None = None
     # Ray Data CPU tasks decoding JPEG frames at once, at most (null: as many as the cluster's free CPUs
     # allow, so CPU nodes added to the cluster add decoding; Ray Data's autoscaling of tasks). A cap keeps
     # CPUs for other work, e.g. a laptop's CPU train workers (synthetic_tiny.yaml: 2)
@@ -222,7 +226,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # iterations between metric reports
     log_every: int = 50
-    # seed of sampling and initialisation
+    # seed of initialisation, and of the stream unless data.seed is set
     seed: int = 0
     # Ray Train storage, local path or fsspec URL; None = ~/ray_results
     storage_path: str | None = None
@@ -299,3 +303,8 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}
 # settings that are local paths or URLs
 PATH_SETTINGS = ("model.pretrained", "data.root", "train.storage_path")
+
+
+def stream_seed(config: "Config") -> int:
+    """The seed of the training stream's draws: data.seed, or train.seed when that is null."""
+    return config.train.seed if config.data.seed is None else config.data.seed

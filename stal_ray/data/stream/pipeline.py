@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.expressions import col
 
+from stal_ray.config_schema import stream_seed
 from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.stream.augment import Augmentation
 from stal_ray.data.stream.batches import RecycledBuffers
@@ -331,11 +332,11 @@ def training_dataset(data: PreparedData | str, config, *, epoch: int = 0, labels
     filesystem = prepared.read_filesystem()
     tracklets, where, stored = _training_index(paths, filesystem, {int(i) for i in exclude_identities or ()})
     # the old stream's order, for data.mixing = "shards": a different file order every epoch, rows as stored
-    file_order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
+    file_order = np.random.default_rng([stream_seed(config), epoch]).permutation(len(paths))
     rank = {int(f): position for position, f in enumerate(file_order)}
     stored = sorted(stored, key=lambda identity: rank[where[identity][0]])
     plan = epoch_plan(tracklets, clips_per_identity=data.clips_per_identity, seq_len=data.seq_len,
-                      identities_per_batch=data.identities_per_batch, seed=config.train.seed, epoch=epoch,
+                      identities_per_batch=data.identities_per_batch, seed=stream_seed(config), epoch=epoch,
                       max_groups=data.max_groups_per_identity, weighting=data.weighting, mixing=data.mixing,
                       stored_order=stored)
     items = _window_items(plan, where, paths)
