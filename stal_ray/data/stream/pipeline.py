@@ -237,18 +237,21 @@ def _training_index(paths: list[str], filesystem: pafs.FileSystem, exclude: set[
     tracklets, where, stored = {}, {}, []
     for number, path in enumerate(paths):
         with filesystem.open_input_file(path) as source:
-            parquet = pq.ParquetFile(source)
-            for group in range(parquet.num_row_groups):
-                rows = parquet.read_row_group(group, columns=["identity", "tracklet"])
-                lengths = to_numpy(pc.list_value_length(rows.column("tracklet")))
-                starts = np.cumsum(lengths) - lengths
-                flat = to_numpy(pc.list_flatten(rows.column("tracklet")))
-                for row, identity in enumerate(to_numpy(rows.column("identity")).tolist()):
-                    if identity in exclude:
-                        continue
-                    tracklets[identity] = flat[starts[row]:starts[row] + lengths[row]]
-                    where[identity] = (number, group)
-                    stored.append(identity)
+            # one read of the light columns of every row group, their ranges fetched at once (pre_buffer):
+            # a row group per identity makes hundreds of small ranges, one round trip each on S3 otherwise
+            parquet = pq.ParquetFile(source, pre_buffer=True)
+            rows = parquet.read(columns=["identity", "tracklet"])
+            sizes = [parquet.metadata.row_group(group).num_rows for group in range(parquet.num_row_groups)]
+        group_of_row = np.repeat(np.arange(len(sizes)), sizes)
+        lengths = to_numpy(pc.list_value_length(rows.column("tracklet")))
+        starts = np.cumsum(lengths) - lengths
+        flat = to_numpy(pc.list_flatten(rows.column("tracklet")))
+        for row, identity in enumerate(to_numpy(rows.column("identity")).tolist()):
+            if identity in exclude:
+                continue
+            tracklets[identity] = flat[starts[row]:starts[row] + lengths[row]]
+            where[identity] = (number, int(group_of_row[row]))
+            stored.append(identity)
     return tracklets, where, stored
 
 
