@@ -21,7 +21,7 @@ import numpy as np
 
 # How far an identity's clothes move towards its session's palette (0: not at all, 1: one uniform): close
 # enough that neighbours share a look, far enough that each stays recognisable.
-PALETTE_PULL = 0.55
+PALETTE_PULL = 0.25
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def session(seed: int, index: int) -> Session:
     """Session `index`'s light and palette, drawn from (seed, index) alone."""
     rng = np.random.default_rng([seed, 5, index])
     return Session(
-        light=rng.uniform(0.7, 1.3, 3),
+        light=rng.uniform(0.8, 1.25, 3),
         upper=tuple(int(v) for v in rng.integers(0, 256, 3)),
         lower=tuple(int(v) for v in rng.integers(0, 256, 3)),
     )
