@@ -39,7 +39,7 @@ PART_NORMS = ("l2", "l1")
 # as the paper's Table I lists it (BN-Inception only)
 RAN_PLACES = ("4b", "4c")
 # data.mixing and data.weighting (data/stream/sampling.py, docs/sampling.md)
-MIXING = ("global", "shards")
+MIXING = ("global", "shards", "neighbours")
 WEIGHTING = ("frames", "identities")
 DECODE_AT = ("stream", "consumer")
 STAN_FCS = ("clip", "frame")
@@ -113,7 +113,9 @@ class DataConfig:
     # how an epoch's groups are ordered: "global" — a random permutation of all training identities per
     # epoch (the stream's seed, epoch), each batch's P identities drawn from a window of 4·P of them, whatever
     # order the rows sit in the files; "shards" — the old stream: identities in the order of the shuffled
-    # files, each identity's groups in a row (bench/sampler.py: neighbours in identity order)
+    # files, each identity's groups in a row (bench/sampler.py: neighbours in identity order); "neighbours" —
+    # as global, but each window holds 4·P consecutive identity numbers (a random offset and window order per
+    # epoch): negatives from the same recording period, as MARS numbers people (docs/sampling.md)
     mixing: str = "global"
     # how much an identity weighs per epoch: "frames" — groups in proportion to its frames, up to the cap
     # (torchreid's RandomIdentitySampler and fast-reid's NaiveIdentitySampler weigh by samples alike);
