@@ -162,6 +162,7 @@ def test_the_stream_emits_the_epochs_plan_in_its_order(ray_cluster, dataset_uri,
 
     config = copy.deepcopy(config)
     config.train.seed, config.data.seed = train_seed, data_seed
+    config.data.mixing = "global"  # the plan below is the global mix (the default, shards, follows files)
     context = ray.data.DataContext.get_current()
     before = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
