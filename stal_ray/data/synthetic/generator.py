@@ -276,9 +276,13 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m stal_ray.data.synthetic.generator", description=__doc__.splitlines()[0]
     )
     parser.add_argument("out", help="new or empty folder to write the release into")
+    helps = {"session_identities": "consecutive identity numbers per recording session (shared light, "
+                                   "cameras and clothing palette, as MARS numbers people in recording order; "
+                                   "stal_ray.data.synthetic.sessions); 0 (default): independent identities"}
     for name in ("identities", "test_identities", "cameras", "height", "width", "junk_tracklets",
                  "distractor_tracklets", "seed", "session_identities"):  # fmt: skip
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name].default,
+                            help=helps.get(name))
     for name in ("tracklets_per_identity", "frames_per_tracklet"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs=2, metavar=("LOW", "HIGH"),
                             default=defaults[name].default)  # fmt: skip
