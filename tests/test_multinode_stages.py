@@ -121,7 +121,7 @@ def two_nodes(nodes, ray) -> str:
     if nodes.second is None or nodes.second.poll() is not None:
         known = {node["NodeID"] for node in ray.nodes()}
         nodes.start_second()
-        wait_for(lambda: any(n["Alive"] and n["NodeID"] not in known for n in ray.nodes()), 120,
+        wait_for(lambda: any(n["Alive"] and n["NodeID"] not in known for n in ray.nodes()), 240,
                  "the second node to join again")
     wait_for(lambda: alive_nodes(ray) == 2, 120, "two live nodes")
     return lost_node(ray)
@@ -244,8 +244,10 @@ def test_feature_extraction_loses_a_node_and_keeps_every_tracklet_once(cluster, 
                         lambda *args, **kwargs: extract_features(*args, udf=SlowChunkFeatures, **kwargs))
 
     def run(out: str):
-        # one actor per node (Ray Data spreads them), 1 CPU each
-        return evaluation.evaluate(model_file, shards, out, concurrency=2, cpu_share=0.1, use_gpu=False)
+        # two actors of 1 CPU, spread over the nodes by Ray Data; a chunk per call, so that the second node's
+        # actor, slower to start than the head's, still finds calls to run
+        return evaluation.evaluate(model_file, shards, out, config_overrides=["eval.batch_size=1"],
+                                   concurrency=2, cpu_share=0.1, use_gpu=False)
 
     plain, plain_s = timed(lambda: run(str(tmp_path / "plain")))
     Path(log.path).unlink()

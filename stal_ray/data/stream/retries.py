@@ -15,7 +15,10 @@ import ray.exceptions
 
 TASK_RETRIES = 3  # reruns of one task after its worker or node died, or its output was lost with a node
 ACTOR_RESTARTS = 3  # restarts of one actor after its process or node died
-ACTOR_TASK_RETRIES = 3  # reruns of one call on its actor's restarts
+# Reruns of one call: without end, bounded by the actor's restarts. Each attempt to reach an actor whose
+# node just died counts as one ("the actor is temporarily unavailable"): with 3, a call spent them within a
+# second, before Ray had restarted the actor elsewhere, and the stage failed (tests/test_multinode_stages.py)
+ACTOR_TASK_RETRIES = -1
 
 # What Ray raises once those ran out: the worker, the actor, the node or an object is gone for good
 LOST = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.RayActorError,
@@ -41,5 +44,5 @@ def work_lost(stage: str, lost: str, error: BaseException) -> WorkLostError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return WorkLostError(
         f"{stage}: Ray's retries ran out ({TASK_RETRIES} reruns per task, {ACTOR_RESTARTS} restarts per "
-        f"actor, {ACTOR_TASK_RETRIES} reruns per call) after workers or nodes were lost; {lost} "
+        f"actor) after workers or nodes were lost; {lost} "
         f"({type(error).__name__}: {reason})")
