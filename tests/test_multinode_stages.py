@@ -233,8 +233,8 @@ class SlowChunkFeatures(ChunkFeatures):
         return out
 
 
-@pytest.mark.xfail(reason="the two feature actors are not pinned one per node: in 2 of 3 runs the second node's "
-                          "actor ran no call before the extraction ended, so no node was killed", strict=False)
+@pytest.mark.xfail(strict=False, reason="the two feature actors are not pinned one per node: in 2 of 3 "
+                   "runs the second node's actor ran no call before the extraction ended, so none was killed")
 def test_feature_extraction_loses_a_node_and_keeps_every_tracklet_once(cluster, data_root,  # noqa: F811
                                                                         model_file, monkeypatch, tmp_path):
     nodes, ray = cluster
