@@ -11,7 +11,9 @@ test tracklet, in chunks of T, decoded the same way. Validation (data.validation
 from the training rows of the held-out identities (a filter Ray Data pushes down into the Parquet scan).
 
 Read tasks run on any node of the cluster, whose environment may lack the driver's S3 endpoint and
-credentials: the filesystem handed to them carries them (see storage.read_filesystem).
+credentials: the filesystem handed to them carries them (see storage.read_filesystem). Every task of these
+streams runs again elsewhere when its node is lost, a bounded number of times (retries.py), and delivers its
+rows once.
 """
 
 import contextlib
@@ -37,6 +39,7 @@ from stal_ray.data.stream.batches import RecycledBuffers
 from stal_ray.data.stream.clips import clip_rows
 from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.stream.images import decode_frame, decode_frames_with_sizes
+from stal_ray.data.stream.retries import task_options
 from stal_ray.data.stream.sampling import EpochPlan, epoch_plan, sequence_of_length
 
 if TYPE_CHECKING:
@@ -189,7 +192,7 @@ def _read(data: PreparedData, split: str, *, keep: Iterable[int] | None = None) 
     paths = data.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
-        ds = ray.data.read_parquet(paths, filesystem=data.read_filesystem())
+        ds = ray.data.read_parquet(paths, filesystem=data.read_filesystem(), ray_remote_args=task_options())
     # an expression filter right after the read is pushed into the Parquet scan: rows are dropped as they are
     # read, and row groups whose identity statistics exclude them are skipped unread
     if keep is not None:
@@ -215,7 +218,7 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
     if data.decode_at == "consumer":
         # fused into the task before it by Ray Data: no task of its own, no copy of the bytes
         return ds.map_batches(_encoded_clips, fn_kwargs=dict(height=data.height, width=data.width),
-                              batch_size=None, batch_format="pyarrow")
+                              batch_size=None, batch_format="pyarrow", **task_options())
     # Tasks, not an actor pool: Ray reuses its worker processes for tasks, while actors are new processes
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
     # Uncapped, Ray Data starts a task wherever a CPU is free and re-reads the cluster's size as it runs, so
@@ -223,7 +226,7 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
     ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
                                                       clip_shape=clip_shape, augment=augment),
                         batch_size=decode_batch_size(data, clip_shape), batch_format="pyarrow",
-                        compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency))
+                        compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency), **task_options())
     # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
     # one block and one task decodes them all while the others idle. This dataset's own (sealed) context.
     ds.context.target_max_block_size = _BLOCK_BYTES
@@ -346,7 +349,7 @@ def training_dataset(data: PreparedData | str, config, *, epoch: int = 0, labels
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     ds = ds.map_batches(_window_groups, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
         filesystem=filesystem, labels={identity: label for label, identity in enumerate(labels)},
-        clips_per_identity=data.clips_per_identity, seq_len=data.seq_len))
+        clips_per_identity=data.clips_per_identity, seq_len=data.seq_len), **task_options())
     return _decode(ds, data, (data.clips_per_identity, data.seq_len),
                    augment=Augmentation.from_config(config, epoch))
 
@@ -362,7 +365,8 @@ def evaluation_dataset(data: PreparedData | str, config, *, sequence_length: int
     ds = _read(as_prepared(data), "test")
     data = config.data
     ds = ds.map_batches(_tracklet_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
-                        fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed))
+                        fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed),
+                        **task_options())
     return _decode(ds, data, (data.seq_len,))
 
 
@@ -377,5 +381,6 @@ def validation_dataset(data: PreparedData | str, config, split: "ValidationSplit
     data = config.data
     ds = _read(prepared, "train", keep=split.identities)
     ds = ds.map_batches(_held_out_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
-                        fn_kwargs=dict(seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
+                        fn_kwargs=dict(seq_len=data.seq_len, queries=frozenset(split.query_tracklets)),
+                        **task_options())
     return _decode(ds, data, (data.seq_len,))
