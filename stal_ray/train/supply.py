@@ -13,8 +13,8 @@ which side is short, not to promise a rate.
 With data.decode_at = consumer the train workers decode (data.consumer), each with data.decode_concurrency
 threads (null: the node's CPUs over its GPUs, estimated here as the cluster's), while its step runs
 (data.prefetch): the supply is those threads times the per-core rate times the share of it the consumer
-keeps (bench/consumer_cost.py). CPU nodes add nothing to it; the reading tasks, which are light, run
-anywhere.
+keeps (bench/data.py's driver CPU of a consumer epoch). CPU nodes add nothing to it; the reading tasks,
+which are light, run anywhere.
 """
 
 import time
@@ -34,9 +34,11 @@ STREAM_SHARE = 0.58
 # A decoding task's own frames per CPU-second over the bare loop's: 128 µs of 152 µs per frame
 # (bench/data.py's per-process split, README). What a cap of N decoding tasks bounds.
 DECODE_TASK_SHARE = 0.84
-# The consumer's decoding threads' frames per CPU-second over the bare loop's (data.decode_at = consumer): the
-# training worker's own work per frame, Ray's iterator included (bench/consumer_cost.py, 256x128)
-CONSUMER_SHARE = 0.75
+# The training worker's frames per CPU-second over the bare loop's with data.decode_at = consumer: its
+# decoding threads and Ray's iterator in the same process, 162-182 us a frame against 100-102 at 256x128 (the
+# driver column of bench/data.py's consumer epochs; without Ray the consumer's own work is 119 us:
+# bench/consumer_cost.py)
+CONSUMER_SHARE = 0.6
 # Forward and backward GFLOP per frame at the size counted (bench/model.py, 8-frame clips); other sizes scale
 # with their pixels
 GFLOP_PER_FRAME = {"resnet50": (237 / 8, 256 * 128), "bninception": (253 / 8, 224 * 224)}
