@@ -74,3 +74,28 @@ def test_a_dropped_iterator_stops_its_thread():
     del items
     gc.collect()
     assert not prefetch_threads() and source.closed_in == "prefetch"
+
+
+def test_a_source_stuck_in_its_next_item_does_not_hang_the_caller(monkeypatch):
+    """A streaming_split shard can wait for a block its stopped siblings never let come: the caller waits
+    _JOIN_S at most, warns, and the daemon thread ends when the item comes."""
+    from stal_ray.data.stream import prefetch
+
+    monkeypatch.setattr(prefetch, "_JOIN_S", 0.2)
+    release = threading.Event()
+
+    def stuck():
+        yield 0
+        release.wait(10)  # the next item takes "forever"
+        yield 1
+
+    items = prefetched(stuck())
+    assert next(items) == 0
+    time.sleep(0.05)  # the thread is now inside the source's next()
+    with pytest.warns(RuntimeWarning, match="did not stop"):
+        items.close()
+    release.set()
+    deadline = time.monotonic() + 5
+    while prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not prefetch_threads()

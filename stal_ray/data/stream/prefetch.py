@@ -8,17 +8,21 @@ batch n runs, as the stream's Ray Data tasks decode ahead of the consumer.
 The items are the source's, in the source's order: one thread runs the source, so nothing about what it
 yields changes. A source that raises raises in the caller. When the caller stops early (breaks out, or drops
 the iterator), the thread stops after the item it is making, closes the source in its own thread (a Ray
-Data iterator shuts down its execution) and is joined.
+Data iterator shuts down its execution) and is joined; for at most _JOIN_S seconds, so that a source whose
+next item never comes (a streaming_split shard whose siblings stopped pulling) cannot hang the caller: the
+daemon thread then ends whenever that item comes, or with the process.
 """
 
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
 _POLL_S = 0.05  # how often a thread waiting for room in the queue looks whether the caller has stopped
+_JOIN_S = 30.0  # how long a caller that stops waits for the thread to finish the item it is making
 
 
 class _End:
@@ -49,7 +53,10 @@ def prefetched(source: Iterable[T], depth: int = 1) -> Iterator[T]:
             del item  # not kept alive here while the caller uses it and the next is waited for
     finally:
         stop.set()
-        thread.join()
+        thread.join(_JOIN_S)
+        if thread.is_alive():
+            warnings.warn(f"the prefetch thread did not stop within {_JOIN_S:g} s (its source is still "
+                          "making an item); left to end on its own", RuntimeWarning, stacklevel=2)
 
 
 def _fill(iterator: Iterator, items: queue.Queue, stop: threading.Event) -> None:
