@@ -19,10 +19,10 @@ what each is expected to take on one H100):
 
 An item past its limit is stopped (its process group killed) and the next one starts with what it left in
 its JSON; the limits are cut to what is left of --budget. Each item's table ends with where its time went
-(start-up, Ray connection, each TorchTrainer run, ...; `phases` in the JSON). --quick runs evaluation, pose
-and determinism in a second lane beside train and stream, and the determinism item's two runs at once: a
-tiny item is mostly process and actor start-up, which two lanes overlap on the cores; a full run keeps one
-lane and Ray's defaults. Each item prints a table; every goal gets PASS or
+(start-up, Ray connection, each TorchTrainer run, ...; `phases` in the JSON). --quick runs evaluation,
+pose, determinism and decode in a second lane beside train and stream, and the determinism item's two runs
+at once: a tiny item is mostly process and actor start-up, which two lanes overlap on the cores; a full run
+keeps one lane and Ray's defaults. Each item prints a table; every goal gets PASS or
 FAIL, or says why none applies (n/a on cpu: a GPU's goal on a CPU). All of it goes to --out (JSON), each
 item's log to bench/results/gpu_check-logs/. Exit status 1 when a check fails or an item errs or times out.
 
@@ -65,7 +65,7 @@ MIN_ITEM_S = 10  # an item given less than this is not started
 # others, which keep their order (stream reads the train item's step rate): a tiny item is mostly the start-up
 # of processes and Ray actors, waits that two lanes overlap on the CPU's cores. A full run keeps one lane: its
 # items measure the GPU and the machine's CPUs, and must not share them.
-QUICK_ALONGSIDE = ("evaluation", "pose", "determinism")
+QUICK_ALONGSIDE = ("evaluation", "pose", "determinism", "decode")
 PRINTING = threading.Lock()  # one item's table at a time
 STOP_GRACE_S = 5
 

@@ -1,12 +1,14 @@
-"""Benchmark: the training sampler on the real MARS index, old (main's) and new in the same run, no frames.
+"""Benchmark: the training sampler on the real MARS index, old (before issue 36) and new, same run, no frames.
 
 The training identities and tracklets of MARS's track table (tracks_train_info.mat, as data.releases.mars
 reads it with scipy; identities > 0, tracklets in table order as the prepare writes them) are laid out as
-the prepare lays them out: rows sorted by identity, files of --target-file-mb and row groups of 32 MiB of
-~11.5 KiB JPEG frames (bench/mars_frames.py's mean). Per epoch and sampler:
+the prepare lays them out: rows sorted by identity, files of --target-file-mb, one identity per row group
+(the column "new, 32MiB groups": row groups of 32 MiB, the prepare's layout before), ~11.5 KiB JPEG frames
+(bench/mars_frames.py's mean). Per epoch and sampler:
 
-* old: main's sampling.py (loaded from git), identities in the order of the shuffled files, each identity's
-  groups in a row, through the real batcher (data.batches.TrainingBatches, its 8·P shuffle buffer).
+* old: the sampling.py before issue 36 (loaded from git), identities in the order of the shuffled files,
+  each identity's groups in a row, through the real batcher (data.batches.TrainingBatches, its 8·P shuffle
+  buffer).
 * new: sampling.epoch_plan (mixing global, weighting frames and identities), through the same batcher.
 * uniform: the ideal: every group of the epoch drawn P distinct identities at a time in proportion to the
   groups they have left, over all identities (sampling.interleave over the whole training set), no batcher.
@@ -63,8 +65,35 @@ def read_index(info: Path) -> dict[int, np.ndarray]:
     return {identity: np.concatenate(parts) for identity, parts in sorted(out.items())}
 
 
-def layout(tracklets: dict[int, np.ndarray], target_file_bytes: int) -> tuple[list, dict, dict]:
-    """Files (lists of identities) and each identity's row group, cut as shard_files.write_split cuts them."""
+def recording_order(info: Path, block: int = 125) -> dict:
+    """Does identity order follow recording time? The mean Jaccard similarity of the camera sets of
+    neighbouring training identities against random pairs, and the share of tracklets per camera in blocks
+    of `block` consecutive identities (a camera that stops appearing: the numbers follow time)."""
+    table_file, variable = mars.TRACK_TABLES["train"]
+    table = scipy.io.loadmat(info / Path(table_file).name)[variable].astype(np.int64)
+    table = table[table[:, 2] > 0]
+    people = np.unique(table[:, 2])
+    cameras = {int(p): set(table[table[:, 2] == p, 3].tolist()) for p in people}
+
+    def jaccard(a: int, b: int) -> float:
+        return len(cameras[a] & cameras[b]) / len(cameras[a] | cameras[b])
+
+    pairs = np.random.default_rng(0).integers(0, len(people), (5000, 2))
+    blocks = []
+    for start in range(0, len(people), block):
+        seen = table[np.isin(table[:, 2], people[start:start + block]), 3]
+        blocks.append((np.bincount(seen, minlength=7)[1:] / len(seen)).round(3).tolist())
+    neighbours = [jaccard(a, b) for a, b in zip(people[:-1], people[1:], strict=True)]
+    return {"neighbours_jaccard": float(np.mean(neighbours)),
+            "random_jaccard": float(np.mean([jaccard(people[i], people[j]) for i, j in pairs if i != j])),
+            "camera_share_per_block": blocks, "block": block}
+
+
+def layout(tracklets: dict[int, np.ndarray], target_file_bytes: int,
+           row_per_group: bool = True) -> tuple[list, dict, dict]:
+    """Files (lists of identities) and each identity's row group, cut as shard_files.write_split cuts them:
+    one identity per row group (the prepare's training split), or (row_per_group=False) row groups of
+    32 MiB, as the prepare wrote them before."""
     files, row_group, group_bytes = [], {}, {}
     current, buffered, file_bytes, number = [], 0, 0, 0
     for identity, frames in tracklets.items():
@@ -74,7 +103,7 @@ def layout(tracklets: dict[int, np.ndarray], target_file_bytes: int) -> tuple[li
         buffered += nbytes
         file_bytes += nbytes
         group_bytes[number] = group_bytes.get(number, 0) + nbytes
-        if buffered >= ROW_GROUP_BYTES or file_bytes >= target_file_bytes:
+        if row_per_group or buffered >= ROW_GROUP_BYTES or file_bytes >= target_file_bytes:
             number, buffered = number + 1, 0
         if file_bytes >= target_file_bytes:
             files.append(current)
@@ -84,18 +113,22 @@ def layout(tracklets: dict[int, np.ndarray], target_file_bytes: int) -> tuple[li
     return files, row_group, group_bytes
 
 
+# the sampler before the epoch over all identities (issue 36): data/sampling.py at that commit
+OLD_SAMPLING = "c457115:stal_ray/data/sampling.py"
+
+
 def old_sampling():
-    """main's sampling.py, loaded from git as a module of its own."""
-    source = subprocess.run(["git", "-C", str(REPO), "show", "main:stal_ray/data/stream/sampling.py"],
+    """The old sampling.py (OLD_SAMPLING), loaded from git as a module of its own."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", OLD_SAMPLING],
                             capture_output=True, text=True, check=True).stdout
     spec = importlib.util.spec_from_loader("old_sampling", loader=None)
     module = importlib.util.module_from_spec(spec)
-    exec(compile(source, "main:sampling.py", "exec"), module.__dict__)
+    exec(compile(source, OLD_SAMPLING, "exec"), module.__dict__)
     return module
 
 
 def old_plan(tracklets, files, seed, epoch, cap, old) -> tuple[np.ndarray, np.ndarray]:
-    """(identity, tracklet of each clip (G, K)) per group of main's stream: shuffled files, rows in order."""
+    """(identity, tracklet of each clip (G, K)) per group of the old stream: shuffled files, rows in order."""
     identities, clips = [], []
     for index in np.random.default_rng([seed, epoch]).permutation(len(files)):
         for identity in files[index]:
@@ -208,7 +241,7 @@ def read_cost(plan_windows: list[list[int]], row_group: dict, group_bytes: dict,
 
 
 def old_read_cost(files: list[list[int]], row_group: dict, group_bytes: dict, chosen_bytes: dict) -> dict:
-    """main's read task: a file's rows 4 at a time (pipeline._ROWS_PER_READ), each file read once; it holds
+    """the old read task: a file's rows 4 at a time (pipeline._ROWS_PER_READ), each file read once; it holds
     one row group and the chosen frames of the 4 rows it is cutting."""
     peak = 0.0
     for members in files:
@@ -234,23 +267,33 @@ def main():
     tracklets = read_index(Path(args.info))
     ids = list(tracklets)
     rank = {identity: index for index, identity in enumerate(ids)}
-    files, row_group, group_bytes = layout(tracklets, int(args.target_file_mb * 2**20))
+    layouts = {rows: layout(tracklets, int(args.target_file_mb * 2**20), rows) for rows in (True, False)}
+    files, row_group, group_bytes = layouts[True]
     total = sum(group_bytes.values())
     print(f"MARS train index {args.info}: {len(ids)} identities, "
           f"{sum(len(np.unique(t)) for t in tracklets.values())} tracklets, "
           f"{sum(len(t) for t in tracklets.values())} frames; {len(files)} files, "
-          f"{len(group_bytes)} row groups "
+          f"{len(group_bytes)} row groups of one identity ({len(layouts[False][2])} of 32 MiB before) "
           f"(simulated, {JPEG_BYTES / 1024:.1f} KiB a frame); P={P} K={K} T={SEQ_LEN}, "
           f"max_groups_per_identity={cap}", flush=True)
+    order = recording_order(Path(args.info))
+    print(f"recording order: camera sets of neighbouring identities {order['neighbours_jaccard']:.2f} alike "
+          f"(Jaccard), random pairs {order['random_jaccard']:.2f}; tracklets per camera 1-6 in blocks of "
+          f"{order['block']} identities: " + "; ".join(" ".join(f"{v:.2f}" for v in b)
+                                                       for b in order["camera_share_per_block"]))
     old = old_sampling()
     results: dict = {"index": args.info, "identities": len(ids), "P": P, "K": K, "T": SEQ_LEN, "cap": cap,
-                     "files": len(files), "row_groups": len(group_bytes), "samplers": {}}
+                     "files": len(files), "row_groups": len(group_bytes), "recording_order": order,
+                     "samplers": {}}
     row_mb = K * SEQ_LEN * HEIGHT * WIDTH * 3 / 2**20
     block_mb = decode_batch_size(_config().data, (K, SEQ_LEN)) * row_mb
-    samplers = {"old": (None, None), "new (frames)": ("frames", None),
-                "new (identities)": ("identities", None), "uniform": ("uniform", None)}
-    samplers.update({f"new W={w}": ("frames", w) for w in args.windows})
-    for name, (weighting, window) in samplers.items():
+    # name: (weighting, window, one identity per row group); the old sampler read the old layout
+    samplers = {"old": (None, None, False), "new (frames)": ("frames", None, True),
+                "new, 32MiB groups": ("frames", None, False), "new (identities)": ("identities", None, True),
+                "uniform": ("uniform", None, True)}
+    samplers.update({f"new W={w}": ("frames", w, True) for w in args.windows})
+    for name, (weighting, window, row_per_group) in samplers.items():
+        files, row_group, group_bytes = layouts[row_per_group]
         per_epoch, clips_per_epoch, timings, reads = [], [], [], []
         for epoch in range(args.epochs):
             start = time.perf_counter()

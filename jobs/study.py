@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=list(SEQUENCE_LENGTHS),
                         help="frames per query and gallery tracklet in the Fig. 11 heat map; `all` = every "
                              "frame (default: 1 2 4 8 16 all; the paper goes to 128 on long tracklets)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                        help="one study per training seed (train.seed), into OUT/seed-S/, and OUT/seeds.md: "
+                             "the figures' mean ± standard deviation and the paired differences over seeds "
+                             "(default: one study, the config's train.seed, into OUT)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="Ray Train workers of each training run (train.num_workers; default: the "
                              "config's, 1 in study_occluded.yaml)")
@@ -82,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.config = args.config or str(DEFAULT_CONFIG)
     args.out = storage.absolute(args.out)  # written by Ray tasks
+    if args.seeds and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
+        parser.error(f"--seeds must be distinct training seeds >= 0, got {' '.join(map(str, args.seeds))}")
     if not 0 <= args.occlusion <= 1:
         parser.error(f"--occlusion is a share of frames in [0, 1], got {args.occlusion}")
     return args
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     # torch, DeepSpeed and Ray: after the arguments, so that --help and a bad flag answer at once
-    from stal_ray.study.run import run_study
+    from stal_ray.study.run import run_seeds, run_study
     from stal_ray.train.trainer import RunStoppedError
 
     try:
@@ -103,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                                     seed=args.synthetic_seed, **SYNTHETIC))
         print(f"study on {data.uri}, into {args.out}")
         command = "python jobs/study.py " + shlex.join(argv)
-        report = run_study(config, data, args.out, command=command,
-                           sequence_lengths=args.sequence_lengths,
-                           variants=tuple(v for v in VARIANTS if v.name in {"stal", *args.variants}),
-                           allow_changed_config=args.allow_changed_config)
+        options = dict(command=command, sequence_lengths=args.sequence_lengths,
+                       variants=tuple(v for v in VARIANTS if v.name in {"stal", *args.variants}),
+                       allow_changed_config=args.allow_changed_config)
+        report = (run_seeds(config, data, args.out, args.seeds, **options) if args.seeds
+                  else run_study(config, data, args.out, **options))
     except (ConfigError, StorageError, RunStoppedError) as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2

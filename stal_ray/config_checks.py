@@ -36,6 +36,7 @@ from stal_ray.config_schema import (
     POSE_SOURCES,
     PRECISIONS,
     PROTOCOLS,
+    RAN_PLACES,
     SCHEDULERS,
     SECTIONS,
     STAN_FCS,
@@ -69,6 +70,7 @@ def resolve_keypoint_supervision(model: ModelConfig, frames_with_keypoints: int)
 
 _RULES: dict[str, Rule] = {
     "model.backbone": one_of(BACKBONES),
+    "model.ran_after": one_of(RAN_PLACES),
     "model.pretrained": path_or_null,
     "model.feature_dim": int_at_least(1),
     "model.pose_source": one_of(POSE_SOURCES),
@@ -89,6 +91,7 @@ _RULES: dict[str, Rule] = {
     "data.max_groups_per_identity": lambda v: None if v is None else int_at_least(1)(v),
     "data.mixing": one_of(MIXING),
     "data.weighting": one_of(WEIGHTING),
+    "data.seed": lambda v: None if v is None else int_at_least(0)(v),
     "data.decode_concurrency": lambda v: None if v is None else int_at_least(1)(v),
     "data.decode_at": one_of(DECODE_AT),
     "data.val_identities": interval(0, 1, closed_low=True, closed_high=False),
@@ -174,6 +177,10 @@ def validate_config(config: Config, origin: Mapping[str, tuple[str, Any]], defau
             if reason:
                 raise ConfigError(f"{source}: {dotted} = {show(written)} is invalid: {reason}")
             setattr(section, key, coerced)
+    if config.model.ran_after == "4c" and config.model.backbone != "bninception":
+        source, _ = origin.get("model.ran_after", (default_source, None))
+        raise ConfigError(f"{source}: model.ran_after = '4c' is for model.backbone = 'bninception' (Table "
+                          f"I's inception-4c); {config.model.backbone} has no 4c: use model.ran_after=4b")
     train = config.train
     if train.lr_schedule == "multistep" and not train.lr_milestones:
         source, _ = origin.get("train.lr_schedule", (default_source, None))

@@ -107,6 +107,27 @@ def test_chunks_in_any_order_and_batching_give_the_same_features():
 
 
 @torch.no_grad()
+def test_a_chunk_delivered_twice_is_added_once():
+    """Ray runs a call again after a lost node: a chunk that arrives twice counts once."""
+    model = tiny_stal()
+    torch.manual_seed(5)
+    parts = []
+    for tracklet, length in ((4, 9), (6, 5)):
+        chunks, valid = chunked(torch.randn(length, 3, H, W))
+        parts.append(rows(model(chunks), valid, tracklet=tracklet))
+    everything = concat(parts)
+    once, twice = TrackletSums(), TrackletSums()
+    once.add(everything)
+    twice.add(take(everything, [0, 1, 3]))
+    twice.add(take(everything, [1, 1, 2, 3, 4]))  # chunks 1 and 3 again, chunk 1 twice in one batch
+    assert (twice.repeated, twice.frames, twice.tracklets) == (3, once.frames, 2) and once.frames == 14
+    a, b = once.result(), twice.result()
+    assert b.num_frames.tolist() == a.num_frames.tolist() == [9, 5]
+    for name in ("g", "f_attended", "f_temporal", "f_mean", "part_scores"):
+        torch.testing.assert_close(getattr(b.features, name), getattr(a.features, name), msg=name)
+
+
+@torch.no_grad()
 def test_baseline_attention_gives_the_plain_average():
     model = tiny_stal("baseline")
     torch.manual_seed(3)

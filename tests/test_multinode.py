@@ -49,12 +49,25 @@ def cluster(tmp_path_factory, moto_server):
         try:
             nodes.wait_for_head()
             nodes.start_second()
-            ray.init(address=nodes.address, log_to_driver=False, configure_logging=False)
+            connect(ray, nodes.address)
             wait_for(lambda: alive_nodes(ray) == 2, 120, "the second node to join")
             yield nodes, ray
         finally:
             ray.shutdown()
             nodes.stop()
+
+
+def connect(ray, address: str, attempts: int = 3) -> None:
+    """ray.init to the cluster, again when the head's GCS did not answer in time: the driver asks it which
+    of this host's raylets to join, and on a loaded 2-core machine that call can miss its 60 s deadline."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            return
+        except (ConnectionError, RuntimeError):
+            if attempt == attempts:
+                raise
+            ray.shutdown()
 
 
 class ReportLog(UserCallback):

@@ -150,11 +150,19 @@ def test_streaming_split_shards_give_balanced_batches(epoch, dataset_uri, config
     assert groups == sum(len(batch["identities"]) // K for batch in epoch)
 
 
-def test_the_stream_emits_the_epochs_plan_in_its_order(ray_cluster, dataset_uri, config):
+@pytest.mark.parametrize("train_seed, data_seed, plan_seed", [(0, None, 0), (7, 2, 2)])
+def test_the_stream_emits_the_epochs_plan_in_its_order(ray_cluster, dataset_uri, config, train_seed,
+                                                       data_seed, plan_seed):
     """Groups leave the read tasks in the plan's order (identities mixed over the whole training set, not
-    in the shards' order), each with the plan's frames."""
+    in the shards' order), each with the plan's frames; the plan is data.seed's when set, else train.seed's
+    (the initialisation's seed then changes nothing in the stream)."""
+    import copy
+
     import ray.data
 
+    config = copy.deepcopy(config)
+    config.train.seed, config.data.seed = train_seed, data_seed
+    config.data.mixing = "global"  # the plan below is the global mix (the default, shards, follows files)
     context = ray.data.DataContext.get_current()
     before = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
@@ -166,7 +174,7 @@ def test_the_stream_emits_the_epochs_plan_in_its_order(ray_cluster, dataset_uri,
     tracklets = {identity: np.array(row) for identity, row in
                  zip(table.column("identity").to_pylist(), table.column("tracklet").to_pylist(), strict=True)}
     plan = epoch_plan(tracklets, clips_per_identity=K, seq_len=T, identities_per_batch=P,
-                      seed=config.train.seed, epoch=3, max_groups=config.data.max_groups_per_identity)
+                      seed=plan_seed, epoch=3, max_groups=config.data.max_groups_per_identity)
     assert [int(row["identity"]) for row in rows] == plan.identity.tolist()
     assert [int(row["group"]) for row in rows] == plan.group.tolist()
     for row, identity, positions in zip(rows, plan.identity, plan.positions, strict=True):

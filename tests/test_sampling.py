@@ -228,3 +228,31 @@ def test_interleave_keeps_every_group_and_leaves_the_remainder_round_robin():
     np.testing.assert_array_equal(np.bincount(order, minlength=5), counts)
     full = len(order) - len(order) % 3
     assert all(len(set(order[s:s + 3].tolist())) == 3 for s in range(0, full - 6, 3))
+
+
+def test_neighbour_windows_hold_consecutive_identities_in_a_new_cut_every_epoch():
+    """mixing: neighbours: each window is a stretch of consecutive identity numbers (cyclic), every identity
+    in one window per epoch, batches of P distinct identities from within the stretch; the cut and the
+    windows' order change with the epoch."""
+    tracklets = identities_of(60)
+    ids = sorted(tracklets)
+    starts = []
+    for epoch in (0, 1):
+        order = plan(tracklets, epoch=epoch, mixing="neighbours")
+        firsts = []
+        for window in range(int(order.window.max()) + 1):
+            members = np.unique(order.identity[order.window == window])
+            positions = sorted(ids.index(int(i)) for i in members)
+            gaps = np.diff(positions)
+            # consecutive, or consecutive across the wrap from the last identity to the first
+            assert (gaps == 1).all() or (sorted(gaps.tolist())[:-1] == [1] * (len(gaps) - 1))
+            firsts.append(int(order.identity[order.window == window][0]))
+            run = order.identity[order.window == window][:4]
+            assert len(set(run.tolist())) == 4
+        assert sorted(np.unique(order.identity).tolist()) == ids
+        starts.append(firsts)
+    assert starts[0] != starts[1]
+    global_plan = plan(tracklets, epoch=0)
+    neighbours = plan(tracklets, epoch=0, mixing="neighbours")
+    assert sorted(zip(neighbours.identity.tolist(), neighbours.group.tolist(), strict=True)) == \
+        sorted(zip(global_plan.identity.tolist(), global_plan.group.tolist(), strict=True))

@@ -160,6 +160,17 @@ def test_train_identities_spread_over_files_of_bounded_size(written):
     assert sum(f.rows for f in files) == written.counts["train"]["identities"]
 
 
+def test_each_training_row_group_holds_one_identity(written):
+    """An epoch's windows of identities read only their identities' row groups (data.mixing: global): no
+    row group of the training split mixes identities; the test split keeps its ~32 MiB row groups."""
+    stored = read_manifest(written.uri)
+    for entry, path in zip(stored.files["train"], stored.paths("train"), strict=True):
+        metadata = pq.ParquetFile(path).metadata
+        assert [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)] == [1] * entry.rows
+    test = [pq.ParquetFile(path).metadata for path in stored.paths("test")]
+    assert max(m.row_group(g).num_rows for m in test for g in range(m.num_row_groups)) > 1
+
+
 def test_second_run_is_a_no_op(release, written):
     before = snapshot(written.uri)
     again = write_shards(release, written.uri, target_file_bytes=TARGET, progress=False)

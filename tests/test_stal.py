@@ -226,3 +226,35 @@ def test_without_bnneck_there_is_no_neck():
                  pose_source="prior")
     assert model.global_neck is None and model.part_neck is None
     assert not any("neck" in key for key in model.state_dict())  # model files of before still load
+
+
+def _global_branch_order(model: STAL) -> list[str]:
+    """The order the global branch's stages and RAN run in, from forward hooks."""
+    order = []
+    watched = {"ran": model.ran, **{name: model.backbone.get_submodule(name)
+                                     for name in ("inception4b", "inception4c", "inception4d")}}
+    handles = [module.register_forward_hook(lambda *_, name=name: order.append(name))
+               for name, module in watched.items()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 2, 3, 128, 64))
+    for handle in handles:
+        handle.remove()
+    # the part branch runs its own 4c/4d copies; these are the global branch's
+    return order
+
+
+@pytest.mark.parametrize("ran_after, expected", [
+    ("4b", ["inception4b", "ran", "inception4c", "inception4d"]),
+    ("4c", ["inception4b", "inception4c", "ran", "inception4d"]),  # Table I: 4c, ran, 4d
+])
+def test_ran_sits_where_model_ran_after_says(ran_after, expected):
+    model = STAL("bninception", num_classes=3, seq_len=2, image_size=(128, 64), feature_dim=16,
+                 pose_source="learned", ran_after=ran_after)
+    assert _global_branch_order(model) == expected
+
+
+def test_ran_after_4c_is_refused_where_the_backbone_has_no_4c():
+    with pytest.raises(ValueError, match="ran_after = '4c' is for model.backbone = 'bninception'"):
+        load_config(None, ["model.ran_after=4c"])  # the default backbone: tiny
+    with pytest.raises(ValueError, match="model.ran_after = '4x' is invalid"):
+        load_config(None, ["model.ran_after=4x"])

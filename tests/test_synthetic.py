@@ -207,3 +207,40 @@ def test_alternate_style_keeps_the_layout_and_changes_colours_and_casts(tiny, tm
     assert casts.min() < 0.8 and casts.max() > 1.2  # beyond the default style's 0.8-1.2
     with pytest.raises(ValueError, match="style = 'neon' is invalid"):
         write_synthetic_release(str(tmp_path / "bad"), **TINY, style="neon")
+
+
+def _first_frames(root: Path, split: str, identities) -> np.ndarray:
+    """(identities, H, W, 3) float: each identity's first frame."""
+    return np.stack([np.asarray(Image.open(sorted((root / f"bbox_{split}" / f"{i:04d}").glob("*.jpg"))[0]),
+                                np.float64) for i in identities])
+
+
+def test_recording_sessions_make_neighbouring_identities_alike(tmp_path):
+    """session_identities = n: consecutive numbers are recorded together (as MARS numbers its people), so
+    they share the session's cameras and light and look alike; 0 keeps every identity independent, with the
+    bytes of before."""
+    sizes = dict(identities=24, test_identities=6, cameras=6, tracklets_per_identity=(3, 3),
+                 frames_per_tracklet=(2, 2), height=64, width=32, occlusion=0.0, seed=3)
+    root = Path(write_synthetic_release(str(tmp_path / "sessions"), **sizes, session_identities=6))
+    release = read_mars(str(root))
+    cameras = {}
+    for tracklet in release.train + release.test:
+        if tracklet.identity > 0:
+            cameras.setdefault((tracklet.identity - 1) // 6, set()).add(tracklet.camera)
+    assert len(cameras) == 5 and all(len(seen) == 3 for seen in cameras.values())  # half of the 6 cameras
+    assert len(set.union(*cameras.values())) > 3  # sessions run different cameras
+    # neighbours alike: a frame is closer to the frames of its session than to the others'
+    frames = _first_frames(root, "train", range(1, 25)).reshape(24, -1)
+    distance = np.linalg.norm(frames[:, None] - frames[None], axis=-1)
+    session = np.arange(24) // 6
+    same = (session[:, None] == session[None]) & ~np.eye(24, dtype=bool)
+    assert distance[same].mean() < 0.8 * distance[session[:, None] != session[None]].mean()
+    # without sessions the same numbers are not alike, and the release is that of before sessions existed
+    plain = Path(write_synthetic_release(str(tmp_path / "plain"), **sizes))
+    assert release_files(plain) == release_files(
+        Path(write_synthetic_release(str(tmp_path / "zero"), **sizes, session_identities=0)))
+    frames = _first_frames(plain, "train", range(1, 25)).reshape(24, -1)
+    distance = np.linalg.norm(frames[:, None] - frames[None], axis=-1)
+    assert distance[same].mean() > 0.9 * distance[session[:, None] != session[None]].mean()
+    with pytest.raises(ValueError, match="session_identities = -1 is invalid"):
+        write_synthetic_release(str(tmp_path / "bad"), **sizes, session_identities=-1)

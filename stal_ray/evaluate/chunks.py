@@ -68,19 +68,29 @@ class FeatureSet:
 
 
 class TrackletSums:
-    """Running per-tracklet totals of chunk_sums rows, arriving in any order and in any batching."""
+    """Running per-tracklet totals of chunk_sums rows, arriving in any order and in any batching. A chunk
+    (tracklet, chunk number) that arrives again, e.g. computed again after a lost node, is added once."""
 
     def __init__(self):
+        self.frames = 0  # real frames added
+        self.repeated = 0  # chunks that arrived again, left out
+        self._seen: set[tuple[int, int]] = set()
         self._slot: dict[int, int] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._meta: dict[str, np.ndarray] = {}
         self._corrupt = np.zeros(0, dtype=np.int64)
         self._scores: list[tuple[np.ndarray, ...]] = []  # per batch: tracklet, chunk, valid, scores
 
+    @property
+    def tracklets(self) -> int:
+        return len(self._slot)
+
     def add(self, batch: dict[str, np.ndarray]) -> None:
+        batch = self._first_arrivals(batch)
         tracklets = np.asarray(batch["tracklet"], dtype=np.int64)
         if not len(tracklets):
             return
+        self.frames += int(np.sum(batch["frames"]))
         unique, first, inverse = np.unique(tracklets, return_index=True, return_inverse=True)
         new = [(i, t) for i, t in enumerate(unique.tolist()) if t not in self._slot]
         for _, tracklet in new:
@@ -100,6 +110,16 @@ class TrackletSums:
         np.add.at(self._corrupt, slots, np.asarray(batch["corrupt_frames"], dtype=np.int64))
         self._scores.append((tracklets, np.asarray(batch["chunk"], dtype=np.int64),
                              np.asarray(batch["frames"], dtype=np.int64), np.asarray(batch["scores"])))
+
+    def _first_arrivals(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch less the chunks added before (or twice in it)."""
+        seen = self._seen
+        keys = zip(np.asarray(batch["tracklet"]).tolist(), np.asarray(batch["chunk"]).tolist(), strict=True)
+        first = np.array([key not in seen and not seen.add(key) for key in keys], dtype=bool)
+        if first.all():
+            return batch
+        self.repeated += int((~first).sum())
+        return {name: np.asarray(value)[first] for name, value in batch.items()}
 
     def _grow(self, batch: dict[str, np.ndarray], needed: int) -> None:
         """Room for `needed` tracklets, doubling: the number of tracklets is unknown until the stream ends."""

@@ -1,6 +1,10 @@
 """Feature extraction for evaluation: Ray Data actors (ChunkFeatures) run STAL on every T-frame chunk of every
 tracklet and emit the partial sums of Eq. 9 (chunks.chunk_sums); the driver (extract_features) adds them up
 per tracklet into a FeatureSet (chunks.TrackletSums). feature_store.py saves and loads FeatureSets.
+
+An actor on a lost node is started again elsewhere and its unfinished call runs again (data.stream.retries);
+each chunk is added once (TrackletSums keeps the first of a chunk delivered twice), and an extraction that
+does not end with every frame of the data set once, or whose retries ran out, fails naming what is missing.
 """
 
 import logging
@@ -15,6 +19,7 @@ from stal_ray.core.progress import Progress
 from stal_ray.data.prepared.handle import PreparedData
 from stal_ray.data.stream.consumer import ConsumerDecoder, encoded_rows
 from stal_ray.data.stream.images import decode_frames
+from stal_ray.data.stream.retries import LOST, actor_options, work_lost
 from stal_ray.evaluate.chunks import METADATA_FIELDS, FeatureSet, TrackletSums, chunk_sums
 from stal_ray.model.export import load_model
 
@@ -99,7 +104,7 @@ def chunk_stream(dataset: ray.data.Dataset, model_path: str, *, batch_size: int 
     return dataset.map_batches(
         udf, fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
-        udf_modifying_row_count=False, **resources)
+        udf_modifying_row_count=False, **resources, **actor_options())
 
 
 def extract_features(dataset: ray.data.Dataset, model_path: str, *, keep_scores_for: int = 0,
@@ -107,17 +112,31 @@ def extract_features(dataset: ray.data.Dataset, model_path: str, *, keep_scores_
     """Features of every tracklet of an evaluation_dataset (or validation_dataset) with the model file at
     `model_path`; stream_options as chunk_stream's; keep_scores_for: tracklets whose per-frame attention
     scores are kept (chosen by sample_tracklets). total_frames: the frames the dataset holds (the manifest's
-    count), for a progress line with its percentage and ETA every PROGRESS_EVERY_S seconds."""
+    count), for a progress line with its percentage and ETA every PROGRESS_EVERY_S seconds, and the check
+    that every frame arrived once."""
     totals = TrackletSums()
     progress = total_frames and Progress("extraction", total_frames, "frames", every_s=PROGRESS_EVERY_S)
     # summed as the chunks stream in: the per-chunk rows of a MARS-sized test set would not fit in memory
-    for batch in chunk_stream(dataset, model_path, **stream_options).iter_batches(batch_size=None,
-                                                                                batch_format="numpy"):
-        totals.add(batch)
-        if progress:
-            progress.step(int(np.sum(batch["frames"])))
+    stream = chunk_stream(dataset, model_path, **stream_options).iter_batches(batch_size=None,
+                                                                             batch_format="numpy")
+    try:
+        for batch in stream:
+            totals.add(batch)
+            if progress:
+                progress.step(int(np.sum(batch["frames"])))
+    except LOST as error:
+        missing = f" of {total_frames:,}" if total_frames else ""
+        raise work_lost("feature extraction", f"{totals.frames:,}{missing} frames of {totals.tracklets:,} "
+                        "tracklets were extracted, the rest lost; nothing was saved: evaluate again",
+                        error) from error
     if progress:
         progress.done()
+    if total_frames and totals.frames != total_frames:
+        raise RuntimeError(f"feature extraction: {totals.frames:,} frames arrived of the data set's "
+                           f"{total_frames:,}, in {totals.tracklets:,} tracklets: features would be wrong")
+    if totals.repeated:
+        logger.info("feature extraction: %d chunks computed again after lost work were added once",
+                    totals.repeated)
     return totals.result(keep_scores_for)
 
 

@@ -46,6 +46,7 @@ class STAL(nn.Module):
         stan_fc: str = "frame",
         residual_attention: bool = True,
         bnneck: bool = False,
+        ran_after: str = "4b",
     ):
         super().__init__()
         self.seq_len, self.image_size, self.part_size = seq_len, tuple(image_size), part_size
@@ -54,7 +55,10 @@ class STAL(nn.Module):
         self.preprocess = self.backbone.preprocess
         channels = self.backbone.low_channels
         # without RAN (the §IV-C2 ablation) the global branch reads the low-level map as it is
-        self.ran = ResidualAttention(channels) if residual_attention else nn.Identity()
+        # model.ran_after: how many of the high-level stages run before RAN (4c: BN-Inception's first)
+        self.stages_before_ran = _stages_before_ran(ran_after, backbone)
+        ran_channels = channels if self.stages_before_ran == 0 else self._map_channels(self.stages_before_ran)
+        self.ran = ResidualAttention(ran_channels) if residual_attention else nn.Identity()
         self.pose = PoseSource(pose_source, channels)
         self.part_networks = self.backbone.part_networks(NUM_PARTS, feature_dim)
         self.stan = STAN(channels, self._low_map_size(), seq_len, NUM_PARTS, attention,
@@ -87,6 +91,7 @@ class STAL(nn.Module):
             stan_fc=model.stan_fc,
             residual_attention=model.residual_attention,
             bnneck=model.bnneck,
+            ran_after=model.ran_after,
         )
         if model.pretrained and model.pretrained != NO_PRETRAINED:
             stal.load_pretrained(model.pretrained)
@@ -109,6 +114,26 @@ class STAL(nn.Module):
         self.backbone.train(was_training)
         return h, w
 
+    @torch.no_grad()
+    def _map_channels(self, stages: int) -> int:
+        """Channels of the map after the first `stages` high-level stages (a dry run in eval mode)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        x = self.backbone.low(torch.zeros(1, 3, *self.image_size))
+        channels = self.backbone.high[:stages](x).shape[1]
+        self.backbone.train(was_training)
+        return channels
+
+    def _global_branch(self, low: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) low-level maps -> (N, D_g): the high-level stages with RAN before stage
+        stages_before_ran (0: on the low-level map itself)."""
+        x = low
+        for index, stage in enumerate(self.backbone.high):
+            if index == self.stages_before_ran:
+                x = self.ran(x)
+            x = stage(x)
+        return x
+
     def forward(self, clips: torch.Tensor, keypoints: torch.Tensor | None = None) -> STALOutput:
         """clips (B, T, 3, H, W) frames as self.preprocess makes them; keypoints (B, T, 14, 3) pixels or
         None."""
@@ -118,7 +143,7 @@ class STAL(nn.Module):
             raise ValueError(f"STAL expects clips of shape (B, {shape}), got {tuple(clips.shape)}")
         b, t = clips.shape[:2]
         low = self.backbone.low(clips.flatten(0, 1))  # (B·T, C, h, w)
-        g_frames = self.backbone.high(self.ran(low)).view(b, t, -1)  # (B, T, D_g)
+        g_frames = self._global_branch(low).view(b, t, -1)  # (B, T, D_g)
         g = g_frames.mean(1)  # (B, D_g)
 
         if keypoints is not None:
@@ -153,6 +178,15 @@ class STAL(nn.Module):
             part_logits=part_logits,
             image_size=self.image_size,
         )
+
+
+def _stages_before_ran(ran_after: str, backbone: str) -> int:
+    if ran_after == "4b":
+        return 0
+    if ran_after == "4c" and backbone == "bninception":
+        return 1  # inception4c, the first high-level stage (608 channels in this BN-Inception)
+    raise ValueError(f"model.ran_after = {ran_after!r} is invalid for backbone {backbone!r}: use '4b', or "
+                     "'4c' with bninception")
 
 
 def _neck(channels: int) -> nn.BatchNorm1d:

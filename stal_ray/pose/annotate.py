@@ -12,6 +12,10 @@ Rerunning with the same model is a no-op (manifest.pose names it). A run that st
 finished shards and a progress file (RESUME, at the data set root, naming the version folder, the version it
 started from and the model); the next run with the same model over the same version writes only the rest.
 The prepare lock (publish.prepare_lock) keeps a prepare and this job from writing at the same time.
+
+A read task or a model actor on a lost node runs again elsewhere (data.stream.retries); each row's joints
+are kept once, by its shard and key, and a shard is written once. When the retries run out, the error names
+the shards not written; those written are kept for the next run.
 """
 
 import json
@@ -34,6 +38,7 @@ from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.prepared.integrity import check_shards
 from stal_ray.data.prepared.manifest import KEYPOINT_TYPE, MANIFEST, SCHEMAS, SPLITS, Manifest
 from stal_ray.data.prepared.shard_files import PartWriter, ShardFile
+from stal_ray.data.stream.retries import LOST, actor_options, task_options, work_lost
 from stal_ray.pose.models import PoseModel, decode, estimator
 
 logger = logging.getLogger(__name__)
@@ -189,31 +194,38 @@ def _run(data: PreparedData, model: PoseModel, fs, base: str, state: dict, worke
         workers = max(1, int(per_actor))
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
     ds = ds.map_batches(_read_rows, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"filesystem": data.read_filesystem()})
+                        fn_kwargs={"filesystem": data.read_filesystem()}, **task_options())
     ds = ds.map_batches(PoseEstimator, batch_size=_ROWS_PER_BATCH, batch_format="pyarrow",
                         fn_constructor_kwargs={"model": model, "threads": threads, "use_gpu": num_gpus > 0},
                         # every actor decodes and letterboxes its frames on `threads` CPUs, GPU or not
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
-                        num_gpus=num_gpus or None)
-    results: dict[str, dict[int, pa.Array]] = {}
-    bad: dict[str, int] = {}
+                        num_gpus=num_gpus or None, **actor_options())
+    # shard -> row key -> (joints, unreadable frames): a row that arrives again replaces itself
+    results: dict[str, dict[int, tuple[pa.Array, int]]] = {}
     written = 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        columns = (batch.column("file").to_pylist(), batch.column("key").to_pylist(),
-                   batch.column("keypoints"), batch.column("unreadable").to_pylist())
-        for file, key, keypoints, count in zip(*columns, strict=True):
-            results.setdefault(file, {})[key] = keypoints.values
-            bad[file] = bad.get(file, 0) + count
-            if len(results[file]) == rows[file]:
-                split = source[file]["split"]
-                entry, n = _write_shard(fs, base, source[file], results.pop(file))
-                frames[split] += n
-                unreadable[split] += bad[file]
-                state["done"][file] = {"file": vars(entry), "frames": n, "unreadable": bad.pop(file)}
-                save()
-                written += 1
-                progress.step(sizes[file], note=f"shard {written} of {len(pending)} ({n:,} frames), ",
-                              force=True)
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            columns = (batch.column("file").to_pylist(), batch.column("key").to_pylist(),
+                       batch.column("keypoints"), batch.column("unreadable").to_pylist())
+            for file, key, keypoints, count in zip(*columns, strict=True):
+                if file in state["done"]:  # written already: a row computed again after lost work
+                    continue
+                results.setdefault(file, {})[key] = (keypoints.values, count)
+                if len(results[file]) == rows[file]:
+                    split, joints = source[file]["split"], results.pop(file)
+                    entry, n = _write_shard(fs, base, source[file], {k: v for k, (v, _) in joints.items()})
+                    bad = sum(c for _, c in joints.values())
+                    frames[split] += n
+                    unreadable[split] += bad
+                    state["done"][file] = {"file": vars(entry), "frames": n, "unreadable": bad}
+                    save()
+                    written += 1
+                    progress.step(sizes[file], note=f"shard {written} of {len(pending)} ({n:,} frames), ",
+                                  force=True)
+    except LOST as error:
+        left = sorted(item["file"] for item in pending if item["file"] not in state["done"])
+        raise work_lost("pose estimation", f"shards not written: {', '.join(left)}; the {len(state['done'])} "
+                        f"written are kept ({RESUME}): run again to do the rest", error) from error
     if results:
         raise RuntimeError(f"the pose stage returned no rows for part of {sorted(results)}")
     return frames, unreadable

@@ -11,6 +11,7 @@ from stal_ray.evaluate.features import extract_features, tracklet_frames
 from stal_ray.evaluate.report import plot_attention, plot_cmc, shown_frames, write_bytes
 from stal_ray.study import analysis, figures
 from stal_ray.study.report import StudyResults, write_report
+from stal_ray.study.seeds import seeds_table
 from stal_ray.study.units import extract_with_units
 from stal_ray.study.variants import SEQUENCE_LENGTHS, VARIANTS, train_variants
 from stal_ray.train.preflight import preflight
@@ -20,7 +21,7 @@ FUSION_RATES = tuple(round(0.1 * i, 1) for i in range(11))  # Fig. 8: 0 to 1 by 
 # the models of the STAN comparison (report section 6): their unit scores are extracted
 STAN_VARIANTS = ("stan_clip_fc", "stan_no_bn", "stal")
 ATTENTION_EXAMPLES = 4  # tracklets in the Fig. 12 figure
-REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
+REPORT_FILE, RESULTS_FILE, SEEDS_FILE = "report.md", "results.json", "seeds.md"
 
 
 def run_study(config: Config, data: PreparedData | str, out: str, *, command: str,
@@ -108,6 +109,28 @@ def run_study(config: Config, data: PreparedData | str, out: str, *, command: st
     results.seconds = time.perf_counter() - start
     write_bytes(storage.join(out, RESULTS_FILE), json.dumps(results.to_json(), indent=2).encode())
     return write_report(storage.join(out, REPORT_FILE), results)
+
+
+def run_seeds(config: Config, data: PreparedData | str, out: str, seeds: list[int], **options) -> str:
+    """run_study once per training seed, into <out>/seed-S/, then <out>/seeds.md: each seed's figures, their
+    mean ± standard deviation, and the paired differences (stal − baseline of the same model) over seeds.
+    Returns the path of seeds.md; a seed whose study finished before is resumed (nothing is retrained)."""
+    data = as_prepared(data)
+    studies = {}
+    for seed in seeds:
+        folder = storage.join(out, f"seed-{seed}")
+        print(f"study: training seed {seed} of {list(seeds)}, into {folder}", flush=True)
+        run_study(with_overrides(config, [f"train.seed={seed}"], source="--seeds"), data, folder, **options)
+        fs, path = storage.filesystem(storage.join(folder, RESULTS_FILE), endpoint_url=data.endpoint_url)
+        studies[f"seed-{seed}"] = json.loads(fs.cat_file(path))
+    text = (f"# The study over training seeds {', '.join(map(str, seeds))}\n\n"
+            "Each seed's study is in seed-S/ (its report.md). mAP (%) of the stal model ranked four ways, "
+            "the paired differences to its baseline ranking, and the attention ratios; the last table's "
+            "mean ± sample standard deviation is over the seeds (stal_ray/study/seeds.py).\n\n"
+            + seeds_table(studies))
+    target = storage.join(out, SEEDS_FILE)
+    write_bytes(target, text.encode())
+    return target
 
 
 def _attention_maps(path, units, feature_set, data: PreparedData, config) -> list[dict]:

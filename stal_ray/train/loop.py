@@ -23,6 +23,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from stal_ray.config_schema import stream_seed
 from stal_ray.core import storage
 from stal_ray.data.stream.batches import training_batches
 from stal_ray.data.stream.consumer import ConsumerDecoder
@@ -150,7 +151,7 @@ def train_epoch(worker: Worker) -> bool:
         if config.data.decode_at == "consumer" else None
     batches = training_batches(shard, config.data.identities_per_batch,
                                preprocess=worker.engine.module.preprocess,
-                               seed=config.train.seed + state.epoch, normalize=not worker.on_gpu,
+                               seed=stream_seed(config) + state.epoch, normalize=not worker.on_gpu,
                                decoder=decoder)
     stream = iter(batches)
     for _ in range(state.batches_into_epoch):  # resuming mid-epoch: the batches already trained on

@@ -5,7 +5,8 @@ pointer <out>/current.json names the current version, swapped in one step once a
 set written before versions has this layout at <out> itself, and is read as it is):
 
     manifest.json              written last: a version without a valid one is incomplete and is refused
-    train/part-00000.parquet   one row per training identity, ascending identity, files of ~target size
+    train/part-00000.parquet   one row per training identity, ascending identity, one row group per row, files
+                               of ~target size
     test/part-00000.parquet    one row per test tracklet, in track-table order, files of ~target size
 
 TRAIN_SCHEMA, one row per person: every frame of every tracklet of that identity, grouped by tracklet

@@ -108,9 +108,11 @@ class PartWriter:
 
 
 def write_split(fs, tmp: str, split: str, schema: pa.Schema, rows: Iterator[tuple[dict, int]],
-                target_file_bytes: int, bar: tqdm) -> list[ShardFile]:
-    """Stream rows into files of about target_file_bytes of frames (a file closes once it reaches it)."""
-    row_group_bytes = min(_ROW_GROUP_BYTES, target_file_bytes)
+                target_file_bytes: int, bar: tqdm, *, row_per_group: bool = False) -> list[ShardFile]:
+    """Stream rows into files of about target_file_bytes of frames (a file closes once it reaches it), in
+    row groups of about 32 MiB, or of one row each with row_per_group (the training split: one identity per
+    row group, so a read of some identities reads only theirs)."""
+    row_group_bytes = 0 if row_per_group else min(_ROW_GROUP_BYTES, target_file_bytes)
     files: list[ShardFile] = []
     part, buffer, buffered, file_bytes = None, [], 0, 0
     try:

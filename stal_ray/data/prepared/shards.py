@@ -136,7 +136,10 @@ class _Plan:
             bars = (_bar(self.progress, len(release.identities("train")), "train identities"),
                     _bar(self.progress, len(release.test), "test tracklets"))
             files = {
-                "train": write_split(fs, base, "train", TRAIN_SCHEMA, train, self.target_file_bytes, bars[0]),
+                # one identity per row group: an epoch's windows of identities (data.mixing: global) read
+                # each stored byte once, not each row group once per identity in it (bench/sampler.py)
+                "train": write_split(fs, base, "train", TRAIN_SCHEMA, train, self.target_file_bytes, bars[0],
+                                     row_per_group=True),
                 "test": write_split(fs, base, "test", TEST_SCHEMA, shard_rows.test_rows(reader, join),
                                     self.target_file_bytes, bars[1]),
             }

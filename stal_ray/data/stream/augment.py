@@ -11,7 +11,7 @@ Keypoints travel with the frames and follow them: mirrored (x -> W - x, in pixel
 as model.parts reads them) with left and right joints swapped, shifted with the crop, and a joint that the
 crop moves out of the frame or the erased rectangle covers gets confidence 0, as a hidden joint has.
 
-Every clip's draw comes from (train.seed, epoch, identity, group, clip) alone, never from which task decodes
+Every clip's draw comes from (stream seed, epoch, identity, group, clip) alone, never from which task decodes
 it or in what order, so the same group gets the same augmentation in every run (with or without
 train.deterministic). The work is numpy on the decoded uint8 batch: parameters drawn per group, the flip
 one fancy-indexed copy for the batch, the crop a slice copy per clip in place, colour a per-clip lookup
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stal_ray.config_schema import stream_seed
 from stal_ray.core import skeleton
 
 MIRRORED_JOINTS = np.array(skeleton.MIRRORED_JOINTS)  # the joint order after a left-right flip
@@ -48,7 +49,7 @@ class Augmentation:
     def from_config(cls, config, epoch: int) -> "Augmentation | None":
         data = config.data
         augmentation = cls(flip=data.flip, crop_padding=data.crop_padding, color_jitter=data.color_jitter,
-                           random_erasing=data.random_erasing, seed=config.train.seed, epoch=epoch)
+                           random_erasing=data.random_erasing, seed=stream_seed(config), epoch=epoch)
         return augmentation if augmentation.active else None
 
     @property

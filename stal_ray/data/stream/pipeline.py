@@ -11,7 +11,9 @@ test tracklet, in chunks of T, decoded the same way. Validation (data.validation
 from the training rows of the held-out identities (a filter Ray Data pushes down into the Parquet scan).
 
 Read tasks run on any node of the cluster, whose environment may lack the driver's S3 endpoint and
-credentials: the filesystem handed to them carries them (see storage.read_filesystem).
+credentials: the filesystem handed to them carries them (see storage.read_filesystem). Every task of these
+streams runs again elsewhere when its node is lost, a bounded number of times (retries.py), and delivers its
+rows once.
 """
 
 import contextlib
@@ -30,12 +32,14 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.expressions import col
 
+from stal_ray.config_schema import stream_seed
 from stal_ray.data.prepared.handle import PreparedData, as_prepared
 from stal_ray.data.stream.augment import Augmentation
 from stal_ray.data.stream.batches import RecycledBuffers
 from stal_ray.data.stream.clips import clip_rows
 from stal_ray.data.stream.frames import StoredRows, chunks_of, to_numpy
 from stal_ray.data.stream.images import decode_frame, decode_frames_with_sizes
+from stal_ray.data.stream.retries import task_options
 from stal_ray.data.stream.sampling import EpochPlan, epoch_plan, sequence_of_length
 
 if TYPE_CHECKING:
@@ -188,7 +192,7 @@ def _read(data: PreparedData, split: str, *, keep: Iterable[int] | None = None) 
     paths = data.paths(split)
     with _footer_readers(len(paths)):
         # file list from the manifest, never a listing, so a stray or half-written file is not read
-        ds = ray.data.read_parquet(paths, filesystem=data.read_filesystem())
+        ds = ray.data.read_parquet(paths, filesystem=data.read_filesystem(), ray_remote_args=task_options())
     # an expression filter right after the read is pushed into the Parquet scan: rows are dropped as they are
     # read, and row groups whose identity statistics exclude them are skipped unread
     if keep is not None:
@@ -214,7 +218,7 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
     if data.decode_at == "consumer":
         # fused into the task before it by Ray Data: no task of its own, no copy of the bytes
         return ds.map_batches(_encoded_clips, fn_kwargs=dict(height=data.height, width=data.width),
-                              batch_size=None, batch_format="pyarrow")
+                              batch_size=None, batch_format="pyarrow", **task_options())
     # Tasks, not an actor pool: Ray reuses its worker processes for tasks, while actors are new processes
     # in every execution, i.e. every epoch (a few seconds each epoch on a 2-core machine; bench/train.py).
     # Uncapped, Ray Data starts a task wherever a CPU is free and re-reads the cluster's size as it runs, so
@@ -222,7 +226,7 @@ def _decode(ds: ray.data.Dataset, data, clip_shape: tuple[int, ...],
     ds = ds.map_batches(_decode_clips, fn_kwargs=dict(height=data.height, width=data.width,
                                                       clip_shape=clip_shape, augment=augment),
                         batch_size=decode_batch_size(data, clip_shape), batch_format="pyarrow",
-                        compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency))
+                        compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency), **task_options())
     # A decoding task takes whole blocks: with Ray's default of 128 MiB, a small data set's groups arrive as
     # one block and one task decodes them all while the others idle. This dataset's own (sealed) context.
     ds.context.target_max_block_size = _BLOCK_BYTES
@@ -236,18 +240,21 @@ def _training_index(paths: list[str], filesystem: pafs.FileSystem, exclude: set[
     tracklets, where, stored = {}, {}, []
     for number, path in enumerate(paths):
         with filesystem.open_input_file(path) as source:
-            parquet = pq.ParquetFile(source)
-            for group in range(parquet.num_row_groups):
-                rows = parquet.read_row_group(group, columns=["identity", "tracklet"])
-                lengths = to_numpy(pc.list_value_length(rows.column("tracklet")))
-                starts = np.cumsum(lengths) - lengths
-                flat = to_numpy(pc.list_flatten(rows.column("tracklet")))
-                for row, identity in enumerate(to_numpy(rows.column("identity")).tolist()):
-                    if identity in exclude:
-                        continue
-                    tracklets[identity] = flat[starts[row]:starts[row] + lengths[row]]
-                    where[identity] = (number, group)
-                    stored.append(identity)
+            # one read of the light columns of every row group, their ranges fetched at once (pre_buffer):
+            # a row group per identity makes hundreds of small ranges, one round trip each on S3 otherwise
+            parquet = pq.ParquetFile(source, pre_buffer=True)
+            rows = parquet.read(columns=["identity", "tracklet"])
+            sizes = [parquet.metadata.row_group(group).num_rows for group in range(parquet.num_row_groups)]
+        group_of_row = np.repeat(np.arange(len(sizes)), sizes)
+        lengths = to_numpy(pc.list_value_length(rows.column("tracklet")))
+        starts = np.cumsum(lengths) - lengths
+        flat = to_numpy(pc.list_flatten(rows.column("tracklet")))
+        for row, identity in enumerate(to_numpy(rows.column("identity")).tolist()):
+            if identity in exclude:
+                continue
+            tracklets[identity] = flat[starts[row]:starts[row] + lengths[row]]
+            where[identity] = (number, int(group_of_row[row]))
+            stored.append(identity)
     return tracklets, where, stored
 
 
@@ -331,18 +338,18 @@ def training_dataset(data: PreparedData | str, config, *, epoch: int = 0, labels
     filesystem = prepared.read_filesystem()
     tracklets, where, stored = _training_index(paths, filesystem, {int(i) for i in exclude_identities or ()})
     # the old stream's order, for data.mixing = "shards": a different file order every epoch, rows as stored
-    file_order = np.random.default_rng([config.train.seed, epoch]).permutation(len(paths))
+    file_order = np.random.default_rng([stream_seed(config), epoch]).permutation(len(paths))
     rank = {int(f): position for position, f in enumerate(file_order)}
     stored = sorted(stored, key=lambda identity: rank[where[identity][0]])
     plan = epoch_plan(tracklets, clips_per_identity=data.clips_per_identity, seq_len=data.seq_len,
-                      identities_per_batch=data.identities_per_batch, seed=config.train.seed, epoch=epoch,
+                      identities_per_batch=data.identities_per_batch, seed=stream_seed(config), epoch=epoch,
                       max_groups=data.max_groups_per_identity, weighting=data.weighting, mixing=data.mixing,
                       stored_order=stored)
     items = _window_items(plan, where, paths)
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     ds = ds.map_batches(_window_groups, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
         filesystem=filesystem, labels={identity: label for label, identity in enumerate(labels)},
-        clips_per_identity=data.clips_per_identity, seq_len=data.seq_len))
+        clips_per_identity=data.clips_per_identity, seq_len=data.seq_len), **task_options())
     return _decode(ds, data, (data.clips_per_identity, data.seq_len),
                    augment=Augmentation.from_config(config, epoch))
 
@@ -358,7 +365,8 @@ def evaluation_dataset(data: PreparedData | str, config, *, sequence_length: int
     ds = _read(as_prepared(data), "test")
     data = config.data
     ds = ds.map_batches(_tracklet_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
-                        fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed))
+                        fn_kwargs=dict(seq_len=data.seq_len, length=sequence_length, seed=seed),
+                        **task_options())
     return _decode(ds, data, (data.seq_len,))
 
 
@@ -373,5 +381,6 @@ def validation_dataset(data: PreparedData | str, config, split: "ValidationSplit
     data = config.data
     ds = _read(prepared, "train", keep=split.identities)
     ds = ds.map_batches(_held_out_chunks, batch_size=_ROWS_PER_READ, batch_format="pyarrow",
-                        fn_kwargs=dict(seq_len=data.seq_len, queries=frozenset(split.query_tracklets)))
+                        fn_kwargs=dict(seq_len=data.seq_len, queries=frozenset(split.query_tracklets)),
+                        **task_options())
     return _decode(ds, data, (data.seq_len,))

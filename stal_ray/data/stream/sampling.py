@@ -169,6 +169,18 @@ def identity_order(identities: Sequence[int], *, seed: int, epoch: int) -> np.nd
     return np.random.default_rng([seed, epoch, 1]).permutation(np.sort(np.asarray(identities, np.int64)))
 
 
+def neighbour_windows(identities: Sequence[int], window: int, *, seed: int, epoch: int) -> list[np.ndarray]:
+    """The epoch's windows of `window` identities that are neighbours in identity order (cyclic, from a random
+    offset), in a random order: each batch's P identities come from a stretch of consecutive numbers, which on
+    MARS were recorded together (docs/sampling.md), while the stretches' boundaries and order change every
+    epoch."""
+    ordered = np.sort(np.asarray(identities, np.int64))
+    rng = np.random.default_rng([seed, epoch, 3])
+    rolled = np.roll(ordered, -int(rng.integers(len(ordered)))) if len(ordered) else ordered
+    windows = [rolled[start:start + window] for start in range(0, len(rolled), window)]
+    return [windows[i] for i in rng.permutation(len(windows))]
+
+
 def interleave(counts: np.ndarray, identities_per_batch: int, rng: np.random.Generator) -> np.ndarray:
     """Indices into `counts` (groups of each identity of a window), one per group, in an order whose runs
     of P hold P distinct identities: each run draws P identities without replacement, in proportion to the
@@ -201,9 +213,10 @@ def epoch_plan(tracklets: Mapping[int, np.ndarray], *, clips_per_identity: int, 
     an epoch holds about as many groups either way.
     mixing: "global" — identities in identity_order (a permutation of all of them from seed and epoch),
     cut into windows of `window` identities (default 4·P); a window's groups interleaved so that its
-    batches draw P of its identities at a time; "shards" — the old stream: identities in `stored_order`
-    (the rows as the shuffled files hold them), each identity's groups in a row, windows of `window`
-    identities read in turn.
+    batches draw P of its identities at a time; "neighbours" — the same, but each window holds consecutive
+    identity numbers (neighbour_windows: a random offset and window order per epoch); "shards" — the old
+    stream: identities in `stored_order` (the rows as the shuffled files hold them), each identity's groups
+    in a row, windows of `window` identities read in turn.
     Groups are seeded by (seed, epoch, identity), as the stream always seeded them; the interleaving by
     (seed, epoch, window)."""
     if weighting not in WEIGHTING or mixing not in MIXING:
@@ -211,24 +224,25 @@ def epoch_plan(tracklets: Mapping[int, np.ndarray], *, clips_per_identity: int, 
                          f"got {weighting!r}, {mixing!r}")
     k, p = clips_per_identity, identities_per_batch
     window = window or 4 * p
-    if mixing == "global":
-        order = identity_order(list(tracklets), seed=seed, epoch=epoch)
+    if mixing == "neighbours":
+        windows_of = neighbour_windows(list(tracklets), window, seed=seed, epoch=epoch)
     else:
-        order = np.asarray(list(stored_order if stored_order is not None else sorted(tracklets)), np.int64)
+        order = (identity_order(list(tracklets), seed=seed, epoch=epoch) if mixing == "global" else
+                 np.asarray(list(stored_order if stored_order is not None else sorted(tracklets)), np.int64))
+        windows_of = [order[start:start + window] for start in range(0, len(order), window)]
     shared = None
     if weighting == "identities":
         counts = [group_count(len(t), len(np.unique(t)), k, seq_len, max_groups) for t in tracklets.values()]
         shared = max(1, round(float(np.mean(counts))))
     identity, group, positions, windows = [], [], [], []
-    for number, start in enumerate(range(0, len(order), window)):
-        members = order[start:start + window]
+    for number, members in enumerate(windows_of):
         cut = []
         for person in members.tolist():
             rng = np.random.default_rng([seed, epoch, person])
             cut.append(identity_groups(tracklets[person], k, seq_len, rng, max_groups, groups=shared,
                                        epoch=epoch, seed=(seed, person)))
         counts = np.array([len(c) for c in cut])
-        if mixing == "global":
+        if mixing != "shards":
             picks = interleave(counts, p, np.random.default_rng([seed, epoch, number, 2]))
         else:
             picks = np.repeat(np.arange(len(members)), counts)

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from stal_ray.core.skeleton import CANONICAL_POSE, JOINT_NAMES
 from stal_ray.data.releases import mars
 from stal_ray.data.synthetic.occluders import OCCLUDER_STYLES, Occluders
+from stal_ray.data.synthetic.sessions import session, session_of
 
 _J = {name: index for index, name in enumerate(JOINT_NAMES)}
 # Hand-picked separable colours first (learnable in a few steps), then random ones for larger sets.
@@ -214,16 +215,17 @@ def _box(centre, radius: float) -> list[float]:
     return [x - radius, y - radius, x + radius, y + radius]
 
 
-def _finish(image: np.ndarray, camera: Camera, rng: np.random.Generator) -> bytes:
-    image = image * camera.cast + rng.normal(0, 4, image.shape)
+def _finish(image: np.ndarray, camera: Camera, rng: np.random.Generator, light=None) -> bytes:
+    image = image * (camera.cast if light is None else camera.cast * light) + rng.normal(0, 4, image.shape)
     buffer = io.BytesIO()
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
 
 
 def render(track: Track, seed: int, size, occlusion: float, *, style: str = "default",
-           occluders: str = "boxes") -> tuple[list[bytes], np.ndarray]:
-    """JPEG bytes and (frames, 14, 3) keypoints of every frame of a tracklet."""
+           occluders: str = "boxes", session_identities: int = 0) -> tuple[list[bytes], np.ndarray]:
+    """JPEG bytes and (frames, 14, 3) keypoints of every frame of a tracklet (session_identities: see
+    stal_ray.data.synthetic.sessions)."""
     height, width = size
     rng = np.random.default_rng(
         [seed, 3, 0 if track.split == "train" else 1, track.identity + 2, track.number]
@@ -242,6 +244,11 @@ def render(track: Track, seed: int, size, occlusion: float, *, style: str = "def
         return frames, keypoints  # confidence 0: no joints to see
 
     look = appearance(seed, track.identity, style)
+    index = session_of(track.identity, session_identities)
+    recorded = None if index is None else session(seed, index)
+    if recorded is not None:
+        look = recorded.dress(look)
+    light = None if recorded is None else recorded.light
     joints = _pose(track, look, view, rng, size)
     scene = _background(view, rng, size)
     # something in front of the person (a car, a post, another pedestrian): stal_ray.data.synthetic.occluders
@@ -255,7 +262,7 @@ def render(track: Track, seed: int, size, occlusion: float, *, style: str = "def
         visible = hiders.visible(image, index, joints[index])
         confidence = np.where(visible, rng.uniform(0.7, 1.0, len(JOINT_NAMES)), 0.0)
         keypoints[index] = np.concatenate([joints[index], confidence[:, None]], axis=1)
-        frames.append(_finish(np.asarray(image, np.float64), view, rng))
+        frames.append(_finish(np.asarray(image, np.float64), view, rng, light))
     return frames, keypoints
 
 
