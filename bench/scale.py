@@ -15,7 +15,12 @@ taken per stage and released in between so that other long runs get turns:
   wall and CPU time, bytes read and written (/proc/self/io rchar, wchar), peak RSS.
 * epoch: one epoch of the training stream (training_dataset -> training_batches, uint8 clips, 256x128 as
   ResNet-50's input, P=8 K=4 T=8, 2 decoding tasks) over countfile:// (bench/data.py), so every byte read
-  is counted: frames/s, frames per CPU-second of all processes, training bytes read per byte stored.
+  is counted: frames/s, frames per CPU-second of all processes, training bytes read per byte stored, bytes
+  of the blocks handed to the consumer per frame (what crossed the object store to it) and the peak of what
+  the consumer keeps alive of them (bench/data.py's Delivered: decoded blocks);
+* epoch_consumer: the same epoch with data.decode_at = consumer (JPEG bytes through the stream, decoded by 2
+  threads in this process, data.consumer): the same figures, against the same reference (the consumer's
+  pinned bytes are the JPEG groups it holds).
 * eval: the whole test split through evaluation_dataset and the tiny model at its own 64x32 input (libjpeg
   decodes at 1/4 scale; 1 actor, 1 CPU): extraction frames/s;
   then the query x gallery distance (Eq. 8, stal mode) and the ranking (CMC, mAP) timed apart.
@@ -189,13 +194,13 @@ def stage_prepare(args) -> dict:
             "counts": manifest.counts, "driver_peak_rss_mb": _driver_peak_mb()}
 
 
-def _config(height: int = HEIGHT, width: int = WIDTH):
+def _config(height: int = HEIGHT, width: int = WIDTH, decode_at: str = "stream"):
     from stal_ray.config import load_config
 
     return load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), [
         f"data.height={height}", f"data.width={width}", f"data.seq_len={SEQ_LEN}",
         f"data.identities_per_batch={P}", f"data.clips_per_identity={K}", "data.decode_concurrency=2",
-        "model.pose_source=learned"])
+        "model.pose_source=learned", f"data.decode_at={decode_at}"])
 
 
 def _ray_init(args, log: str) -> None:
@@ -223,34 +228,38 @@ def _bytes_read(log: str, paths: list[str]) -> int:
     return total
 
 
-def stage_epoch(args) -> dict:
+def stage_epoch(args, decode_at: str = "stream") -> dict:
+    """One epoch of the training stream with data.decode_at = `decode_at` (bench/data.py's pipeline_epoch:
+    the consumer decodes with 2 threads where the stream has 2 decoding tasks)."""
     import ray
 
+    from bench.data import pipeline_epoch
     from stal_ray.data.prepared.manifest import read_manifest
-    from stal_ray.data.stream.batches import training_batches
-    from stal_ray.data.stream.pipeline import training_dataset
 
-    config = _config()
-    log = str(Path(args.shards).parent / "reads-epoch.log")
+    config = _config(decode_at=decode_at)
+    log = str(Path(args.shards).parent / f"reads-epoch-{decode_at}.log")
     _ray_init(args, log)
     try:
-        uri = "countfile://" + args.shards
-        with CpuMeter() as meter, PeakMemory() as memory:
-            baseline, start = meter.snapshot(), time.perf_counter()
-            batches = training_batches(training_dataset(uri, config, epoch=0), P, seed=0, drop_last=False,
-                                       normalize=False)
-            frames = sum(batch["clips"].shape[0] * SEQ_LEN for batch in batches)
-            wall = time.perf_counter() - start
-            cpu, kinds = meter.since(baseline), meter.by_kind(baseline)
+        with PeakMemory() as memory:
+            run = pipeline_epoch("countfile://" + args.shards, config, epoch=0, normalize=False)
     finally:
         ray.shutdown()
     manifest = read_manifest(args.shards)
     paths, stored = manifest.paths("train"), sum(f.bytes for f in manifest.files["train"])
-    return {"frames": frames, "wall_s": wall, "cpu_s": cpu, "frames_per_s": frames / wall,
-            "frames_per_core_s": frames / cpu, "train_bytes_read": _bytes_read(log, paths),
-            "stored_bytes": stored, "read_per_stored": _bytes_read(log, paths) / stored,
-            "cpu_by_process": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:6]),
+    frames, wall, cpu = run["frames"], run["wall_s"], run["cpu_s"]
+    return {"decode_at": decode_at, "frames": frames, "wall_s": wall, "cpu_s": cpu,
+            "driver_cpu_s": run["driver_cpu_s"], "frames_per_s": frames / wall,
+            "frames_per_core_s": frames / cpu,
+            "train_bytes_read": _bytes_read(log, paths), "stored_bytes": stored,
+            "read_per_stored": _bytes_read(log, paths) / stored,
+            "delivered_bytes_per_frame": run["delivered_bytes"] / frames,
+            "pinned_peak_mb": run["pinned_peak_bytes"] / 2**20,
+            "cpu_by_process": dict(sorted(run["cpu_by_process"].items(), key=lambda kv: -kv[1])[:6]),
             "driver_peak_rss_mb": _driver_peak_mb(), **memory.result()}
+
+
+def stage_epoch_consumer(args) -> dict:
+    return stage_epoch(args, "consumer")
 
 
 def stage_eval(args) -> dict:
@@ -309,7 +318,8 @@ def stage_eval(args) -> dict:
             **extraction_memory}
 
 
-STAGES = {"prepare": stage_prepare, "epoch": stage_epoch, "eval": stage_eval}
+STAGES = {"prepare": stage_prepare, "epoch": stage_epoch, "epoch_consumer": stage_epoch_consumer,
+          "eval": stage_eval}
 
 
 def run_stage(name: str, args, release: Path, shards: Path) -> dict:
@@ -418,7 +428,7 @@ def measure_size(every: int, args, workdir: Path, pool: list[Path], save) -> dic
     cap = _config().data.max_groups_per_identity
     row = {"every": every, "release": sizes, "held": held_groups(every, cap),
            "held_uncapped": held_groups(every, None)}
-    for stage in ("reference", "prepare", "epoch", "eval"):
+    for stage in ("reference", "prepare", "epoch", "epoch_consumer", "eval"):
         if stage in args.skip:
             continue
         with _held(args.small_lock if args.small_lock and every >= 16 else args.lock):
@@ -456,6 +466,8 @@ FIGURES = [
     ("epoch frames/core-s", "epoch.frames_per_core_s", "{:.0f}"),
     ("epoch of reference", "epoch.of_reference", "{:.0%}"),
     ("epoch read/stored", "epoch.read_per_stored", "{:.2f}"),
+    ("epoch B/frame to consumer", "epoch.delivered_bytes_per_frame", "{:.0f}"),
+    ("epoch pinned MB (measured)", "epoch.pinned_peak_mb", "{:.0f}"),
     ("epoch driver RSS MB", "epoch.driver_peak_rss_mb", "{:.0f}"),
     ("stream pinned blocks*", "held.peak_live_blocks", "{:.0f}"),
     ("stream pinned MB*", "held.peak_pinned_mb", "{:.0f}"),
@@ -463,6 +475,15 @@ FIGURES = [
     ("  uncapped: pinned MB*", "held_uncapped.peak_pinned_mb", "{:.0f}"),
     ("epoch worker RSS MB", "epoch.worker_peak_rss_mb", "{:.0f}"),
     ("epoch worker private MB", "epoch.worker_peak_private_mb", "{:.0f}"),
+    ("consumer: epoch wall s", "epoch_consumer.wall_s", "{:.1f}"),
+    ("consumer: frames/s", "epoch_consumer.frames_per_s", "{:.0f}"),
+    ("consumer: frames/core-s", "epoch_consumer.frames_per_core_s", "{:.0f}"),
+    ("consumer: of reference", "epoch_consumer.of_reference", "{:.0%}"),
+    ("consumer: read/stored", "epoch_consumer.read_per_stored", "{:.2f}"),
+    ("consumer: B/frame", "epoch_consumer.delivered_bytes_per_frame", "{:.0f}"),
+    ("consumer: pinned MB", "epoch_consumer.pinned_peak_mb", "{:.0f}"),
+    ("consumer: driver RSS MB", "epoch_consumer.driver_peak_rss_mb", "{:.0f}"),
+    ("consumer: worker RSS MB", "epoch_consumer.worker_peak_rss_mb", "{:.0f}"),
     ("eval frames", "eval.frames", "{:.0f}"),
     ("eval extract wall s", "eval.extract_wall_s", "{:.1f}"),
     ("eval extract frames/s", "eval.extract_frames_per_s", "{:.0f}"),
@@ -483,9 +504,10 @@ def derive(row: dict) -> None:
     if "prepare" in row and "bytes_read" in row["prepare"]:
         row["prepare"]["gb_read"] = row["prepare"]["bytes_read"] / 1e9
         row["prepare"]["gb_written"] = row["prepare"]["bytes_written"] / 1e9
-    if "epoch" in row and "reference" in row:
-        row["epoch"]["of_reference"] = (row["epoch"]["frames_per_core_s"]
-                                        / row["reference"]["frames_per_core_s"])
+    for epoch in ("epoch", "epoch_consumer"):
+        if epoch in row and "reference" in row:
+            row[epoch]["of_reference"] = (row[epoch]["frames_per_core_s"]
+                                          / row["reference"]["frames_per_core_s"])
     if "eval" in row:
         row["eval"]["shape"] = f"{row['eval']['queries']}x{row['eval']['gallery']}"
 

@@ -2,7 +2,9 @@
 same input, to the bit, on the same seed: training batches (uint8 and float, with and without augmentation)
 and evaluation chunks; corrupt frames found at the consumer are skipped and counted as the stream does."""
 
+import gc
 import io
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -128,8 +130,8 @@ class Blocks:
 
 
 def encoded_block(identities: list[int], corrupt: set[int]) -> pa.Table:
-    good = jpeg()
-    frames = [good[: len(good) // 2] if i in corrupt and f == 0 else good
+    good = {i: jpeg((40 * i % 256, 200, 30)) for i in identities}  # a colour per identity
+    frames = [good[i][: len(good[i]) // 2] if i in corrupt and f == 0 else good[i]
               for i in identities for f in range(K * T)]
     rows = len(identities)
     return pa.table({
@@ -152,6 +154,48 @@ def test_corrupt_groups_found_at_the_consumer_are_skipped_and_counted():
     list(source)
     assert source.skipped_groups == 2 and source.corrupt_frames == 2
     assert source.first_skipped["identity"] in (1, 4)
+
+
+def test_batches_decoded_ahead_are_the_same_batches_in_the_same_order():
+    """The default with a decoder: the next batch assembled and decoded in a background thread while the
+    caller holds this one (data.prefetch); the same batches as decoding in the caller's thread."""
+    blocks = [encoded_block(list(range(start, start + 6)), corrupt={start + 2}) for start in range(0, 36, 6)]
+    runs = {}
+    for prefetch in (0, None, 2):
+        batches = training_batches(Blocks(blocks), P, seed=0, normalize=False,
+                                   decoder=ConsumerDecoder(threads=2), prefetch=prefetch)
+        runs[prefetch] = [{name: value.clone() for name, value in batch.items() if value is not None}
+                          for batch in batches]
+        assert batches.skipped_groups == 6
+    assert batches.prefetch == 2 and len(runs[0]) >= 5
+    for prefetch in (None, 2):
+        assert len(runs[prefetch]) == len(runs[0])
+        for a, b in zip(runs[0], runs[prefetch], strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert not [thread for thread in threading.enumerate() if thread.name == "prefetch"]
+
+
+def test_a_consumer_that_stops_early_stops_the_decoding_thread_and_closes_the_stream():
+    closed = []
+
+    def stream():
+        try:
+            for start in range(0, 600, 6):
+                yield encoded_block(list(range(start, start + 6)), corrupt=set())
+        finally:
+            closed.append(threading.current_thread().name)
+
+    class Stream:
+        def iter_batches(self, **_):
+            return stream()
+
+    batches = training_batches(Stream(), P, seed=0, normalize=False, decoder=ConsumerDecoder(threads=2))
+    for index, _ in enumerate(batches):
+        if index == 2:
+            break
+    gc.collect()
+    assert not [thread for thread in threading.enumerate() if thread.name == "prefetch"]
+    assert closed == ["prefetch"]  # Ray Data's iterator is closed in the thread that ran it
 
 
 def test_encoded_rows_of_either_batch_format_are_the_same():

@@ -9,7 +9,7 @@ from stal_ray.data.prepared.shards import write_shards
 from stal_ray.data.releases.mars import read_mars
 from stal_ray.data.stream.pipeline import training_dataset
 from stal_ray.data.synthetic.generator import write_synthetic_release
-from stal_ray.train.supply import DECODE_TASK_SHARE, STREAM_SHARE, balance, decode_rate
+from stal_ray.train.supply import CONSUMER_SHARE, DECODE_TASK_SHARE, STREAM_SHARE, balance, decode_rate
 
 EIGHT_A100 = {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 8.0}  # one p4d.24xlarge
 
@@ -64,6 +64,18 @@ def test_a_cluster_without_free_cpus_supplies_nothing_and_warns():
     found = balance(mars_config(), 8000, {"CPU": 8.0, "GPU": 8.0})
     assert found.decoding_cpus == 0 and found.supply == 0 and found.gpus_wait
     assert "add CPU nodes" in found.warning()
+
+
+def test_decoding_at_the_consumer_is_the_train_workers_threads_and_cpu_nodes_add_none():
+    """data.decode_at = consumer: 8 workers x the node's 96 CPUs over its 8 GPUs = 12 threads each."""
+    found = balance(mars_config("data.decode_at=consumer"), 8000, EIGHT_A100)
+    assert found.decoding_cpus == 8 * 12 and found.supply == pytest.approx(96 * 8000 * CONSUMER_SHARE)
+    assert "decoding at the consumer: ~" in found.line() and "8 train workers x 12 threads" in found.line()
+    joined = balance(mars_config("data.decode_at=consumer", "data.decode_concurrency=1"), 2000,
+                     {**EIGHT_A100, "CPU": 96.0 + 8 * 32})
+    assert joined.decoding_cpus == 8 and joined.supply == pytest.approx(8 * 2000 * CONSUMER_SHARE)
+    assert joined.gpus_wait and "data.decode_at=stream" in joined.warning()
+    assert "add CPU nodes" not in joined.warning()
 
 
 def test_unknown_gpu_is_assumed_an_a100_and_cpu_workers_have_no_demand():

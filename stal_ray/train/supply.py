@@ -9,6 +9,12 @@ on every free CPU), else at most that many decoding tasks. Demand: each GPU work
 sustained FLOP/s (about a third of its bf16 peak, as README's GPU note assumes) over the model's FLOPs per
 frame (forward and backward, bench/model.py). Both are estimates, meant to show the order of magnitude and
 which side is short, not to promise a rate.
+
+With data.decode_at = consumer the train workers decode (data.consumer), each with data.decode_concurrency
+threads (null: the node's CPUs over its GPUs, estimated here as the cluster's), while its step runs
+(data.prefetch): the supply is those threads times the per-core rate times the share of it the consumer
+keeps (bench/data.py's driver CPU of a consumer epoch). CPU nodes add nothing to it; the reading tasks,
+which are light, run anywhere.
 """
 
 import time
@@ -28,6 +34,11 @@ STREAM_SHARE = 0.58
 # A decoding task's own frames per CPU-second over the bare loop's: 128 µs of 152 µs per frame
 # (bench/data.py's per-process split, README). What a cap of N decoding tasks bounds.
 DECODE_TASK_SHARE = 0.84
+# The training worker's frames per CPU-second over the bare loop's with data.decode_at = consumer: its
+# decoding threads and Ray's iterator in the same process, 162-182 us a frame against 100-102 at 256x128 (the
+# driver column of bench/data.py's consumer epochs; without Ray the consumer's own work is 119 us:
+# bench/consumer_cost.py)
+CONSUMER_SHARE = 0.6
 # Forward and backward GFLOP per frame at the size counted (bench/model.py, 8-frame clips); other sizes scale
 # with their pixels
 GFLOP_PER_FRAME = {"resnet50": (237 / 8, 256 * 128), "bninception": (253 / 8, 224 * 224)}
@@ -45,7 +56,7 @@ SAMPLE_SECONDS = 0.3  # CPU seconds of decoding timed, at least
 class StreamBalance:
     """The supply and demand of one run, and how they were estimated."""
     rate_per_core: float  # frames per CPU-second of a bare decode loop on this node
-    decoding_cpus: float  # CPUs the stream may decode on
+    decoding_cpus: float  # CPUs the stream may decode on (consumer: the train workers' decoding threads)
     cap: int | None  # data.decode_concurrency
     supply: float  # frames/s the stream can deliver
     workers: int
@@ -53,18 +64,26 @@ class StreamBalance:
     demand: float | None  # frames/s the GPU workers consume (None: CPU workers, or a model not counted)
     gflop_per_frame: float | None
     sustained_tflops: float | None
+    decode_at: str = "stream"  # data.decode_at
 
     @property
     def gpus_wait(self) -> bool:
         return self.demand is not None and self.supply < self.demand
 
-    def line(self) -> str:
+    def _supply(self) -> str:
+        rate = f"{self.rate_per_core:,.0f} frames per core-second decoded here"
+        if self.decode_at == "consumer":
+            threads = self.decoding_cpus / max(self.workers, 1)
+            source = "data.decode_concurrency" if self.cap else "CPUs per GPU"
+            return (f"decoding at the consumer: ~{self.supply:,.0f} frames/s ({self.workers} train workers x "
+                    f"{threads:g} threads ({source}) x {rate} x {CONSUMER_SHARE:.2f} kept by the consumer)")
         cpus = (f"{self.decoding_cpus:g} free CPUs of the cluster now" if self.cap is None else
                 f"data.decode_concurrency = {self.cap} decoding tasks")
         share = STREAM_SHARE if self.cap is None else DECODE_TASK_SHARE
-        supply = (f"stream: ~{self.supply:,.0f} frames/s ({cpus} x "
-                  f"{self.rate_per_core:,.0f} frames per core-second decoded here x {share:.2f} kept by the "
-                  "stream)")
+        return f"stream: ~{self.supply:,.0f} frames/s ({cpus} x {rate} x {share:.2f} kept by the stream)"
+
+    def line(self) -> str:
+        supply = self._supply()
         if self.accelerator is None:
             return f"{supply}; {self.workers} train workers on CPU"
         if self.demand is None:
@@ -77,12 +96,17 @@ class StreamBalance:
     def warning(self) -> str | None:
         if not self.gpus_wait:
             return None
-        if self.cap is None:
+        if self.decode_at == "consumer":
+            fix = ("raise data.decode_concurrency (decoding threads per train worker) on nodes with the CPUs "
+                   "for it, or set data.decode_at=stream so that every CPU of the cluster decodes, CPU nodes "
+                   "too")
+        elif self.cap is None:
             fix = "add CPU nodes (cluster/aws_gpu.yaml's cpu_worker) or use a GPU node type with more CPUs"
         else:
             fix = ("unset data.decode_concurrency (--set data.decode_concurrency=null) so decoding follows "
                    "the cluster's CPUs, or raise it")
-        return (f"warning: the GPUs would wait for data: the stream supplies about "
+        who = "decoding at the consumer" if self.decode_at == "consumer" else "stream"
+        return (f"warning: the GPUs would wait for data: the {who} supplies about "
                 f"{self.supply / self.demand:.0%} of what they consume; {fix}")
 
 
@@ -119,7 +143,14 @@ def balance(config, rate_per_core: float, resources: dict[str, float]) -> Stream
     """The StreamBalance of `config` on a cluster with `resources` (ray.cluster_resources())."""
     data, train = config.data, config.train
     free = max(resources.get("CPU", 0.0) - train.num_workers, 0.0)  # a train worker holds one CPU
-    if data.decode_concurrency is None:
+    if data.decode_at == "consumer":
+        # each train worker's threads (data.consumer.default_threads: its node's CPUs over its GPUs), on the
+        # cluster's CPUs at most
+        gpus = resources.get("GPU", 0.0) if train.use_gpu else 0.0
+        threads = data.decode_concurrency or max(1, int(resources.get("CPU", 0.0) // max(gpus, 1.0)))
+        free = min(train.num_workers * threads, resources.get("CPU", 0.0))
+        supply = free * rate_per_core * CONSUMER_SHARE
+    elif data.decode_concurrency is None:
         supply = free * rate_per_core * STREAM_SHARE
     else:
         # at most the cap's decoding tasks, and never more than the free CPUs carry whole streams of
@@ -137,7 +168,7 @@ def balance(config, rate_per_core: float, resources: dict[str, float]) -> Stream
             demand = train.num_workers * tflops * 1e3 / gflop
     return StreamBalance(rate_per_core=rate_per_core, decoding_cpus=free, cap=data.decode_concurrency,
                          supply=supply, workers=train.num_workers, accelerator=accelerator, demand=demand,
-                         gflop_per_frame=gflop, sustained_tflops=tflops)
+                         gflop_per_frame=gflop, sustained_tflops=tflops, decode_at=data.decode_at)
 
 
 def report_stream_balance(config, data: PreparedData | str) -> StreamBalance:

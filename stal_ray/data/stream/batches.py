@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stal_ray.data.stream.prefetch import prefetched
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,11 +41,17 @@ class TrainingBatches:
     each batch's are decoded (and augmented) into its buffer as it is assembled; a group with a corrupt
     frame is found then, skipped and counted as the stream's decoding tasks would have, and the next group
     that fits takes its place.
+
+    prefetch: batches assembled (and, with a decoder, decoded) ahead in a background thread while the caller
+    uses the current one (default: 1 with a decoder, so the worker's decoding overlaps its training step,
+    else 0). The same batches in the same order either way; the counts of skipped groups may
+    then include the groups of the batch made ahead.
     """
 
     def __init__(self, dataset_or_shard, identities_per_batch: int, *, preprocess: "Preprocess | None" = None,
                  shuffle_buffer: int | None = None, seed: int | None = None, drop_last: bool = True,
-                 normalize: bool = True, decoder: "ConsumerDecoder | None" = None):
+                 normalize: bool = True, decoder: "ConsumerDecoder | None" = None,
+                 prefetch: int | None = None):
         # here, not at the top: the Ray Data workers that import this module never need torch
         from stal_ray.core.preprocess import IMAGENET
 
@@ -58,6 +66,7 @@ class TrainingBatches:
         self.drop_last = drop_last
         self.normalize = normalize
         self.decoder = decoder
+        self.prefetch = prefetch if prefetch is not None else int(decoder is not None)
         self.skipped_groups = 0
         self.corrupt_frames = 0
         self.first_skipped: dict | None = None  # identity and tracklet rows of the first group skipped
@@ -99,6 +108,9 @@ class TrainingBatches:
             yield _take_random(buffer, rng)
 
     def __iter__(self) -> "Iterator[dict[str, torch.Tensor | None]]":
+        return prefetched(self._batches(), self.prefetch)
+
+    def _batches(self) -> "Iterator[dict[str, torch.Tensor | None]]":
         current: list[dict[str, np.ndarray]] = []
         deferred: list[dict[str, np.ndarray]] = []
         for group in self._groups():
