@@ -190,7 +190,10 @@ def _run(data: PreparedData, model: PoseModel, fs, base: str, state: dict, worke
     source = {item["file"]: item for item in pending}
     if workers is None:
         resources = ray.cluster_resources()
-        per_actor = resources.get("GPU", 0) / num_gpus if num_gpus else resources.get("CPU", 1) / threads
+        # on CPU, one CPU is left to the read tasks that feed the actors: a pool holding every CPU starves its
+        # own input (the rehearsal's 8-CPU cluster hung with 8 one-CPU actors and its reads "infeasible")
+        per_actor = (resources.get("GPU", 0) / num_gpus if num_gpus
+                     else max(1.0, resources.get("CPU", 1) - 1) / threads)
         workers = max(1, int(per_actor))
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
     ds = ds.map_batches(_read_rows, batch_size=1, batch_format="numpy",
