@@ -234,8 +234,8 @@ class SlowChunkFeatures(ChunkFeatures):
         return out
 
 
-@pytest.mark.xfail(strict=False, reason="timing: even with the actors spread one per node, the second node's "
-                   "actor can start after the head's has run every call (1 of 3 runs), and then nothing is killed")
+@pytest.mark.xfail(strict=False, reason="timing: even with the actors spread one per node, the second "
+                   "node's actor can start after the head's has run every call (1 of 3 runs): nothing killed")
 def test_feature_extraction_loses_a_node_and_keeps_every_tracklet_once(cluster, data_root,  # noqa: F811
                                                                         model_file, monkeypatch, tmp_path):
     nodes, ray = cluster
