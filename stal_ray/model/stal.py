@@ -57,11 +57,13 @@ class STAL(nn.Module):
         # without RAN (the §IV-C2 ablation) the global branch reads the low-level map as it is
         # model.ran_after: how many of the high-level stages run before RAN (4c: BN-Inception's first)
         self.stages_before_ran = _stages_before_ran(ran_after, backbone)
-        ran_channels = channels if self.stages_before_ran == 0 else self._map_channels(self.stages_before_ran)
+        low_shape = self._dry_run_shape()
+        ran_shape = self._dry_run_shape(self.stages_before_ran) if self.stages_before_ran else low_shape
+        ran_channels = ran_shape[1]
         self.ran = ResidualAttention(ran_channels) if residual_attention else nn.Identity()
         self.pose = PoseSource(pose_source, channels)
         self.part_networks = self.backbone.part_networks(NUM_PARTS, feature_dim)
-        self.stan = STAN(channels, self._low_map_size(), seq_len, NUM_PARTS, attention,
+        self.stan = STAN(channels, low_shape[-2:], seq_len, NUM_PARTS, attention,
                          batchnorm=stan_batchnorm, fc=stan_fc)
         self.global_classifier = self.part_classifiers = None
         if num_classes > 0:
@@ -107,22 +109,14 @@ class STAL(nn.Module):
         return report
 
     @torch.no_grad()
-    def _low_map_size(self) -> tuple[int, int]:
-        was_training = self.backbone.training
-        self.backbone.eval()  # a dry run must not touch BatchNorm statistics
-        h, w = self.backbone.low(torch.zeros(1, 3, *self.image_size)).shape[-2:]
-        self.backbone.train(was_training)
-        return h, w
-
-    @torch.no_grad()
-    def _map_channels(self, stages: int) -> int:
-        """Channels of the map after the first `stages` high-level stages (a dry run in eval mode)."""
+    def _dry_run_shape(self, high_stages: int = 0) -> tuple[int, ...]:
+        """Shape (1, C, h, w) of the low-level map after the first `high_stages` high-level stages, from one
+        frame of the input size (eval mode: a dry run must not touch BatchNorm statistics)."""
         was_training = self.backbone.training
         self.backbone.eval()
-        x = self.backbone.low(torch.zeros(1, 3, *self.image_size))
-        channels = self.backbone.high[:stages](x).shape[1]
+        x = self.backbone.high[:high_stages](self.backbone.low(torch.zeros(1, 3, *self.image_size)))
         self.backbone.train(was_training)
-        return channels
+        return tuple(x.shape)
 
     def _global_branch(self, low: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) low-level maps -> (N, D_g): the high-level stages with RAN before stage
