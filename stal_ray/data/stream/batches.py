@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stal_ray.data.stream.prefetch import prefetched
+from stal_ray.data.stream.retries import LOST, work_lost
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +84,7 @@ class TrainingBatches:
             # JPEG rows: views into the blocks, nothing decoded before the batch is assembled
             from stal_ray.data.stream.consumer import encoded_rows
 
-            for block in self.source.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for block in self._blocks("pyarrow"):
                 for group in encoded_rows(block):
                     buffer.append(group)
                     if len(buffer) > self.shuffle_buffer:
@@ -91,7 +92,7 @@ class TrainingBatches:
             while buffer:
                 yield _take_random(buffer, rng)
             return
-        for batch in self.source.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in self._blocks("numpy"):
             for index in range(len(batch["label"])):
                 corrupt = int(batch["corrupt_frames"][index])
                 if corrupt:
@@ -106,6 +107,19 @@ class TrainingBatches:
                     yield _take_random(buffer, rng)
         while buffer:
             yield _take_random(buffer, rng)
+
+    def _blocks(self, batch_format: str) -> Iterator:
+        """The source's blocks, whole; work lost more often than Ray retries it (retries.py) ends the epoch
+        with a WorkLostError."""
+        blocks = 0
+        try:
+            for block in self.source.iter_batches(batch_size=None, batch_format=batch_format):
+                blocks += 1
+                yield block
+        except LOST as error:
+            lost = (f"the epoch stopped after {blocks} blocks; under Ray Train the run restarts from its "
+                    "last checkpoint while train.max_failures allows")
+            raise work_lost("training stream", lost, error) from error
 
     def __iter__(self) -> "Iterator[dict[str, torch.Tensor | None]]":
         return prefetched(self._batches(), self.prefetch)
