@@ -36,12 +36,13 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 5) -> None:
         process.wait()
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5) -> None:
+    """Poll `predicate` every `every` seconds until it holds; AssertionError naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 def alive_nodes(ray) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
+import ray.data
 import torch
 from test_multinode import cluster  # noqa: F401 (a fixture: this module's own two-node cluster)
 
@@ -74,6 +75,15 @@ class CallLog:
     def nodes(self, event: str) -> set[str]:
         """The nodes with a line of `event`."""
         return {line["node"] for line in self.lines() if line["event"] == event}
+
+    def counts(self) -> dict[str, str]:
+        """'event on node' -> lines, and seconds from the first line to the first and last of them."""
+        lines = self.lines()
+        by: dict[str, list[float]] = {}
+        for line in lines:
+            name = f"{line['event']} on {line['node'][:8]}"
+            by.setdefault(name, []).append(line["time"] - lines[0]["time"])
+        return {name: f"{len(times)} at {min(times):.1f}-{max(times):.1f} s" for name, times in by.items()}
 
     def running_on(self, node: str) -> bool:
         """A call started on `node` and not ended."""
@@ -146,8 +156,11 @@ def run_and_kill(nodes, log: CallLog, second: str, work) -> tuple[object, float,
     start = time.monotonic()
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    wait_for(lambda: log.running_on(second) or not thread.is_alive(), 240, "a call on the second node")
-    assert thread.is_alive(), f"the work ended before a call ran on the second node: {outcome}"
+    # polled faster than a call lasts (CALL_S), so that the kill lands while one runs there
+    wait_for(lambda: log.running_on(second) or not thread.is_alive(), 240, "a call on the second node",
+             every=0.05)
+    assert thread.is_alive(), (f"the work ended before a call ran on the second node ({second}); the calls "
+                               f"by node and event: {log.counts()}")
     killed_at, killed = time.time(), nodes.kill_second()
     thread.join(timeout=420)
     assert not thread.is_alive(), "the work did not finish after the node was lost"
@@ -228,17 +241,15 @@ def model_file(tmp_path_factory, data_root) -> str:
 
 class SlowChunkFeatures(ChunkFeatures):
     log: CallLog  # set by the test before the actors are made (the class travels by value)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.log("ready", None)
+    head: str  # the driver's node
 
     def __call__(self, batch):
-        # every call waits (the first for up to a minute) until actors have started on both nodes: else the
-        # head's, up first, could run every call before the second node's has started, and the kill would
-        # cut nothing (1 run in 3 before this wait). A restarted actor finds the lost node's line.
+        # Ray Data gives each chunk to the least busy actor, and the head's, up first and beside the data,
+        # kept up alone: it ran 76 of 76 calls in one run, 76 of 77 in another, and the kill cut nothing.
+        # So the head's calls wait (at most a minute) until a call has started on the second node.
+        on_head = ray.get_runtime_context().get_node_id() == self.head
         deadline = time.monotonic() + 60
-        while len(self.log.nodes("ready")) < 2 and time.monotonic() < deadline:
+        while on_head and not self.log.nodes("start") - {self.head} and time.monotonic() < deadline:
             time.sleep(0.1)
         key = pairs(batch["tracklet"], batch["chunk"])
         self.log("start", key)
@@ -254,14 +265,17 @@ def test_feature_extraction_loses_a_node_and_keeps_every_tracklet_once(cluster, 
     second = two_nodes(nodes, ray)
     shards = str(data_root / "shards")
     log = CallLog(tmp_path / "calls.jsonl")
-    SlowChunkFeatures.log = log
+    SlowChunkFeatures.log, SlowChunkFeatures.head = log, ray.get_runtime_context().get_node_id()
     monkeypatch.setattr(evaluation, "extract_features",
                         lambda *args, **kwargs: extract_features(*args, udf=SlowChunkFeatures, **kwargs))
     # one actor per node (SPREAD), so that the second node's actor runs calls and the kill cuts one: left to
-    # Ray's packing, both actors started on the head in 2 of 3 runs and nothing was lost; the calls wait for
-    # both actors (SlowChunkFeatures)
+    # Ray's packing, both actors started on the head in 2 of 3 runs and nothing was lost
     spread = {**features.actor_options(), "scheduling_strategy": "SPREAD"}
     monkeypatch.setattr(features, "actor_options", lambda: spread)
+    # A task per block of two chunks (a block held all 76, so one actor ran every call), one task in flight
+    # per actor (with more, the head's actor queued the blocks read beside it while the other idled)
+    monkeypatch.setattr(pipeline, "_BLOCK_BYTES", 2 * 2 * 32 * 16 * 3)
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "max_tasks_in_flight_per_actor", 1)
 
     def run(out: str):
         # two actors of 1 CPU, spread over the nodes by Ray Data; a chunk per call, so that the second node's

@@ -64,6 +64,7 @@ def test_a_decoding_task_that_always_dies_fails_the_training_stream_after_its_re
     with pytest.raises(WorkLostError) as error:
         next(iter(batches))
     message = str(error.value)
+    print(f"\n{message}")
     assert message.startswith("training stream: Ray's retries ran out")
     assert "WorkerCrashedError" in message and "checkpoint" in message
     # the first task's attempts: one and its reruns, then the stream failed (other tasks may have begun)
@@ -90,6 +91,7 @@ def test_a_feature_actor_that_always_dies_fails_extraction_after_its_restarts(ra
         extract_features(dataset, model, total_frames=total, udf=DyingFeatures, concurrency=1, batch_size=2,
                          use_gpu=False)
     message = str(error.value)
+    print(f"\n{message}")
     assert message.startswith("feature extraction: Ray's retries ran out")
     assert f"0 of {total:,} frames of 0 tracklets were extracted" in message
     assert "nothing was saved: evaluate again" in message
@@ -115,6 +117,7 @@ def test_a_pose_actor_that_always_dies_fails_estimation_and_keeps_the_data_set(r
     with pytest.raises(WorkLostError) as error:
         annotate.estimate_pose(shards, load_model(), workers=1)
     message = str(error.value)
+    print(f"\n{message}")
     assert message.startswith("pose estimation: Ray's retries ran out")
     assert "shards not written: " in message and "run again to do the rest" in message
     tried = attempts(Path(noted))
