@@ -9,6 +9,9 @@ outputs by their number in the call, so a call run again delivers nothing twice 
 measured runs). Ray Data's defaults retry without end (tasks max_retries=-1, actors max_restarts=-1 and
 max_task_retries=-1): work that takes its node down every time would loop for ever. These bounds are what the
 stages rely on; an exception raised by our own code is not retried by them.
+
+They reach map_batches as its **ray_remote_args, which Ray 2.60 warns are deprecated (to go in 2.64) while it
+has no named parameter for retries yet: where it gains them, they move there.
 """
 
 import ray.exceptions
