@@ -1,7 +1,7 @@
 """How often Ray runs a stage's work again after a worker process or a whole node is lost (a spot instance
 reclaimed, a host rebooted), and the error when that runs out: the streams' read and decoding tasks
-(pipeline.py), evaluation's feature actors (evaluate/features.py), pose estimation's read tasks and model
-actors (pose/annotate.py).
+(pipeline.py; the training stream's error raised in batches.py), evaluation's feature actors
+(evaluate/features.py), pose estimation's read tasks and model actors (pose/annotate.py).
 
 A task on a lost node, or one whose output block was in the lost node's object store, runs again on another
 node; an actor is started again elsewhere and its unfinished call runs again there. Ray keeps each call's
