@@ -217,9 +217,10 @@ def _rank(rank: int, world: int, port: int, zero_stage: int, directory: str, mod
     from stal_ray.model.stal import STAL
     from stal_ray.objective import STALObjective
     from stal_ray.train.checkpoints import load_checkpoint
-    from stal_ray.train.deepspeed import build_engine
+    from stal_ray.train.deepspeed import build_engine, skip_shared_memory_kernel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    skip_shared_memory_kernel()  # as build_engine does on CPU: no 20-40 s kernel build per new venv
     deepspeed.init_distributed("gloo", dist_init_required=False)
     config = load_config(None, TINY + [f"train.zero_stage={zero_stage}", "train.lr=0.1"])
     torch.manual_seed(0)

@@ -47,11 +47,28 @@ def deepspeed_config(config, *, on_gpu: bool) -> dict[str, Any]:
     return ds
 
 
+# DeepSpeed's op that its CPU backend builds at every engine's start (deepspeed/comm/torch.py, build_shm_op)
+SHARED_MEMORY_OP = "deepspeed_shm_comm"
+
+
+def skip_shared_memory_kernel() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce kernel when it
+    starts; only inference_all_reduce uses it (tensor-parallel inference), while training all-reduces through
+    torch.distributed (gloo here). The build takes 20-40 s of every core of a 2-core machine, and again for
+    every new virtualenv path (the cache under ~/.cache/torch_extensions is keyed by name, not by path), so
+    mark the op unbuildable as DeepSpeed marks an op its platform lacks (deepspeed.ops.__compatible_ops__)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHARED_MEMORY_OP] = False
+
+
 def build_engine(model: nn.Module, config, *, on_gpu: bool):
     """deepspeed.initialize over the model, its optimiser and schedule (build_optimizer) -> (engine,
     scheduler)."""
     import deepspeed  # here: importing it probes the accelerator, which the driver never needs
 
+    if not on_gpu:
+        skip_shared_memory_kernel()
     if config.train.sync_batchnorm:
         # statistics over the global batch, not one worker's share of it (torch runs this on GPUs only;
         # the trainer refuses it on CPU before any worker starts)
