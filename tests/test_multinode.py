@@ -29,6 +29,9 @@ pytestmark = pytest.mark.multinode
 # Ray Train's wait per attempt to start a worker group (60 s by default): short, so a fixed group gives up
 # within the test (train.worker_wait_s counts attempts of it)
 START_TIMEOUT_S = "10"
+# the head's GCS declares a node dead after 5 failed health checks, one every 3 s by default: ~15 s of
+# every node loss spent waiting (bench/node_loss.py keeps the default, as on a real cluster)
+HEALTH_CHECK_PERIOD_MS = "1000"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def cluster(tmp_path_factory, moto_server):
                     "(make test-multinode)")
     tmp = tmp_path_factory.mktemp("cluster")
     # the nodes' processes reach moto by the endpoint variable (Ray Train's pyarrow S3 and our fsspec)
-    env = cluster_env(AWS_ENDPOINT_URL=moto_server)
+    env = cluster_env(AWS_ENDPOINT_URL=moto_server, RAY_health_check_period_ms=HEALTH_CHECK_PERIOD_MS)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AWS_ENDPOINT_URL", moto_server)
         patch.setenv("RAY_AUTH_MODE", "disabled")
