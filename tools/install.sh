@@ -62,3 +62,11 @@ if ! with_uv; then
     "${pip[@]}" --no-deps ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_PIN"
   "${pip[@]}" -e "$project"
 fi
+
+# Bytecode for every installed module and the project's own (pip writes it as it installs, uv does not):
+# without it each Python process, every Ray worker of every job, compiles ray's and torch's modules again
+# wherever PYTHONDONTWRITEBYTECODE is set, as in many container images; a test run took twice as long
+# (docs/benchmarks.md, "Set-up and test times"). Up-to-date files are skipped (3 s); a file no Python can
+# compile (some packages ship such data) only stays uncompiled, hence the exit status ignored.
+"$py" -m compileall -q -j 0 "$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+  stal_ray > /dev/null || true
