@@ -56,6 +56,10 @@ def cluster_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "disabled", **extra}
 
 
+class HeadStartError(RuntimeError):
+    """The head node's `ray start` exited before it had started."""
+
+
 class Cluster:
     """A head node and a second node, each a `ray start --block` process in its own session; one train
     worker per node (the `trainer` resource, train.worker_resource=trainer)."""
@@ -82,8 +86,20 @@ class Cluster:
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     def wait_for_head(self, timeout: float = 120) -> None:
-        wait_for(lambda: subprocess.run([RAY, "status", f"--address={self.address}"], env=self.env,
-                                        capture_output=True).returncode == 0, timeout, "the head node")
+        """Until the head's `ray start` has finished its start (it blocks from then on) and answers `ray
+        status`; HeadStartError if it exits first (on a loaded machine its GCS can miss the start's deadline,
+        "The current node timed out during startup", and a driver that joined it would wait forever)."""
+        log = self.tmp / "head.log"
+
+        def started() -> bool:
+            if self.head.poll() is not None:
+                tail = log.read_text()[-2000:] if log.exists() else ""
+                raise HeadStartError(f"ray start --head exited with {self.head.returncode} ({log}):\n{tail}")
+            return (log.exists() and "block forever" in log.read_text()
+                    and subprocess.run([RAY, "status", f"--address={self.address}"], env=self.env,
+                                       capture_output=True).returncode == 0)
+
+        wait_for(started, timeout, "the head node")
 
     def start_second(self) -> None:
         self.second = self._start("second", [f"--address={self.address}", f"--num-cpus={self.second_cpus}",
