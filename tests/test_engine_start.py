@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 ENGINE_STEP = """
@@ -32,7 +34,8 @@ print("STEPPED" if changed else "UNCHANGED")
 def test_a_cpu_engine_trains_a_step_without_building_a_kernel(tmp_path):
     extensions = tmp_path / "torch_extensions"  # where torch.utils.cpp_extension would build
     env = {"TORCH_EXTENSIONS_DIR": str(extensions), "PATH": "/usr/bin:/bin", "LOCAL_RANK": "0", "RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "PYTHONPATH": str(REPO)}
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTHONPATH": str(REPO)}
     completed = subprocess.run([sys.executable, "-c", ENGINE_STEP, str(tmp_path / "rendezvous")], env=env,
                                cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
