@@ -19,10 +19,11 @@ what each is expected to take on one H100):
 
 An item past its limit is stopped (its process group killed) and the next one starts with what it left in
 its JSON; the limits are cut to what is left of --budget. Each item's table ends with where its time went
-(start-up, Ray connection, each TorchTrainer run, ...; `phases` in the JSON). --quick runs evaluation,
-pose, determinism and decode in a second lane beside train and stream, and the determinism item's two runs
-at once: a tiny item is mostly process and actor start-up, which two lanes overlap on the cores; a full run
-keeps one lane and Ray's defaults. Each item prints a table; every goal gets PASS or
+(start-up, Ray connection, each TorchTrainer run, ...; `phases` in the JSON). Each item's process is forked
+from a template that imported torch and Ray once (bench/gpu_items/processes.py). --quick runs evaluation and
+determinism in a second lane beside train, stream, pose and decode: a tiny item is mostly process and actor
+start-up, which two lanes overlap on the cores; a full run keeps one lane and Ray's defaults. Each item
+prints a table; every goal gets PASS or
 FAIL, or says why none applies (n/a on cpu: a GPU's goal on a CPU). All of it goes to --out (JSON), each
 item's log to bench/results/gpu_check-logs/. Exit status 1 when a check fails or an item errs or times out.
 
@@ -34,18 +35,16 @@ import argparse
 import importlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-STARTED = time.perf_counter()  # an item's process: its start-up (torch, Ray, the item's imports) from here
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.gpu_items import processes  # noqa: E402
 from bench.gpu_items.common import RAY_ADDRESS, ItemResult, profile  # noqa: E402
 
 # name: (module, time limit in a full run, in a quick run, reads the data item's shards)
@@ -63,11 +62,11 @@ FULL_BUDGET_S, QUICK_BUDGET_S = 480, 600
 MIN_ITEM_S = 10  # an item given less than this is not started
 # Quick mode: after the data item, these items (each needs only the data set) run in a second lane beside the
 # others, which keep their order (stream reads the train item's step rate): a tiny item is mostly the start-up
-# of processes and Ray actors, waits that two lanes overlap on the CPU's cores. A full run keeps one lane: its
-# items measure the GPU and the machine's CPUs, and must not share them.
-QUICK_ALONGSIDE = ("evaluation", "pose", "determinism", "decode")
+# of processes and Ray actors, waits that two lanes overlap on the CPU's cores. The lanes take about as long
+# (on 2 cores: train 23 s + stream 33 s + pose 2 s + decode 1 s; evaluation 15 s + determinism 45 s). A full
+# run keeps one lane: its items measure the GPU and the machine's CPUs, and must not share them.
+QUICK_ALONGSIDE = ("evaluation", "determinism")
 PRINTING = threading.Lock()  # one item's table at a time
-STOP_GRACE_S = 5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,7 +116,7 @@ def run_item(args) -> None:
         # other on a loaded machine cost seconds a step
         torch.set_num_threads(1)
     result = ItemResult(args.item_out)
-    result.timed("start-up (python, imports)", time.perf_counter() - STARTED)
+    result.timed("start-up (fork, imports)", processes.seconds_since_requested())
     start = time.perf_counter()
     module.run(result, profile(args.quick), args)
     print(f"{args.item}: done in {time.perf_counter() - start:.1f} s", flush=True)
@@ -145,29 +144,27 @@ def start_ray(args) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def child_command(args, name: str, out: Path, context: dict) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--device", args.device,
-               "--workdir", args.workdir, "--item", name, "--item-out", str(out),
-               "--context", json.dumps(context)]
+def child_argv(args, name: str, out: Path, context: dict) -> list[str]:
+    """The arguments of `main` in an item's process."""
+    argv = ["--device", args.device, "--workdir", args.workdir, "--item", name, "--item-out", str(out),
+            "--context", json.dumps(context)]
     if args.quick:
-        command.append("--quick")
+        argv.append("--quick")
     if args.peak_tflops:
-        command += ["--peak-tflops", str(args.peak_tflops)]
+        argv += ["--peak-tflops", str(args.peak_tflops)]
     if args.pose_model:
-        command += ["--pose-model", args.pose_model]
-    return command
+        argv += ["--pose-model", args.pose_model]
+    return argv
 
 
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the item's process group, SIGKILL after STOP_GRACE_S."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+def item_main(argv: list[str]) -> None:
+    """An item's process (forked by bench/gpu_items/processes.py): main(argv), whose status it exits with."""
+    sys.exit(main(argv))
+
+
+def item_target(args, name: str, out: Path, context: dict) -> tuple:
+    """What an item's process runs: (function, its arguments)."""
+    return item_main, (child_argv(args, name, out, context),)
 
 
 def run_one(args, name: str, limit: float, context: dict, logs: Path) -> dict:
@@ -175,16 +172,15 @@ def run_one(args, name: str, limit: float, context: dict, logs: Path) -> dict:
     out.unlink(missing_ok=True)
     log = logs / f"{name}.log"
     start = time.perf_counter()
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(child_command(args, name, out, context), cwd=REPO, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            code = process.wait(timeout=limit)
-            status = "ok" if code == 0 else f"error (exit {code}): {last_line(log)}"
-        except subprocess.TimeoutExpired:
-            stop_group(process)
-            status = f"TIMEOUT: stopped at its limit of {limit:.0f} s"
+    target, target_args = item_target(args, name, out, context)
+    process = processes.start(target, target_args, log, env=dict(os.environ))
+    process.join(limit)
+    if process.exitcode is None:
+        processes.stop(process)
+        status = f"TIMEOUT: stopped at its limit of {limit:.0f} s"
+    else:
+        code = process.exitcode
+        status = "ok" if code == 0 else f"error (exit {code}): {last_line(log)}"
     result = json.loads(out.read_text()) if out.exists() else {"rows": [], "checks": []}
     result.update(status=status, seconds=time.perf_counter() - start, limit_s=limit, log=str(log))
     return result
@@ -247,6 +243,9 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"GPU check ({'quick' if args.quick else 'full'}) on {device}, budget {budget:.0f} s", flush=True)
     os.environ[RAY_ADDRESS] = start_ray(args)
+    # the items' template process imports Ray after its start (ray.init sets variables, such as
+    # RAY_AUTH_MODE, that Ray reads when it is imported): a template started before cannot connect
+    processes.prepare()
     ray_start_s = time.perf_counter() - started
     print(f"Ray started in {ray_start_s:.1f} s", flush=True)
     results, context = {}, {}
@@ -316,4 +315,6 @@ def skipped(why: str) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under its package name, so that the function an item's process runs (item_main) pickles by reference
+    # into the process that forks it
+    sys.exit(importlib.import_module("bench.gpu_check").main())

@@ -3,6 +3,7 @@ backbone, sizes and iterations), so that the command a GPU's first slot runs can
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,32 +14,70 @@ sys.path.insert(0, str(REPO))
 
 import bench.gpu_check as gpu_check  # noqa: E402
 from bench.gpu_check import ITEMS  # noqa: E402
+from bench.gpu_items import processes  # noqa: E402
+
+
+def first_result_then_hang(out: str) -> None:
+    """An item that writes a first result, then hangs (as a stuck Ray Data stream would), with a child of its
+    own (as an item's Ray driver has)."""
+    json.dump({"rows": [{"name": "first"}], "checks": []}, open(out, "w"))
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    time.sleep(600)
 
 
 def test_an_item_past_its_time_limit_is_stopped_with_what_it_had_measured(tmp_path, monkeypatch):
-    # an item that writes a first result, then hangs (as a stuck Ray Data stream would), with a child of its
-    # own (as an item's Ray driver has): both are stopped at the limit, and the result written stays
-    script = ("import json, subprocess, sys, time; out = sys.argv[1]; "
-              "json.dump({'rows': [{'name': 'first'}], 'checks': []}, open(out, 'w')); "
-              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
-    monkeypatch.setattr(gpu_check, "child_command",
-                        lambda args, name, out, context: [sys.executable, "-c", script, str(out)])
+    # both the item and its child are stopped at the limit, and the result written stays
+    monkeypatch.setattr(gpu_check, "item_target",
+                        lambda args, name, out, context: (first_result_then_hang, (str(out),)))
     start = time.perf_counter()
     result = gpu_check.run_one(argparse.Namespace(), "train", 3, {}, tmp_path)
-    assert time.perf_counter() - start < 3 + gpu_check.STOP_GRACE_S + 5
+    assert time.perf_counter() - start < 3 + processes.STOP_GRACE_S + 5
     assert result["status"].startswith("TIMEOUT") and result["rows"] == [{"name": "first"}]
     assert gpu_check.failed(result)
     hung = subprocess.run(["pgrep", "-f", "import time; time.sleep(600)"], capture_output=True, text=True)
     assert hung.stdout.strip() == "", "the item's own child outlived the limit"
 
 
+def no_such_backbone() -> None:
+    print("building the model")
+    sys.exit("bench: no such backbone: resnet5")
+
+
 def test_an_item_that_fails_says_why_in_one_line(tmp_path, monkeypatch):
-    script = "import sys; print('building the model'); sys.exit('bench: no such backbone: resnet5')"
-    monkeypatch.setattr(gpu_check, "child_command",
-                        lambda args, name, out, context: [sys.executable, "-c", script])
+    monkeypatch.setattr(gpu_check, "item_target", lambda args, name, out, context: (no_such_backbone, ()))
     result = gpu_check.run_one(argparse.Namespace(), "train", 30, {}, tmp_path)
     assert result["status"] == "error (exit 1): bench: no such backbone: resnet5"
     assert result["rows"] == [] and gpu_check.failed(result)
+
+
+def template_state(out: str) -> None:
+    import threading
+
+    import ray
+    import torch
+
+    json.dump({"cuda_initialised": torch.cuda.is_initialized(), "bad_fork": torch.cuda._is_in_bad_fork(),
+               "ray_connected": ray.is_initialized(),
+               "python_threads": threading.active_count(), "cwd": os.getcwd(),
+               "preloaded": [name for name in processes.PRELOAD if name in sys.modules],
+               "deepspeed": sorted(name for name in sys.modules if name.split(".")[0] == "deepspeed"),
+               "variable": os.environ.get("STAL_GPU_CHECK_TEST")}, open(out, "w"))
+
+
+def test_items_fork_from_a_template_that_touched_no_device_and_no_ray(tmp_path, monkeypatch):
+    # a CUDA driver initialised in the template cannot be used in the items forked from it, and deepspeed's
+    # import probes the accelerator: the template imports, nothing more. Each item gets the orchestrator's
+    # environment of the moment, and the repository as its working directory.
+    monkeypatch.setenv("STAL_GPU_CHECK_TEST", "from the orchestrator")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "state.json"
+    process = processes.start(template_state, (str(out),), tmp_path / "state.log", dict(os.environ))
+    process.join(120)
+    assert process.exitcode == 0, (tmp_path / "state.log").read_text()[-2000:]
+    state = json.loads(out.read_text())
+    assert state == {"cuda_initialised": False, "bad_fork": False, "ray_connected": False,
+                     "python_threads": 1, "cwd": str(REPO), "preloaded": list(processes.PRELOAD),
+                     "deepspeed": [], "variable": "from the orchestrator"}
 
 
 # four Ray Train runs and three Ray Data streams, each item in a process of its own: about 90 CPU-seconds,
@@ -57,7 +96,7 @@ def test_quick_check_runs_every_item_on_cpu_and_gives_each_goal_a_verdict(tmp_pa
     for name, item in items.items():
         assert item["status"] == "ok", (name, item["status"])
         assert item["seconds"] <= item["limit_s"]
-        assert item["phases"]["start-up (python, imports)"] > 0  # where the item's time went, on record
+        assert item["phases"]["start-up (fork, imports)"] >= 0  # where the item's time went, on record
         for check in item["checks"]:  # a GPU's goal on a CPU says so, never a PASS it did not earn
             assert check["verdict"] == "PASS" or check["verdict"].startswith("n/a"), (name, check)
     checks = {c["name"]: c for item in items.values() for c in item["checks"]}

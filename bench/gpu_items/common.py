@@ -38,7 +38,6 @@ class Profile:
     pose_frames: int
     pose_input: tuple[int, int]  # the stand-in SimCC model's input (height, width)
     ranking_query_step: int  # every k-th of MARS's 1980 queries is ranked
-    concurrent_runs: bool  # on a CPU, the determinism item's two runs start at once
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,11 +48,11 @@ FULL = Profile(
                             ("bninception", "configs/mars_bninception.yaml")),
     steps=20, warm_up=3, stream_config="configs/mars_resnet50.yaml", fed_iterations=300,
     determinism_iterations=8, train_every=4, test_every=48, pose_frames=128, pose_input=(256, 192),
-    ranking_query_step=1, concurrent_runs=False)
+    ranking_query_step=1)
 QUICK = Profile(
     name="quick", backbones=(("tiny", "configs/synthetic_tiny.yaml"),), steps=3, warm_up=1,
     stream_config="configs/synthetic_tiny.yaml", fed_iterations=4, determinism_iterations=2, train_every=0,
-    test_every=0, pose_frames=16, pose_input=(64, 48), ranking_query_step=10, concurrent_runs=True)
+    test_every=0, pose_frames=16, pose_input=(64, 48), ranking_query_step=10)
 
 
 def profile(quick: bool) -> Profile:
