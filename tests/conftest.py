@@ -124,6 +124,15 @@ def small_release_root(tmp_path_factory) -> str:
 # ---------------------------------------------------------------------------------------------- Ray
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked own_cluster_first run before the others (in their order otherwise): the shared cluster
+    below, once a test has started it, stays up with its idle workers and leftover actors (~0.2 of a core
+    on 2 cores), and a test that runs a cluster of its own beside it shares the cores with it. The GPU
+    check's quick test: 74.5 s after the tests before it in file order, 60.9 s before them (and the tests
+    together 188 s against 174 s)."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster_first") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session. More logical CPUs than this machine's 2 cores: with

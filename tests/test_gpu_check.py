@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -80,10 +82,12 @@ def test_items_fork_from_a_template_that_touched_no_device_and_no_ray(tmp_path, 
                      "deepspeed": [], "variable": "from the orchestrator"}
 
 
-# four Ray Train runs and three Ray Data streams, each item in a process of its own: about 90 CPU-seconds,
-# 51-54 s alone on a quiet 2-core machine. Inside CI's `make test` it once took 148 s (Python's imports 30 s
-# instead of 1): the environment had no bytecode and PYTHONDONTWRITEBYTECODE was set, so every process
-# compiled ray and torch again; `make venv` compiles them now (tests/test_environment.py)
+# four Ray Train runs and three Ray Data streams, each item in a process forked from the template: about 105
+# CPU-seconds, 57-60 s alone on a slow 2-core machine (where the fresh interpreters of each item took 78-82 s;
+# docs/benchmarks.md, "Where the quick mode's time goes"). Inside CI's `make test` it once took 148 s: the
+# environment had no bytecode and PYTHONDONTWRITEBYTECODE was set, so every process compiled ray and torch
+# again; `make venv` compiles them now (tests/test_environment.py)
+@pytest.mark.own_cluster_first
 def test_quick_check_runs_every_item_on_cpu_and_gives_each_goal_a_verdict(tmp_path):
     out = tmp_path / "gpu_check.json"
     completed = subprocess.run(
