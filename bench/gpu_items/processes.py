@@ -9,7 +9,9 @@ mode's work. Forked, an item starts in a tenth of a second.
 The template must stay fork-safe: it imports modules and does nothing else. No CUDA call (a CUDA driver
 initialised before a fork cannot be used in the child: every item then initialises CUDA itself) and no
 Ray connection; so deepspeed, whose import probes the accelerator, is not preloaded
-(tests/test_gpu_check.py checks both).
+(tests/test_gpu_check.py checks all three in a forked process). It starts after the orchestrator's ray.init,
+which sets RAY_AUTH_MODE, a variable Ray reads when it is imported: a template started before could not
+connect.
 """
 
 import multiprocessing
