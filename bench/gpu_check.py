@@ -25,7 +25,8 @@ determinism in a second lane beside train, stream, pose and decode: a tiny item 
 start-up, which two lanes overlap on the cores; a full run keeps one lane and Ray's defaults. Each item
 prints a table; every goal gets PASS or
 FAIL, or says why none applies (n/a on cpu: a GPU's goal on a CPU). All of it goes to --out (JSON), each
-item's log to bench/results/gpu_check-logs/. Exit status 1 when a check fails or an item errs or times out.
+item's log to bench/results/gpu_check-logs/. Exit status 1 when a check fails or an item errs or times out;
+130 on Ctrl-C, which stops the items still running and still writes and prints what the others measured.
 
     python bench/gpu_check.py                        # on the GPU (make gpu-check)
     python bench/gpu_check.py --device cpu --quick   # every item's code path on a CPU, tiny sizes (tests)
@@ -178,6 +179,8 @@ def run_one(args, name: str, limit: float, context: dict, logs: Path) -> dict:
     if process.exitcode is None:
         processes.stop(process)
         status = f"TIMEOUT: stopped at its limit of {limit:.0f} s"
+    elif processes.stopping():
+        status = "STOPPED: the check was interrupted"
     else:
         code = process.exitcode
         status = "ok" if code == 0 else f"error (exit {code}): {last_line(log)}"
@@ -266,6 +269,7 @@ def main(argv=None) -> int:
             with PRINTING:
                 print_table(name, results[name])
 
+    pool, interrupted = None, False
     try:
         if "data" not in names and any(ITEMS[name][3] for name in names):
             context["shards"] = prepare_data(args, logs, budget - (time.perf_counter() - started))
@@ -274,12 +278,17 @@ def main(argv=None) -> int:
         if args.quick:  # two lanes at once, each item under its own limit as in a full run
             lanes = [[name for name in rest if name not in QUICK_ALONGSIDE],
                      [name for name in rest if name in QUICK_ALONGSIDE]]
-            with ThreadPoolExecutor(len(lanes)) as pool:
-                for lane in [pool.submit(run_lane, lane) for lane in lanes]:
-                    lane.result()
+            pool = ThreadPoolExecutor(len(lanes))
+            for lane in [pool.submit(run_lane, lane) for lane in lanes]:
+                lane.result()
         else:
             run_lane(rest)
+    except KeyboardInterrupt:  # Ctrl-C: what the items measured so far is still written and printed
+        interrupted = True
     finally:
+        processes.stop_all()  # the items still running (each in a session of its own), and no more
+        if pool is not None:
+            pool.shutdown(wait=True)  # the lanes end as their items stop
         ray.shutdown()
     results = {name: results[name] for name in names if name in results}  # in the items' order
     total = time.perf_counter() - started
@@ -296,9 +305,13 @@ def main(argv=None) -> int:
                   f"{check['verdict']}")
         if result["status"] != "ok":
             print(f"  {name:<12}{result['status']}")
-    print(("FAILED: " + ", ".join(bad)) if bad else "all items ran; no check failed")
+    if interrupted:
+        ran = ", ".join(results) or "none"
+        print(f"INTERRUPTED (Ctrl-C): the running items were stopped; items with a result: {ran}")
+    else:
+        print(("FAILED: " + ", ".join(bad)) if bad else "all items ran; no check failed")
     print(f"wrote {out}")
-    return 1 if bad else 0
+    return 130 if interrupted else 1 if bad else 0
 
 
 def prepare_data(args, logs: Path, left: float) -> str:

@@ -52,6 +52,24 @@ def test_an_item_that_fails_says_why_in_one_line(tmp_path, monkeypatch):
     assert result["rows"] == [] and gpu_check.failed(result)
 
 
+def test_stopping_the_check_stops_the_running_items_and_starts_no_more(tmp_path, monkeypatch):
+    # the orchestrator's way out (Ctrl-C included): an item in a session of its own would go on, and the
+    # interpreter's exit would wait for it
+    monkeypatch.setattr(processes, "_started", [])
+    monkeypatch.setattr(processes, "_stopping", False)
+    out = tmp_path / "item.json"
+    process = processes.start(first_result_then_hang, (str(out),), tmp_path / "item.log", dict(os.environ))
+    deadline = time.monotonic() + 60
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    processes.stop_all()
+    assert process.exitcode is not None and process.exitcode < 0  # stopped by a signal, not finished
+    hung = subprocess.run(["pgrep", "-f", "import time; time.sleep(600)"], capture_output=True, text=True)
+    assert hung.stdout.strip() == "", "the item's own child outlived the stop"
+    with pytest.raises(processes.StoppedError):
+        processes.start(no_such_backbone, (), tmp_path / "next.log", dict(os.environ))
+
+
 def template_state(out: str) -> None:
     import threading
 

@@ -19,6 +19,7 @@ import multiprocessing.forkserver
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,12 +47,25 @@ def prepare() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+class StoppedError(RuntimeError):
+    """An item was asked for after stop_all(): the check is ending."""
+
+
+_started: list[multiprocessing.Process] = []
+_lock = threading.Lock()
+_stopping = False
+
+
 def start(target: Callable, args: tuple, log: Path, env: dict[str, str]) -> multiprocessing.Process:
     """target(*args) in a process forked from the template, in a session of its own (stop() ends it and
     whatever it started), with stdout and stderr to `log` and the environment `env`."""
     env = {**env, REQUESTED_AT: repr(time.perf_counter())}
-    process = _context().Process(target=_enter, args=(target, args, str(log), env), daemon=False)
-    process.start()
+    with _lock:
+        if _stopping:
+            raise StoppedError("the GPU check is stopping: no further item is started")
+        process = _context().Process(target=_enter, args=(target, args, str(log), env), daemon=False)
+        process.start()
+        _started.append(process)
     return process
 
 
@@ -76,6 +90,23 @@ def seconds_since_requested() -> float:
     """In an item's process: seconds from the orchestrator's request to now (the fork, the rest of the
     imports)."""
     return time.perf_counter() - float(os.environ[REQUESTED_AT])
+
+
+def stop_all() -> None:
+    """Stop every item process still running, and start no more: the orchestrator's way out, Ctrl-C
+    included (an item runs in a session of its own, which the terminal's interrupt does not reach, and the
+    interpreter's exit would wait for it)."""
+    global _stopping
+    with _lock:
+        _stopping = True
+        running = [process for process in _started if process.exitcode is None]
+    for process in running:
+        stop(process)
+
+
+def stopping() -> bool:
+    """Whether stop_all() has been called."""
+    return _stopping
 
 
 def stop(process: multiprocessing.Process) -> None:
