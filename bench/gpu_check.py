@@ -64,7 +64,7 @@ MIN_ITEM_S = 10  # an item given less than this is not started
 # Quick mode: after the data item, these items (each needs only the data set) run in a second lane beside the
 # others, which keep their order (stream reads the train item's step rate): a tiny item is mostly the start-up
 # of processes and Ray actors, waits that two lanes overlap on the CPU's cores. The lanes take about as long
-# (on 2 cores: train 23 s + stream 33 s + pose 2 s + decode 1 s; evaluation 15 s + determinism 45 s). A full
+# (on 2 cores: train 18 s + stream 30 s + pose 2 s + decode 1 s; evaluation 13 s + determinism 38 s). A full
 # run keeps one lane: its items measure the GPU and the machine's CPUs, and must not share them.
 QUICK_ALONGSIDE = ("evaluation", "determinism")
 PRINTING = threading.Lock()  # one item's table at a time
