@@ -14,6 +14,7 @@ which sets RAY_AUTH_MODE, a variable Ray reads when it is imported: a template s
 connect.
 """
 
+import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -114,8 +115,9 @@ def stop(process: multiprocessing.Process) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
-        except ProcessLookupError:  # not in its own session yet, or gone
-            process.kill() if sig == signal.SIGKILL else process.terminate()
+        except ProcessLookupError:  # not in its own session yet (or gone): the process alone
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, sig)
         process.join(STOP_GRACE_S)
         if process.exitcode is not None:
             return
